@@ -1,0 +1,1 @@
+"""Whetstone's training library: model, data, hardware planner and engine. Never imports ComfyUI."""

@@ -1,0 +1,1 @@
+"""Packing datasets into WebDataset shards and streaming them back."""

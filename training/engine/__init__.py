@@ -1,0 +1,1 @@
+"""The training engine: objective, parallelism, checkpoints, metrics, the loop and the launcher."""

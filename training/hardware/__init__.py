@@ -1,0 +1,1 @@
+"""Device discovery, GPU tiers, the memory model and the training plan."""

@@ -1,0 +1,1 @@
+"""The Z-Image transformer (architecture only), its weight layouts and its LoRA."""
