@@ -104,10 +104,9 @@ PRESETS: dict[str, ZImageConfig] = {
         n_layers=2,
         n_refiner_layers=1,
         n_heads=4,
-        ffn_hidden_dim=128,
+        ffn_hidden_dim=170,  # int(dim / 3 * 8), the reference rule, so diffusers can build the same model
         cap_feat_dim=32,
         axes_dims=(4, 6, 6),
-        t_embed_hidden_dim=64,
     ),
 }
 
