@@ -20,7 +20,7 @@ from .layers import FinalLayer, RMSNorm, Rope, TimestepEmbedder, TransformerBloc
 
 def pad_captions(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-sample caption features [L_i, D] into a zero-padded [B, Lmax, D] tensor and lengths [B]."""
-    lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long, device=features[0].device)
+    lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long)  # on the CPU: no device sync
     return nn.utils.rnn.pad_sequence(features, batch_first=True), lengths
 
 
@@ -53,7 +53,7 @@ class ZImageTransformer(nn.Module):
             caption_features, caption_lengths = pad_captions(list(caption_features))
         batch, _, height, width = latents.shape
         if caption_lengths is None:
-            caption_lengths = torch.full((batch,), caption_features.shape[1], device=latents.device)
+            caption_lengths = torch.full((batch,), caption_features.shape[1])
         adaln = self.t_embedder((1 - sigma) * self.config.t_scale)
 
         image, image_positions, n_image = self._embed_image(latents)
@@ -61,7 +61,7 @@ class ZImageTransformer(nn.Module):
         image_positions[:, :n_image, 0] = caption_mask.sum(1, keepdim=True) + 1  # image axis 0 = P_i + 1
         image_rope = self._rope(image_positions)
         caption_rope = self._rope(caption_positions)
-        caption_key_mask = None if bool(caption_mask.all()) else caption_mask
+        caption_key_mask = None if caption_mask.shape[1] == self._min_padded_length(caption_lengths) else caption_mask
 
         for block in self.noise_refiner:
             image = block(image, image_rope, None, adaln)
@@ -78,6 +78,10 @@ class ZImageTransformer(nn.Module):
 
         out = self.final_layer(x[:, caption.shape[1] : caption.shape[1] + n_image], adaln)
         return self._unpatchify(out, height, width)
+
+    def _min_padded_length(self, lengths: torch.Tensor) -> int:
+        multiple = self.config.seq_multiple
+        return int((lengths.min() + multiple - 1) // multiple * multiple)
 
     def _rope(self, positions: torch.Tensor) -> Rope:
         return rope_from_positions(positions, self.config.axes_dims, self.config.rope_theta)
@@ -113,9 +117,9 @@ class ZImageTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed, then fill [L_i, P_i) with ``cap_pad_token``; positions (j+1, 0, 0); mask marks j < P_i."""
         multiple = self.config.seq_multiple
-        lengths = lengths.to(features.device)
         padded_lengths = (lengths + multiple - 1) // multiple * multiple
-        total = int(padded_lengths.max())
+        total = int(padded_lengths.max())  # lengths on the CPU (as the loader gives them) cost no device sync
+        lengths, padded_lengths = lengths.to(features.device), padded_lengths.to(features.device)
         if features.shape[1] < total:
             features = F.pad(features, (0, 0, 0, total - features.shape[1]))
         features = features[:, :total]
