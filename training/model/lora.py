@@ -1,0 +1,197 @@
+"""LoRA on the Z-Image transformer through peft: target presets, attach, state in our names, merge.
+
+peft wraps each targeted ``nn.Linear`` in place (``layers.0.attention.qkv`` becomes a ``lora.Linear`` holding
+``base_layer``, ``lora_A.default`` and ``lora_B.default``), so the model stays a ``ZImageTransformer``. The fused
+``attention.qkv`` gets one LoRA (A [r, dim], B [3·dim, r]); the file format splits it into to_q/to_k/to_v.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "default"
+_PEFT_PARAM = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_[AB])\.default\.weight$")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TargetPreset:
+    """Which block groups of the transformer and which linear layers inside each block get a LoRA."""
+
+    block_groups: tuple[str, ...]
+    modules: tuple[str, ...]
+    description: str
+
+
+_ATTENTION = ("attention.qkv", "attention.out")
+_FFN = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+_ALL_BLOCKS = ("noise_refiner", "context_refiner", "layers")
+
+TARGET_PRESETS: dict[str, TargetPreset] = {
+    "attention": TargetPreset(block_groups=("layers",), modules=_ATTENTION, description="attention of the main layers"),
+    "attention+ffn": TargetPreset(
+        block_groups=("layers",), modules=_ATTENTION + _FFN, description="attention and feed-forward of the main layers"
+    ),
+    "attention+ffn+refiners": TargetPreset(
+        block_groups=_ALL_BLOCKS, modules=_ATTENTION + _FFN, description="attention and feed-forward of every block"
+    ),
+    "all": TargetPreset(
+        block_groups=_ALL_BLOCKS,
+        modules=_ATTENTION + _FFN + ("adaLN_modulation.0",),
+        description="attention, feed-forward and adaLN modulation of every block",
+    ),
+}
+DEFAULT_TARGETS = "attention+ffn"
+
+
+@dataclass(kw_only=True, frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank, i.e. scale 1
+    dropout: float = 0.0
+    targets: str = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoraSettings.rank must be a positive integer (e.g. 16), got {self.rank!r}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not self.alpha > 0):
+            raise ValueError(f"LoraSettings.alpha must be > 0 or None (None means alpha = rank), got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.targets not in TARGET_PRESETS:
+            raise ValueError(f"LoraSettings.targets must be one of {list(TARGET_PRESETS)}, got {self.targets!r}")
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to B @ A (alpha / rank), as in peft and ComfyUI."""
+        return self.effective_alpha / self.rank
+
+
+def _preset(targets: str) -> TargetPreset:
+    try:
+        return TARGET_PRESETS[targets]
+    except KeyError:
+        raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {list(TARGET_PRESETS)}") from None
+
+
+def target_module_names(model: nn.Module, targets: str) -> list[str]:
+    """Full names of the modules a preset targets, in model order (modules absent from a block are skipped)."""
+    preset = _preset(targets)
+    pattern = re.compile(
+        rf"^(?:{'|'.join(map(re.escape, preset.block_groups))})\.\d+\.(?:{'|'.join(map(re.escape, preset.modules))})$"
+    )
+    names = [name for name, _ in model.named_modules() if pattern.match(name)]
+    if not names:
+        raise ValueError(f"LoRA targets {targets!r} match no module of {type(model).__name__}")
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name → peft LoRA layer, for every LoRA-wrapped module of ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Wrap the preset's modules with LoRA in place; freeze every base parameter. Returns ``model``.
+
+    LoRA weights take the base weights' dtype unless ``dtype`` is given (e.g. float32 adapters on a bf16 base)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; merge_lora() them or build a fresh model first")
+    names = target_module_names(model, settings.targets)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.effective_alpha,
+        lora_dropout=settings.dropout,
+        target_modules=names,  # full names: matched exactly (peft also accepts '.'-suffixes, none collide here)
+        bias="none",
+    )
+    injected = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    assert injected is model, "peft must wrap modules in place"
+    wrapped = sorted(lora_layers(model))
+    assert wrapped == sorted(names), f"peft wrapped {wrapped}, expected {names}"
+    trainable = [p for n, p in model.named_parameters() if _PEFT_PARAM.match(n)]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in trainable:
+        param.requires_grad_(True)
+        if dtype is not None:
+            param.data = param.data.to(dtype)
+    logger.info(
+        "LoRA %r: rank %d, alpha %g, dropout %g on %d modules, %d trainable parameters",
+        settings.targets,
+        settings.rank,
+        settings.effective_alpha,
+        settings.dropout,
+        len(names),
+        sum(p.numel() for p in trainable),
+    )
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under our names (``layers.0.attention.qkv.lora_A.weight``), detached copies."""
+    state = {}
+    for name, param in model.named_parameters():
+        match = _PEFT_PARAM.match(name)
+        if match:
+            state[f"{match['module']}.{match['kind']}.weight"] = param.detach().clone()
+    if not state:
+        raise ValueError("the model has no LoRA layers; call attach_lora() first")
+    return state
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy LoRA weights (our names) into an attached model. Strict: keys and shapes must match exactly."""
+    params = {
+        f"{m['module']}.{m['kind']}.weight": param
+        for name, param in model.named_parameters()
+        if (m := _PEFT_PARAM.match(name))
+    }
+    if not params:
+        raise ValueError("the model has no LoRA layers; call attach_lora() with the same settings first")
+    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected keys); "
+            f"missing: {missing[:5]}, unexpected: {unexpected[:5]}. Attach with the targets the LoRA was trained with."
+        )
+    for key, param in params.items():
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise ValueError(
+                f"LoRA weight {key} has shape {tuple(state[key].shape)}, the model expects {tuple(param.shape)} "
+                "(different rank?)"
+            )
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key])
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA delta (scale · B @ A, computed in float32) into its base weight and unwrap the layer."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to merge")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            base = layer.get_base_layer()
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            delta = layer.scaling[ADAPTER] * (b.float() @ a.float())
+            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, base)
+    logger.info("merged LoRA into %d modules", len(layers))
+    return model
