@@ -1,0 +1,123 @@
+"""`pack` and `inspect` subcommands. The package entry point calls `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from itertools import islice
+from pathlib import Path
+
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from training.data.pack import PackConfig, PackError, pack_dataset
+from training.data.shards import load_manifest, read_samples
+
+
+def register(subparsers) -> None:
+    """Adds `pack` and `inspect` to an argparse subparsers object; each sets func(args) -> exit code."""
+    pack = subparsers.add_parser("pack", help="pack an image folder into WebDataset shards (raw images, no encoders)")
+    pack.add_argument("input_dir", type=Path, help="folder of images (searched recursively) with captions")
+    pack.add_argument("output_dir", type=Path, help="where shards, manifest.json and report.json go (not inside input)")
+    pack.add_argument("--name", default="data", help="shard name prefix: <name>-000000.tar")
+    pack.add_argument("--samples-per-shard", type=int, default=1000)
+    pack.add_argument("--resolution", type=int, default=1024, help="bucket area is resolution²: 512, 768, 1024, ...")
+    pack.add_argument("--max-aspect-ratio", type=float, default=3.0)
+    pack.add_argument("--too-small", choices=("skip", "upscale"), default="skip", help="images smaller than a bucket")
+    pack.add_argument("--background", default="255,255,255", help="R,G,B composited under transparency")
+    pack.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg")
+    pack.add_argument("--image-quality", type=int, default=95)
+    pack.add_argument("--metadata", type=Path, default=None, help="metadata.jsonl/.csv (default: one at input root)")
+    pack.add_argument("--missing-caption", choices=("empty", "skip"), default="empty")
+    pack.add_argument("--max-caption-chars", type=int, default=4000)
+    pack.add_argument("--threads", type=int, default=2, help="image decode threads")
+    pack.set_defaults(func=run_pack)
+
+    inspect = subparsers.add_parser("inspect", help="summarise a shard set: counts, buckets, a few decoded samples")
+    inspect.add_argument("shards", type=Path, help="shard folder or its manifest.json")
+    inspect.add_argument("--samples", type=int, default=3, help="how many samples to decode and show")
+    inspect.set_defaults(func=run_inspect)
+
+
+def _parse_background(text: str) -> tuple[int, int, int]:
+    try:
+        red, green, blue = (int(part) for part in text.split(","))
+    except ValueError as error:
+        raise ValueError(f"--background={text!r} must be three integers like 255,255,255") from error
+    return red, green, blue
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    try:
+        config = PackConfig(
+            input_dir=args.input_dir,
+            output_dir=args.output_dir,
+            name=args.name,
+            samples_per_shard=args.samples_per_shard,
+            resolution=args.resolution,
+            max_aspect_ratio=args.max_aspect_ratio,
+            too_small=args.too_small,
+            background=_parse_background(args.background),
+            store_image=True,
+            image_format=args.image_format,
+            image_quality=args.image_quality,
+            metadata_file=args.metadata,
+            missing_caption=args.missing_caption,
+            max_caption_chars=args.max_caption_chars,
+            num_threads=args.threads,
+        )
+        result = pack_dataset(config)
+    except (ValueError, PackError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"packed {result.samples} samples into {len(result.shards)} shards in {result.output_dir}")
+    print(f"skipped {result.skipped} inputs (reasons in {result.report_path})")
+    for bucket, count in sorted(result.buckets.items(), key=lambda item: -item[1]):
+        print(f"  {bucket:>10}: {count}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    try:
+        shard_dir, manifest = load_manifest(args.shards)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summarize(shard_dir, manifest, samples=args.samples))
+    return 0
+
+
+def summarize(shard_dir: Path, manifest: dict, *, samples: int = 3) -> str:
+    """Human-readable summary of a shard set, with the first `samples` samples decoded."""
+    contents = manifest["contents"]
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    lines = [
+        f"{shard_dir}: {manifest['samples']} samples in {len(manifest['shards'])} shards "
+        f"({total_bytes / 1e6:.1f} MB), {manifest['skipped']} inputs skipped",
+        f"latent encoder: {contents['latent_encoder']}; text encoder: {contents['text_encoder']} "
+        f"(dim {contents['text_feature_dim']}); dtype {contents['storage_dtype']}; image: {contents['image_format']}",
+        "buckets:",
+    ]
+    lines += [f"  {name:>10}: {count}" for name, count in sorted(manifest["buckets"].items(), key=lambda i: -i[1])]
+    paths = [shard_dir / s["name"] for s in manifest["shards"]]
+    for sample in islice(read_samples(paths), samples):
+        lines.append(f"sample {sample['__key__']}: {_describe_sample(sample)}")
+    return "\n".join(lines)
+
+
+def _describe_sample(sample: dict) -> str:
+    meta = json.loads(sample["json"])
+    caption = sample["txt"].decode("utf-8")
+    parts = [f"source={meta['source']!r}", f"bucket={meta['bucket']}", f"caption={caption[:80]!r}"]
+    if "safetensors" in sample:
+        tensors = load_safetensors(sample["safetensors"])
+        parts += [
+            f"{name}={list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in sorted(tensors.items())
+        ]
+    for extension in ("jpg", "png", "webp"):
+        if extension in sample:
+            with Image.open(io.BytesIO(sample[extension])) as image:
+                parts.append(f"image={image.width}x{image.height} {image.format}")
+    return ", ".join(parts)

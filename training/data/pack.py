@@ -1,0 +1,370 @@
+"""Packing an image folder into WebDataset shards: `pack_dataset(PackConfig(...))`.
+
+Output folder layout: `<name>-000000.tar ...`, `manifest.json` (counts, buckets, shards with sizes and sha256, encoder
+identities, settings, pack version) and `report.json` (every skipped input with its reason, and notes).
+
+Interruption: `should_stop()` returning True (or the process dying) discards only the shard being written. pack_dataset
+then raises PackInterrupted; calling it again with the same settings verifies the completed shards by sha256, keeps
+them, and continues, producing the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from training.data.encoders import LatentEncoder, TextEncoder
+from training.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
+from training.data.inputs import InputFile, inputs_digest, scan_images
+from training.data.samples import SampleBuilder
+from training.data.shards import (
+    MANIFEST_NAME,
+    PACK_VERSION,
+    REPORT_NAME,
+    STATE_NAME,
+    TEMP_SUFFIX,
+    ShardInfo,
+    ShardWriter,
+    read_json,
+    shard_is_intact,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Settings that do not change the output bytes and so are left out of the fingerprint.
+_NON_OUTPUT_SETTINGS = ("output_dir", "num_threads")
+
+
+class PackError(Exception):
+    """A fatal packing condition (unwritable output, no usable image, a foreign pack in the output folder)."""
+
+
+class PackInterrupted(Exception):
+    """should_stop() asked to stop; completed shards are kept and a rerun with the same settings resumes."""
+
+
+@dataclass(kw_only=True)
+class PackConfig:
+    input_dir: Path
+    output_dir: Path
+    name: str = "data"
+    samples_per_shard: int = 1000
+    #: Bucket area is resolution² (512, 768, 1024 or any multiple of 16).
+    resolution: int = 1024
+    max_aspect_ratio: float = 3.0
+    #: Images that would need upscaling to cover their bucket: dropped ("skip") or upscaled with bicubic ("upscale").
+    too_small: Literal["skip", "upscale"] = "skip"
+    background: tuple[int, int, int] = (255, 255, 255)
+    #: Store the resized image bytes as well (required when no latent encoder is given).
+    store_image: bool = False
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    image_quality: int = 95
+    sidecar_extensions: tuple[str, ...] = (".txt", ".caption")
+    #: metadata.jsonl / metadata.csv mapping file_name -> text; None looks for one at the input root.
+    metadata_file: Path | None = None
+    missing_caption: Literal["empty", "skip"] = "empty"
+    max_caption_chars: int = 4000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    storage_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    #: Threads decoding and resizing images (output does not depend on it).
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        self.input_dir, self.output_dir = Path(self.input_dir), Path(self.output_dir)
+        self.metadata_file = Path(self.metadata_file) if self.metadata_file is not None else None
+        self.background = tuple(self.background)
+        self.sidecar_extensions = tuple(self.sidecar_extensions)
+        self._check_choices()
+        self._check_numbers()
+        if not self.input_dir.is_dir():
+            raise ValueError(f"PackConfig.input_dir={str(self.input_dir)!r} is not a folder; pass the image folder")
+        if self.output_dir.resolve().is_relative_to(self.input_dir.resolve()):
+            raise ValueError(
+                f"PackConfig.output_dir={str(self.output_dir)!r} is inside input_dir={str(self.input_dir)!r}; "
+                "choose an output folder outside the images"
+            )
+        if not self.name or any(c in self.name for c in "/\\.%") or self.name.startswith("-"):
+            raise ValueError(f"PackConfig.name={self.name!r} must be a plain file-name prefix like 'data'")
+
+    def _check_choices(self) -> None:
+        choices = {
+            "too_small": ("skip", "upscale"),
+            "image_format": ("jpg", "png", "webp"),
+            "missing_caption": ("empty", "skip"),
+            "storage_dtype": ("bfloat16", "float32"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PackConfig.{name}={getattr(self, name)!r} must be one of {allowed}")
+
+    def _check_numbers(self) -> None:
+        for name in ("samples_per_shard", "max_caption_chars", "max_image_pixels", "num_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PackConfig.{name}={value!r} must be a positive integer")
+        if self.resolution % 16 or self.resolution < 64:
+            raise ValueError(f"PackConfig.resolution={self.resolution} must be a multiple of 16 and >= 64, e.g. 1024")
+        if self.max_aspect_ratio < 1.0:
+            raise ValueError(f"PackConfig.max_aspect_ratio={self.max_aspect_ratio} must be >= 1.0, e.g. 3.0")
+        if len(self.background) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.background):
+            raise ValueError(f"PackConfig.background={self.background!r} must be three ints in 0..255, e.g. (0, 0, 0)")
+        if not 1 <= self.image_quality <= 100:
+            raise ValueError(f"PackConfig.image_quality={self.image_quality} must be in 1..100 (95 is a good default)")
+
+    def output_settings(self) -> dict:
+        """Settings as JSON values, without those that cannot change the output bytes (output_dir, num_threads)."""
+        settings = {}
+        for item in dataclasses.fields(self):
+            if item.name in _NON_OUTPUT_SETTINGS:
+                continue
+            value = getattr(self, item.name)
+            settings[item.name] = (
+                str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            )
+        return settings
+
+
+@dataclass(kw_only=True)
+class PackResult:
+    output_dir: Path
+    manifest_path: Path
+    report_path: Path
+    samples: int
+    skipped: int
+    shards: list[ShardInfo]
+    buckets: dict[str, int]
+    #: Shards found complete and kept from an earlier, interrupted run.
+    reused_shards: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """A skip or a note about one input; `index` is its position in the sorted inputs (-1: found while scanning)."""
+
+    index: int
+    path: str
+    message: str
+
+
+@dataclass(kw_only=True)
+class _Progress:
+    """What a (possibly resumed) pack has done so far; saved to .pack-state.json after every completed shard."""
+
+    fingerprint: str
+    shards: list[ShardInfo] = field(default_factory=list)
+    skipped: list[_Record] = field(default_factory=list)
+    notes: list[_Record] = field(default_factory=list)
+
+    @property
+    def next_input(self) -> int:
+        return self.shards[-1].end_input if self.shards else 0
+
+    def to_json(self) -> dict:
+        return {
+            "pack_version": PACK_VERSION,
+            "fingerprint": self.fingerprint,
+            "shards": [s.to_json() for s in self.shards],
+            "skipped": [dataclasses.asdict(r) for r in self.skipped],
+            "notes": [dataclasses.asdict(r) for r in self.notes],
+        }
+
+
+def pack_dataset(
+    config: PackConfig,
+    *,
+    latent_encoder: LatentEncoder | None = None,
+    text_encoder: TextEncoder | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> PackResult:
+    """Pack config.input_dir into shards in config.output_dir.
+
+    progress(done, total) is called after every input file. When should_stop() returns True the shard in progress is
+    discarded and PackInterrupted is raised; rerunning with the same settings resumes (see the module docstring).
+    """
+    if latent_encoder is None and not config.store_image:
+        raise ValueError(
+            "PackConfig.store_image=False and no latent_encoder: shards would hold no image data; "
+            "pass a latent encoder or set store_image=True"
+        )
+    _prepare_output_dir(config.output_dir)
+    inputs, scan_skips = scan_images(config.input_dir)
+    if not inputs:
+        raise PackError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {config.input_dir}")
+    fingerprint = _fingerprint(config, inputs, latent_encoder, text_encoder)
+    finished = _finished_pack(config, fingerprint)
+    if finished is not None:
+        return finished
+    state = _resume_state(config, fingerprint)
+    if state is None:
+        state = _Progress(fingerprint=fingerprint, skipped=[_Record(-1, s.path, s.reason) for s in scan_skips])
+    reused = len(state.shards)
+    builder = SampleBuilder.from_config(config, latent_encoder, text_encoder)
+    _pack_remaining(config, inputs, state, builder, progress or (lambda done, total: None), should_stop)
+    return _finalize(config, state, builder, reused)
+
+
+def _prepare_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-probe{TEMP_SUFFIX}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PackError(f"output folder {output_dir} is not writable ({error}); choose another output_dir") from error
+    for stale in output_dir.glob(f".*{TEMP_SUFFIX}"):
+        logger.info("removing %s left by an interrupted pack", stale)
+        stale.unlink()
+
+
+def _fingerprint(config, inputs, latent_encoder, text_encoder) -> str:
+    identity = {
+        "pack_version": PACK_VERSION,
+        "settings": config.output_settings(),
+        "inputs": inputs_digest(inputs),
+        "latent_encoder": getattr(latent_encoder, "identity", None),
+        "text_encoder": getattr(text_encoder, "identity", None),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _finished_pack(config: PackConfig, fingerprint: str) -> PackResult | None:
+    manifest_path = config.output_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    manifest = read_json(manifest_path)
+    if manifest.get("fingerprint") != fingerprint:
+        raise PackError(
+            f"{config.output_dir} already holds a pack made from other inputs or settings; "
+            "choose an empty output_dir or delete that folder"
+        )
+    shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
+    damaged = [s.name for s in shards if not shard_is_intact(config.output_dir, s)]
+    if damaged:
+        raise PackError(f"{config.output_dir} is a finished pack but shards {damaged} are damaged; delete and repack")
+    logger.info("%s is already packed with these settings; nothing to do", config.output_dir)
+    return _result(config, manifest, shards, reused=len(shards))
+
+
+def _resume_state(config: PackConfig, fingerprint: str) -> _Progress | None:
+    state_path = config.output_dir / STATE_NAME
+    if not state_path.is_file():
+        return None
+    saved = read_json(state_path)
+    if saved.get("fingerprint") != fingerprint:
+        raise PackError(
+            f"{config.output_dir} holds an interrupted pack of other inputs or settings ({STATE_NAME}); "
+            "rerun with the original settings, or delete the folder to start over"
+        )
+    recorded = [ShardInfo.from_json(s) for s in saved["shards"]]
+    intact = 0
+    while intact < len(recorded) and shard_is_intact(config.output_dir, recorded[intact]):
+        intact += 1
+    for damaged in recorded[intact:]:
+        logger.warning("shard %s is missing or damaged; it will be rewritten", damaged.name)
+        (config.output_dir / damaged.name).unlink(missing_ok=True)
+    state = _Progress(fingerprint=fingerprint, shards=recorded[:intact])
+    state.skipped = [_Record(**r) for r in saved["skipped"] if r["index"] < state.next_input]
+    state.notes = [_Record(**r) for r in saved["notes"] if r["index"] < state.next_input]
+    logger.info("resuming pack in %s: keeping %d of %d shards", config.output_dir, intact, len(recorded))
+    return state
+
+
+def _prepared_stream(pool: ThreadPoolExecutor, window: int, builder, inputs: list[InputFile], start: int) -> Iterator:
+    """(index, Prepared | skip reason) in input order; decoding runs ahead on the pool a window at a time."""
+    for window_start in range(start, len(inputs), window):
+        chunk = inputs[window_start : window_start + window]
+        yield from enumerate(pool.map(builder.prepare, chunk), start=window_start)
+
+
+def _pack_remaining(config, inputs, state: _Progress, builder, progress, should_stop) -> None:
+    writer: ShardWriter | None = None
+    progress(state.next_input, len(inputs))
+    try:
+        with ThreadPoolExecutor(config.num_threads, thread_name_prefix="pack") as pool:
+            for index, outcome in _prepared_stream(pool, 4 * config.num_threads, builder, inputs, state.next_input):
+                if should_stop is not None and should_stop():
+                    raise PackInterrupted(
+                        f"pack of {config.input_dir} stopped after {len(state.shards)} complete shards; "
+                        "run it again with the same settings to resume"
+                    )
+                relative = inputs[index].relative
+                if isinstance(outcome, str):
+                    state.skipped.append(_Record(index, relative, outcome))
+                else:
+                    state.notes.extend(_Record(index, relative, note) for note in outcome.caption.notes)
+                    if writer is None:
+                        writer = ShardWriter(path=config.output_dir / f"{config.name}-{len(state.shards):06d}.tar")
+                    writer.add(builder.build(outcome))
+                    if writer.samples == config.samples_per_shard:
+                        _complete_shard(config, state, writer, end_input=index + 1)
+                        writer = None
+                progress(index + 1, len(inputs))
+        if writer is not None:
+            _complete_shard(config, state, writer, end_input=len(inputs))
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+
+
+def _complete_shard(config: PackConfig, state: _Progress, writer: ShardWriter, *, end_input: int) -> None:
+    state.shards.append(writer.finish(end_input=end_input))
+    write_json_atomic(config.output_dir / STATE_NAME, state.to_json())
+    logger.info("wrote %s (%d samples)", state.shards[-1].name, state.shards[-1].samples)
+
+
+def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reused: int) -> PackResult:
+    report_path = config.output_dir / REPORT_NAME
+    samples = sum(s.samples for s in state.shards)
+    report = {
+        "accepted": samples,
+        "skipped": [{"path": r.path, "reason": r.message} for r in state.skipped],
+        "notes": [{"path": r.path, "note": r.message} for r in state.notes],
+    }
+    write_json_atomic(report_path, report)
+    if samples == 0:
+        (config.output_dir / STATE_NAME).unlink(missing_ok=True)
+        raise PackError(
+            f"no usable image in {config.input_dir}: all {len(state.skipped)} inputs were skipped; see {report_path}"
+        )
+    buckets: dict[str, int] = {}
+    for shard in state.shards:
+        for name, count in shard.buckets.items():
+            buckets[name] = buckets.get(name, 0) + count
+    manifest = {
+        "pack_version": PACK_VERSION,
+        "name": config.name,
+        "fingerprint": state.fingerprint,
+        "samples": samples,
+        "skipped": len(state.skipped),
+        "buckets": dict(sorted(buckets.items())),
+        "contents": builder.describe(),
+        "settings": config.output_settings(),
+        "shards": [s.to_json() for s in state.shards],
+    }
+    write_json_atomic(config.output_dir / MANIFEST_NAME, manifest)
+    (config.output_dir / STATE_NAME).unlink(missing_ok=True)
+    logger.info("packed %d samples into %d shards, skipped %d", samples, len(state.shards), len(state.skipped))
+    return _result(config, manifest, state.shards, reused=reused)
+
+
+def _result(config: PackConfig, manifest: dict, shards: list[ShardInfo], *, reused: int) -> PackResult:
+    return PackResult(
+        output_dir=config.output_dir,
+        manifest_path=config.output_dir / MANIFEST_NAME,
+        report_path=config.output_dir / REPORT_NAME,
+        samples=manifest["samples"],
+        skipped=manifest["skipped"],
+        shards=shards,
+        buckets=manifest["buckets"],
+        reused_shards=reused,
+    )

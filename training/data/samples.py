@@ -1,0 +1,139 @@
+"""Turning one input file into one shard sample: caption + fitted image (threaded), then encoders (main thread)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from training.data.buckets import Bucket, make_buckets
+from training.data.captions import Caption, CaptionIndex, CaptionRejected
+from training.data.encoders import LATENT_CHANNELS, LATENT_DOWNSCALE, LatentEncoder, TextEncoder
+from training.data.images import FittedImage, ImageRejected, encode_image, fit_image_file
+from training.data.inputs import InputFile
+from training.data.shards import ShardSample
+
+LATENT_KEY = "latent"
+CAPTION_FEATURES_KEY = "caption_features"
+TENSORS_EXTENSION = "safetensors"
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    item: InputFile
+    caption: Caption
+    fitted: FittedImage
+    image_bytes: bytes | None
+    pixels: torch.Tensor | None  # [3, H, W] float in [0, 1], only when a latent encoder will need it
+
+
+@dataclass(kw_only=True)
+class SampleBuilder:
+    buckets: list[Bucket]
+    captions: CaptionIndex
+    upscale: bool
+    background: tuple[int, int, int]
+    max_image_pixels: int
+    image_format: str | None  # None: do not store the image
+    image_quality: int
+    storage_dtype: torch.dtype
+    latent_encoder: LatentEncoder | None
+    text_encoder: TextEncoder | None
+
+    @classmethod
+    def from_config(cls, config, latent_encoder: LatentEncoder | None, text_encoder: TextEncoder | None):
+        captions = CaptionIndex.load(
+            config.input_dir,
+            config.metadata_file,
+            sidecar_extensions=config.sidecar_extensions,
+            missing_caption=config.missing_caption,
+            max_caption_chars=config.max_caption_chars,
+        )
+        return cls(
+            buckets=make_buckets(config.resolution, max_aspect_ratio=config.max_aspect_ratio),
+            captions=captions,
+            upscale=config.too_small == "upscale",
+            background=config.background,
+            max_image_pixels=config.max_image_pixels,
+            image_format=config.image_format if config.store_image else None,
+            image_quality=config.image_quality,
+            storage_dtype=getattr(torch, config.storage_dtype),
+            latent_encoder=latent_encoder,
+            text_encoder=text_encoder,
+        )
+
+    def prepare(self, item: InputFile) -> Prepared | str:
+        """The decoded, fitted sample, or the reason it is skipped. Thread-safe (no encoder calls)."""
+        try:
+            caption = self.captions.caption_for(item.path, item.relative)
+            fitted = fit_image_file(
+                item.path,
+                self.buckets,
+                upscale=self.upscale,
+                background=self.background,
+                max_image_pixels=self.max_image_pixels,
+            )
+        except (CaptionRejected, ImageRejected) as rejection:
+            return str(rejection)
+        image_bytes = encode_image(fitted.image, self.image_format, self.image_quality) if self.image_format else None
+        pixels = None
+        if self.latent_encoder is not None:
+            pixels = torch.from_numpy(np.array(fitted.image)).permute(2, 0, 1).float().div_(255.0)
+        return Prepared(item=item, caption=caption, fitted=fitted, image_bytes=image_bytes, pixels=pixels)
+
+    def build(self, prepared: Prepared) -> ShardSample:
+        """Runs the encoders and serialises the sample's tar members."""
+        bucket = prepared.fitted.plan.bucket
+        tensors = {}
+        if self.latent_encoder is not None:
+            tensors[LATENT_KEY] = self._encode_latent(prepared.pixels, bucket)
+        if self.text_encoder is not None:
+            tensors[CAPTION_FEATURES_KEY] = self._encode_caption(prepared.caption.text)
+        meta = {
+            "source": prepared.item.relative,
+            "bucket": bucket.name,
+            "original_size": list(prepared.fitted.original_size),
+            "caption_source": prepared.caption.source,
+        }
+        members = [("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))]
+        if tensors:
+            members.append((TENSORS_EXTENSION, safetensors_bytes(tensors)))
+        members.append(("txt", prepared.caption.text.encode("utf-8")))
+        if prepared.image_bytes is not None:
+            members.append((self.image_format, prepared.image_bytes))
+        return ShardSample(key=prepared.item.key, members=tuple(members), bucket=bucket.name)
+
+    def _encode_latent(self, pixels: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+        latent = self.latent_encoder.encode(pixels.unsqueeze(0))
+        expected = (1, LATENT_CHANNELS, bucket.height // LATENT_DOWNSCALE, bucket.width // LATENT_DOWNSCALE)
+        if tuple(latent.shape) != expected:
+            raise ValueError(
+                f"latent encoder {self.latent_encoder.identity!r} returned {tuple(latent.shape)} for a "
+                f"{bucket.name} image; expected {expected}"
+            )
+        return latent[0].detach().to("cpu", self.storage_dtype).contiguous()
+
+    def _encode_caption(self, text: str) -> torch.Tensor:
+        (features,) = self.text_encoder.encode([text])
+        if features.ndim != 2 or features.shape[1] != self.text_encoder.feature_dim:
+            raise ValueError(
+                f"text encoder {self.text_encoder.identity!r} returned {tuple(features.shape)}; "
+                f"expected [tokens, {self.text_encoder.feature_dim}]"
+            )
+        return features.detach().to("cpu", self.storage_dtype).contiguous()
+
+    def describe(self) -> dict:
+        """The manifest's record of what each sample holds and which encoders made it."""
+        return {
+            "latent_encoder": getattr(self.latent_encoder, "identity", None),
+            "text_encoder": getattr(self.text_encoder, "identity", None),
+            "text_feature_dim": getattr(self.text_encoder, "feature_dim", None),
+            "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
+            "image_format": self.image_format,
+            "members": ["json", "txt"]
+            + ([TENSORS_EXTENSION] if self.latent_encoder or self.text_encoder else [])
+            + ([self.image_format] if self.image_format else []),
+        }
