@@ -1,0 +1,91 @@
+"""Discovery: NVML when present (faked here), torch / CPU-only fallback when not, JSON round trip."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+import types
+
+import pytest
+
+from training.hardware import discovery
+from training.hardware.discovery import GpuInfo, HardwareProfile, bandwidth_class, discover
+
+GIB = 1 << 30
+
+
+def fake_pynvml(n_gpus: int = 2, switch: bool = True) -> types.ModuleType:
+    nvml = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    memory = types.SimpleNamespace(total=80 * GIB, free=79 * GIB)
+    nvml.NVMLError = NVMLError
+    nvml.NVML_CLOCK_MEM, nvml.NVML_NVLINK_MAX_LINKS, nvml.NVML_FEATURE_ENABLED = 2, 18, 1
+    nvml.NVML_NVLINK_DEVICE_TYPE_SWITCH, nvml.NVML_P2P_CAPS_INDEX_READ, nvml.NVML_P2P_STATUS_OK = 2, 0, 0
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetCount = lambda: n_gpus
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+    nvml.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: memory
+    nvml.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
+    nvml.nvmlDeviceGetMemoryBusWidth = lambda h: 5120
+    nvml.nvmlDeviceGetMaxClockInfo = lambda h, clock: 2619
+    nvml.nvmlDeviceGetNvLinkState = lambda h, link: 1
+    nvml.nvmlDeviceGetNvLinkRemoteDeviceType = lambda h, link: 2 if switch else 1
+    nvml.nvmlDeviceGetP2PStatus = lambda a, b, caps: 0
+    return nvml
+
+
+def test_nvml_profile(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml())
+    profile = discover(output_dir=tmp_path)
+    assert profile.source == "nvml" and profile.gpu_count == 2
+    assert profile.link == "nvswitch" and profile.nvlink_count == 18 and profile.p2p
+    gpu = profile.gpus[0]
+    assert gpu.fp8 and gpu.compute_capability == (9, 0) and gpu.bandwidth_class == "hbm3"
+    assert profile.disk_free_bytes > 0 and profile.ram_bytes > 0 and profile.cpu_cores >= 1
+
+
+def test_free_override_replaces_nvml_free(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(n_gpus=1))
+    profile = discover(output_dir=tmp_path, free_bytes_override=20 * GIB)
+    assert profile.gpus[0].free_bytes == 20 * GIB and profile.link == "none"
+    with pytest.raises(ValueError, match="one per GPU"):
+        discover(output_dir=tmp_path, free_bytes_override=[1, 2, 3])
+
+
+def test_missing_nvml_falls_back(monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def no_pynvml(name, *args, **kwargs):
+        if name == "pynvml":
+            raise ImportError("No module named 'pynvml'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_pynvml)
+    profile = discover(output_dir=tmp_path)
+    assert profile.source in ("torch", "none")
+    assert any("NVML unavailable" in note for note in profile.notes)
+    assert HardwareProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+def test_profile_json_round_trip_and_validation():
+    gpu = GpuInfo(name="NVIDIA A10", total_bytes=22 * GIB, free_bytes=21 * GIB, compute_capability=(8, 6), fp8=False,
+                  bandwidth_class="gddr")  # fmt: skip
+    profile = HardwareProfile(gpus=(gpu, gpu), link="nvlink", nvlink_count=4, p2p=True, cpu_cores=32,
+                              ram_bytes=128 * GIB, disk_free_bytes=GIB, source="test")  # fmt: skip
+    assert HardwareProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+    assert "2x NVIDIA A10" in profile.describe()
+    with pytest.raises(ValueError, match="free_bytes"):
+        GpuInfo(name="x", total_bytes=GIB, free_bytes=2 * GIB, compute_capability=(8, 0), fp8=False)
+    with pytest.raises(ValueError, match="link"):
+        HardwareProfile(link="infiniband")
+
+
+def test_bandwidth_classes():
+    assert [bandwidth_class(v) for v in (3350, 1555, 600, None)] == ["hbm3", "hbm2", "gddr", "unknown"]
+    assert discovery.LINKS[0] == "nvswitch"

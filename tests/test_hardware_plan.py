@@ -1,0 +1,163 @@
+"""Plans for every tier, simulated on CPU: the acceptance examples, refusals, monotonicity, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+
+from training.hardware.cli import main as cli_main
+from training.hardware.discovery import GpuInfo, HardwareProfile
+from training.hardware.plan import (
+    PlanRefused,
+    PlanRequest,
+    TrainingPlan,
+    checkpoint_depth_for,
+    make_plan,
+    maximum_batch_size,
+)
+from training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
+
+TIERS = load_tiers()
+GIB = 1 << 30
+
+
+def profile(name: str) -> HardwareProfile:
+    return simulated_profile(TIERS[name])
+
+
+def with_free(profile: HardwareProfile, free_gib: float) -> HardwareProfile:
+    gpus = tuple(dataclasses.replace(g, free_bytes=int(free_gib * GIB)) for g in profile.gpus)
+    return dataclasses.replace(profile, gpus=gpus)
+
+
+def test_seven_tiers_load_and_round_trip_their_profiles():
+    assert len(TIERS) == 7
+    for name, tier in TIERS.items():
+        simulated = simulated_profile(tier)
+        chosen, reason = nearest_tier(simulated)
+        assert chosen.name == name, reason
+        assert HardwareProfile.from_dict(json.loads(json.dumps(simulated.to_dict()))) == simulated
+    assert TIERS["2xA10-24GB"].compile is False
+    assert TIERS["8xA100-80GB-NVSwitch"].nccl_timeout_s == 3600
+
+
+@pytest.mark.parametrize("name", sorted(TIERS))
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_every_tier_plans_or_refuses_with_alternatives(name, mode):
+    request = PlanRequest(mode=mode, resolution=512)
+    try:
+        plan = make_plan(request, profile(name))
+    except PlanRefused as refusal:
+        assert mode == "full" or name == "cpu", str(refusal)
+        return
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    assert plan.micro_batch * plan.grad_accum * plan.world_size == plan.global_batch == TIERS[name].target_global_batch
+    assert plan.parallelism == ("fsdp2" if mode == "full" else "ddp" if plan.world_size > 1 else "none")
+
+
+def test_full_finetune_on_two_a10_is_refused_with_qlora_and_lora_offered():
+    with pytest.raises(PlanRefused) as caught:
+        make_plan(PlanRequest(mode="full", resolution=512), profile("2xA10-24GB"))
+    offered = {a.description: a for a in caught.value.alternatives}
+    assert "mode qlora" in offered and "mode lora" in offered
+    assert any(d.startswith("FSDP2 across") for d in offered)
+    assert all(0 < a.predicted_peak_bytes <= a.budget_bytes for a in offered.values())
+    assert "mode qlora" in str(caught.value) and "GiB" in str(caught.value)
+
+
+def test_lora_r128_on_one_24gb_card_checkpoints():
+    plan = make_plan(PlanRequest(mode="lora", resolution=512, lora_rank=128), profile("1x24GB"))
+    assert plan.checkpoint_depth > 0
+
+
+def test_80gb_plans_no_checkpointing_at_512_batch_4():
+    plan = make_plan(PlanRequest(mode="lora", resolution=512, target_global_batch=4, compile=False), profile("1x80GB"))
+    assert (plan.micro_batch, plan.checkpoint_depth, plan.grad_accum) == (4, 0, 1)
+
+
+def test_full_finetune_shards_over_eight_a100():
+    plan = make_plan(PlanRequest(mode="full", resolution=1024), profile("8xA100-80GB-NVSwitch"))
+    assert plan.parallelism == "fsdp2" and plan.nccl_timeout_s == 3600
+    assert plan.lr == pytest.approx(1e-4 * 8**0.5)
+
+
+def test_bigger_resolution_gives_smaller_maximum_batch():
+    gpu = profile("1x80GB")
+    sizes = [maximum_batch_size(PlanRequest(mode="lora", resolution=r), gpu, 15) for r in (512, 768, 1024, 1536)]
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+
+
+def test_depth_increases_as_the_budget_shrinks():
+    request = PlanRequest(mode="lora", resolution=1024, compile=False)
+    depths = [checkpoint_depth_for(request, with_free(profile("1x80GB"), free), 2) for free in (70, 50, 35, 25)]
+    assert all(d is not None for d in depths[:3])
+    assert depths == sorted(depths) and depths[0] < depths[2], depths
+    assert checkpoint_depth_for(request, with_free(profile("1x80GB"), 14), 2) is None
+
+
+def test_world_size_shrinks_fsdp_state():
+    request = PlanRequest(mode="full", resolution=512, target_global_batch=8)
+    two, four = (make_plan(dataclasses.replace(request, world_size=w), profile("4xH100-80GB-NVLink4")) for w in (2, 4))
+    assert two.memory_breakdown["optimizer"] == pytest.approx(2 * four.memory_breakdown["optimizer"], rel=1e-6)
+
+
+def test_plan_json_round_trip_and_table_lists_every_decision(caplog):
+    with caplog.at_level(logging.INFO, logger="training.hardware.plan"):
+        plan = make_plan(PlanRequest(mode="qlora", resolution=(768, 512)), profile("2xA10-24GB"))
+    restored = TrainingPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert restored == plan
+    table = plan.table()
+    names = [name for name, _, _ in plan.decisions]
+    for name in ("tier", "micro_batch", "checkpoint_depth", "grad_accum", "parallelism", "lr", "precision"):
+        assert name in names
+    for name, _, reason in plan.decisions:
+        assert name in table and reason in table
+        assert any(f"plan: {name} = " in message for message in caplog.messages)
+
+
+def test_unknown_gpu_still_gets_a_plan_with_a_reason():
+    gpu = GpuInfo(name="Acme Tensor 9000", total_bytes=48 * GIB, free_bytes=47 * GIB, compute_capability=(9, 0),
+                  fp8=True, bandwidth_class="hbm3")  # fmt: skip
+    machine = HardwareProfile(gpus=(gpu,), cpu_cores=8, ram_bytes=64 * GIB)
+    tier, reason = nearest_tier(machine)
+    assert "no tier names GPU 'Acme Tensor 9000'" in reason
+    plan = make_plan(PlanRequest(mode="lora", resolution=1024), machine)
+    assert plan.tier == tier.name and reason in plan.table()
+
+
+def test_a10_is_not_taken_for_an_a100():
+    assert TIERS["2xA10-24GB"].matches_gpu_name("NVIDIA A100-SXM4-80GB") is None
+    assert TIERS["2xA10-24GB"].matches_gpu_name("NVIDIA A10") == "A10"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"mode": "dora"}, "mode"),
+        ({"resolution": 500}, "multiple of 16"),
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"lr_scaling": "cube"}, "lr_scaling"),
+        ({"checkpoint_depth": 31}, "checkpoint_depth"),
+    ],
+)
+def test_request_validation_names_the_bad_value(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PlanRequest(**{"mode": "lora", "resolution": 512} | changes)
+
+
+def test_forced_values_that_do_not_fit_are_refused():
+    request = PlanRequest(mode="lora", resolution=1024, micro_batch=8, checkpoint_depth=0)
+    with pytest.raises(PlanRefused):
+        make_plan(request, profile("1x24GB"))
+
+
+def test_cli_prints_a_table_and_json(capsys):
+    assert cli_main(["plan", "--tier", "1x24GB", "--mode", "qlora", "--resolution", "512"]) == 0
+    assert "checkpoint_depth" in capsys.readouterr().out
+    assert cli_main(["plan", "--tier", "2xA10-24GB", "--mode", "full", "--json"]) == 2
+    assert "refused" in json.loads(capsys.readouterr().out)
+    assert cli_main(["plan", "--tier", "1x80GB", "--json", "--resolution", "768", "512"]) == 0
+    assert json.loads(capsys.readouterr().out)["resolution"] == [768, 512]

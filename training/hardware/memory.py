@@ -1,0 +1,327 @@
+"""Peak GPU memory of one Z-Image training step: fixed bytes plus per-token activation bytes.
+
+What is predicted is ``torch.cuda.max_memory_allocated()`` of one rank in steady state (optimizer states exist).
+The CUDA context (~0.5 GiB, invisible to the allocator) and fragmentation are not in it; the planner subtracts the
+context from the free memory and keeps a safety margin for fragmentation (see ``plan.budget_bytes``).
+
+Activation bytes per token of one transformer block, derived from ``training/model/layers.py`` for eager bf16 with
+LoRA (peft) on qkv, out, w1, w2, w3 (d = dim, h = ffn hidden, r = rank, H = heads). Autograd saves a tensor only for the
+inputs that need a gradient, so a frozen Linear keeps nothing and the LoRA A-matmul keeps the Linear's input:
+
+    norms     4 RMSNorms upcast their input to fp32 and save it              16d
+    qk-norm   q and k upcast (a copy of a view of qkv) and saved              8d
+    linears   inputs of qkv, out, w1/w3 (shared) in bf16; w2 input (2h)       6d + 2h
+              with fp32 adapters peft casts each input to fp32 (w1, w3 apart)  18d + 4h
+    attention flash keeps q, k (after RoPE), v (a view: all of qkv lives)    4d + 6d, plus 4H for the logsumexp
+    SwiGLU    w1 output (silu input), silu output, w3 output                  6h
+    LoRA      the rank-r A output of each of the 5 targets                    5r x adapter bytes
+    rstd      fp32 per token: 4 norms + q/k per head                          16 + 8H
+
+Full fine-tuning drops the LoRA outputs and adds 32d: the bf16 norm outputs multiplied by trainable modulation
+(8d) and, because the norm weights train, each RMSNorm's normalised fp32 output (24d).
+A checkpointed block keeps only its input (2d). The ``probe`` module replaces these numbers with measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..model.config import PRESETS, ZImageConfig
+
+Mode = Literal["lora", "qlora", "full"]
+MODES: tuple[str, ...] = ("lora", "qlora", "full")
+PARALLELISMS: tuple[str, ...] = ("none", "ddp", "fsdp2")
+ATTENTION_BACKENDS: tuple[str, ...] = ("flash", "efficient", "cudnn", "math")
+GIB = 1 << 30
+MIB = 1 << 20
+
+BF16 = 2
+FP32 = 4
+#: bitsandbytes NF4 with double quantisation: 4 bits, one 8-bit absmax per 64 weights, one fp32 per 256 absmax.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+#: FSDP2 keeps this many unsharded blocks in flight: current + prefetched params (bf16), one block's bf16
+#: gradient and its fp32 reduce-scatter copy, expressed in bf16 block-weights.
+FSDP_IN_FLIGHT_BLOCK_WEIGHTS = 2 + 1 + 2
+
+
+@dataclass(kw_only=True, frozen=True)
+class ActivationCoefficients:
+    """Per-token bytes of one sample's activations; multiply by tokens (image + caption, padded) × micro-batch."""
+
+    block: float  # kept by one non-checkpointed block until its backward
+    checkpointed: float  # kept by one checkpointed block (its input)
+    backward_extra: float  # gradients and temporaries of the block being differentiated, beyond ``block``
+    forward_extra: float  # temporaries of the block being computed in the forward
+    shared: float  # RoPE tables, positions and embeddings, kept once
+    source: str = "analytic"
+
+    def __post_init__(self) -> None:
+        for name in ("block", "checkpointed", "backward_extra", "forward_extra", "shared"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
+                raise ValueError(f"ActivationCoefficients.{name} must be a number >= 0 bytes per token, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def analytic_coefficients(
+    model: ZImageConfig, mode: str, lora_rank: int, compiled: bool = False, lora_param_bytes: int = FP32
+) -> ActivationCoefficients:
+    """The table in the module docstring, as numbers. ``compiled``: Inductor recomputes the fp32 norm and qk-norm
+    inputs (24d) and the SiLU output (2h) from bf16 tensors, saving the four bf16 norm inputs (8d) instead."""
+    d, h, heads = model.dim, model.ffn_hidden_dim, model.n_heads
+    block = 16 * d + 8 * d + 10 * d + 6 * h + 12 * heads + 16  # norms, qk-norm, attention, SwiGLU, lse + rstd
+    if mode == "full" or lora_param_bytes == BF16:
+        block += 6 * d + 2 * h  # Linear inputs in bf16 (the out input is the attention output itself)
+    else:  # peft casts each input to the fp32 adapter dtype; w1 and w3 cast theirs separately
+        block += 18 * d + 4 * h
+    block += 5 * lora_rank * lora_param_bytes if mode in ("lora", "qlora") else 32 * d
+    if compiled:
+        block -= 16 * d + 2 * h
+    # Backward of one block: the incoming and outgoing residual gradients, the fp32 gradient of a norm input,
+    # and the four hidden-width gradients of SwiGLU alive at once (w2 input, silu output, w1 and w3 outputs).
+    backward_extra = 2 * BF16 * d + 2 * FP32 * d + 4 * BF16 * h
+    # Forward of one block: qkv in fp32 for RoPE (q and k) and the SwiGLU product before w2.
+    forward_extra = 2 * FP32 * d + 2 * BF16 * h
+    shared = 2 * 2 * (model.head_dim // 2) * FP32 + 3 * 3 * 8 + 2 * BF16 * d
+    return ActivationCoefficients(
+        block=float(block),
+        checkpointed=float(BF16 * d),
+        backward_extra=float(backward_extra),
+        forward_extra=float(forward_extra),
+        shared=float(shared),
+        source="analytic-compiled" if compiled else "analytic",
+    )
+
+
+#: LoRA target presets of ``training.model.lora`` and whether they reach the refiner blocks. A preset that leaves
+#: the refiners frozen means they build no autograd graph at all (their inputs come from frozen embedders).
+LORA_TARGETS_WITH_REFINERS = {"attention": False, "attention+ffn": False, "attention+ffn+refiners": True, "all": True}
+
+
+def lora_params(model: ZImageConfig, rank: int, targets: str = "attention+ffn") -> int:
+    """Trainable LoRA parameters on qkv (fused: A is r x d, B is 3d x r), out, w1, w2, w3 of the blocks the preset
+    targets (``attention`` alone counts qkv and out only)."""
+    d, h = model.dim, model.ffn_hidden_dim
+    attention = rank * (d + 3 * d) + rank * (d + d)
+    per_block = attention if targets == "attention" else attention + 2 * rank * (d + h) + rank * (h + d)
+    refiners = LORA_TARGETS_WITH_REFINERS.get(targets)
+    if refiners is None:
+        raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {sorted(LORA_TARGETS_WITH_REFINERS)}")
+    return (model.n_layers + (2 * model.n_refiner_layers if refiners else 0)) * per_block
+
+
+def block_linear_params(model: ZImageConfig) -> int:
+    """Weights of every ``nn.Linear`` inside the blocks (what QLoRA stores in NF4): the five big matmuls of all
+    blocks and the adaLN modulation of the modulated ones (its bias stays bf16)."""
+    modulated = model.n_layers + model.n_refiner_layers
+    adaln = modulated * model.modulation_dim * 4 * model.dim
+    return (model.n_layers + 2 * model.n_refiner_layers) * model.linear_params_per_block() + adaln
+
+
+@dataclass(kw_only=True, frozen=True)
+class MemoryEstimate:
+    """A predicted peak of ``max_memory_allocated`` with where it goes (bytes) and which phase holds it."""
+
+    peak_bytes: int
+    breakdown: dict[str, int]
+    phase: str
+
+    def gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.breakdown.items() if v)
+        return f"{self.peak_bytes / GIB:.2f} GiB at {self.phase} ({parts})"
+
+
+@dataclass(kw_only=True, frozen=True)
+class MemoryModel:
+    """Analytic or probe-calibrated memory model. ``calibrated`` maps a mode to measured coefficients (taken at
+    ``calibrated_rank`` for LoRA modes; other ranks are shifted by the analytic rank term). ``lora_param_bytes``:
+    4 for fp32 adapters (AdamW states follow the parameter dtype), 2 for bf16."""
+
+    model: ZImageConfig = field(default_factory=lambda: PRESETS["z-image"])
+    cuda_context_bytes: int = 512 * MIB
+    lora_param_bytes: int = FP32
+    nf4_bytes_per_param: float = NF4_BYTES_PER_PARAM
+    calibrated: dict[str, ActivationCoefficients] = field(default_factory=dict)
+    calibrated_rank: int = 128
+
+    def __post_init__(self) -> None:
+        if self.cuda_context_bytes < 0:
+            raise ValueError(f"MemoryModel.cuda_context_bytes must be >= 0, got {self.cuda_context_bytes!r}")
+        if self.lora_param_bytes not in (BF16, FP32):
+            raise ValueError(f"MemoryModel.lora_param_bytes must be 2 (bf16) or 4 (fp32), got {self.lora_param_bytes}")
+        unknown = set(self.calibrated) - set(MODES)
+        if unknown:
+            raise ValueError(f"MemoryModel.calibrated has unknown modes {sorted(unknown)}; use {MODES}")
+
+    def calibrated_from_probe(self, mode: str, coefficients: ActivationCoefficients, lora_rank: int) -> MemoryModel:
+        """A copy that uses measured ``coefficients`` for ``mode`` (and for its LoRA sibling if not measured)."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        calibrated = dict(self.calibrated)
+        calibrated[mode] = coefficients
+        sibling = {"lora": "qlora", "qlora": "lora"}.get(mode)
+        if sibling and sibling not in self.calibrated:
+            calibrated[sibling] = coefficients
+        return dataclasses.replace(self, calibrated=calibrated, calibrated_rank=lora_rank)
+
+    def coefficients(self, mode: str, lora_rank: int, compiled: bool = False) -> ActivationCoefficients:
+        analytic = analytic_coefficients(self.model, mode, lora_rank, compiled, self.lora_param_bytes)
+        measured = self.calibrated.get(mode)
+        if measured is None or compiled:
+            return analytic
+        rank_shift = 5 * self.lora_param_bytes * (lora_rank - self.calibrated_rank) if mode != "full" else 0
+        return dataclasses.replace(measured, block=max(0.0, measured.block + rank_shift))
+
+    def fixed_bytes(
+        self,
+        mode: str,
+        world_size: int,
+        parallelism: str,
+        lora_rank: int,
+        *,
+        lora_targets: str = "attention+ffn",
+        cpu_offload: bool = False,
+        trainable_params: int | None = None,
+    ) -> dict[str, int]:
+        """Weights, trainable parameters, gradients and AdamW states on one rank (gradients: see ``predict_peak``).
+        Full fine-tuning keeps an fp32 master copy, fp32 gradients and fp32 AdamW states, sharded under FSDP2;
+        FSDP2 adds the unsharded blocks in flight; CPU offload moves the sharded state to host memory."""
+        cfg = self.model
+        shards = world_size if parallelism == "fsdp2" else 1
+        in_flight = FSDP_IN_FLIGHT_BLOCK_WEIGHTS * cfg.block_params(True) * BF16 if parallelism == "fsdp2" else 0
+        if mode == "full":
+            trainable = cfg.total_params() if trainable_params is None else trainable_params
+            per_param = 0 if cpu_offload else FP32
+            return {
+                "weights": in_flight,
+                "trainable": trainable * per_param // shards,
+                "grads": trainable * per_param // shards,
+                "optimizer": trainable * 2 * per_param // shards,
+            }
+        weights = self.base_weight_bytes(mode)
+        trainable = lora_params(cfg, lora_rank, lora_targets) if trainable_params is None else trainable_params
+        per_param = self.lora_param_bytes
+        return {
+            "weights": (0 if cpu_offload else weights // shards) + in_flight,
+            "trainable": trainable * per_param // shards,
+            "grads": trainable * per_param // shards,
+            "optimizer": trainable * 2 * per_param // shards,
+        }
+
+    def base_weight_bytes(self, mode: str) -> int:
+        """The frozen base in bf16, or with the block Linears in NF4 for QLoRA as ``training.engine.quantize`` does
+        (norms, embedders and the final layer stay bf16)."""
+        total, linears = self.model.total_params(), block_linear_params(self.model)
+        if mode == "qlora":
+            return int((total - linears) * BF16 + linears * self.nf4_bytes_per_param)
+        return total * BF16
+
+    def predict_peak(
+        self,
+        mode: str,
+        micro_batch: int,
+        image_tokens: int,
+        caption_tokens: int,
+        checkpoint_depth: int,
+        world_size: int = 1,
+        lora_rank: int = 128,
+        *,
+        lora_targets: str = "attention+ffn",
+        parallelism: str | None = None,
+        grad_accum: int = 1,
+        cpu_offload: bool = False,
+        compiled: bool = False,
+        attention_backend: str = "flash",
+        trainable_params: int | None = None,
+    ) -> MemoryEstimate:
+        """Peak ``max_memory_allocated`` of one rank. Tokens are per sample and already padded to 32.
+
+        The peak is the backward of the last non-checkpointed block (every saved activation plus that block's
+        gradient work) or, with every main block checkpointed, the recompute of the last one. Gradients live
+        through the whole step under DDP (bucket views) or gradient accumulation; otherwise they grow while the
+        activations drain, and only the part alive at the peak is counted.
+        """
+        cfg = self.model
+        self._validate(mode, micro_batch, image_tokens, caption_tokens, checkpoint_depth, world_size)
+        parallelism = _default_parallelism(mode, world_size, parallelism)
+        fixed = self.fixed_bytes(
+            mode,
+            world_size,
+            parallelism,
+            lora_rank,
+            lora_targets=lora_targets,
+            cpu_offload=cpu_offload,
+            trainable_params=trainable_params,
+        )
+        grads = fixed.pop("grads")
+        coef = self.coefficients(mode, lora_rank, compiled)
+        tokens = micro_batch * (image_tokens + caption_tokens)
+        per_block = coef.block * tokens + self._attention_quadratic(attention_backend, micro_batch, image_tokens)
+        depth = checkpoint_depth
+        kept = max(cfg.n_layers - depth, 1) * per_block + depth * coef.checkpointed * tokens + coef.shared * tokens
+        if mode == "full" or LORA_TARGETS_WITH_REFINERS.get(lora_targets, True):
+            kept += cfg.n_refiner_layers * coef.block * tokens  # noise refiner on image, context on caption tokens
+        persistent_grads = parallelism == "ddp" or grad_accum > 1
+        grads_at_peak = grads if persistent_grads else self._grads_at_peak(grads, depth, coef.checkpointed * tokens)
+        backward = kept + coef.backward_extra * tokens
+        forward = kept - (per_block if depth == cfg.n_layers else 0) + coef.forward_extra * tokens
+        phase, activations = ("backward", backward) if backward >= forward else ("forward", forward)
+        breakdown = {**fixed, "grads": int(grads_at_peak), "activations": int(activations)}
+        if mode == "qlora":  # the dequantised bf16 weight of the widest Linear exists while it runs
+            breakdown["dequantized"] = 3 * cfg.dim * cfg.dim * BF16
+        return MemoryEstimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, phase=phase)
+
+    def _grads_at_peak(self, grads: int, depth: int, checkpoint_input_bytes: float) -> float:
+        """One block's gradients at the last non-checkpointed block; with every main block checkpointed, the
+        worse end of the recompute sweep (all gradients but few inputs, or all inputs but few gradients)."""
+        one_block = grads / self.model.n_layers
+        if depth < self.model.n_layers:
+            return one_block
+        return max(one_block, grads - depth * checkpoint_input_bytes)
+
+    def _attention_quadratic(self, backend: str, micro_batch: int, image_tokens: int) -> float:
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+        if backend != "math":
+            return 0.0
+        return float(micro_batch * self.model.n_heads * image_tokens**2 * BF16)  # the softmax output, bf16
+
+    def _validate(self, mode, micro_batch, image_tokens, caption_tokens, depth, world_size) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        if image_tokens < 1 or caption_tokens < 0:
+            raise ValueError(f"token counts must be positive, got image {image_tokens}, caption {caption_tokens}")
+        if not 0 <= depth <= self.model.n_layers:
+            raise ValueError(f"checkpoint_depth {depth} must be in 0..{self.model.n_layers}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+
+
+def _default_parallelism(mode: str, world_size: int, parallelism: str | None) -> str:
+    if parallelism is None:
+        parallelism = "fsdp2" if mode == "full" and world_size > 1 else "ddp"
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism {parallelism!r} is not one of {PARALLELISMS}")
+    return "none" if world_size == 1 and parallelism == "ddp" else parallelism
+
+
+def padded(tokens: int, multiple: int = 32) -> int:
+    return -(-tokens // multiple) * multiple
+
+
+def image_tokens_for(resolution: tuple[int, int], model: ZImageConfig | None = None) -> int:
+    """Padded image tokens at (width, height) px: the VAE downsamples 8x and the model patches 2x2."""
+    model = model or PRESETS["z-image"]
+    stride = 8 * model.patch_size
+    width, height = resolution
+    return padded(-(-width // stride) * -(-height // stride), model.seq_multiple)

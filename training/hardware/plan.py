@@ -1,0 +1,363 @@
+"""The training plan: every decision the engine needs (micro-batch, accumulation, checkpoint depth, parallelism,
+precision, lr, ...) with the reason for it, made from a ``PlanRequest``, a ``HardwareProfile`` and a tier.
+
+Every automatic decision is logged as ``(name, value, reason)``. ``TrainingPlan`` round-trips through JSON: the
+node writes it into the run folder for the training child process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+from .discovery import HardwareProfile
+from .fitting import (
+    Setting,
+    alternatives,
+    budget_bytes,
+    estimate,
+    fewest_checkpointed_blocks,
+    largest_fitting_batch,
+    least_memory_depth,
+)
+from .memory import GIB, MemoryModel, image_tokens_for, padded
+from .request import LR_SCALINGS, PlanRefused, PlanRequest
+from .tiers import Tier, nearest_tier
+
+__all__ = [
+    "PlanRefused",
+    "PlanRequest",
+    "TrainingPlan",
+    "checkpoint_depth_for",
+    "make_plan",
+    "maximum_batch_size",
+]
+
+logger = logging.getLogger(__name__)
+EIGHT_RANK_NCCL_TIMEOUT_S = 3600
+RECOMPUTE_SHARE = 1 / 3  # a checkpointed block runs its forward twice: +1/3 of forward+backward
+SMALL_BATCH_PENALTY = 0.3
+EFFICIENT_TOKENS = 4096  # tokens per matmul from which an H100-class GPU is busy
+
+
+@dataclass(kw_only=True)
+class TrainingPlan:
+    """What the engine runs. ``predicted_peak_bytes`` is ``max_memory_allocated`` per GPU; ``budget_bytes`` what
+    it may reach (free memory less CUDA context and safety margin). ``decisions``: (name, value, reason)."""
+
+    mode: str
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    checkpoint_depth: int
+    precision: str
+    parallelism: str
+    fsdp_cpu_offload: bool
+    compile: bool
+    attention_backend: str
+    nccl_timeout_s: int
+    lr: float
+    lr_scaling: str
+    predicted_peak_bytes: int
+    budget_bytes: int
+    resolution: tuple[int, int]
+    caption_tokens: int
+    lora_rank: int
+    lora_targets: str
+    lora_dtype: str
+    tier: str
+    memory_breakdown: dict[str, int] = field(default_factory=dict)
+    decisions: list[tuple[str, object, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.resolution = tuple(self.resolution)
+        self.decisions = [tuple(d) for d in self.decisions]
+        if self.micro_batch * self.grad_accum * self.world_size != self.global_batch:
+            raise ValueError(
+                f"TrainingPlan: micro_batch {self.micro_batch} x grad_accum {self.grad_accum} x world_size "
+                f"{self.world_size} must equal global_batch {self.global_batch}"
+            )
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"TrainingPlan.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.predicted_peak_bytes
+
+    def table(self) -> str:
+        """The decision table as printed by ``python -m training plan``."""
+        rows = [(name, _show(value, name), reason) for name, value, reason in self.decisions]
+        name_width = max(len(r[0]) for r in rows)
+        value_width = max(len(r[1]) for r in rows)
+        header = (
+            f"Plan: {self.mode} on {self.world_size} GPU(s), tier {self.tier}; predicted peak "
+            f"{self.predicted_peak_bytes / GIB:.1f} GiB of {self.budget_bytes / GIB:.1f} GiB budget per GPU "
+            f"(headroom {self.headroom_bytes / GIB:.1f} GiB)"
+        )
+        lines = [header, f"{'decision':<{name_width}}  {'value':<{value_width}}  reason"]
+        lines += [f"{n:<{name_width}}  {v:<{value_width}}  {r}" for n, v, r in rows]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["decisions"] = [[n, v, r] for n, v, r in self.decisions]
+        data["resolution"] = list(self.resolution)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingPlan:
+        return cls(**data)
+
+
+def _show(value, name: str = "") -> str:
+    if name.endswith("_bytes") and isinstance(value, int):
+        return f"{value / GIB:.1f} GiB"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+class _Decisions(list):
+    def add(self, name: str, value, reason: str):
+        logger.info("plan: %s = %s (%s)", name, _show(value, name), reason)
+        self.append((name, value, reason))
+        return value
+
+
+# -------------------------------------------------------------------------------------------------------------
+# public sizing functions
+
+
+def maximum_batch_size(
+    request: PlanRequest, profile: HardwareProfile, checkpoint_depth: int, memory_model: MemoryModel | None = None
+) -> int:
+    """Largest micro-batch that fits each GPU at ``checkpoint_depth`` (0 if none), with the request's settings."""
+    memory_model = memory_model or MemoryModel(model=request.model)
+    tier, _ = nearest_tier(profile)
+    setting = _setting(request, profile, tier, memory_model, _Decisions())
+    budget = budget_bytes(profile, _margin(request, tier), memory_model)
+    return largest_fitting_batch(request, setting, checkpoint_depth, memory_model, budget)
+
+
+def checkpoint_depth_for(
+    request: PlanRequest, profile: HardwareProfile, micro_batch: int, memory_model: MemoryModel | None = None
+) -> int | None:
+    """Fewest main blocks (from the first) to checkpoint so ``micro_batch`` fits; None when nothing does."""
+    memory_model = memory_model or MemoryModel(model=request.model)
+    tier, _ = nearest_tier(profile)
+    setting = _setting(request, profile, tier, memory_model, _Decisions())
+    budget = budget_bytes(profile, _margin(request, tier), memory_model)
+    return fewest_checkpointed_blocks(request, setting, micro_batch, memory_model, budget)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+def make_plan(
+    request: PlanRequest,
+    profile: HardwareProfile,
+    tier: Tier | None = None,
+    memory_model: MemoryModel | None = None,
+) -> TrainingPlan:
+    """Decide everything, or raise ``PlanRefused`` listing the alternatives that would fit."""
+    memory_model = memory_model or MemoryModel(model=request.model)
+    decisions = _Decisions()
+    if tier is None:
+        tier, reason = nearest_tier(profile)
+        decisions.add("tier", tier.name, reason)
+    else:
+        decisions.add("tier", tier.name, "chosen by the caller")
+    if request.mode not in tier.modes_allowed:
+        decisions.add("mode", request.mode, f"not a default of tier {tier.name} ({', '.join(tier.modes_allowed)})")
+    setting = _setting(request, profile, tier, memory_model, decisions)
+    margin = _margin(request, tier)
+    budget = decisions.add("budget_bytes", budget_bytes(profile, margin, memory_model), _budget_reason(profile, margin))
+    source = "requested" if request.target_global_batch else f"tier {tier.name} default"
+    global_target = request.target_global_batch or tier.target_global_batch
+    request = dataclasses.replace(request, target_global_batch=global_target)
+    micro, depth = _size(request, profile, setting, memory_model, budget, decisions)
+    accum = decisions.add(
+        "grad_accum",
+        request.target_micro_batch(setting.world_size) // micro,
+        f"reach the global batch {global_target} ({source})",
+    )
+    peak = estimate(request, setting, micro, depth, memory_model, grad_accum=accum)
+    return TrainingPlan(
+        mode=request.mode,
+        world_size=setting.world_size,
+        micro_batch=micro,
+        grad_accum=accum,
+        global_batch=micro * accum * setting.world_size,
+        checkpoint_depth=depth,
+        precision=decisions.add("precision", "bf16", _precision_reason(profile)),
+        parallelism=setting.parallelism,
+        fsdp_cpu_offload=setting.cpu_offload,
+        compile=setting.compiled,
+        attention_backend=setting.attention_backend,
+        nccl_timeout_s=_nccl_timeout(tier, setting.world_size, decisions),
+        lr=_lr(request, setting.world_size, decisions),
+        lr_scaling=request.lr_scaling,
+        predicted_peak_bytes=decisions.add("predicted_peak_bytes", peak.peak_bytes, peak.describe()),
+        budget_bytes=budget,
+        resolution=request.width_height,
+        caption_tokens=request.caption_tokens,
+        lora_rank=request.lora_rank,
+        lora_targets=request.lora_targets,
+        lora_dtype=_lora_dtype(request, memory_model, decisions),
+        tier=tier.name,
+        memory_breakdown=dict(peak.breakdown),
+        decisions=list(decisions),
+    )
+
+
+def _size(request, profile, setting, memory_model, budget, decisions) -> tuple[int, int]:
+    """(micro-batch, checkpoint depth): the largest divisor of the per-rank target that fits with the least-memory
+    depth, then the fewest checkpointed blocks for it. Refuses when not even one sample fits."""
+    target = request.target_micro_batch(setting.world_size)
+    if request.micro_batch is not None:
+        micro = decisions.add("micro_batch", request.micro_batch, "requested")
+        target = max(target, micro)
+    else:
+        deepest = least_memory_depth(request, setting, memory_model)
+        fitting = largest_fitting_batch(request, setting, deepest, memory_model, budget)
+        if fitting == 0:
+            _refuse(request, profile, setting, memory_model, budget, "one sample does not fit even with checkpointing")
+        micro, why = _fastest_micro_batch(request, setting, memory_model, budget, target, fitting)
+        decisions.add("micro_batch", micro, why)
+    if request.checkpoint_depth is not None:
+        depth = decisions.add("checkpoint_depth", request.checkpoint_depth, "requested")
+        if estimate(request, setting, micro, depth, memory_model).peak_bytes > budget:
+            _refuse(request, profile, setting, memory_model, budget, f"micro-batch {micro} at depth {depth} is over")
+        return micro, depth
+    depth = fewest_checkpointed_blocks(request, setting, micro, memory_model, budget)
+    if depth is None:
+        _refuse(request, profile, setting, memory_model, budget, f"micro-batch {micro} does not fit at any depth")
+    reason = "no checkpointing needed" if depth == 0 else f"fewest of {request.model.n_layers} blocks that fit"
+    decisions.add("checkpoint_depth", depth, reason)
+    return micro, depth
+
+
+def _fastest_micro_batch(request, setting, memory_model, budget, target: int, fitting: int) -> tuple[int, str]:
+    """Among divisors of the per-rank target that fit (the global batch stays exact), the one with the least
+    estimated time per sample: recomputing a checkpointed block costs ~1/3 of its forward+backward, and micro-batches
+    under ``EFFICIENT_TOKENS`` tokens leave the GPU partly idle."""
+    tokens = tokens_per_sample(request)
+    layers = request.model.n_layers
+
+    def cost(micro: int) -> float:
+        depth = fewest_checkpointed_blocks(request, setting, micro, memory_model, budget)
+        recompute = 1 + RECOMPUTE_SHARE * depth / layers
+        return recompute * (1 + SMALL_BATCH_PENALTY * max(0.0, 1 - micro * tokens / EFFICIENT_TOKENS))
+
+    candidates = [m for m in range(1, min(fitting, target) + 1) if target % m == 0]
+    best = min(candidates, key=lambda m: (cost(m), -m))
+    return best, (
+        f"divisor of {target} samples per GPU with the least estimated time per sample "
+        f"(up to {fitting} fit; checkpointing and small batches cost time)"
+    )
+
+
+def _refuse(request, profile, setting, memory_model, budget, reason: str):
+    options = alternatives(request, profile, setting, memory_model, budget)
+    logger.warning("plan refused: %s; %d alternatives fit", reason, len(options))
+    raise PlanRefused(request, reason, options, budget)
+
+
+def _setting(request, profile, tier, memory_model, decisions) -> Setting:
+    gpus = profile.gpu_count
+    world = request.world_size or max(1, gpus)
+    if gpus and world > gpus:
+        raise ValueError(f"PlanRequest.world_size {world} exceeds the {gpus} GPU(s) found; use at most {gpus}")
+    decisions.add("world_size", world, "requested" if request.world_size else f"{gpus or 'no'} GPU(s) found")
+    parallelism = _parallelism(request, profile, tier, world, memory_model, decisions)
+    offload = decisions.add(
+        "fsdp_cpu_offload", request.fsdp_cpu_offload, "requested" if request.fsdp_cpu_offload else "not needed"
+    )
+    return Setting(
+        world_size=world,
+        parallelism=parallelism if not offload else "fsdp2",
+        attention_backend=_attention_backend(request, profile, tier, decisions),
+        compiled=_compile(request, profile, tier, decisions),
+        cpu_offload=offload,
+    )
+
+
+def _parallelism(request, profile, tier, world, memory_model, decisions) -> str:
+    if world == 1:
+        return decisions.add("parallelism", "none", "one GPU" if profile.gpus else "CPU")
+    if request.mode == "full" or request.fsdp_cpu_offload:
+        return decisions.add("parallelism", "fsdp2", "full fine-tune: shard weights, gradients and AdamW states")
+    replicated = Setting(world_size=world, parallelism="ddp", attention_backend="flash", compiled=False)
+    budget = budget_bytes(profile, _margin(request, tier), memory_model)
+    deepest = least_memory_depth(request, replicated, memory_model)
+    if estimate(request, replicated, 1, deepest, memory_model).peak_bytes <= budget:
+        return decisions.add("parallelism", "ddp", "LoRA weights replicate; DDP with gradient bucket views")
+    return decisions.add("parallelism", "fsdp2", "the frozen weights do not fit one GPU: shard them with FSDP2")
+
+
+def _attention_backend(request, profile, tier, decisions) -> str:
+    if request.attention_backend:
+        return decisions.add("attention_backend", request.attention_backend, "requested")
+    if not profile.gpus:
+        return decisions.add("attention_backend", "math", "CPU: SDPA math kernel")
+    if profile.gpus[0].compute_capability < (8, 0):
+        return decisions.add("attention_backend", "efficient", "flash attention needs compute capability >= 8.0")
+    return decisions.add("attention_backend", tier.attention_backend, f"tier {tier.name} default")
+
+
+def _compile(request, profile, tier, decisions) -> bool:
+    if request.compile is not None:
+        return decisions.add("compile", request.compile, "requested")
+    if not profile.gpus:
+        return decisions.add("compile", False, "CPU: compile time outweighs the gain")
+    return decisions.add("compile", tier.compile, f"tier {tier.name} default")
+
+
+def _margin(request: PlanRequest, tier: Tier) -> float:
+    return tier.safety_margin if request.safety_margin is None else request.safety_margin
+
+
+def _budget_reason(profile: HardwareProfile, margin: float) -> str:
+    if not profile.gpus:
+        return f"host RAM less {margin:.0%} safety margin"
+    return (
+        f"free {profile.min_free_bytes() / GIB:.1f} GiB on the fullest GPU, less the CUDA context, "
+        f"less {margin:.0%} for fragmentation"
+    )
+
+
+def _precision_reason(profile: HardwareProfile) -> str:
+    if profile.gpus and profile.gpus[0].fp8:
+        return "bf16 weights and activations; FP8 is available (cc >= 8.9) but not used for training yet"
+    return "bf16 weights and activations"
+
+
+def _nccl_timeout(tier: Tier, world: int, decisions) -> int:
+    if world >= 8 and tier.nccl_timeout_s < EIGHT_RANK_NCCL_TIMEOUT_S:
+        return decisions.add("nccl_timeout_s", EIGHT_RANK_NCCL_TIMEOUT_S, "8+ ranks: checkpoint saves stall longer")
+    return decisions.add("nccl_timeout_s", tier.nccl_timeout_s, f"tier {tier.name} default")
+
+
+def _lr(request: PlanRequest, world: int, decisions) -> float:
+    factor = {"sqrt": math.sqrt(world), "linear": float(world), "none": 1.0}[request.lr_scaling]
+    reason = f"lr_base {request.lr_base:g} x {factor:.3g} ({request.lr_scaling} of {world} data-parallel ranks)"
+    return decisions.add("lr", request.lr_base * factor, reason)
+
+
+def _lora_dtype(request: PlanRequest, memory_model: MemoryModel, decisions) -> str:
+    if request.mode == "full":
+        return decisions.add("lora_dtype", "none", "full fine-tune: fp32 master weights, bf16 compute")
+    dtype = "fp32" if memory_model.lora_param_bytes == 4 else "bf16"
+    return decisions.add("lora_dtype", dtype, "adapter weights and AdamW states (fused AdamW)")
+
+
+def tokens_per_sample(request: PlanRequest) -> int:
+    return image_tokens_for(request.width_height, request.model) + padded(
+        request.caption_tokens, request.model.seq_multiple
+    )

@@ -1,0 +1,114 @@
+"""What the user asks the planner for, validated, and the refusal raised when nothing fits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..model.config import PRESETS, ZImageConfig
+from .memory import ATTENTION_BACKENDS, GIB, LORA_TARGETS_WITH_REFINERS, MODES
+
+LR_SCALINGS = ("sqrt", "linear", "none")
+PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
+
+
+@dataclass(kw_only=True)
+class PlanRequest:
+    """A training job to plan. ``resolution``: square side in px or (width, height), multiples of 16.
+    None means "the tier's default" for ``target_global_batch``, ``compile``, ``attention_backend`` and
+    ``safety_margin``; ``world_size`` None uses every GPU; ``micro_batch`` / ``checkpoint_depth`` force a value
+    (the plan refuses if it does not fit). ``trainable_params``: a measured count overriding the analytic one."""
+
+    mode: str
+    resolution: int | tuple[int, int]
+    caption_tokens: int = 128
+    lora_rank: int = 128
+    lora_targets: str = "attention+ffn"
+    target_global_batch: int | None = None
+    lr_base: float = 1e-4
+    lr_scaling: str = "sqrt"
+    model: ZImageConfig = field(default_factory=lambda: PRESETS["z-image"])
+    compile: bool | None = None
+    attention_backend: str | None = None
+    world_size: int | None = None
+    micro_batch: int | None = None
+    checkpoint_depth: int | None = None
+    fsdp_cpu_offload: bool = False
+    safety_margin: float | None = None
+    trainable_params: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"PlanRequest.mode {self.mode!r} is not one of {MODES}")
+        if isinstance(self.resolution, list):
+            self.resolution = tuple(self.resolution)
+        for side in self.width_height:
+            if not isinstance(side, int) or side <= 0 or side % PIXELS_PER_TOKEN_SIDE:
+                raise ValueError(
+                    f"PlanRequest.resolution {self.resolution!r}: each side must be a positive multiple of "
+                    f"{PIXELS_PER_TOKEN_SIDE} px (e.g. 512 or (768, 512))"
+                )
+        self._check_positive("caption_tokens", "lora_rank")
+        self._check_positive_or_none("target_global_batch", "world_size", "micro_batch", "trainable_params")
+        if self.lora_targets not in LORA_TARGETS_WITH_REFINERS:
+            raise ValueError(
+                f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {sorted(LORA_TARGETS_WITH_REFINERS)}"
+            )
+        if not self.lr_base > 0:
+            raise ValueError(f"PlanRequest.lr_base must be > 0 (e.g. 1e-4), got {self.lr_base!r}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"PlanRequest.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"PlanRequest.attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
+            )
+        if self.checkpoint_depth is not None and not 0 <= self.checkpoint_depth <= self.model.n_layers:
+            raise ValueError(
+                f"PlanRequest.checkpoint_depth {self.checkpoint_depth!r} must be in 0..{self.model.n_layers}"
+            )
+        if self.safety_margin is not None and not 0 <= self.safety_margin < 0.5:
+            raise ValueError(f"PlanRequest.safety_margin {self.safety_margin!r} must be in [0, 0.5), e.g. 0.08")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PlanRequest.{name} must be a positive integer, got {value!r}")
+
+    def _check_positive_or_none(self, *names: str) -> None:
+        self._check_positive(*(name for name in names if getattr(self, name) is not None))
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        if isinstance(self.resolution, tuple):
+            if len(self.resolution) != 2:
+                raise ValueError(f"PlanRequest.resolution {self.resolution!r} must be one side or (width, height)")
+            return self.resolution
+        return (self.resolution, self.resolution)
+
+    def target_micro_batch(self, world_size: int) -> int | None:
+        """Samples each rank must contribute per optimizer step, or None when the target is not set yet."""
+        if self.target_global_batch is None:
+            return None
+        return -(-self.target_global_batch // world_size)
+
+    def describe(self) -> str:
+        width, height = self.width_height
+        rank = f" r{self.lora_rank}" if self.mode != "full" else ""
+        return f"{self.mode}{rank} at {width}x{height}px, caption {self.caption_tokens} tokens"
+
+
+class PlanRefused(ValueError):
+    """Nothing fits. ``alternatives`` lists configurations that would, each with its predicted peak."""
+
+    def __init__(self, request: PlanRequest, reason: str, alternatives: list, budget_bytes: int):
+        self.request = request
+        self.reason = reason
+        self.alternatives = list(alternatives)
+        self.budget_bytes = budget_bytes
+        lines = [f"cannot plan {request.describe()}: {reason} (budget {budget_bytes / GIB:.1f} GiB per GPU)."]
+        if self.alternatives:
+            lines.append("These would fit:")
+            lines += [f"  - {alternative.line()}" for alternative in self.alternatives]
+        else:
+            lines.append("No alternative fits this machine; use a GPU with more memory.")
+        super().__init__("\n".join(lines))
