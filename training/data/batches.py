@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.data.samples import CAPTION_FEATURES_KEY, LATENT_KEY, TENSORS_EXTENSION
+from .samples import CAPTION_FEATURES_KEY, LATENT_KEY, TENSORS_EXTENSION
 
 IMAGE_MEMBERS = ("jpg", "png", "webp")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from training.data.pack import PackConfig, PackError, pack_dataset
-from training.data.shards import load_manifest, read_samples
+from .pack import PackConfig, PackError, pack_dataset
+from .shards import load_manifest, read_samples
 
 
 def register(subparsers) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from training.data.buckets import Bucket, FitPlan, nearest_bucket, plan_fit
+from .buckets import Bucket, FitPlan, nearest_bucket, plan_fit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 

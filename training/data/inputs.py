@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data.images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY_STEM_CHARS = 48

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from training.data.batches import Batch, collate, decode_images_nvjpeg, nvjpeg_available
-from training.data.shards import load_manifest, read_samples
+from .batches import Batch, collate, decode_images_nvjpeg, nvjpeg_available
+from .shards import load_manifest, read_samples
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from training.data.encoders import LatentEncoder, TextEncoder
-from training.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
-from training.data.inputs import InputFile, inputs_digest, scan_images
-from training.data.samples import SampleBuilder
-from training.data.shards import (
+from .encoders import LatentEncoder, TextEncoder
+from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
+from .inputs import InputFile, inputs_digest, scan_images
+from .samples import SampleBuilder
+from .shards import (
     MANIFEST_NAME,
     PACK_VERSION,
     REPORT_NAME,

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from training.data.buckets import Bucket, make_buckets
-from training.data.captions import Caption, CaptionIndex, CaptionRejected
-from training.data.encoders import LATENT_CHANNELS, LATENT_DOWNSCALE, LatentEncoder, TextEncoder
-from training.data.images import FittedImage, ImageRejected, encode_image, fit_image_file
-from training.data.inputs import InputFile
-from training.data.shards import ShardSample
+from .buckets import Bucket, make_buckets
+from .captions import Caption, CaptionIndex, CaptionRejected
+from .encoders import LATENT_CHANNELS, LATENT_DOWNSCALE, LatentEncoder, TextEncoder
+from .images import FittedImage, ImageRejected, encode_image, fit_image_file
+from .inputs import InputFile
+from .shards import ShardSample
 
 LATENT_KEY = "latent"
 CAPTION_FEATURES_KEY = "caption_features"
