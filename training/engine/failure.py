@@ -1,0 +1,307 @@
+"""How a run fails: a traceback in the run folder, a clear ``status.json``, and no rank left hanging.
+
+Three layers, each writing what only it knows:
+
+* `record` (on every rank's entry point, after `bind_run`): the rank's traceback goes to ``error-rank<r>.txt``; the
+  first rank to fail also writes ``error.txt`` and status 'failed' with a one-line message (for CUDA OOM: the plan
+  that failed and the next plan that should fit). It wraps torch elastic's ``@record`` so torchrun's summary shows
+  the traceback too.
+* torchrun (``--max-restarts 0``): when a rank dies, the agent sends SIGTERM to the others and SIGKILL 30 s later;
+  a survivor blocked in a gloo collective gets an error as soon as the dead peer's socket closes.
+* the launcher (`supervise`, or `settle_status` after any ``torchrun`` subprocess): a rank killed by a signal writes
+  nothing, so the launcher, which sees the exit codes, makes the final status name the rank that failed first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.engine.events import TERMINAL_STATES, read_status, write_status
+
+logger = logging.getLogger(__name__)
+
+ERROR_FILE = "error.txt"
+LAUNCHER_LOG = "launcher.log"
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunContext:
+    """What `record` needs to know to write a failure: set by the loop once the config is read."""
+
+    run_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RunContext needs 0 <= rank < world_size, got rank={self.rank}, world={self.world_size}")
+
+
+_context: RunContext | None = None
+
+
+def bind_run(run_dir: str | os.PathLike, *, rank: int, world_size: int, plan: dict[str, Any] | None = None) -> None:
+    """Tell `record` where this process's run lives and which plan it runs (micro_batch, checkpoint_depth, ...)."""
+    global _context
+    _context = RunContext(run_dir=Path(run_dir), rank=rank, world_size=world_size, plan=dict(plan or {}))
+
+
+def record(fn):
+    """Decorator for entry points: failures are written to the bound run folder, then re-raised."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            if _context is not None:
+                write_status(_context.run_dir, "stopped", "interrupted by a second signal: stopped without saving")
+            raise
+        except Exception as error:
+            if _context is not None:
+                write_failure(_context, error)
+            raise
+
+    from torch.distributed.elastic.multiprocessing.errors import record as elastic_record
+
+    return elastic_record(wrapper)
+
+
+def write_failure(context: RunContext, error: BaseException) -> str:
+    """Write this rank's traceback; the first failing rank of the run also writes error.txt and the status."""
+    text = "".join(traceback.format_exception(error))
+    message = f"rank {context.rank}: {failure_message(error, context)}"
+    run_dir = context.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(run_dir / f"error-rank{context.rank}.txt", text)
+    if _create_exclusive(run_dir / ERROR_FILE, f"{message}\n\n{text}"):
+        write_status(run_dir, "failed", message, rank=context.rank, plan=context.plan)
+    logger.error("%s", message)
+    return message
+
+
+def failure_message(error: BaseException, context: RunContext) -> str:
+    oom = _find(error, torch.OutOfMemoryError)
+    if oom is not None:
+        return oom_message(oom, context.plan)
+    if _find(error, torch.distributed.DistError) is not None or re.search(r"gloo|NCCL|connection", str(error), re.I):
+        return (
+            f"a collective failed ({_first_line(error)}); another rank has probably died: "
+            "see the launcher's report for which one"
+        )
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+# ---------------------------------------------------------------------------- OOM
+
+
+def plan_for_messages(config, *, n_layers: int, world_size: int = 1) -> dict[str, Any]:
+    """What OOM messages name, from the TrainConfig that runs (its ``plan`` may be absent or overridden)."""
+    run = config.run
+    resolution = (config.plan or {}).get("resolution", config.data.resolution if config.data.synthetic else None)
+    plan = {
+        "mode": config.mode,
+        "micro_batch": run.micro_batch,
+        "grad_accum": run.grad_accum,
+        "checkpoint_depth": run.checkpoint_depth,
+        "n_layers": n_layers,
+        "fsdp_cpu_offload": run.fsdp_cpu_offload,
+        "world_size": world_size,
+    }
+    return plan if resolution is None else {**plan, "resolution": resolution}
+
+
+def oom_message(error: BaseException, plan: dict[str, Any]) -> str:
+    """'out of memory at <plan>; next: <change>' in one line."""
+    return f"CUDA out of memory with {describe_plan(plan)} ({_first_line(error)}). {next_plan_hint(plan)}"
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    parts = [f"mode {plan.get('mode', '?')}", f"micro-batch {plan.get('micro_batch', '?')}"]
+    if "checkpoint_depth" in plan:
+        parts.append(f"checkpoint depth {plan['checkpoint_depth']}/{plan.get('n_layers', '?')}")
+    if "resolution" in plan:
+        side = plan["resolution"]
+        parts.append(f"{'x'.join(map(str, side)) if isinstance(side, (list, tuple)) else side} px")
+    if plan.get("world_size", 1) > 1:
+        parts.append(f"{plan['world_size']} GPUs")
+    return ", ".join(parts)
+
+
+def next_plan(plan: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The cheapest change that lowers peak memory, in the order the planner would try: deeper activation
+    checkpointing, then a smaller micro-batch (same global batch through accumulation), then a lighter mode."""
+    depth, layers = int(plan.get("checkpoint_depth", 0)), int(plan.get("n_layers", 0))
+    micro, accum = int(plan.get("micro_batch", 1)), int(plan.get("grad_accum", 1))
+    if layers and depth < layers:
+        deeper = min(layers, depth + max(2, layers // 4))
+        return {**plan, "checkpoint_depth": deeper}, f"set run.checkpoint_depth {depth} -> {deeper}"
+    if micro > 1:
+        change = {"micro_batch": micro // 2, "grad_accum": accum * 2}
+        return {
+            **plan,
+            **change,
+        }, f"set run.micro_batch {micro} -> {micro // 2} and run.grad_accum {accum} -> {accum * 2}"
+    if plan.get("mode") == "full" and not plan.get("fsdp_cpu_offload"):
+        return {**plan, "fsdp_cpu_offload": True}, "set run.fsdp_cpu_offload true (or add GPUs)"
+    if plan.get("mode") == "lora":
+        return {**plan, "mode": "qlora"}, "switch to mode 'qlora' (4-bit base weights)"
+    if int(plan.get("resolution", 0)) > 512:
+        lower = int(plan["resolution"]) - 256
+        return {**plan, "resolution": lower}, f"train at {lower} px (pack the data at that resolution)"
+    return None, "no smaller plan exists: use a GPU with more memory or more GPUs"
+
+
+def next_plan_hint(plan: dict[str, Any]) -> str:
+    changed, reason = next_plan(plan)
+    return f"Next plan that should fit: {reason}." if changed is not None else f"{reason[0].upper()}{reason[1:]}."
+
+
+# ---------------------------------------------------------------------------- launcher side
+
+
+def parse_torchrun_failures(text: str) -> list[dict[str, Any]]:
+    """Failures from torchrun's 'ChildFailedError' summary, root cause first: [{rank, local_rank, exitcode, pid,
+    host, signal}], [] if the text holds none."""
+    pattern = re.compile(
+        r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+)\s*\(local_rank:\s*(?P<local_rank>\d+)\)\s+"
+        r"exitcode\s*:\s*(?P<exitcode>-?\d+)\s*\(pid:\s*(?P<pid>\d+)\)"
+    )
+    root = text.rfind("Root Cause")
+    ordered = ([text[root:]] if root >= 0 else []) + [text[:root] if root >= 0 else text]
+    failures, seen = [], set()
+    for chunk in ordered:
+        for match in pattern.finditer(chunk):
+            failure = {k: (v if k == "host" else int(v)) for k, v in match.groupdict().items()}
+            if failure["rank"] not in seen:
+                seen.add(failure["rank"])
+                failure["signal"] = _signal_name(failure["exitcode"])
+                failures.append(failure)
+    return failures
+
+
+def describe_exit(failure: dict[str, Any]) -> str:
+    how = f"was killed by {failure['signal']}" if failure.get("signal") else f"exited with code {failure['exitcode']}"
+    where = f" on {failure['host']}" if failure.get("host") else ""
+    return f"rank {failure['rank']} (pid {failure.get('pid', '?')}{where}) {how}"
+
+
+def settle_status(run_dir: str | os.PathLike, *, returncode: int, launcher_output: str = "") -> dict[str, Any]:
+    """Make ``status.json`` final after the job's process (torchrun or a single python) has exited.
+
+    A failed job whose status does not already name its root cause gets one naming the first failed rank and its
+    exit code or signal; a job that exited 0 without writing a final state is marked failed too."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir) or {"state": "starting", "message": ""}
+    if returncode == 0:
+        if status["state"] in TERMINAL_STATES:
+            return status
+        return write_status(run_dir, "failed", "the training process exited without reporting an outcome")
+    failures = parse_torchrun_failures(launcher_output)
+    root = failures[0] if failures else None
+    if status["state"] == "failed" and (root is None or status.get("rank") == root["rank"]):
+        return status  # the failing rank explained itself (its traceback is in error.txt)
+    if status["state"] in ("stopped", "completed") and (root is None or root["signal"] in ("SIGTERM", "SIGINT")):
+        return status  # a stop request the ranks honoured; torchrun itself exits non-zero on SIGTERM
+    if root is not None:
+        message = f"{describe_exit(root)}; the job stopped"
+        extra = {"rank": root["rank"], "exit_code": root["exitcode"], "failures": failures}
+    else:
+        message = f"the training process {_describe_returncode(returncode)}"
+        extra = {"exit_code": returncode}
+    if status.get("message") and status["state"] == "failed":
+        message += f" (then {_clip(status['message'], 240)})"
+    return write_status(run_dir, "failed", message, **extra)
+
+
+def supervise(command: list[str], run_dir: str | os.PathLike, *, timeout_s: float | None = None, env=None) -> int:
+    """Run a training command (``torchrun ...`` or ``python -m training train ...``), tee its output to
+    ``<run>/launcher.log``, then `settle_status`. Returns the command's exit code."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / LAUNCHER_LOG
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            returncode = process.wait(timeout=60)
+            logger.error("training command ran over %s s and was terminated", timeout_s)
+    tail = log_path.read_bytes()[-200_000:].decode("utf-8", errors="replace")
+    settle_status(run_dir, returncode=returncode, launcher_output=tail)
+    return returncode
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _find(error: BaseException | None, kind: type) -> BaseException | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return _clip(text.splitlines()[0], 300) if text else type(error).__name__
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _signal_name(exitcode: int) -> str | None:
+    number = -exitcode if exitcode < 0 else (exitcode - 128 if 128 < exitcode < 160 else 0)
+    try:
+        return signal.Signals(number).name if number else None
+    except ValueError:
+        return None
+
+
+def _describe_returncode(returncode: int) -> str:
+    name = _signal_name(returncode) if returncode < 0 else None
+    return f"was killed by {name}" if name else f"exited with code {returncode}"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text`` complete or not at all; False if it exists (another rank failed first)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
