@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.data_fixtures import make_dataset, noise_image, png_header_only, save_image, shard_bytes, write_caption
 from training.data import cli
@@ -56,6 +57,21 @@ def test_same_input_gives_byte_identical_output(tmp_path):
     first = pack_dataset(_config(tmp_path, "a", samples_per_shard=4, num_threads=1), **encoders)
     second = pack_dataset(_config(tmp_path, "b", samples_per_shard=4, num_threads=2), **encoders)
     assert shard_bytes(first.output_dir) == shard_bytes(second.output_dir)
+
+
+def test_encoded_pack_stores_the_empty_caption_features(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.data.shards import EMPTY_CAPTION_KEY, EMPTY_CAPTION_NAME
+
+    make_dataset(tmp_path / "in", 3)
+    text_encoder = TestTextEncoder()
+    encoded = pack_dataset(_config(tmp_path, "enc"), latent_encoder=TestLatentEncoder(), text_encoder=text_encoder)
+    stored = load_file(encoded.output_dir / EMPTY_CAPTION_NAME)[EMPTY_CAPTION_KEY]
+    expected = text_encoder.encode([""])[0].to(stored.dtype)
+    assert stored.shape == expected.shape and torch.equal(stored, expected)
+    raw = pack_dataset(_config(tmp_path, "raw"))
+    assert not (raw.output_dir / EMPTY_CAPTION_NAME).exists()
 
 
 def test_caption_sources_and_caption_problems(tmp_path):

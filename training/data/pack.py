@@ -25,6 +25,7 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
 from .inputs import InputFile, inputs_digest, scan_images
 from .samples import SampleBuilder
 from .shards import (
+    EMPTY_CAPTION_NAME,
     MANIFEST_NAME,
     PACK_VERSION,
     REPORT_NAME,
@@ -34,6 +35,7 @@ from .shards import (
     ShardWriter,
     read_json,
     shard_is_intact,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -351,6 +353,9 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
         "settings": config.output_settings(),
         "shards": [s.to_json() for s in state.shards],
     }
+    empty_caption = builder.empty_caption_bytes()
+    if empty_caption is not None:
+        write_bytes_atomic(config.output_dir / EMPTY_CAPTION_NAME, empty_caption)
     write_json_atomic(config.output_dir / MANIFEST_NAME, manifest)
     (config.output_dir / STATE_NAME).unlink(missing_ok=True)
     logger.info("packed %d samples into %d shards, skipped %d", samples, len(state.shards), len(state.skipped))

@@ -14,7 +14,7 @@ from .captions import Caption, CaptionIndex, CaptionRejected
 from .encoders import LATENT_CHANNELS, LATENT_DOWNSCALE, LatentEncoder, TextEncoder
 from .images import FittedImage, ImageRejected, encode_image, fit_image_file
 from .inputs import InputFile
-from .shards import ShardSample
+from .shards import EMPTY_CAPTION_KEY, ShardSample
 
 LATENT_KEY = "latent"
 CAPTION_FEATURES_KEY = "caption_features"
@@ -42,6 +42,13 @@ class SampleBuilder:
     storage_dtype: torch.dtype
     latent_encoder: LatentEncoder | None
     text_encoder: TextEncoder | None
+
+    def empty_caption_bytes(self) -> bytes | None:
+        """The text encoder's features of the empty caption as safetensors bytes (None without a text encoder)."""
+        if self.text_encoder is None:
+            return None
+        features = self.text_encoder.encode([""])[0].to(self.storage_dtype).contiguous()
+        return safetensors_bytes({EMPTY_CAPTION_KEY: features})
 
     @classmethod
     def from_config(cls, config, latent_encoder: LatentEncoder | None, text_encoder: TextEncoder | None):

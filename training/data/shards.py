@@ -13,6 +13,9 @@ from pathlib import Path
 
 PACK_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: Beside the manifest in encoded shard sets: the text encoder's features of "" (caption dropout trains on it).
+EMPTY_CAPTION_NAME = "empty_caption.safetensors"
+EMPTY_CAPTION_KEY = "caption_features"
 REPORT_NAME = "report.json"
 STATE_NAME = ".pack-state.json"
 TEMP_SUFFIX = ".tmp"
@@ -152,10 +155,15 @@ def shard_is_intact(directory: Path, shard: ShardInfo) -> bool:
     return path.is_file() and path.stat().st_size == shard.bytes and sha256_file(path) == shard.sha256
 
 
-def write_json_atomic(path: Path, document: dict) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    temp.write_text(json.dumps(document, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    temp.write_bytes(data)
     os.replace(temp, path)
+
+
+def write_json_atomic(path: Path, document: dict) -> None:
+    text = json.dumps(document, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def read_json(path: Path) -> dict:
