@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from training.engine.config import write_json_atomic
+from .config import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ class DemoResult:
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run every stage; raise if the loss did not fall or the LoRA file does not reproduce the trained adapter."""
-    from training.engine.events import read_events, read_status
-    from training.engine.report import loss_series, render_report, smooth
-    from training.engine.trainer import run_training
+    from .events import read_events, read_status
+    from .report import loss_series, render_report, smooth
+    from .trainer import run_training
 
     started = time.monotonic()
     out = settings.output
@@ -138,30 +138,24 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: tuple, size: int,
 
 
 def pack_images(images: Path, shards: Path, *, resolution: int, seed: int) -> Path:
-    """Pack with the test encoders (tiny model: 32-wide caption features) and store the empty caption's features."""
-    from safetensors.torch import save_file
-
-    from training.data.encoders import TestLatentEncoder, TestTextEncoder
-    from training.data.pack import PackConfig, pack_dataset
-    from training.engine.build import EMPTY_CAPTION_FILE, EMPTY_CAPTION_KEY
-    from training.model.config import preset
+    """Pack with the test encoders (tiny model: 32-wide caption features); the packer stores the empty caption too."""
+    from ..data.encoders import TestLatentEncoder, TestTextEncoder
+    from ..data.pack import PackConfig, pack_dataset
+    from ..model.config import preset
 
     text_encoder = TestTextEncoder(feature_dim=preset(PRESET).cap_feat_dim, seed=seed)
     config = PackConfig(input_dir=images, output_dir=shards, resolution=resolution, samples_per_shard=8)
     result = pack_dataset(config, latent_encoder=TestLatentEncoder(seed=seed), text_encoder=text_encoder)
     logger.info("packed %d samples into %d shards (%d skipped)", result.samples, len(result.shards), result.skipped)
-    empty = shards / EMPTY_CAPTION_FILE
-    if not empty.is_file():
-        save_file({EMPTY_CAPTION_KEY: text_encoder.encode([""])[0].contiguous()}, str(empty))
     return shards
 
 
 def plan_demo(settings: DemoSettings):
     """The planner's decision for this job on the CPU tier (a simulated profile: the same plan on any machine)."""
-    from training.hardware.plan import make_plan
-    from training.hardware.request import PlanRequest
-    from training.hardware.tiers import simulated_profile, tier
-    from training.model.config import preset
+    from ..hardware.plan import make_plan
+    from ..hardware.request import PlanRequest
+    from ..hardware.tiers import simulated_profile, tier
+    from ..model.config import preset
 
     cpu = tier("cpu")
     request = PlanRequest(
@@ -180,7 +174,7 @@ def plan_demo(settings: DemoSettings):
 
 
 def demo_config(settings: DemoSettings, plan, *, shards: Path, run_dir: Path, lora_file: Path):
-    from training.engine.config import DataSection, LoraSection, ModelSection, OptimSection, RunSection, TrainConfig
+    from .config import DataSection, LoraSection, ModelSection, OptimSection, RunSection, TrainConfig
 
     return TrainConfig(
         mode="lora",
@@ -206,10 +200,10 @@ def demo_config(settings: DemoSettings, plan, *, shards: Path, run_dir: Path, lo
 def verify_lora(lora_file: Path, *, seed: int, rank: int) -> dict:
     """Reload the file and check it applies: merged into the base, it gives the same outputs as the base with the
     file's weights in a LoRA adapter, and different outputs from the base alone."""
-    from training.engine.build import random_model
-    from training.model.config import preset
-    from training.model.lora import attach_lora, load_lora_state_dict
-    from training.model.lora_file import load_lora_file, merge_lora_file_into
+    from ..model.config import preset
+    from ..model.lora import attach_lora, load_lora_state_dict
+    from ..model.lora_file import load_lora_file, merge_lora_file_into
+    from .build import random_model
 
     loaded = load_lora_file(lora_file)
     if loaded.settings.rank != rank:

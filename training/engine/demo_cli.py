@@ -24,7 +24,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from training.engine.demo import DemoSettings, run_demo
+    from .demo import DemoSettings, run_demo
 
     try:
         settings = DemoSettings(output=args.output, steps=args.steps, seed=args.seed)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.engine.config import write_json_atomic
+from .config import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

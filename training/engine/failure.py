@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from training.engine.events import TERMINAL_STATES, read_status, write_status
+from .events import TERMINAL_STATES, read_status, write_status
 
 logger = logging.getLogger(__name__)
 

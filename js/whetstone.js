@@ -1,0 +1,161 @@
+// Whetstone's frontend: a live loss chart and status line on the Train node (from "whetstone.progress" websocket
+// events), and the text a node returns in its `ui` (plan table, pack report, hardware summary) shown inside the node.
+// Uses only documented hooks: beforeRegisterNodeDef (for our own node types), nodeCreated, api events.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const TEXT_NODES = new Set([
+  "WhetstonePackDataset",
+  "WhetstoneHardwareProfile",
+  "WhetstoneTrainingPlan",
+  "WhetstoneTrain",
+  "WhetstoneLoadTrainedLoRA",
+]);
+const TRAIN_NODE = "WhetstoneTrain";
+const MAX_POINTS = 5000;
+
+function formatDuration(seconds) {
+  if (seconds == null || !isFinite(seconds)) return "–";
+  const s = Math.max(0, Math.round(seconds));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  return h > 0 ? `${h}h${String(m).padStart(2, "0")}m` : `${m}m${String(s % 60).padStart(2, "0")}s`;
+}
+
+function addPanel(node, name, element, minHeight) {
+  const widget = node.addDOMWidget(name, "whetstone_panel", element, {
+    serialize: false,
+    hideOnZoom: false,
+    getValue() { return undefined; },
+    setValue() {},
+    getMinHeight() { return minHeight; },
+  });
+  widget.serialize = false; // keep widgets_values aligned with the Python inputs
+  return widget;
+}
+
+function addTextPanel(node) {
+  const pre = document.createElement("pre");
+  pre.className = "whetstone-text";
+  Object.assign(pre.style, {
+    margin: "0", padding: "4px", fontSize: "10px", lineHeight: "1.3", whiteSpace: "pre", overflow: "auto",
+    color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)", maxHeight: "260px",
+  });
+  addPanel(node, "whetstone_text", pre, 40);
+  node.whetstoneText = pre;
+}
+
+function addChartPanel(node) {
+  const box = document.createElement("div");
+  box.className = "whetstone-chart";
+  const status = document.createElement("div");
+  Object.assign(status.style, { fontSize: "11px", fontFamily: "monospace", color: "var(--input-text, #ddd)" });
+  status.textContent = "waiting for training…";
+  const canvas = document.createElement("canvas");
+  canvas.width = 400;
+  canvas.height = 160;
+  Object.assign(canvas.style, { width: "100%", height: "160px", background: "#18181b", borderRadius: "4px" });
+  box.append(status, canvas);
+  addPanel(node, "whetstone_chart", box, 190);
+  node.whetstoneChart = { canvas, status, points: [], run: null };
+}
+
+function drawChart(chart) {
+  const { canvas, points } = chart;
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 28;
+  ctx.clearRect(0, 0, w, h);
+  ctx.strokeStyle = "#555";
+  ctx.strokeRect(pad, 6, w - pad - 6, h - pad);
+  const finite = points.filter((p) => p[1] != null && isFinite(p[1]) && p[1] > 0);
+  if (finite.length === 0) return;
+  const xs = finite.map((p) => p[0]), ys = finite.map((p) => Math.log10(p[1]));
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
+  let y0 = Math.min(...ys), y1 = Math.max(...ys);
+  if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
+  const px = (x) => pad + ((x - x0) / (x1 - x0)) * (w - pad - 8);
+  const py = (y) => 6 + (1 - (y - y0) / (y1 - y0)) * (h - pad - 2);
+  ctx.strokeStyle = "rgba(96,165,250,0.45)";
+  ctx.beginPath();
+  finite.forEach((p, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, px(p[0]), py(Math.log10(p[1]))));
+  ctx.stroke();
+  const span = Math.max(1, Math.floor(finite.length / 50));
+  ctx.strokeStyle = "#fb923c";
+  ctx.beginPath();
+  let sum = 0;
+  finite.forEach((p, i) => {
+    sum += p[1];
+    if (i >= span) sum -= finite[i - span][1];
+    const mean = sum / Math.min(i + 1, span);
+    (i ? ctx.lineTo : ctx.moveTo).call(ctx, px(p[0]), py(Math.log10(mean)));
+  });
+  ctx.stroke();
+  ctx.fillStyle = "#aaa";
+  ctx.font = "10px monospace";
+  ctx.fillText(`${(10 ** y1).toPrecision(3)}`, 2, 14);
+  ctx.fillText(`${(10 ** y0).toPrecision(3)}`, 2, h - pad);
+  ctx.fillText(`step ${x0}`, pad, h - 8);
+  ctx.fillText(`${x1}`, w - 40, h - 8);
+}
+
+function statusLine(detail) {
+  const parts = [];
+  if (detail.step != null) parts.push(`step ${detail.step}/${detail.total_steps ?? "?"}`);
+  if (detail.loss != null) parts.push(`loss ${Number(detail.loss).toFixed(4)}`);
+  if (detail.img_per_s != null) parts.push(`${Number(detail.img_per_s).toFixed(2)} img/s`);
+  parts.push(`ETA ${formatDuration(detail.eta_s)}`);
+  if (detail.peak_mem_gb != null) parts.push(`mem ${Number(detail.peak_mem_gb).toFixed(1)} GB`);
+  return parts.join(" · ");
+}
+
+function onProgress(event) {
+  const detail = event.detail || {};
+  const node = app.graph?.getNodeById?.(detail.node);
+  const chart = node?.whetstoneChart;
+  if (!chart) return;
+  if (detail.kind === "start" || chart.run !== detail.run) {
+    chart.points = [];
+    chart.run = detail.run;
+  }
+  if (Array.isArray(detail.points)) {
+    chart.points.push(...detail.points);
+    if (chart.points.length > MAX_POINTS) chart.points.splice(0, chart.points.length - MAX_POINTS);
+  }
+  if (detail.kind === "end") {
+    chart.status.textContent = `${detail.state}: ${detail.message || ""} (${detail.run})`;
+  } else if (detail.kind === "start") {
+    chart.status.textContent = `starting ${detail.run}: ${detail.total_steps} steps…`;
+  } else {
+    chart.status.textContent = statusLine(detail);
+  }
+  drawChart(chart);
+  node.setDirtyCanvas?.(true, false);
+}
+
+app.registerExtension({
+  name: "whetstone.TrainingUI",
+
+  async setup() {
+    api.addEventListener("whetstone.progress", onProgress);
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!TEXT_NODES.has(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      if (nodeData.name === TRAIN_NODE) addChartPanel(this);
+      addTextPanel(this);
+      return result;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const result = onExecuted?.apply(this, arguments);
+      const text = message?.text;
+      if (this.whetstoneText && text != null) {
+        this.whetstoneText.textContent = Array.isArray(text) ? text.join("\n") : String(text);
+      }
+      return result;
+    };
+  },
+});

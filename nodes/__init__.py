@@ -1,0 +1,34 @@
+"""The pack's ComfyUI nodes: thin adapters over training/ (ComfyUI types, paths, progress, interruption)."""
+
+from __future__ import annotations
+
+from . import comfy_bridge
+from .hardware_node import HardwareProfile
+from .lora_node import LoadTrainedLoRA
+from .pack_node import PackDataset
+from .plan_node import TrainingPlan
+from .report_node import TrainingReport
+from .train_node import Train
+
+NODE_CLASS_MAPPINGS = {
+    "WhetstonePackDataset": PackDataset,
+    "WhetstoneHardwareProfile": HardwareProfile,
+    "WhetstoneTrainingPlan": TrainingPlan,
+    "WhetstoneTrain": Train,
+    "WhetstoneLoadTrainedLoRA": LoadTrainedLoRA,
+    "WhetstoneTrainingReport": TrainingReport,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WhetstonePackDataset": "Pack Dataset (Whetstone)",
+    "WhetstoneHardwareProfile": "Hardware Profile (Whetstone)",
+    "WhetstoneTrainingPlan": "Training Plan (Whetstone)",
+    "WhetstoneTrain": "Train (Whetstone)",
+    "WhetstoneLoadTrainedLoRA": "Load Trained LoRA (Whetstone)",
+    "WhetstoneTrainingReport": "Training Report (Whetstone)",
+}
+
+
+def register_with_comfyui() -> None:
+    """Register the whetstone_datasets / whetstone_runs folders with folder_paths; a no-op outside ComfyUI."""
+    comfy_bridge.register_folders()

@@ -1,0 +1,88 @@
+"""Load Trained LoRA: MODEL + a LoRA (from a run or the loras list) -> patched MODEL, refusing keys that match nothing."""
+
+from __future__ import annotations
+
+import logging
+
+from . import comfy_bridge, paths
+from .lora_keys import match_keys
+from .validation import Float, check_all
+from .values import RUN_TYPE
+
+logger = logging.getLogger(__name__)
+
+WIDGETS = {
+    "strength": Float(1.0, -10.0, 10.0, "How strongly the LoRA changes the model (1.0 = as trained, 0 = off)."),
+}
+
+
+class LoraKeysUnmatched(ValueError):
+    """Some tensors of the LoRA file would change nothing in this model."""
+
+
+class LoadTrainedLoRA:
+    DESCRIPTION = (
+        "Applies a LoRA to a diffusion model with ComfyUI's own LoRA patching. Takes the LoRA of a connected Train "
+        "run, or one chosen from the loras folder. Unlike the stock loader it fails, listing the keys, when any key "
+        "of the file matches nothing in the model (a LoRA for another model or a broken export)."
+    )
+    CATEGORY = "Whetstone"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied.", "Which file was applied and how many weights it patches.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        loras = comfy_bridge.list_files(comfy_bridge.LORAS_FOLDER)
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The Z-Image diffusion model to patch (from Load Diffusion Model)."}),
+                "lora_name": (loras, {"tooltip": "A LoRA from ComfyUI's loras folder; ignored when a run is linked."}),
+                **{name: widget.declare() for name, widget in WIDGETS.items()},
+            },
+            "optional": {
+                "run": (RUN_TYPE, {"tooltip": "A finished Train run: its LoRA is used instead of lora_name."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name):
+        # Replaces the combo check: a linked run makes lora_name unused, so an empty loras list must not fail.
+        if lora_name is None or lora_name == "":
+            return True
+        if not isinstance(lora_name, str) or ".." in lora_name or lora_name.startswith(("/", "\\")):
+            return f"lora_name={lora_name!r} must be a name from the loras list"
+        return True
+
+    def load(self, model, lora_name, strength, run=None):
+        strength = check_all(WIDGETS, {"strength": strength})["strength"]
+        lora_path = self._lora_path(lora_name, run)
+        state = comfy_bridge.load_lora_state_dict(lora_path)
+        key_map = comfy_bridge.lora_key_map(model)
+        match = match_keys(state.keys(), key_map)
+        if not match.ok:
+            raise LoraKeysUnmatched(
+                f"LoRA {lora_path} does not fit this model: {match.describe()}. Was it trained for a different model "
+                "(Z-Image needs a Z-Image LoRA)?"
+            )
+        if strength == 0:
+            return (model, f"{lora_path.name}: strength 0, model unchanged ({len(match.modules)} modules match)")
+        patched, patch_count, applied_count = comfy_bridge.patch_model_with_lora(model, state, key_map, strength)
+        if patch_count != len(match.modules) or applied_count != patch_count:
+            raise LoraKeysUnmatched(
+                f"LoRA {lora_path}: {len(match.modules)} modules in the file, {patch_count} patches built, "
+                f"{applied_count} applied to the model; every module must patch exactly one weight"
+            )
+        report = f"{lora_path.name}: {applied_count} weights patched at strength {strength:g}, 0 unmatched keys"
+        logger.info(report)
+        return (patched, report)
+
+    @staticmethod
+    def _lora_path(lora_name, run):
+        if run is not None:
+            allowed = paths.AllowedRoots("loras or runs", (*paths.lora_roots().roots, *paths.run_roots().roots))
+            return paths.confine(str(run.lora_path), allowed, "run.lora_path", must_exist=True)
+        if not lora_name:
+            raise ValueError("no LoRA chosen: pick one in lora_name or link a Train run")
+        return comfy_bridge.full_path(comfy_bridge.LORAS_FOLDER, lora_name)

@@ -1,0 +1,101 @@
+"""Training Plan: hardware (measured, or a tier to plan for another machine) + model + job -> a TrainingPlan."""
+
+from __future__ import annotations
+
+import logging
+
+from ..training.hardware.discovery import discover
+from ..training.hardware.memory import LORA_TARGETS_WITH_REFINERS
+from ..training.hardware.plan import PlanRequest, make_plan
+from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
+from ..training.model.weights import infer_config, read_header
+from . import comfy_bridge
+from .validation import Choice, Float, Int, Toggle, check_all
+from .values import HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
+
+logger = logging.getLogger(__name__)
+
+MEASURED = "measured (hardware input)"
+
+
+def tier_names() -> tuple[str, ...]:
+    return (MEASURED, *sorted(load_tiers()))
+
+
+WIDGETS = {
+    "tier": Choice(
+        tier_names(),
+        "Plan for the measured hardware (link Hardware Profile), or for a tier to prepare a run for another machine.",
+    ),
+    "mode": Choice(("lora", "qlora", "full"), "LoRA (bf16 base), QLoRA (4-bit base, least memory) or full fine-tune."),
+    "lora_rank": Int(32, 1, 1024, "LoRA rank: capacity of the adapter (16-64 for styles and characters)."),
+    "lora_targets": Choice(
+        tuple(LORA_TARGETS_WITH_REFINERS), "Which layers get LoRA adapters.", default="attention+ffn"
+    ),
+    "resolution": Int(1024, 256, 4096, "Training resolution (square side in pixels, as packed).", step=16),
+    "target_batch": Int(0, 0, 4096, "Global batch per optimizer step; 0 uses the tier's default."),
+    "learning_rate": Float(1e-4, 1e-7, 1e-2, "Base learning rate; the plan scales it with the number of GPUs.", 1e-6),
+    "caption_tokens": Int(128, 8, 2048, "Caption length in tokens the memory plan assumes."),
+    "free_comfyui_memory": Toggle(
+        True, "With measured hardware: unload ComfyUI's models and measure free GPU memory again before planning."
+    ),
+}
+
+
+class TrainingPlan:
+    DESCRIPTION = (
+        "Decides how to train on the chosen hardware: micro-batch, gradient accumulation, activation-checkpoint "
+        "depth, parallelism (DDP or FSDP2 across GPUs), precision and learning rate, each with its reason, shown as "
+        "a table in the node. Refuses with alternatives that would fit when nothing fits."
+    )
+    CATEGORY = "Whetstone"
+    FUNCTION = "plan"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (PLAN_TYPE, "STRING")
+    RETURN_NAMES = ("plan", "table")
+    OUTPUT_TOOLTIPS = ("The plan, for Train.", "The decision table: every setting with its reason.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models = comfy_bridge.list_files(comfy_bridge.DIFFUSION_MODELS_FOLDER)
+        return {
+            "required": {
+                "model_name": (models, {"tooltip": "The Z-Image diffusion model to train (its size sets the memory)."}),
+                **{name: widget.declare() for name, widget in WIDGETS.items()},
+            },
+            "optional": {"hardware": (HARDWARE_TYPE, {"tooltip": "From Hardware Profile; needed with 'measured'."})},
+        }
+
+    def plan(self, model_name, hardware=None, **settings):
+        values = check_all(WIDGETS, settings)
+        model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
+        model_config = infer_config({key: shape for key, (_, shape) in read_header(model_path).items()})
+        profile, tier = self._hardware(values, hardware)
+        request = PlanRequest(
+            mode=values["mode"],
+            resolution=values["resolution"],
+            caption_tokens=values["caption_tokens"],
+            lora_rank=values["lora_rank"],
+            lora_targets=values["lora_targets"],
+            target_global_batch=values["target_batch"] or None,
+            lr_base=values["learning_rate"],
+            model=model_config,
+        )
+        training_plan = make_plan(request, profile, tier)
+        table = training_plan.table()
+        logger.info("%s", table)
+        return {"ui": {"text": [table]}, "result": (training_plan, table)}
+
+    @staticmethod
+    def _hardware(values: dict, hardware: HardwareChoice | None):
+        if values["tier"] != MEASURED:
+            tier = load_tiers()[values["tier"]]
+            return simulated_profile(tier), tier
+        if hardware is None:
+            raise ValueError("tier is 'measured' but no hardware is linked: link Hardware Profile or choose a tier")
+        if values["free_comfyui_memory"] and not hardware.simulated:
+            comfy_bridge.unload_models()
+            runs_root = comfy_bridge.folder_roots(comfy_bridge.RUNS_FOLDER)[0]
+            profile = discover(output_dir=runs_root if runs_root.is_dir() else None)
+            return profile, nearest_tier(profile)[0]
+        return hardware.profile, hardware.tier

@@ -1,0 +1,231 @@
+"""Train: plan + shard set + model -> a run folder, the engine in a child process, live progress, a LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..training.engine.config import (
+    DataSection,
+    LoraSection,
+    ModelSection,
+    OptimSection,
+    RunSection,
+    TrainConfig,
+)
+from . import comfy_bridge, paths
+from .run_process import (
+    EVENTS_FILE,
+    STATUS_FILE,
+    EngineProcess,
+    EventTail,
+    TrainingFailed,
+    failure_message,
+    outcome,
+    read_json_file,
+    train_command,
+)
+from .validation import Choice, Float, Int, Text, Toggle, check_all
+from .values import DATASET_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
+
+logger = logging.getLogger(__name__)
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+PROGRESS_EVENT = "whetstone.progress"
+POLL_SECONDS = 1.0
+STOP_TIMEOUT_SECONDS = 600.0
+CONFIG_FILE = "config.json"
+
+WIDGETS = {
+    "run_name": Text(
+        "my_lora",
+        "Name of the run (folder in whetstone_runs) and of the LoRA file (<name>.safetensors in loras). The same "
+        "name with resume on continues a stopped run.",
+        64,
+    ),
+    "steps": Int(1000, 1, 1_000_000, "Optimizer steps to train."),
+    "save_every": Int(
+        250, 0, 1_000_000, "Save a resumable checkpoint and the LoRA every N steps (0: only at the end)."
+    ),
+    "warmup_steps": Int(0, 0, 100_000, "Steps over which the learning rate ramps up from 0."),
+    "schedule": Choice(("constant", "cosine"), "Learning-rate schedule after warmup."),
+    "caption_dropout": Float(0.1, 0.0, 1.0, "Fraction of steps trained on the empty caption (keeps CFG working)."),
+    "seed": Int(0, 0, 2**31 - 1, "Random seed for noise, timesteps and data order."),
+    "resume": Toggle(True, "Continue from the newest checkpoint in the run folder if there is one."),
+}
+
+
+def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_path: Path, values: dict):
+    """The engine's TrainConfig from the plan and the node's settings (validated by TrainConfig itself)."""
+    return TrainConfig(
+        mode=plan.mode,
+        run=RunSection(
+            output_dir=str(run_dir),
+            lora_path=str(lora_path),
+            steps=values["steps"],
+            micro_batch=plan.micro_batch,
+            grad_accum=plan.grad_accum,
+            checkpoint_depth=plan.checkpoint_depth,
+            compile=plan.compile,
+            save_every=values["save_every"],
+            seed=values["seed"],
+            resume=values["resume"],
+            nccl_timeout_s=plan.nccl_timeout_s,
+            fsdp_cpu_offload=plan.fsdp_cpu_offload,
+        ),
+        model=ModelSection(weights=str(model_path)),
+        lora=LoraSection(rank=plan.lora_rank, targets=plan.lora_targets),
+        data=DataSection(shards=str(dataset_dir), caption_dropout=values["caption_dropout"]),
+        optim=OptimSection(lr=plan.lr, warmup_steps=values["warmup_steps"], schedule=values["schedule"]),
+        plan=plan.to_dict(),
+    )
+
+
+def refuse_if_running(run_dir: Path) -> None:
+    """Two trainings in one run folder would corrupt it: refuse while the recorded process is alive."""
+    status = read_json_file(run_dir / STATUS_FILE) or {}
+    pid = status.get("pid")
+    if status.get("state") in ("starting", "running") and isinstance(pid, int) and _alive(pid):
+        raise ValueError(f"run {run_dir.name!r} is already training (pid {pid}); wait, stop it, or pick another name")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Progress:
+    """Turns new step events into the node's progress bar and throttled websocket updates for the chart."""
+
+    def __init__(self, node_id, run_name: str, total_steps: int) -> None:
+        self.node_id = node_id
+        self.run_name = run_name
+        self.total_steps = total_steps
+        self.bar = comfy_bridge.progress_bar(total_steps, node_id=node_id)
+        self.first_time: tuple[int, float] | None = None
+
+    def send(self, kind: str, **data) -> None:
+        comfy_bridge.send_event(PROGRESS_EVENT, {"node": self.node_id, "run": self.run_name, "kind": kind, **data})
+
+    def update(self, events: list[dict]) -> None:
+        last = events[-1]
+        step = last["step"]
+        self.bar.update_absolute(min(step, self.total_steps), self.total_steps)
+        self.send(
+            "progress",
+            points=[[e["step"], e.get("loss")] for e in events],
+            step=step,
+            total_steps=self.total_steps,
+            loss=last.get("loss"),
+            lr=last.get("lr"),
+            img_per_s=last.get("img_per_s"),
+            peak_mem_gb=last.get("peak_mem_gb", last.get("gpu_mem_used_gb")),
+            eta_s=last.get("eta_s", self._eta(step, last.get("time"))),
+        )
+
+    def _eta(self, step: int, now: float | None) -> float | None:
+        if now is None:
+            return None
+        if self.first_time is None:
+            self.first_time = (step, now)
+            return None
+        first_step, first_now = self.first_time
+        if step <= first_step:
+            return None
+        return (now - first_now) / (step - first_step) * (self.total_steps - step)
+
+
+def follow(process: EngineProcess, progress: Progress, poll_seconds: float = POLL_SECONDS) -> bool:
+    """Poll the run until the child exits; returns True when the user interrupted (the child was asked to stop).
+
+    Any exception here (including ComfyUI's interrupt raised by a progress update) stops the child politely first.
+    """
+    tail = EventTail(process.run_dir / EVENTS_FILE)
+    try:
+        while process.running():
+            if comfy_bridge.interrupt_requested():
+                process.request_stop()
+                process.wait(STOP_TIMEOUT_SECONDS)
+                return True
+            events = tail.read_new()
+            if events:
+                progress.update(events)
+            time.sleep(poll_seconds)
+        events = tail.read_new()
+        if events:
+            progress.update(events)
+        return False
+    except BaseException:
+        if process.running():
+            process.request_stop()
+            process.wait(STOP_TIMEOUT_SECONDS)
+        raise
+
+
+class Train:
+    DESCRIPTION = (
+        "Trains with the plan on the shard set: writes a run folder (config, events, checkpoints) and runs the "
+        "engine in a separate process (torchrun when the plan uses several GPUs), showing progress and a live loss "
+        "chart. Cancel stops after the current step, saving the LoRA and a resumable checkpoint. Outputs the run "
+        "and the LoRA name; on failure the error shows the engine's traceback and the run folder."
+    )
+    CATEGORY = "Whetstone"
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (RUN_TYPE, "STRING", "STRING")
+    RETURN_NAMES = ("run", "lora_name", "report")
+    OUTPUT_TOOLTIPS = (
+        "The finished run, for Load Trained LoRA and Training Report.",
+        "The LoRA's name in ComfyUI's loras list.",
+        "How the run ended: state, steps, final loss, files.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models = comfy_bridge.list_files(comfy_bridge.DIFFUSION_MODELS_FOLDER)
+        return {
+            "required": {
+                "plan": (PLAN_TYPE, {"tooltip": "From Training Plan: batch, checkpointing, GPUs, learning rate."}),
+                "dataset": (DATASET_TYPE, {"tooltip": "From Pack Dataset: the shard set to train on."}),
+                "model_name": (models, {"tooltip": "The Z-Image diffusion model to train (the one planned for)."}),
+                **{name: widget.declare() for name, widget in WIDGETS.items()},
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, plan, dataset, model_name, unique_id=None, **settings):
+        values = check_all(WIDGETS, settings)
+        run_name = paths.check_name(values["run_name"], "run_name")
+        run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
+        lora_path = paths.new_child(paths.lora_roots(), f"{run_name}.safetensors", "run_name")
+        dataset_dir = paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
+        model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
+        config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values)
+        refuse_if_running(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / CONFIG_FILE)
+        process = EngineProcess(run_dir, train_command(run_dir / CONFIG_FILE, plan.world_size), cwd=PACK_ROOT)
+        progress = Progress(unique_id, run_name, values["steps"])
+        progress.send("start", total_steps=values["steps"])
+        process.start()
+        interrupted = follow(process, progress)
+        result = outcome(run_dir, process.wait(STOP_TIMEOUT_SECONDS))
+        progress.send("end", state=result.state, message=result.message)
+        if interrupted:
+            logger.info("training %s stopped by the user: %s", run_name, result.message)
+            comfy_bridge.raise_if_interrupted()
+        if result.state == "failed":
+            raise TrainingFailed(failure_message(run_dir, result))
+        summary = read_json_file(run_dir / "summary.json") or {}
+        run = RunRef(
+            run_dir=run_dir, lora_path=lora_path, lora_name=lora_path.name, state=result.state, summary=summary
+        )
+        report = f"{result.state}: {result.message}\nrun folder: {run_dir}\nLoRA: {lora_path}"
+        return {"ui": {"text": [report]}, "result": (run, lora_path.name, report)}

@@ -1,0 +1,127 @@
+"""Hardware Profile, Training Plan, Train and Training Report on the tiny model (bridge faked, engine for real)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import pytest
+import torch
+from test_nodes_pack import FakeCLIP, FakeVAE, make_images
+from test_nodes_support import install_fake_comfy, pack_module
+
+from training.model.config import PRESETS
+from training.model.weights import save_weights
+from training.model.zimage import ZImageTransformer
+
+hardware_node = pack_module("nodes.hardware_node")
+plan_node = pack_module("nodes.plan_node")
+train_node = pack_module("nodes.train_node")
+report_node = pack_module("nodes.report_node")
+pack_node = pack_module("nodes.pack_node")
+run_process = pack_module("nodes.run_process")
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    fake = install_fake_comfy(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    save_weights(ZImageTransformer(PRESETS["tiny"]), fake.folders["diffusion_models"] / "tiny.safetensors")
+    return fake
+
+
+def defaults(widgets, **overrides):
+    return {**{name: widget.default for name, widget in widgets.items()}, **overrides}
+
+
+def tiny_plan(comfy):
+    settings = defaults(plan_node.WIDGETS, tier="cpu", resolution=256, lora_rank=4, target_batch=1)
+    return plan_node.TrainingPlan().plan("tiny.safetensors", **settings)["result"][0]
+
+
+def test_hardware_profile_measures_and_names_a_tier(comfy):
+    output = hardware_node.HardwareProfile().measure(free_comfyui_memory=True)
+    choice, summary = output["result"]
+    assert comfy.unloads == 1
+    assert choice.tier.name and choice.reason in summary
+    assert hardware_node.HardwareProfile.IS_CHANGED(free_comfyui_memory=True) != 0  # NaN: always re-run
+
+
+def test_plan_for_a_tier_shows_the_table(comfy):
+    settings = defaults(plan_node.WIDGETS, tier="1x24GB", resolution=512, lora_rank=16)
+    output = plan_node.TrainingPlan().plan("tiny.safetensors", **settings)
+    plan, table = output["result"]
+    assert output["ui"]["text"] == [table]
+    assert plan.tier == "1x24GB" and plan.world_size == 1
+    assert "micro_batch" in table
+
+
+def test_plan_measured_without_hardware_says_what_to_link(comfy):
+    with pytest.raises(ValueError, match="Hardware Profile"):
+        plan_node.TrainingPlan().plan("tiny.safetensors", **defaults(plan_node.WIDGETS))
+
+
+def test_train_command_uses_torchrun_only_for_several_gpus(tmp_path):
+    single = run_process.train_command(tmp_path / "config.json", 1)
+    assert single[:5] == [sys.executable, "-m", "training", "train", "--config"]
+    multi = run_process.train_command(tmp_path / "config.json", 4)
+    assert multi[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in multi and "4" in multi
+
+
+def test_event_tail_reads_only_complete_lines(tmp_path):
+    path = tmp_path / "events.jsonl"
+    tail = run_process.EventTail(path)
+    assert tail.read_new() == []
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    assert [e["step"] for e in tail.read_new()] == [1]
+    with open(path, "a") as handle:
+        handle.write('ss": 0.4}\n')
+    assert [e["step"] for e in tail.read_new()] == [2]
+
+
+def test_failure_message_carries_the_traceback_and_run_folder(tmp_path):
+    (tmp_path / "error.txt").write_text("Traceback (most recent call last):\nValueError: boom\n")
+    (tmp_path / "status.json").write_text(json.dumps({"state": "failed", "message": "boom"}))
+    result = run_process.outcome(tmp_path, 1)
+    message = run_process.failure_message(tmp_path, result)
+    assert result.state == "failed" and "ValueError: boom" in message and str(tmp_path) in message
+
+
+def test_train_refuses_hostile_settings_before_writing(comfy):
+    plan = tiny_plan(comfy)
+    dataset = pack_module("nodes.values").DatasetRef(path=comfy.folders["whetstone_datasets"], samples=1, skipped=0)
+    for override in ({"run_name": "../x"}, {"steps": 0}, {"caption_dropout": 2.0}, {"run_name": "a;b"}):
+        with pytest.raises(ValueError, match=next(iter(override))):
+            train_node.Train().train(plan, dataset, "tiny.safetensors", **defaults(train_node.WIDGETS, **override))
+    assert not any(comfy.folders["whetstone_runs"].iterdir())
+
+
+@pytest.mark.slow
+def test_pack_plan_train_report_end_to_end(comfy, monkeypatch):
+    # A hung engine must fail this test, not hang CI: press Cancel after 120 s, kill 10 s later.
+    monkeypatch.setattr(train_node, "STOP_TIMEOUT_SECONDS", 10.0)
+    watchdog = threading.Timer(120.0, lambda: setattr(comfy, "interrupted", True))
+    watchdog.start()
+    try:
+        _pack_plan_train_report(comfy)
+    finally:
+        watchdog.cancel()
+
+
+def _pack_plan_train_report(comfy):
+    make_images(comfy.folders["input"] / "photos", count=4)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="set", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
+    plan = tiny_plan(comfy)
+    settings = defaults(train_node.WIDGETS, run_name="tiny_run", steps=3, save_every=0, caption_dropout=0.0)
+    output = train_node.Train().train(plan, dataset, "tiny.safetensors", unique_id="5", **settings)
+    run, lora_name, report = output["result"]
+    assert run.state == "completed", report
+    assert lora_name == "tiny_run.safetensors" and (comfy.folders["loras"] / lora_name).is_file()
+    kinds = [data["kind"] for event, data in comfy.events if event == "whetstone.progress"]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "progress" in kinds
+    image, summary = report_node.TrainingReport().report(run=run, **defaults(report_node.WIDGETS))
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and "tiny_run" in summary
