@@ -1,0 +1,509 @@
+"""Write the per-tier example workflows (``workflows/whetstone_<tier>.json``) and the README's tier table.
+
+Run from the repository root after a planner or tier change: ``python -m tools.make_workflows`` (``--check`` only
+reports files that are out of date). Each workflow is a UI-format (schema 0.4) ComfyUI workflow that packs an image
+folder, plans for its tier, trains, loads the LoRA into Z-Image-Base and samples one image, with a note giving the
+plan's numbers. The numbers come from the planner for the tier's simulated hardware, exactly as the Training Plan
+node computes them when its ``tier`` widget names that tier; ``tests/test_workflows.py`` checks that they still do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.hardware.memory import GIB
+from training.hardware.plan import PlanRequest, TrainingPlan, make_plan
+from training.hardware.tiers import Tier, load_tiers, simulated_profile
+from training.model.config import PRESETS, ZImageConfig
+from training.model.flops import image_tokens_for, training_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS_DIR = ROOT / "workflows"
+README = ROOT / "README.md"
+README_HEADING = "## Tier workflows"
+PACK_VERSION = "0.1.0"
+COMFY_VERSION = "0.8.0"
+
+BASE_MODEL = "z_image_base_bf16.safetensors"
+#: The smallest Z-Image ComfyUI's loaders recognise (dim 3840, one main block, two refiners of each kind), random
+#: weights, written by ``python -m tools.make_smoke_model``: the CPU smoke run trains and samples it.
+SMOKE_MODEL = "z_image_smoke_bf16.safetensors"
+SMOKE_CONFIG = PRESETS["z-image"].replace(n_layers=1)
+TEXT_ENCODER = "qwen_3_4b.safetensors"
+VAE = "ae.safetensors"
+CLIP_TYPE = "lumina2"  # ComfyUI 0.8 loads Qwen3-4B as Z-Image's text encoder under this CLIPLoader type
+
+#: Dense bf16 tensor-core peak per GPU (TFLOP/s) by tier, for the predicted throughput only.
+PEAK_TFLOPS = {
+    "1x24GB": 165.0,  # RTX 4090
+    "1x80GB": 989.0,  # H100 SXM
+    "2xA10-24GB": 125.0,
+    "4xA100-40GB-SXM": 312.0,
+    "4xH100-80GB-NVLink4": 989.0,
+    "8xA100-80GB-NVSwitch": 312.0,
+}
+ASSUMED_MFU = 0.4  # share of the bf16 peak spent on useful FLOPs; a guess until docs/benchmarks.md has measurements
+RECOMPUTE_SHARE = 1 / 3  # a checkpointed block runs its forward again: +1/3 of its forward+backward
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a tier's workflow trains and samples; the plan decides the rest."""
+
+    mode: str = "lora"
+    lora_rank: int = 32
+    lora_targets: str = "attention+ffn"
+    resolution: int = 1024
+    learning_rate: float = 1e-4
+    caption_tokens: int = 128
+    samples_seen: int = 8000  # steps = samples_seen / global batch, at least min_steps
+    min_steps: int = 250
+    save_every: int = 250
+    warmup_steps: int = 50
+    samples_per_shard: int = 8  # every GPU needs one shard: small shards let small datasets feed 8 GPUs
+    image_folder: str = "my_images"
+    model: str = BASE_MODEL
+    sample_steps: int = 30
+    cfg: float = 4.0
+    prompt: str = "a portrait photo in golden evening light (use your captions' trigger words here)"
+    negative: str = "blurry, low quality, watermark, text"
+    smoothing: int = 20
+
+
+JOBS = {
+    "1x24GB": Job(),
+    "1x80GB": Job(),
+    "2xA10-24GB": Job(),
+    "4xA100-40GB-SXM": Job(),
+    "4xH100-80GB-NVLink4": Job(),
+    "8xA100-80GB-NVSwitch": Job(),
+    "cpu": Job(
+        lora_rank=8,
+        resolution=256,
+        caption_tokens=64,
+        samples_seen=10,
+        min_steps=10,
+        save_every=5,
+        warmup_steps=0,
+        image_folder="whetstone_smoke_images",
+        model=SMOKE_MODEL,
+        sample_steps=4,
+        prompt="a red circle on a white background",
+        smoothing=2,
+    ),
+}
+
+
+def model_config(model_name: str) -> ZImageConfig:
+    """The architecture the Training Plan node reads from this model file's header."""
+    return SMOKE_CONFIG if model_name == SMOKE_MODEL else PRESETS["z-image"]
+
+
+def plan_for(tier: Tier, job: Job) -> TrainingPlan:
+    request = PlanRequest(
+        mode=job.mode,
+        resolution=job.resolution,
+        caption_tokens=job.caption_tokens,
+        lora_rank=job.lora_rank,
+        lora_targets=job.lora_targets,
+        target_global_batch=tier.target_global_batch,
+        lr_base=job.learning_rate,
+        model=model_config(job.model),
+    )
+    return make_plan(request, simulated_profile(tier), tier=tier)
+
+
+def predicted_images_per_second(plan: TrainingPlan, tier_name: str, config: ZImageConfig) -> float | None:
+    """Useful training FLOPs per image (plus recomputed checkpointed blocks) at ASSUMED_MFU of the bf16 peak."""
+    peak = PEAK_TFLOPS.get(tier_name)
+    if peak is None:
+        return None
+    tokens = image_tokens_for(plan.resolution, config)
+    flops = training_flops(config, image_tokens=tokens, caption_tokens=plan.caption_tokens, full_finetune=False)
+    flops *= 1 + RECOMPUTE_SHARE * plan.checkpoint_depth / config.n_layers
+    return plan.world_size * peak * 1e12 * ASSUMED_MFU / flops
+
+
+def steps_for(plan: TrainingPlan, job: Job) -> int:
+    return max(job.min_steps, math.ceil(job.samples_seen / plan.global_batch))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the facts a note and the README show
+
+
+def plan_facts(plan: TrainingPlan, tier_name: str, job: Job) -> dict[str, str]:
+    """The plan's numbers as the note's table shows them (``tests/test_workflows.py`` recomputes every row)."""
+    config = model_config(job.model)
+    speed = predicted_images_per_second(plan, tier_name, config)
+    return {
+        "mode": plan.mode,
+        "LoRA rank": str(plan.lora_rank),
+        "resolution": f"{plan.resolution[0]}x{plan.resolution[1]}",
+        "GPUs": str(plan.world_size),
+        "parallelism": plan.parallelism,
+        "micro-batch per GPU": str(plan.micro_batch),
+        "gradient accumulation": str(plan.grad_accum),
+        "global batch": str(plan.global_batch),
+        "checkpoint depth": f"{plan.checkpoint_depth} of {config.n_layers} blocks",
+        "predicted peak": f"{plan.predicted_peak_bytes / GIB:.1f} GiB",
+        "budget": f"{plan.budget_bytes / GIB:.1f} GiB",
+        "compile": "on" if plan.compile else "off",
+        "attention": plan.attention_backend,
+        "NCCL timeout": f"{plan.nccl_timeout_s} s",
+        "learning rate": f"{plan.lr:.3g}",
+        "throughput (predicted)": "—" if speed is None else f"{speed:.2f} img/s",
+    }
+
+
+def _describe(job: Job) -> str:
+    request = PlanRequest(
+        mode=job.mode, resolution=job.resolution, lora_rank=job.lora_rank, caption_tokens=job.caption_tokens
+    )
+    return request.describe()
+
+
+def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
+    facts = plan_facts(plan, tier.name, job)
+    rows = "\n".join(f"| {key} | {value} |" for key, value in facts.items())
+    per_gpu = "per machine" if tier.gpu_count == 0 else "per GPU"
+    if tier.gpu_count == 0:
+        speed_line = "No throughput prediction on CPU: expect tens of seconds per step."
+    else:
+        speed_line = (
+            f"Throughput is predicted ({ASSUMED_MFU:.0%} of the bf16 peak on useful FLOPs), not measured; measured "
+            "numbers are in docs/benchmarks.md."
+        )
+    lines = [
+        f"# Whetstone: {tier.name}",
+        "",
+        tier.description + ".",
+        "",
+        f"Planned for this tier by the Training Plan node (tier widget `{tier.name}`): the table is what it "
+        f"predicts for {_describe(job)}.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        rows,
+        "",
+        f"- **Checkpoint depth** is the fewest blocks (from the first) whose activations are recomputed so the "
+        f"micro-batch fits the {facts['budget']} budget {per_gpu}; the peak is `max_memory_allocated`.",
+        f"- **{steps} steps** see about {steps * plan.global_batch} images; LoRA and a resumable checkpoint every "
+        f"{job.save_every} steps. Seed is fixed so queueing again does not retrain.",
+        f"- Every GPU needs one shard: with {job.samples_per_shard} samples per shard, pack at least "
+        f"{job.samples_per_shard * (max(plan.world_size, 1) - 1) + 1} images.",
+        f"- {speed_line}",
+        "- To plan for the machine you are on instead, add Hardware Profile, link it to the plan's `hardware` input "
+        "and set `tier` to `measured (hardware input)`.",
+    ]
+    if tier.gpu_count == 0:
+        lines += [
+            "",
+            f"CPU smoke run: `{SMOKE_MODEL}` is a random-weight Z-Image with one main block that ComfyUI still "
+            "loads as Z-Image (`python -m tools.make_smoke_model <ComfyUI>/models/diffusion_models`); the images "
+            "are noise. It checks the whole pipeline, not quality. Put a few captioned images in "
+            f"`input/{job.image_folder}`.",
+        ]
+    else:
+        lines += [
+            "",
+            f"Models: `{job.model}` (diffusion_models), `{TEXT_ENCODER}` (text_encoders), `{VAE}` (vae).",
+            f"Images with `.txt` captions go in `input/{job.image_folder}`.",
+        ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the graph
+
+
+class Graph:
+    """Builds a schema-0.4 UI workflow: nodes with socket inputs/outputs and the links between them."""
+
+    def __init__(self) -> None:
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(self, type_: str, pos, size, widgets, *, inputs=(), outputs=(), title=None, ours=False) -> dict:
+        node = {
+            "id": len(self.nodes) + 1,
+            "type": type_,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": 0,
+            "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": None} for name, kind in inputs],
+            "outputs": [
+                {"name": name, "type": kind, "links": [], "slot_index": index}
+                for index, (name, kind) in enumerate(outputs)
+            ],
+            "properties": _properties(type_, ours),
+            "widgets_values": list(widgets),
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def link(self, source: dict, output: str, target: dict, input_: str) -> None:
+        slot = next(i for i, o in enumerate(source["outputs"]) if o["name"] == output)
+        target_slot = next(i for i, o in enumerate(target["inputs"]) if o["name"] == input_)
+        kind = source["outputs"][slot]["type"]
+        link_id = len(self.links) + 1
+        self.links.append([link_id, source["id"], slot, target["id"], target_slot, kind])
+        source["outputs"][slot]["links"].append(link_id)
+        target["inputs"][target_slot]["link"] = link_id
+
+    def workflow(self) -> dict:
+        self._order()
+        return {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.6, "offset": [60, 60]}},
+            "version": 0.4,
+        }
+
+    def _order(self) -> None:
+        """``order``: a topological execution order, as the frontend saves it."""
+        parents = {n["id"]: {link[1] for link in self.links if link[3] == n["id"]} for n in self.nodes}
+        done: list[int] = []
+        while len(done) < len(self.nodes):
+            ready = [i for i, p in parents.items() if i not in done and p <= set(done)]
+            done.extend(sorted(ready))
+        for node in self.nodes:
+            node["order"] = done.index(node["id"])
+
+
+def _properties(type_: str, ours: bool) -> dict:
+    if type_ in ("Note", "MarkdownNote"):
+        return {}
+    if ours:
+        return {"Node name for S&R": type_, "cnr_id": "comfyui-whetstone", "ver": PACK_VERSION}
+    return {"Node name for S&R": type_, "cnr_id": "comfy-core", "ver": COMFY_VERSION}
+
+
+def build_workflow(tier: Tier, job: Job) -> dict:
+    plan = plan_for(tier, job)
+    steps = steps_for(plan, job)
+    run_name = f"my_lora_{tier.name}"
+    dataset_name = f"my_dataset_{job.resolution}"
+    g = Graph()
+    g.node("MarkdownNote", (0, -560), (760, 820), [note_text(tier, plan, job, steps)], title=f"About: {tier.name}")
+    unet = g.node("UNETLoader", (0, 300), (360, 82), [job.model, "default"], outputs=[("MODEL", "MODEL")])
+    clip = g.node("CLIPLoader", (0, 420), (360, 106), [TEXT_ENCODER, CLIP_TYPE, "default"], outputs=[("CLIP", "CLIP")])
+    vae = g.node("VAELoader", (0, 570), (360, 58), [VAE], outputs=[("VAE", "VAE")])
+    pack = g.node(
+        "WhetstonePackDataset",
+        (420, 300),
+        (400, 270),
+        [job.image_folder, dataset_name, job.resolution, job.samples_per_shard, "skip", "empty", False],
+        inputs=[("vae", "VAE"), ("clip", "CLIP")],
+        outputs=[("dataset", "WHETSTONE_DATASET"), ("report", "STRING")],
+        ours=True,
+    )
+    plan_node = g.node(
+        "WhetstoneTrainingPlan",
+        (420, -100),
+        (400, 330),
+        [
+            job.model,
+            tier.name,
+            job.mode,
+            job.lora_rank,
+            job.lora_targets,
+            job.resolution,
+            tier.target_global_batch,
+            job.learning_rate,
+            job.caption_tokens,
+            True,
+        ],
+        inputs=[("hardware", "WHETSTONE_HARDWARE")],
+        outputs=[("plan", "WHETSTONE_PLAN"), ("table", "STRING")],
+        ours=True,
+    )
+    train = g.node(
+        "WhetstoneTrain",
+        (880, 0),
+        (400, 330),
+        [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, "fixed", True],
+        inputs=[("plan", "WHETSTONE_PLAN"), ("dataset", "WHETSTONE_DATASET")],
+        outputs=[("run", "WHETSTONE_RUN"), ("lora_name", "STRING"), ("report", "STRING")],
+        ours=True,
+    )
+    report = g.node(
+        "WhetstoneTrainingReport",
+        (880, 400),
+        (400, 110),
+        ["", job.smoothing],
+        inputs=[("run", "WHETSTONE_RUN")],
+        outputs=[("chart", "IMAGE"), ("summary", "STRING")],
+        ours=True,
+    )
+    preview = g.node("PreviewImage", (880, 560), (400, 360), [], inputs=[("images", "IMAGE")])
+    lora = g.node(
+        "WhetstoneLoadTrainedLoRA",
+        (1340, 0),
+        (380, 110),
+        [f"{run_name}.safetensors", 1.0],
+        inputs=[("model", "MODEL"), ("run", "WHETSTONE_RUN")],
+        outputs=[("model", "MODEL"), ("report", "STRING")],
+        ours=True,
+    )
+    positive = g.node(
+        "CLIPTextEncode", (1340, 160), (380, 140), [job.prompt], inputs=[("clip", "CLIP")],
+        outputs=[("CONDITIONING", "CONDITIONING")], title="Positive prompt",
+    )  # fmt: skip
+    negative = g.node(
+        "CLIPTextEncode", (1340, 340), (380, 140), [job.negative], inputs=[("clip", "CLIP")],
+        outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt",
+    )  # fmt: skip
+    latent = g.node(
+        "EmptySD3LatentImage", (1340, 520), (380, 106), [job.resolution, job.resolution, 1],
+        outputs=[("LATENT", "LATENT")],
+    )  # fmt: skip
+    sampler = g.node(
+        "KSampler",
+        (1780, 0),
+        (320, 262),
+        [0, "fixed", job.sample_steps, job.cfg, "euler", "simple", 1.0],
+        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")]
+        + [("latent_image", "LATENT")],
+        outputs=[("LATENT", "LATENT")],
+    )
+    decode = g.node(
+        "VAEDecode", (2160, 0), (220, 46), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+        outputs=[("IMAGE", "IMAGE")],
+    )  # fmt: skip
+    save = g.node("SaveImage", (2160, 100), (480, 520), [f"whetstone/{tier.name}"], inputs=[("images", "IMAGE")])
+
+    g.link(vae, "VAE", pack, "vae")
+    g.link(clip, "CLIP", pack, "clip")
+    g.link(plan_node, "plan", train, "plan")
+    g.link(pack, "dataset", train, "dataset")
+    g.link(train, "run", report, "run")
+    g.link(report, "chart", preview, "images")
+    g.link(unet, "MODEL", lora, "model")
+    g.link(train, "run", lora, "run")
+    g.link(clip, "CLIP", positive, "clip")
+    g.link(clip, "CLIP", negative, "clip")
+    g.link(lora, "model", sampler, "model")
+    g.link(positive, "CONDITIONING", sampler, "positive")
+    g.link(negative, "CONDITIONING", sampler, "negative")
+    g.link(latent, "LATENT", sampler, "latent_image")
+    g.link(sampler, "LATENT", decode, "samples")
+    g.link(vae, "VAE", decode, "vae")
+    g.link(decode, "IMAGE", save, "images")
+    return g.workflow()
+
+
+def workflow_path(tier_name: str) -> Path:
+    return WORKFLOWS_DIR / f"whetstone_{tier_name}.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the README table
+
+TIER_ORDER = ("cpu", "1x24GB", "1x80GB", "2xA10-24GB", "4xA100-40GB-SXM", "4xH100-80GB-NVLink4", "8xA100-80GB-NVSwitch")
+README_COLUMNS = ("trains", "micro-batch", "checkpoint depth", "predicted peak", "throughput")
+
+
+def readme_row(tier: Tier, job: Job) -> dict[str, str]:
+    plan = plan_for(tier, job)
+    facts = plan_facts(plan, tier.name, job)
+    trains = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}[plan.mode]
+    speed = facts["throughput (predicted)"]
+    return {
+        "tier": tier.name,
+        "workflow": f"[{workflow_path(tier.name).name}](workflows/{workflow_path(tier.name).name})",
+        "trains": f"{trains} r{plan.lora_rank} at {plan.resolution[0]}², {_where(tier, plan)}",
+        "micro-batch": f"{plan.micro_batch} × {plan.grad_accum} accum = {plan.global_batch}",
+        "checkpoint depth": facts["checkpoint depth"],
+        "predicted peak": f"{facts['predicted peak']} of {facts['budget']}",
+        "throughput": "—" if speed == "—" else f"{speed} (predicted)",
+    }
+
+
+def _where(tier: Tier, plan: TrainingPlan) -> str:
+    if tier.gpu_count == 0:
+        return "CPU, smoke model"
+    if plan.world_size == 1:
+        return "one GPU"
+    return f"{plan.parallelism.upper()} on {plan.world_size} GPUs"
+
+
+def readme_section(tiers: dict[str, Tier]) -> str:
+    header = ("tier", "workflow", *README_COLUMNS)
+    rows = [readme_row(tiers[name], JOBS[name]) for name in TIER_ORDER]
+    intro = (
+        "One workflow per GPU tier in `workflows/` (Workflow → Browse Templates → ComfyUI-Whetstone, or drag the file "
+        "into ComfyUI). Each packs `input/my_images` (CPU: `input/whetstone_smoke_images`), plans for its tier, trains, loads the LoRA into Z-Image-Base and "
+        "samples one image; its note explains the choices. The numbers below are the planner's for the tier's "
+        "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "
+        f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak until measured in "
+        "`docs/benchmarks.md` (none measured yet). Regenerate with `python -m tools.make_workflows`."
+    )
+    lines = [
+        README_HEADING,
+        "",
+        textwrap.fill(intro, width=120, break_long_words=False, break_on_hyphens=False),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def readme_with_section(readme: str, section: str) -> str:
+    """``readme`` with everything from the tier heading to the end replaced by ``section``."""
+    start = readme.index(README_HEADING)
+    return readme[:start] + section
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def render(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def outputs() -> dict[Path, str]:
+    tiers = load_tiers()
+    if set(tiers) != set(JOBS):
+        raise ValueError(f"tiers {sorted(tiers)} and JOBS {sorted(JOBS)} differ: add a Job for every tier file")
+    files = {workflow_path(name): render(build_workflow(tiers[name], JOBS[name])) for name in TIER_ORDER}
+    files[README] = readme_with_section(README.read_text(encoding="utf-8"), readme_section(tiers))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only list files that are out of date; exit 1 if any")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    verb = "out of date" if args.check else "written"
+    for path in stale:
+        print(f"{verb}: {path.relative_to(ROOT)}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
