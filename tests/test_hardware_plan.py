@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from training.hardware.cli import main as cli_main
+from training.__main__ import main as cli_main
 from training.hardware.discovery import GpuInfo, HardwareProfile
 from training.hardware.plan import (
     PlanRefused,
@@ -69,8 +69,15 @@ def test_full_finetune_on_two_a10_is_refused_with_qlora_and_lora_offered():
 
 
 def test_lora_r128_on_one_24gb_card_checkpoints():
-    plan = make_plan(PlanRequest(mode="lora", resolution=512, lora_rank=128), profile("1x24GB"))
-    assert plan.checkpoint_depth > 0
+    """The engine keeps LoRA inputs in bf16, so at 512² one sample fits without checkpointing (the plan then
+    accumulates); a micro-batch of 4, or 1024², needs checkpointed blocks."""
+    card = profile("1x24GB")
+    at_512 = make_plan(PlanRequest(mode="lora", resolution=512, lora_rank=128), card)
+    assert (at_512.micro_batch, at_512.checkpoint_depth, at_512.grad_accum) == (1, 0, 4)
+    batch_4 = make_plan(PlanRequest(mode="lora", resolution=512, lora_rank=128, micro_batch=4), card)
+    assert batch_4.checkpoint_depth > 0
+    at_1024 = make_plan(PlanRequest(mode="lora", resolution=1024, lora_rank=128), card)
+    assert at_1024.checkpoint_depth > 0
 
 
 def test_80gb_plans_no_checkpointing_at_512_batch_4():

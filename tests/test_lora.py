@@ -376,3 +376,34 @@ def test_unmatched_keys_raise_naming_file_and_keys(base, tmp_path):
     save_file({"diffusion_model.layers.0.attention.to_q.hada_w1_a": torch.zeros(2, 2)}, path)
     with pytest.raises(ValueError, match="not plain LoRA tensors.*hada_w1_a"):
         merge_lora_file_into(copy.deepcopy(base), path)
+
+
+def test_lora_input_cast_off_under_autocast_keeps_outputs_and_saves_less():
+    from training.model.lora import set_lora_input_cast
+
+    torch.manual_seed(0)
+    model = ZImageTransformer(PRESETS["tiny"]).to(torch.bfloat16)
+    attach_lora(model, LoraSettings(rank=4), dtype=torch.float32)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    latents, sigma = torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.7])
+    captions = torch.randn(2, 16, PRESETS["tiny"].cap_feat_dim)
+
+    def run() -> tuple[torch.Tensor, int]:
+        storages = {}  # autograd's saved tensors, counted once per storage
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(latents.bfloat16(), sigma, captions.bfloat16())
+        return out.float(), sum(storages.values())
+
+    with_cast, saved_with_cast = run()
+    assert set_lora_input_cast(model, False) == len(lora_layers(model)) > 0
+    without_cast, saved_without_cast = run()
+    assert torch.equal(with_cast, without_cast)
+    assert saved_without_cast < 0.95 * saved_with_cast  # no per-adapter copy of each input

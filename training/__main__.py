@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # command → (module with register(subparsers), one-line help)
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = os.environ.get("RANK")  # set by torchrun: tell the ranks' interleaved lines apart
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
     if not hasattr(args, "func"):
         parser.error(f"{args.command!r} needs its arguments: python -m training {args.command} --help")
     return int(args.func(args) or 0)

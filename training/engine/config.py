@@ -120,6 +120,7 @@ class RunSection:
     compile: bool = False
     fp8: bool = False
     save_every: int = 0  # 0: only at the end
+    save_state: bool = True  # false: no resumable checkpoint (benchmarks, smoke runs); the LoRA file is still written
     seed: int = 0
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
     profile_steps: tuple[int, ...] = ()

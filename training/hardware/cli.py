@@ -56,14 +56,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.hardware.cli")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -69,17 +69,27 @@ class ActivationCoefficients:
 
 
 def analytic_coefficients(
-    model: ZImageConfig, mode: str, lora_rank: int, compiled: bool = False, lora_param_bytes: int = FP32
+    model: ZImageConfig,
+    mode: str,
+    lora_rank: int,
+    compiled: bool = False,
+    lora_param_bytes: int = FP32,
+    lora_input_fp32: bool | None = None,
 ) -> ActivationCoefficients:
     """The table in the module docstring, as numbers. ``compiled``: Inductor recomputes the fp32 norm and qk-norm
-    inputs (24d) and the SiLU output (2h) from bf16 tensors, saving the four bf16 norm inputs (8d) instead."""
+    inputs (24d) and the SiLU output (2h) from bf16 tensors, saving the four bf16 norm inputs (8d) instead.
+    ``lora_input_fp32``: whether peft casts each LoRA input to the adapter dtype (None: when adapters are fp32). The
+    engine turns that cast off under bf16 autocast, where the adapter matmuls run in bf16 anyway."""
     d, h, heads = model.dim, model.ffn_hidden_dim, model.n_heads
+    if lora_input_fp32 is None:
+        lora_input_fp32 = lora_param_bytes == FP32
     block = 16 * d + 8 * d + 10 * d + 6 * h + 12 * heads + 16  # norms, qk-norm, attention, SwiGLU, lse + rstd
-    if mode == "full" or lora_param_bytes == BF16:
+    if mode == "full" or not lora_input_fp32:
         block += 6 * d + 2 * h  # Linear inputs in bf16 (the out input is the attention output itself)
     else:  # peft casts each input to the fp32 adapter dtype; w1 and w3 cast theirs separately
         block += 18 * d + 4 * h
-    block += 5 * lora_rank * lora_param_bytes if mode in ("lora", "qlora") else 32 * d
+    lora_output_bytes = FP32 if lora_input_fp32 else BF16
+    block += 5 * lora_rank * lora_output_bytes if mode in ("lora", "qlora") else 32 * d
     if compiled:
         block -= 16 * d + 2 * h
     # Backward of one block: the incoming and outgoing residual gradients, the fp32 gradient of a norm input,
@@ -148,6 +158,7 @@ class MemoryModel:
     model: ZImageConfig = field(default_factory=lambda: PRESETS["z-image"])
     cuda_context_bytes: int = 512 * MIB
     lora_param_bytes: int = FP32
+    lora_input_fp32: bool = False  # the engine trains under bf16 autocast with peft's input cast off
     nf4_bytes_per_param: float = NF4_BYTES_PER_PARAM
     calibrated: dict[str, ActivationCoefficients] = field(default_factory=dict)
     calibrated_rank: int = 128
@@ -173,11 +184,14 @@ class MemoryModel:
         return dataclasses.replace(self, calibrated=calibrated, calibrated_rank=lora_rank)
 
     def coefficients(self, mode: str, lora_rank: int, compiled: bool = False) -> ActivationCoefficients:
-        analytic = analytic_coefficients(self.model, mode, lora_rank, compiled, self.lora_param_bytes)
+        analytic = analytic_coefficients(
+            self.model, mode, lora_rank, compiled, self.lora_param_bytes, self.lora_input_fp32
+        )
         measured = self.calibrated.get(mode)
         if measured is None or compiled:
             return analytic
-        rank_shift = 5 * self.lora_param_bytes * (lora_rank - self.calibrated_rank) if mode != "full" else 0
+        output_bytes = FP32 if self.lora_input_fp32 else BF16
+        rank_shift = 5 * output_bytes * (lora_rank - self.calibrated_rank) if mode != "full" else 0
         return dataclasses.replace(measured, block=max(0.0, measured.block + rank_shift))
 
     def fixed_bytes(

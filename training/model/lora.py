@@ -103,6 +103,16 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def set_lora_input_cast(model: nn.Module, enabled: bool) -> int:
+    """Whether peft casts each LoRA input to the adapter dtype (its default). Under bf16 autocast the adapter matmuls
+    run in bf16 whatever their weights' dtype, so the cast only makes an extra float32 copy of every LoRA input for
+    autograd to keep; switching it off saves that memory and bandwidth. Returns the number of layers changed."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.cast_input_dtype_enabled = enabled
+    return len(layers)
+
+
 def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap the preset's modules with LoRA in place; freeze every base parameter. Returns ``model``.
 

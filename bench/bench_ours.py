@@ -1,0 +1,96 @@
+"""Our engine's training throughput on the full-size random-init Z-Image (cached inputs, one GPU).
+
+Each configuration is a real run of ``training.engine.trainer.run_training`` on synthetic cached inputs; the numbers
+come from its per-step events, so what is measured is what a user's run does (loader, objective, optimizer, events).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from training.engine.config import DataSection, LoraSection, OptimSection, RunSection, TrainConfig
+from training.engine.events import read_events
+from training.engine.trainer import run_training
+from training.model.config import PRESETS
+from training.model.flops import image_tokens_for, training_flops
+
+
+@dataclass(kw_only=True, frozen=True)
+class OurConfig:
+    batch: int
+    resolution: int
+    caption_tokens: int = 128
+    rank: int = 128
+    targets: str = "attention+ffn+refiners"  # the peer's coverage: q,k,v,o,w1,w2,w3 of every block
+    compile: bool = True
+    checkpoint_depth: int = 0
+    mode: str = "lora"  # lora | qlora | full
+    fp8: bool = False
+
+
+_BASE = OurConfig(batch=4, resolution=512)
+OUR_CONFIGS = {
+    "lora-512": _BASE,
+    "lora-512-eager": dataclasses.replace(_BASE, compile=False),
+    "lora-512-bs8": dataclasses.replace(_BASE, batch=8),
+    "lora-1024": dataclasses.replace(_BASE, batch=1, resolution=1024),
+    "lora-1024-bs2": dataclasses.replace(_BASE, batch=2, resolution=1024),
+    "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
+    "fp8-512": dataclasses.replace(_BASE, fp8=True),
+}
+
+
+def train_config(conf: OurConfig, output_dir: str, steps: int) -> TrainConfig:
+    return TrainConfig(
+        mode=conf.mode,
+        run=RunSection(
+            output_dir=output_dir,
+            steps=steps,
+            micro_batch=conf.batch,
+            checkpoint_depth=conf.checkpoint_depth,
+            compile=conf.compile,
+            fp8=conf.fp8,
+            resume=False,
+            save_state=False,
+        ),
+        lora=LoraSection(rank=conf.rank, targets=conf.targets),
+        data=DataSection(
+            synthetic=True, resolution=conf.resolution, caption_tokens=conf.caption_tokens, caption_dropout=0.0
+        ),
+        optim=OptimSection(lr=1e-4, grad_clip=1.0),
+    )
+
+
+def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
+    """Train warmup + steps steps; report the median step of the last ``steps`` (compilation stays out)."""
+    with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as run_dir:
+        torch.cuda.reset_peak_memory_stats()
+        code = run_training(train_config(conf, run_dir, warmup + steps))
+        if code != 0:
+            raise RuntimeError(f"run_training exited with {code}; see {run_dir}")
+        events = [e for e in read_events(run_dir) if "step" in e and "img_per_s" in e][warmup:]
+    seconds = statistics.median(e["step_s"] for e in events)
+    model_config = PRESETS["z-image"]
+    flops = training_flops(
+        model_config,
+        image_tokens=image_tokens_for(conf.resolution, model_config),
+        caption_tokens=conf.caption_tokens,
+        batch=conf.batch,
+        full_finetune=conf.mode == "full",
+    )
+    torch.cuda.empty_cache()
+    return dict(
+        dataclasses.asdict(conf),
+        res=conf.resolution,
+        s_per_step=round(seconds, 4),
+        img_per_s=round(conf.batch / seconds, 3),
+        tflops_useful=round(flops / seconds / 1e12, 1),
+        peak_gib=round(max(e["peak_mem_gb"] for e in events), 1),
+        data_wait=round(statistics.median(e["data_wait"] for e in events), 4),
+        loss=events[-1]["loss"],
+    )

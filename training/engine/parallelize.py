@@ -1,0 +1,181 @@
+"""Everything that changes how the model runs, not what it computes: FP8 matmuls, activation checkpointing,
+per-block ``torch.compile``, and data parallelism (DDP for LoRA/QLoRA, FSDP2 for full fine-tuning).
+
+Order as torchtitan: FP8 → checkpointing → compile → DDP/FSDP. The model module stays a ``ZImageTransformer``
+(FSDP2 and the wrappers act in place); DDP returns a wrapper whose ``.module`` is the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from .distributed import DistInfo
+
+logger = logging.getLogger(__name__)
+
+FP8_MIN_CAPABILITY = (8, 9)
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def apply_activation_checkpointing(model: nn.Module, depth: int) -> None:
+    """Non-reentrant checkpointing of the first ``depth`` main blocks, replacing each in ``model.layers``.
+
+    The wrapper's state-dict hooks drop ``_checkpoint_wrapped_module.`` from ``state_dict()`` keys (not from
+    ``named_parameters()``; ``clean_name`` does that).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    n_layers = len(model.layers)
+    if depth > n_layers:
+        raise ValueError(f"run.checkpoint_depth={depth} exceeds the model's {n_layers} main blocks; use 0..{n_layers}")
+    for index in range(depth):
+        model.layers[index] = checkpoint_wrapper(model.layers[index], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    logger.info("activation checkpointing: the first %d of %d main blocks", depth, n_layers)
+
+
+def clean_name(name: str) -> str:
+    return name.replace(CHECKPOINT_PREFIX, "")
+
+
+def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
+    """``torch.compile`` each transformer block in place (names and state-dict keys stay unchanged).
+
+    Every block shares one code object, so dynamo's per-code recompile limit (8) covers all of them: refiner and main
+    blocks, grad and no-grad inputs, and each token count (image buckets, caption lengths) need graphs of their own.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(config, limit_name), COMPILE_RECOMPILE_LIMIT)
+    setattr(config, limit_name, limit)
+    blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
+    for block in blocks:
+        block.compile(backend=backend)
+    logger.info(
+        "torch.compile: %d blocks compiled one by one, up to %d graphs (block kinds x token counts); the first steps "
+        "of each new shape are slow while they compile",
+        len(blocks),
+        limit,
+    )
+
+
+def fp8_supported(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"FP8 training needs a CUDA GPU; this process runs on {device}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        return False, f"FP8 training needs compute capability >= 8.9 (Ada/Hopper); {device} has {capability}"
+    return True, f"compute capability {capability}"
+
+
+def apply_fp8(model: nn.Module, *, mode: str, device: torch.device) -> None:
+    """torchao float8 training for the big block matmuls: LoRA's frozen base layers, or every block linear (full)."""
+    supported, reason = fp8_supported(device)
+    if not supported:
+        raise ValueError(f"run.fp8 is on but {reason}; set run.fp8 to false")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as error:
+        raise ValueError(f"run.fp8 needs torchao ({error}); pip install torchao, or set run.fp8 to false") from error
+    block_groups = ("noise_refiner.", "context_refiner.", "layers.")
+
+    def wanted(module: nn.Module, fqn: str) -> bool:
+        in_block = fqn.startswith(block_groups) and "lora_" not in fqn
+        aligned = module.in_features % 16 == 0 and module.out_features % 16 == 0
+        return in_block and aligned and (mode == "full" or not module.weight.requires_grad)
+
+    convert_to_float8_training(model, module_filter_fn=wanted)
+    converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    logger.info("FP8 (torchao, tensorwise scaling): %d block linears converted (%s)", converted, reason)
+
+
+def apply_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
+    """DDP over the model; only the (LoRA) parameters that require grad are all-reduced."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist_info.device.index] if dist_info.is_cuda else None
+    wrapped = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    logger.info(
+        "data parallel: DDP over %d ranks (%d trainable tensors all-reduced; gradient_as_bucket_view)",
+        dist_info.world_size,
+        sum(p.requires_grad for p in model.parameters()),
+    )
+    return wrapped
+
+
+def apply_fsdp(model: nn.Module, dist_info: DistInfo, *, param_dtype: torch.dtype, cpu_offload: bool) -> None:
+    """FSDP2 ``fully_shard`` on every block, then the root; fp32 master params, ``param_dtype`` compute, fp32 reduce.
+
+    Inputs are not cast by FSDP (σ and the RoPE tables must stay float32); the model casts its own activations.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if cpu_offload and not dist_info.is_cuda:
+        raise ValueError("run.fsdp_cpu_offload moves GPU memory to the host; it needs CUDA. Set it to false")
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    offload = CPUOffloadPolicy(pin_memory=True) if cpu_offload else OffloadPolicy()
+    blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
+    for index, block in enumerate(blocks):
+        # The last block's parameters are needed again right away by backward: keep them gathered.
+        last = index == len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=not last)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    logger.info(
+        "FSDP2: %d blocks + root sharded over %d ranks; params %s, reduce float32, master float32%s",
+        len(blocks),
+        dist_info.world_size,
+        param_dtype,
+        ", CPU offload" if cpu_offload else "",
+    )
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    mode: str,
+    dist_info: DistInfo,
+    checkpoint_depth: int,
+    compile: bool,
+    fp8: bool,
+    param_dtype: torch.dtype,
+    cpu_offload: bool,
+) -> nn.Module:
+    """Apply FP8, checkpointing, compile and data parallelism; returns the module to call for the forward pass."""
+    if fp8:
+        apply_fp8(model, mode=mode, device=dist_info.device)
+    if checkpoint_depth:
+        apply_activation_checkpointing(model, checkpoint_depth)
+    if compile:
+        apply_compile(model)
+    if mode == "full":
+        apply_fsdp(model, dist_info, param_dtype=param_dtype, cpu_offload=cpu_offload)
+        return model
+    if dist_info.world_size > 1:
+        return apply_ddp(model, dist_info)
+    logger.info("data parallel: none (one process)")
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The ``ZImageTransformer`` inside a DDP wrapper (FSDP2 works in place)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def gradient_sync(model: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP: skip the all-reduce on non-final micro-steps (``no_sync``). FSDP2 reduce-scatters every micro-step:
+    skipping it would keep unsharded float32 gradients of the whole model in memory."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()

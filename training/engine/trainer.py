@@ -1,0 +1,366 @@
+"""The training loop: build everything from one TrainConfig, resume if a checkpoint exists, train, save, report."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.batches import Batch
+from ..model.config import preset
+from ..model.lora import LoraSettings, lora_state_dict, set_lora_input_cast
+from ..model.lora_file import save_lora_file
+from .build import apply_mode, build_model, compute_dtype, load_empty_caption
+from .checkpoint import Checkpointer
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from .events import RunLog, maybe_profile
+from .failure import bind_run, plan_for_messages, record
+from .objective import FlowObjective
+from .optim import build_optimizer, build_scheduler, clip_gradients, trainable_parameters
+from .parallelize import clean_name, gradient_sync, parallelize, unwrap
+from .signals import GracefulStop
+from .synthetic import SyntheticBatches, global_sample_indices
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"  # full fine-tuning's result, in the run folder
+
+
+@dataclass(kw_only=True)
+class Trainer:
+    config: TrainConfig
+    dist_info: DistInfo
+    model: nn.Module  # what the forward calls (DDP wrapper or the model)
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: object  # SyntheticBatches or ShardLoader: state_dict() / load_state_dict()
+    batches: Iterator[Batch]
+    objective: FlowObjective
+    empty_caption: torch.Tensor | None
+    lora: LoraSettings | None
+    checkpointer: Checkpointer
+    log: RunLog
+    step: int = 0  # optimizer steps done
+    history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
+
+    @classmethod
+    def build(cls, config: TrainConfig, dist_info: DistInfo, log: RunLog) -> Trainer:
+        model = build_model(config, dist_info)
+        lora = apply_mode(model, config)
+        if lora is not None and _uses_autocast(config, dist_info):
+            count = set_lora_input_cast(model, False)
+            logger.info(
+                "LoRA inputs stay bf16 in %d layers (autocast runs the adapters in bf16; no fp32 copies)", count
+            )
+        run = config.run
+        forward = parallelize(
+            model,
+            mode=config.mode,
+            dist_info=dist_info,
+            checkpoint_depth=run.checkpoint_depth,
+            compile=run.compile,
+            fp8=run.fp8,
+            param_dtype=compute_dtype(config),
+            cpu_offload=run.fsdp_cpu_offload,
+        )
+        params = trainable_parameters(model)
+        logger.info("precision: %s", _precision(config, dist_info))
+        optimizer = build_optimizer(params, config.optim, device=dist_info.device)
+        loader, empty_caption = _build_loader(config, dist_info, model)
+        trainer = cls(
+            config=config,
+            dist_info=dist_info,
+            model=forward,
+            params=params,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, config.optim, total_steps=run.steps),
+            loader=loader,
+            batches=iter(loader) if isinstance(loader, SyntheticBatches) else _epochs(loader),
+            objective=_objective(config),
+            empty_caption=empty_caption,
+            lora=lora,
+            checkpointer=Checkpointer(run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size),
+            log=log,
+        )
+        trainer.resume()
+        return trainer
+
+    def resume(self) -> None:
+        latest = self.checkpointer.latest_step() if self.config.run.resume else None
+        if latest is None:
+            return
+        loader_state, _ = self.checkpointer.load(
+            latest, model=unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.loader.load_state_dict(loader_state)
+        self.step = latest
+        logger.info("resuming at step %d of %d", latest, self.config.run.steps)
+
+    def train(self, stop: GracefulStop) -> str:
+        """Run until the configured step count or a stop request; returns 'completed' or 'stopped'."""
+        run = self.config.run
+        if self.step >= run.steps:
+            logger.info("the checkpoint is at step %d of %d: nothing left to train", self.step, run.steps)
+        while self.step < run.steps:
+            with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
+                metrics = self.train_step()
+            self.step += 1
+            self.history.append(metrics)
+            self.log.step({"step": self.step, **metrics})
+            stopping = stop.should_stop()
+            final = stopping or self.step == run.steps
+            if final or (run.save_every and self.step % run.save_every == 0):
+                self.save(final=final)
+            if stopping:
+                logger.warning("stopped at step %d on request (%s)", self.step, stop.signal_name)
+                break
+        self.checkpointer.wait()
+        return "stopped" if self.step < run.steps else "completed"
+
+    def train_step(self) -> dict:
+        run = self.config.run
+        started = time.perf_counter()
+        torch.manual_seed(run.seed + 1_000_003 * self.step + self.dist_info.rank)  # LoRA dropout, per step
+        stats = torch.zeros(3 + 2 * self.objective.n_buckets, dtype=torch.float64, device=self.dist_info.device)
+        for micro in range(run.grad_accum):
+            output, waited = self._micro_step(micro)
+            stats[0] += output.per_sample.double().sum()
+            stats[1] += output.per_sample.numel()
+            stats[2] += waited
+            stats[3:] += self.objective.bucket_stats(output.sigma, output.per_sample).flatten()
+        grad_norm = clip_gradients(self.params, self.config.optim.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        all_reduce_sum(stats)  # also waits for the step to finish on the device
+        elapsed = time.perf_counter() - started
+        loss_sum, samples, waited = stats[:3].tolist()
+        return {
+            "loss": loss_sum / samples,
+            "loss_sigma": self.objective.bucket_means(stats[3:].view(2, -1)),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "img_per_s": samples / elapsed,
+            "data_wait": waited / self.dist_info.world_size / elapsed,
+            "step_s": elapsed,
+            "peak_mem_gb": peak_memory_gb(self.dist_info.device),
+        }
+
+    def _micro_step(self, micro: int):
+        """Forward and backward of one micro-batch; returns the loss output and the seconds spent waiting for data."""
+        run = self.config.run
+        started = time.perf_counter()
+        batch = _checked(next(self.batches)).to(self.dist_info.device, non_blocking=True)
+        waited = time.perf_counter() - started
+        indices = global_sample_indices(
+            self.step,
+            micro,
+            rank=self.dist_info.rank,
+            world_size=self.dist_info.world_size,
+            micro_batch=run.micro_batch,
+            grad_accum=run.grad_accum,
+        )[: len(batch)]
+        with gradient_sync(self.model, sync=micro == run.grad_accum - 1):
+            with self._autocast():
+                output = self.objective.loss(self.model, batch, indices, self.empty_caption)
+            (output.loss / run.grad_accum).backward()
+        return output, waited
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if _uses_autocast(self.config, self.dist_info):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def save(self, *, final: bool = False) -> None:
+        """The ComfyUI-ready LoRA (rank 0, atomic) and the full resumable state (every rank; in the background
+        unless ``final``: the process exits right after a final save, so it gains nothing from async)."""
+        model = unwrap(self.model)
+        if self.lora is not None and self.dist_info.is_main:
+            state = {clean_name(k): v for k, v in lora_state_dict(model).items()}
+            metadata = {"steps": str(self.step), "seed": str(self.config.run.seed), "mode": self.config.mode}
+            save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)
+        if self.lora is None and final:
+            save_full_model(model, Path(self.config.run.output_dir) / MODEL_FILE, dist_info=self.dist_info)
+        if not self.config.run.save_state:
+            return
+        self.checkpointer.save(
+            self.step,
+            model=model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loader_state=self.loader.state_dict(),
+            extra={"step": self.step},
+            async_save=not final,
+        )
+
+
+def save_full_model(model: nn.Module, path: Path, *, dist_info: DistInfo, dtype=torch.bfloat16) -> None:
+    """The fine-tuned transformer as a ComfyUI single file in ``dtype`` (rank 0 writes; every rank must call).
+
+    FSDP2 shards are gathered one tensor at a time on the device, so rank 0 holds only the ``dtype`` copy in RAM."""
+    from torch.distributed.tensor import DTensor
+
+    from ..model.weights import save_weights
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            local = tensor.to_local()
+            if local.device != dist_info.device:  # CPU-offloaded shard: gather on the device
+                local = local.to(dist_info.device)
+                tensor = DTensor.from_local(
+                    local, tensor.device_mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride()
+                )
+            tensor = tensor.full_tensor()
+        if dist_info.is_main:
+            state[name] = tensor.detach().to("cpu", dtype)
+    if dist_info.is_main:
+        save_weights(state, path, layout="comfy", metadata={"format": "whetstone.zimage-full"})
+        logger.info("saved the fine-tuned transformer (%s) to %s", dtype, path)
+
+
+def _uses_autocast(config: TrainConfig, dist_info: DistInfo) -> bool:
+    """bf16 autocast on CUDA for LoRA/QLoRA (bf16 base, float32 LoRA); FSDP2's policy casts in full mode."""
+    return dist_info.is_cuda and config.mode != "full" and compute_dtype(config) == torch.bfloat16
+
+
+def _precision(config: TrainConfig, dist_info: DistInfo) -> str:
+    if config.mode == "full":
+        return f"float32 master weights, {compute_dtype(config)} compute and float32 gradient reduction (FSDP2)"
+    if _uses_autocast(config, dist_info):
+        return "bf16 autocast over the frozen base; float32 LoRA weights and optimizer state"
+    return f"{compute_dtype(config)} base without autocast ({dist_info.device.type}); float32 LoRA weights"
+
+
+def _objective(config: TrainConfig) -> FlowObjective:
+    section = config.objective
+    return FlowObjective(
+        sampler=section.sigma_sampler,
+        shift=section.shift,
+        logit_mean=section.logit_mean,
+        logit_std=section.logit_std,
+        caption_dropout=config.data.caption_dropout,
+        seed=config.run.seed,
+    )
+
+
+def _build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
+    """(loader, empty-caption features): synthetic batches made on the device, or the shard loader."""
+    run, data = config.run, config.data
+    if data.synthetic:
+        synthetic = SyntheticBatches(
+            model_config=model.config,
+            resolution=data.resolution,
+            caption_tokens=data.caption_tokens,
+            micro_batch=run.micro_batch,
+            grad_accum=run.grad_accum,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            seed=run.seed,
+            device=dist_info.device,
+        )
+        return synthetic, synthetic.empty_caption()
+    from ..data.loader import ShardLoader
+
+    empty_caption = load_empty_caption(config, dist_info.device)
+    loader = ShardLoader(
+        data.shards,
+        batch_size=run.micro_batch,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=run.seed,
+        even_batches=dist_info.world_size > 1,  # every rank does the same number of steps per epoch
+    )
+    return loader, empty_caption
+
+
+def _epochs(loader) -> Iterator[Batch]:
+    """Endless batches: the ShardLoader iterates one epoch per pass and advances the epoch itself."""
+    while True:
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError("the shard loader yielded no batch in a whole epoch; use a smaller run.micro_batch")
+
+
+def _checked(batch: Batch) -> Batch:
+    if batch.latents is None or batch.caption_features is None:
+        raise ValueError(
+            f"batch {batch.keys[:2]}... has no {'latents' if batch.latents is None else 'caption features'}: "
+            "training needs shards packed with the latent and text encoders"
+        )
+    return batch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated by this process, or the peak resident memory of the process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@record
+def run_training(config: TrainConfig) -> int:
+    """Train as this process's rank (torchrun) or as the only process; returns the exit code (0: completed/stopped).
+
+    A failure writes the rank's traceback and status 'failed' to the run folder (`failure.record`), then raises."""
+    dist_info = init_distributed(timeout_s=config.run.nccl_timeout_s)
+    n_layers = preset(config.model.preset).n_layers
+    plan = plan_for_messages(config, n_layers=n_layers, world_size=dist_info.world_size)
+    bind_run(config.run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size, plan=plan)
+    log = RunLog(config.run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size)
+    started = time.time()
+    trainer: Trainer | None = None
+    try:
+        with GracefulStop() as stop:
+            log.status("starting", f"{config.mode} on {dist_info.world_size} process(es)")
+            trainer = Trainer.build(config, dist_info, log)
+            log.status("running", f"step {trainer.step} of {config.run.steps}")
+            state = trainer.train(stop)
+        message = f"{state} at step {trainer.step} of {config.run.steps}"
+        log.summary(_summary(config, dist_info, trainer, state, time.time() - started))
+        log.status(state, message)
+        logger.info("training %s", message)
+        return 0
+    finally:
+        if trainer is not None:  # a background save must end before its process group goes (errors: train's wait)
+            trainer.checkpointer.close(raise_error=False)
+        log.close()
+        shutdown_distributed()
+
+
+def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: str, wall_s: float) -> dict:
+    return {
+        "state": state,
+        "mode": config.mode,
+        "steps": trainer.step,
+        "world_size": dist_info.world_size,
+        "device": str(dist_info.device),
+        "lora_file": str(config.run.lora_file) if trainer.lora is not None else None,
+        "wall_s": wall_s,
+        "peak_mem_gb": peak_memory_gb(dist_info.device),
+        "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
+        # over the last (up to 1000) steps; the first step compiles and warms up: left out when there are others
+        "img_per_s": _mean([m["img_per_s"] for m in list(trainer.history)[1:] or trainer.history]),
+        "data_wait": _mean([m["data_wait"] for m in list(trainer.history)[1:] or trainer.history]),
+        "config": config.to_dict(),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
