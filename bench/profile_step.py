@@ -76,6 +76,11 @@ def report(prof, metrics: dict, steps: int, top: int) -> str:
     lines.append("|---|---|---|")
     for group, micros in sorted(by_group.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {group} | {micros / steps / 1e3:.1f} | {100 * micros / total:.1f}% |")
+    for group in ("copy/cast", "fused elementwise (triton)"):
+        members = sorted((e for e in kernels if group_of(e.key) == group), key=lambda e: -e.self_device_time_total)
+        lines.append(f"\n{group}, largest:")
+        for e in members[:8]:
+            lines.append(f"{e.self_device_time_total / steps / 1e3:8.2f} ms x{e.count // steps:<5} {e.key[:110]}")
     lines.append(f"\ntop {top} kernels:")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         share = 100 * e.self_device_time_total / total

@@ -13,6 +13,9 @@ const TEXT_NODES = new Set([
 ]);
 const TRAIN_NODE = "WhetstoneTrain";
 const MAX_POINTS = 5000;
+const TEXT_LINE_HEIGHT = 13; // 10 px font, line-height 1.3
+const TEXT_MAX_HEIGHT = 260;
+const DOM_WIDGET_MARGIN = 10;
 
 function formatDuration(seconds) {
   if (seconds == null || !isFinite(seconds)) return "–";
@@ -28,7 +31,7 @@ function addPanel(node, name, element, minHeight) {
     hideOnZoom: false,
     getValue() { return undefined; },
     setValue() {},
-    getMinHeight() { return minHeight; },
+    getMinHeight: typeof minHeight === "function" ? minHeight : () => minHeight,
   });
   widget.serialize = false; // keep widgets_values aligned with the Python inputs
   return widget;
@@ -39,10 +42,27 @@ function addTextPanel(node) {
   pre.className = "whetstone-text";
   Object.assign(pre.style, {
     margin: "0", padding: "4px", fontSize: "10px", lineHeight: "1.3", whiteSpace: "pre", overflow: "auto",
-    color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)", maxHeight: "260px",
+    color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)", maxHeight: `${TEXT_MAX_HEIGHT}px`,
   });
-  addPanel(node, "whetstone_text", pre, 40);
+  addPanel(node, "whetstone_text", pre, () => textPanelHeight(pre));
   node.whetstoneText = pre;
+}
+
+// The frontend gives a DOM widget its min height less a 10 px margin above and below; the text needs its lines,
+// the padding and room for a horizontal scrollbar (long plan reasons), up to the <pre>'s max height. No text yet:
+// no empty box.
+function textPanelHeight(pre) {
+  if (!pre.textContent) return 2 * DOM_WIDGET_MARGIN;
+  const lines = pre.textContent.split("\n").length;
+  return Math.min(TEXT_MAX_HEIGHT, lines * TEXT_LINE_HEIGHT + 8 + 16) + 2 * DOM_WIDGET_MARGIN;
+}
+
+// Grow (never shrink) the node so a text that just arrived is visible.
+function fitNodeToContent(node) {
+  const needed = node.computeSize?.();
+  if (!needed) return;
+  node.setSize?.([Math.max(node.size[0], needed[0]), Math.max(node.size[1], needed[1])]);
+  node.setDirtyCanvas?.(true, true);
 }
 
 function addChartPanel(node) {
@@ -154,6 +174,7 @@ app.registerExtension({
       const text = message?.text;
       if (this.whetstoneText && text != null) {
         this.whetstoneText.textContent = Array.isArray(text) ? text.join("\n") : String(text);
+        fitNodeToContent(this);
       }
       return result;
     };

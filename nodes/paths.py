@@ -81,16 +81,23 @@ def confine(value: str, allowed: AllowedRoots, field: str, *, must_exist: bool) 
         raise PathRefused(f"{field}: no {allowed.label} folder is configured")
     typed = Path(text)
     candidates = [typed] if typed.is_absolute() else [root / typed for root in allowed.roots]
+    escaping = None  # an existing candidate that a symbolic link leads out of the roots
     for candidate in candidates:
         resolved = candidate.resolve()
         root = next((r for r in allowed.roots if _inside(resolved, r.resolve())), None)
         if root is None:
+            escaping = escaping or (resolved if resolved.exists() else None)
             continue
         if must_exist and not resolved.exists():
             continue
         return resolved
     if typed.is_absolute() and not any(_inside(typed.resolve(), r.resolve()) for r in allowed.roots):
         raise PathRefused(f"{field}={text!r} is outside the {allowed.label} folders ({allowed.describe()})")
+    if escaping is not None:
+        raise PathRefused(
+            f"{field}={text!r} leads to {escaping}, outside the {allowed.label} folders ({allowed.describe()}), "
+            "through a symbolic link; links out of these folders are not followed"
+        )
     if must_exist:
         raise PathRefused(f"{field}={text!r} was not found in the {allowed.label} folders ({allowed.describe()})")
     raise PathRefused(f"{field}={text!r} resolves outside the {allowed.label} folders ({allowed.describe()})")

@@ -52,7 +52,13 @@ WIDGETS = {
     "warmup_steps": Int(0, 0, 100_000, "Steps over which the learning rate ramps up from 0."),
     "schedule": Choice(("constant", "cosine"), "Learning-rate schedule after warmup."),
     "caption_dropout": Float(0.1, 0.0, 1.0, "Fraction of steps trained on the empty caption (keeps CFG working)."),
-    "seed": Int(0, 0, 2**31 - 1, "Random seed for noise, timesteps and data order."),
+    "seed": Int(
+        0,
+        0,
+        2**31 - 1,
+        "Random seed for noise, timesteps and data order (kept between queues, so a resumed run continues exactly).",
+        control_after_generate=False,
+    ),
     "resume": Toggle(True, "Continue from the newest checkpoint in the run folder if there is one."),
 }
 

@@ -22,9 +22,13 @@ class Int:
     max: int
     tooltip: str
     step: int = 1
+    #: The frontend adds a "control after generate" widget (randomize by default) to INTs named seed unless False.
+    control_after_generate: bool | None = None
 
     def declare(self) -> tuple:
         spec = {"default": self.default, "min": self.min, "max": self.max, "step": self.step, "tooltip": self.tooltip}
+        if self.control_after_generate is not None:
+            spec["control_after_generate"] = self.control_after_generate
         return ("INT", spec)
 
     def check(self, name: str, value: Any) -> int:

@@ -238,7 +238,11 @@ def test_widget_values_are_valid_for_their_inputs(path):
 
 @WORKFLOW_PARAMS
 def test_train_seed_is_fixed_so_queueing_again_does_not_retrain(path):
-    assert widget_map(only(load(path), "WhetstoneTrain"))[CONTROL] == "fixed"
+    """Train's seed declares no control_after_generate, so the frontend never randomizes it between queues."""
+    train = only(load(path), "WhetstoneTrain")
+    assert CONTROL not in widget_map(train)
+    seed_spec = next(spec for name, spec, _ in DEFS["WhetstoneTrain"].inputs if name == "seed")
+    assert seed_spec[1][CONTROL] is False
 
 
 @WORKFLOW_PARAMS

@@ -195,7 +195,7 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
         f"- **Checkpoint depth** is the fewest blocks (from the first) whose activations are recomputed so the "
         f"micro-batch fits the {facts['budget']} budget {per_gpu}; the peak is `max_memory_allocated`.",
         f"- **{steps} steps** see about {steps * plan.global_batch} images; LoRA and a resumable checkpoint every "
-        f"{job.save_every} steps. Seed is fixed so queueing again does not retrain.",
+        f"{job.save_every} steps. The seed has no randomize control, so queueing again resumes instead of retraining.",
         f"- Every GPU needs one shard: with {job.samples_per_shard} samples per shard, pack at least "
         f"{job.samples_per_shard * (max(plan.world_size, 1) - 1) + 1} images.",
         f"- {speed_line}",
@@ -336,7 +336,7 @@ def build_workflow(tier: Tier, job: Job) -> dict:
         "WhetstoneTrain",
         (880, 0),
         (400, 330),
-        [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, "fixed", True],
+        [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True],
         inputs=[("plan", "WHETSTONE_PLAN"), ("dataset", "WHETSTONE_DATASET")],
         outputs=[("run", "WHETSTONE_RUN"), ("lora_name", "STRING"), ("report", "STRING")],
         ours=True,

@@ -1,0 +1,95 @@
+"""Numerics of the fast paths: the loss curve of each optimised variant against the plain (eager bf16) path.
+
+Every variant trains the same full-size random-init model from the same seed on the same synthetic cached inputs
+(each sample's data, σ and noise are functions of the seed and its index), through ``python -m training train``.
+Printed per variant: median step time, the largest and the mean relative difference of the smoothed loss curve
+from the plain curve, and the same for the raw per-step losses.
+
+    python bench/loss_curves.py --steps 200 --variants plain,compiled,fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ours import OUR_CONFIGS, train_config  # noqa: E402
+
+from training.engine.events import read_events  # noqa: E402
+from training.engine.report import smooth  # noqa: E402
+
+VARIANTS = {
+    "plain": dataclasses.replace(OUR_CONFIGS["lora-512"], compile=False),
+    "compiled": OUR_CONFIGS["lora-512"],
+    "fp8": OUR_CONFIGS["fp8-512"],
+    "qlora": OUR_CONFIGS["qlora-512"],
+}
+SMOOTHING = 0.9  # EMA factor of the compared curves
+
+
+def train(variant: str, steps: int, root: Path, timeout: int) -> list[dict]:
+    run_dir = root / variant
+    config_path = root / f"{variant}.json"
+    train_config(VARIANTS[variant], str(run_dir), steps).save(config_path)
+    command = [sys.executable, "-m", "training", "--log-level", "WARNING", "train", "--config", str(config_path)]
+    subprocess.run(command, check=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+    return [e for e in read_events(run_dir) if "loss" in e]
+
+
+def compare(reference: list[float], other: list[float]) -> dict:
+    ref_smooth, other_smooth = smooth(reference, SMOOTHING), smooth(other, SMOOTHING)
+    smooth_rel = [abs(a - b) / abs(b) for a, b in zip(other_smooth, ref_smooth, strict=True)]
+    raw_rel = [abs(a - b) / abs(b) for a, b in zip(other, reference, strict=True)]
+    return {
+        "smoothed_max_rel": max(smooth_rel),
+        "smoothed_mean_rel": statistics.fmean(smooth_rel),
+        "raw_mean_rel": statistics.fmean(raw_rel),
+        "first_loss": other[0],
+        "last_smoothed": other_smooth[-1],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--variants", default="plain,compiled,fp8", help=f"from {sorted(VARIANTS)}; first = reference")
+    parser.add_argument("--timeout", type=int, default=400, help="seconds per variant")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    curves, rows = {}, []
+    with tempfile.TemporaryDirectory(prefix="whetstone-curves-") as root:
+        for name in names:
+            events = train(name, args.steps, Path(root), args.timeout)
+            curves[name] = [e["loss"] for e in events]
+            step_s = statistics.median(e["step_s"] for e in events[3:])
+            row = {"variant": name, "steps": len(events), "median_step_s": round(step_s, 4)}
+            row |= compare(curves[names[0]], curves[name])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "curves": curves}) + "\n")
+    print(
+        f"| variant | steps | median step s | smoothed max rel Δ | smoothed mean rel Δ | raw mean rel Δ | vs {names[0]} |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        speed = rows[0]["median_step_s"] / row["median_step_s"]
+        print(
+            f"| {row['variant']} | {row['steps']} | {row['median_step_s']:.3f} | {row['smoothed_max_rel']:.4f} "
+            f"| {row['smoothed_mean_rel']:.4f} | {row['raw_mean_rel']:.4f} | {speed:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
