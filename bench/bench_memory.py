@@ -149,7 +149,9 @@ def run_bench(args, emit) -> list[dict]:
     analytic = MemoryModel()  # fp32 adapters, bf16 LoRA inputs: what the engine runs
     results = [measure_config(conf, analytic, emit) for conf in selected_configs(args)]
     for cap_gib, resolution in selected_caps(args):
-        probes = [r for r in results if r["mode"] == "lora" and r["resolution"] == resolution and "coefficients" in r]
+        probes = [
+            r for r in results if r.get("mode") == "lora" and r.get("resolution") == resolution and "coefficients" in r
+        ]
         memory_model = calibrated_model(analytic, "lora", probes[-1]["coefficients"]) if probes else analytic
         results.append(measure_cap(cap_gib, resolution, memory_model, analytic, emit))
     return results
