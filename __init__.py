@@ -6,10 +6,13 @@ nothing global is changed; the whetstone_* model folders are registered with fol
 importer.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_with_comfyui
-
 WEB_DIRECTORY = "./js"
 
-register_with_comfyui()
+if __package__:  # ComfyUI (and the tests' load_pack) import this folder as a package
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_with_comfyui
+
+    register_with_comfyui()
+else:  # a lone module, as pytest imports a rootdir __init__.py from a folder whose name is no identifier
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

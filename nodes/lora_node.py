@@ -67,7 +67,8 @@ class LoadTrainedLoRA:
                 "(Z-Image needs a Z-Image LoRA)?"
             )
         if strength == 0:
-            return (model, f"{lora_path.name}: strength 0, model unchanged ({len(match.modules)} modules match)")
+            report = f"{lora_path.name}: strength 0, model unchanged ({len(match.modules)} modules match)"
+            return {"ui": {"text": [report]}, "result": (model, report)}
         patched, patch_count, applied_count = comfy_bridge.patch_model_with_lora(model, state, key_map, strength)
         if patch_count != len(match.modules) or applied_count != patch_count:
             raise LoraKeysUnmatched(
@@ -76,7 +77,7 @@ class LoadTrainedLoRA:
             )
         report = f"{lora_path.name}: {applied_count} weights patched at strength {strength:g}, 0 unmatched keys"
         logger.info(report)
-        return (patched, report)
+        return {"ui": {"text": [report]}, "result": (patched, report)}
 
     @staticmethod
     def _lora_path(lora_name, run):

@@ -215,6 +215,7 @@ class Train:
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values)
         refuse_if_running(run_dir)
+        comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it back
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / CONFIG_FILE)
         process = EngineProcess(run_dir, train_command(run_dir / CONFIG_FILE, plan.world_size), cwd=PACK_ROOT)

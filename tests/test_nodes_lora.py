@@ -74,7 +74,9 @@ def test_match_keys_reports_unmatched_modules_and_foreign_tensors():
 def test_node_applies_a_fitting_lora_from_the_loras_list(comfy):
     save_file(lora_tensors(), str(comfy.folders["loras"] / "style.safetensors"))
     model = FakeModel({m: f"{m}.weight" for m in MODULES})
-    patched, report = lora_node.LoadTrainedLoRA().load(model, "style.safetensors", 0.8)
+    output = lora_node.LoadTrainedLoRA().load(model, "style.safetensors", 0.8)
+    patched, report = output["result"]
+    assert output["ui"]["text"] == [report]
     assert patched.patches == {f"{m}.weight": 0.8 for m in MODULES}
     assert "2 weights patched" in report and "0 unmatched" in report
 
@@ -93,7 +95,7 @@ def test_node_uses_the_linked_run_and_confines_its_path(comfy, tmp_path):
         run_dir=comfy.folders["whetstone_runs"] / "run1", lora_path=lora_path, lora_name="x", state="completed"
     )
     model = FakeModel({m: f"{m}.weight" for m in MODULES})
-    patched, _ = lora_node.LoadTrainedLoRA().load(model, "", 1.0, run=run)
+    patched, _ = lora_node.LoadTrainedLoRA().load(model, "", 1.0, run=run)["result"]
     assert len(patched.patches) == 2
     outside = tmp_path / "elsewhere.safetensors"
     save_file(lora_tensors(), str(outside))
