@@ -45,13 +45,15 @@ OUR_CONFIGS = {
 }
 
 
-def train_config(conf: OurConfig, output_dir: str, steps: int) -> TrainConfig:
+def train_config(conf: OurConfig, output_dir: str, steps: int, *, grad_accum: int = 1) -> TrainConfig:
+    """The ``TrainConfig`` of a benchmark run of ``conf`` on synthetic cached inputs (no resume, no saved state)."""
     return TrainConfig(
         mode=conf.mode,
         run=RunSection(
             output_dir=output_dir,
             steps=steps,
             micro_batch=conf.batch,
+            grad_accum=grad_accum,
             checkpoint_depth=conf.checkpoint_depth,
             compile=conf.compile,
             fp8=conf.fp8,

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from bench_ours import OurConfig, train_config
 
-from training.engine.config import DataSection, LoraSection, OptimSection, RunSection, TrainConfig
 from training.hardware.discovery import HardwareProfile, discover
 from training.hardware.memory import GIB, ActivationCoefficients, MemoryEstimate, MemoryModel, image_tokens_for, padded
 from training.hardware.plan import PlanRequest, TrainingPlan, make_plan
@@ -44,6 +44,20 @@ class Config:
         compiled = " compiled" if self.compile else ""
         return f"{self.mode} {self.resolution}² bs{self.batch}{accum} depth {self.depth}{compiled}"
 
+    def ours(self) -> OurConfig:
+        """This run as a ``bench_ours`` configuration (rank 128 on attention+ffn); ``grad_accum`` goes to its
+        ``train_config`` separately."""
+        return OurConfig(
+            mode=self.mode,
+            batch=self.batch,
+            resolution=self.resolution,
+            caption_tokens=CAPTION_TOKENS,
+            rank=RANK,
+            targets=TARGETS,
+            compile=self.compile,
+            checkpoint_depth=self.depth,
+        )
+
 
 # 6 per mode: 512² and 1024², depth 0 / half / all; batches chosen so LoRA stays under ~50 GiB on an 80 GB card
 # and the activations are a large share of the peak even with every block checkpointed.
@@ -69,27 +83,6 @@ def predict(memory_model: MemoryModel, conf: Config, trainable: int | None = Non
         grad_accum=conf.grad_accum,
         compiled=conf.compile,
         trainable_params=trainable,
-    )
-
-
-def train_config(conf: Config, output_dir: str, steps: int) -> TrainConfig:
-    return TrainConfig(
-        mode=conf.mode,
-        run=RunSection(
-            output_dir=output_dir,
-            steps=steps,
-            micro_batch=conf.batch,
-            grad_accum=conf.grad_accum,
-            checkpoint_depth=conf.depth,
-            compile=conf.compile,
-            save_state=False,
-            resume=False,
-        ),
-        lora=LoraSection(rank=RANK, targets=TARGETS),
-        data=DataSection(
-            synthetic=True, resolution=conf.resolution, caption_tokens=CAPTION_TOKENS, caption_dropout=0.0
-        ),
-        optim=OptimSection(lr=1e-4, grad_clip=1.0),
     )
 
 
@@ -169,7 +162,8 @@ def engine_run(conf: Config, *, warmup: int, steps: int, probe: bool, cap_bytes:
                 torch.cuda.set_per_process_memory_fraction(cap_bytes / total)
             baseline = torch.cuda.memory_allocated()
             started = time.perf_counter()
-            trainer = Trainer.build(train_config(conf, run_dir, warmup + steps), dist_info, log)
+            config = train_config(conf.ours(), run_dir, warmup + steps, grad_accum=conf.grad_accum)
+            trainer = Trainer.build(config, dist_info, log)
             torch.cuda.synchronize()
             result["build_s"] = time.perf_counter() - started
             result["trainable_params"] = sum(p.numel() for p in trainer.params)

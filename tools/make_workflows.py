@@ -5,16 +5,15 @@ reports files that are out of date). Each workflow is a UI-format (schema 0.4) C
 folder, plans for its tier, trains, loads the LoRA into Z-Image-Base and samples one image, with a note giving the
 plan's numbers. The numbers come from the planner for the tier's simulated hardware, exactly as the Training Plan
 node computes them when its ``tier`` widget names that tier; ``tests/test_workflows.py`` checks that they still do.
+The nodes, their widgets, positions and links are laid out by ``tools.workflow_graph``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 from training.hardware.memory import GIB
@@ -23,21 +22,16 @@ from training.hardware.tiers import Tier, load_tiers, simulated_profile
 from training.model.config import PRESETS, ZImageConfig
 from training.model.flops import image_tokens_for, training_flops
 
+from .workflow_graph import TEXT_ENCODER, VAE, Job, render, tier_workflow
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = ROOT / "workflows"
 README = ROOT / "README.md"
 README_HEADING = "## Tier workflows"
-PACK_VERSION = "0.1.0"
-COMFY_VERSION = "0.8.0"
-
-BASE_MODEL = "z_image_base_bf16.safetensors"
 #: The smallest Z-Image ComfyUI's loaders recognise (dim 3840, one main block, two refiners of each kind), random
 #: weights, written by ``python -m tools.make_smoke_model``: the CPU smoke run trains and samples it.
 SMOKE_MODEL = "z_image_smoke_bf16.safetensors"
 SMOKE_CONFIG = PRESETS["z-image"].replace(n_layers=1)
-TEXT_ENCODER = "qwen_3_4b.safetensors"
-VAE = "ae.safetensors"
-CLIP_TYPE = "lumina2"  # ComfyUI 0.8 loads Qwen3-4B as Z-Image's text encoder under this CLIPLoader type
 
 #: Dense bf16 tensor-core peak per GPU (TFLOP/s) by tier, for the predicted throughput only.
 PEAK_TFLOPS = {
@@ -50,30 +44,6 @@ PEAK_TFLOPS = {
 }
 ASSUMED_MFU = 0.4  # share of the bf16 peak spent on useful FLOPs; a guess until docs/benchmarks.md has measurements
 RECOMPUTE_SHARE = 1 / 3  # a checkpointed block runs its forward again: +1/3 of its forward+backward
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a tier's workflow trains and samples; the plan decides the rest."""
-
-    mode: str = "lora"
-    lora_rank: int = 32
-    lora_targets: str = "attention+ffn"
-    resolution: int = 1024
-    learning_rate: float = 1e-4
-    caption_tokens: int = 128
-    samples_seen: int = 8000  # steps = samples_seen / global batch, at least min_steps
-    min_steps: int = 250
-    save_every: int = 250
-    warmup_steps: int = 50
-    samples_per_shard: int = 8  # every GPU needs one shard: small shards let small datasets feed 8 GPUs
-    image_folder: str = "my_images"
-    model: str = BASE_MODEL
-    sample_steps: int = 30
-    cfg: float = 4.0
-    prompt: str = "a portrait photo in golden evening light (use your captions' trigger words here)"
-    negative: str = "blurry, low quality, watermark, text"
-    smoothing: int = 20
 
 
 JOBS = {
@@ -219,192 +189,10 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the graph
-
-
-class Graph:
-    """Builds a schema-0.4 UI workflow: nodes with socket inputs/outputs and the links between them."""
-
-    def __init__(self) -> None:
-        self.nodes: list[dict] = []
-        self.links: list[list] = []
-
-    def node(self, type_: str, pos, size, widgets, *, inputs=(), outputs=(), title=None, ours=False) -> dict:
-        node = {
-            "id": len(self.nodes) + 1,
-            "type": type_,
-            "pos": list(pos),
-            "size": list(size),
-            "flags": {},
-            "order": 0,
-            "mode": 0,
-            "inputs": [{"name": name, "type": kind, "link": None} for name, kind in inputs],
-            "outputs": [
-                {"name": name, "type": kind, "links": [], "slot_index": index}
-                for index, (name, kind) in enumerate(outputs)
-            ],
-            "properties": _properties(type_, ours),
-            "widgets_values": list(widgets),
-        }
-        if title:
-            node["title"] = title
-        self.nodes.append(node)
-        return node
-
-    def link(self, source: dict, output: str, target: dict, input_: str) -> None:
-        slot = next(i for i, o in enumerate(source["outputs"]) if o["name"] == output)
-        target_slot = next(i for i, o in enumerate(target["inputs"]) if o["name"] == input_)
-        kind = source["outputs"][slot]["type"]
-        link_id = len(self.links) + 1
-        self.links.append([link_id, source["id"], slot, target["id"], target_slot, kind])
-        source["outputs"][slot]["links"].append(link_id)
-        target["inputs"][target_slot]["link"] = link_id
-
-    def workflow(self) -> dict:
-        self._order()
-        return {
-            "last_node_id": len(self.nodes),
-            "last_link_id": len(self.links),
-            "nodes": self.nodes,
-            "links": self.links,
-            "groups": [],
-            "config": {},
-            "extra": {"ds": {"scale": 0.6, "offset": [60, 60]}},
-            "version": 0.4,
-        }
-
-    def _order(self) -> None:
-        """``order``: a topological execution order, as the frontend saves it."""
-        parents = {n["id"]: {link[1] for link in self.links if link[3] == n["id"]} for n in self.nodes}
-        done: list[int] = []
-        while len(done) < len(self.nodes):
-            ready = [i for i, p in parents.items() if i not in done and p <= set(done)]
-            done.extend(sorted(ready))
-        for node in self.nodes:
-            node["order"] = done.index(node["id"])
-
-
-def _properties(type_: str, ours: bool) -> dict:
-    if type_ in ("Note", "MarkdownNote"):
-        return {}
-    if ours:
-        return {"Node name for S&R": type_, "cnr_id": "comfyui-whetstone", "ver": PACK_VERSION}
-    return {"Node name for S&R": type_, "cnr_id": "comfy-core", "ver": COMFY_VERSION}
-
-
 def build_workflow(tier: Tier, job: Job) -> dict:
     plan = plan_for(tier, job)
     steps = steps_for(plan, job)
-    run_name = f"my_lora_{tier.name}"
-    dataset_name = f"my_dataset_{job.resolution}"
-    g = Graph()
-    g.node("MarkdownNote", (0, -560), (760, 820), [note_text(tier, plan, job, steps)], title=f"About: {tier.name}")
-    unet = g.node("UNETLoader", (0, 300), (360, 82), [job.model, "default"], outputs=[("MODEL", "MODEL")])
-    clip = g.node("CLIPLoader", (0, 420), (360, 106), [TEXT_ENCODER, CLIP_TYPE, "default"], outputs=[("CLIP", "CLIP")])
-    vae = g.node("VAELoader", (0, 570), (360, 58), [VAE], outputs=[("VAE", "VAE")])
-    pack = g.node(
-        "WhetstonePackDataset",
-        (420, 300),
-        (400, 270),
-        [job.image_folder, dataset_name, job.resolution, job.samples_per_shard, "skip", "empty", False],
-        inputs=[("vae", "VAE"), ("clip", "CLIP")],
-        outputs=[("dataset", "WHETSTONE_DATASET"), ("report", "STRING")],
-        ours=True,
-    )
-    plan_node = g.node(
-        "WhetstoneTrainingPlan",
-        (420, -100),
-        (400, 330),
-        [
-            job.model,
-            tier.name,
-            job.mode,
-            job.lora_rank,
-            job.lora_targets,
-            job.resolution,
-            tier.target_global_batch,
-            job.learning_rate,
-            job.caption_tokens,
-            True,
-        ],
-        inputs=[("hardware", "WHETSTONE_HARDWARE")],
-        outputs=[("plan", "WHETSTONE_PLAN"), ("table", "STRING")],
-        ours=True,
-    )
-    train = g.node(
-        "WhetstoneTrain",
-        (880, 0),
-        (400, 330),
-        [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True],
-        inputs=[("plan", "WHETSTONE_PLAN"), ("dataset", "WHETSTONE_DATASET")],
-        outputs=[("run", "WHETSTONE_RUN"), ("lora_name", "STRING"), ("report", "STRING")],
-        ours=True,
-    )
-    report = g.node(
-        "WhetstoneTrainingReport",
-        (880, 400),
-        (400, 110),
-        ["", job.smoothing],
-        inputs=[("run", "WHETSTONE_RUN")],
-        outputs=[("chart", "IMAGE"), ("summary", "STRING")],
-        ours=True,
-    )
-    preview = g.node("PreviewImage", (880, 560), (400, 360), [], inputs=[("images", "IMAGE")])
-    lora = g.node(
-        "WhetstoneLoadTrainedLoRA",
-        (1340, 0),
-        (380, 110),
-        [f"{run_name}.safetensors", 1.0],
-        inputs=[("model", "MODEL"), ("run", "WHETSTONE_RUN")],
-        outputs=[("model", "MODEL"), ("report", "STRING")],
-        ours=True,
-    )
-    positive = g.node(
-        "CLIPTextEncode", (1340, 160), (380, 140), [job.prompt], inputs=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")], title="Positive prompt",
-    )  # fmt: skip
-    negative = g.node(
-        "CLIPTextEncode", (1340, 340), (380, 140), [job.negative], inputs=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt",
-    )  # fmt: skip
-    latent = g.node(
-        "EmptySD3LatentImage", (1340, 520), (380, 106), [job.resolution, job.resolution, 1],
-        outputs=[("LATENT", "LATENT")],
-    )  # fmt: skip
-    sampler = g.node(
-        "KSampler",
-        (1780, 0),
-        (320, 262),
-        [0, "fixed", job.sample_steps, job.cfg, "euler", "simple", 1.0],
-        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")]
-        + [("latent_image", "LATENT")],
-        outputs=[("LATENT", "LATENT")],
-    )
-    decode = g.node(
-        "VAEDecode", (2160, 0), (220, 46), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
-        outputs=[("IMAGE", "IMAGE")],
-    )  # fmt: skip
-    save = g.node("SaveImage", (2160, 100), (480, 520), [f"whetstone/{tier.name}"], inputs=[("images", "IMAGE")])
-
-    g.link(vae, "VAE", pack, "vae")
-    g.link(clip, "CLIP", pack, "clip")
-    g.link(plan_node, "plan", train, "plan")
-    g.link(pack, "dataset", train, "dataset")
-    g.link(train, "run", report, "run")
-    g.link(report, "chart", preview, "images")
-    g.link(unet, "MODEL", lora, "model")
-    g.link(train, "run", lora, "run")
-    g.link(clip, "CLIP", positive, "clip")
-    g.link(clip, "CLIP", negative, "clip")
-    g.link(lora, "model", sampler, "model")
-    g.link(positive, "CONDITIONING", sampler, "positive")
-    g.link(negative, "CONDITIONING", sampler, "negative")
-    g.link(latent, "LATENT", sampler, "latent_image")
-    g.link(sampler, "LATENT", decode, "samples")
-    g.link(vae, "VAE", decode, "vae")
-    g.link(decode, "IMAGE", save, "images")
-    return g.workflow()
+    return tier_workflow(tier.name, tier.target_global_batch, job, steps, note_text(tier, plan, job, steps))
 
 
 def workflow_path(tier_name: str) -> Path:
@@ -472,10 +260,6 @@ def readme_with_section(readme: str, section: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def render(workflow: dict) -> str:
-    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
 
 
 def outputs() -> dict[Path, str]:

@@ -354,7 +354,7 @@ def _lora_dtype(request: PlanRequest, memory_model: MemoryModel, decisions) -> s
     if request.mode == "full":
         return decisions.add("lora_dtype", "none", "full fine-tune: fp32 master weights, bf16 compute")
     dtype = "fp32" if memory_model.lora_param_bytes == 4 else "bf16"
-    return decisions.add("lora_dtype", dtype, "adapter weights and AdamW states (fused AdamW)")
+    return decisions.add("lora_dtype", dtype, "adapter weights and AdamW states (fused AdamW on CUDA)")
 
 
 def tokens_per_sample(request: PlanRequest) -> int:
