@@ -238,8 +238,9 @@ def readme_section(tiers: dict[str, Tier]) -> str:
         "into ComfyUI). Each packs `input/my_images` (CPU: `input/whetstone_smoke_images`), plans for its tier, trains, loads the LoRA into Z-Image-Base and "
         "samples one image; its note explains the choices. The numbers below are the planner's for the tier's "
         "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "
-        f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak until measured in "
-        "`docs/benchmarks.md` (none measured yet). Regenerate with `python -m tools.make_workflows`."
+        f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak: none of these exact tier settings "
+        "has run yet (no A10/A100 here, no 4- or 8-GPU host lent); what was measured (LoRA r128 on H100 and 2xH200, "
+        "QLoRA, FP8, full fine-tune) is in `docs/benchmarks.md`. Regenerate with `python -m tools.make_workflows`."
     )
     lines = [
         README_HEADING,
