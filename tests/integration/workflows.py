@@ -11,16 +11,16 @@ RESOLUTION = 256  # the smallest Pack Dataset / Training Plan resolution: 16x16 
 IMAGE_FOLDER = "whetstone_images"
 
 
-def make_images(input_dir: Path, count: int = 4) -> str:
+def make_images(input_dir: Path, count: int = 4, folder_name: str = IMAGE_FOLDER) -> str:
     """A few 256x256 noise images with captions in ComfyUI's input folder; returns the folder's name there."""
-    folder = input_dir / IMAGE_FOLDER
+    folder = input_dir / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for index in range(count):
         pixels = rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"img{index}.png")
         (folder / f"img{index}.txt").write_text(f"a test pattern number {index}")
-    return IMAGE_FOLDER
+    return folder_name
 
 
 def train_prompt(models: dict[str, str], *, run_name: str, dataset_name: str, steps: int, save_every: int = 0) -> dict:
