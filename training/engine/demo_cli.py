@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -29,7 +30,7 @@ def demo_command(args: argparse.Namespace) -> int:
     try:
         settings = DemoSettings(output=args.output, steps=args.steps, seed=args.seed)
     except ValueError as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
     result = run_demo(settings)
     print(
