@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -272,10 +273,19 @@ def test_failed_save_keeps_previous_file(base, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora_file, "save_file", broken)
+    monkeypatch.setattr(os, "fsync", broken)  # the new bytes are written, then the disk fails before the rename
     with pytest.raises(OSError, match="disk full"):
         save_lora_file(path, state, settings, dtype=torch.float32)
     assert path.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def test_same_lora_gives_the_same_bytes(base, tmp_path):
+    settings = LoraSettings(rank=4)
+    state = lora_state_dict(with_lora(base, settings))
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_lora_file(first, state, settings, metadata={"steps": "10", "seed": "0"})
+    save_lora_file(second, dict(reversed(list(state.items()))), settings, metadata={"seed": "0", "steps": "10"})
+    assert first.read_bytes() == second.read_bytes()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

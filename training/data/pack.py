@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..atomic import TEMP_SUFFIX, write_bytes_atomic, write_json_atomic
 from .encoders import LatentEncoder, TextEncoder
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
 from .inputs import InputFile, inputs_digest, scan_images
@@ -30,13 +31,10 @@ from .shards import (
     PACK_VERSION,
     REPORT_NAME,
     STATE_NAME,
-    TEMP_SUFFIX,
     ShardInfo,
     ShardWriter,
     read_json,
     shard_is_intact,
-    write_bytes_atomic,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -320,7 +318,7 @@ def _pack_remaining(config, inputs, state: _Progress, builder, progress, should_
 
 def _complete_shard(config: PackConfig, state: _Progress, writer: ShardWriter, *, end_input: int) -> None:
     state.shards.append(writer.finish(end_input=end_input))
-    write_json_atomic(config.output_dir / STATE_NAME, state.to_json())
+    write_json_atomic(config.output_dir / STATE_NAME, state.to_json(), ensure_ascii=False)
     logger.info("wrote %s (%d samples)", state.shards[-1].name, state.shards[-1].samples)
 
 
@@ -332,7 +330,7 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
         "skipped": [{"path": r.path, "reason": r.message} for r in state.skipped],
         "notes": [{"path": r.path, "note": r.message} for r in state.notes],
     }
-    write_json_atomic(report_path, report)
+    write_json_atomic(report_path, report, ensure_ascii=False)
     if samples == 0:
         (config.output_dir / STATE_NAME).unlink(missing_ok=True)
         raise PackError(
@@ -356,7 +354,7 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
     empty_caption = builder.empty_caption_bytes()
     if empty_caption is not None:
         write_bytes_atomic(config.output_dir / EMPTY_CAPTION_NAME, empty_caption)
-    write_json_atomic(config.output_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(config.output_dir / MANIFEST_NAME, manifest, ensure_ascii=False)
     (config.output_dir / STATE_NAME).unlink(missing_ok=True)
     logger.info("packed %d samples into %d shards, skipped %d", samples, len(state.shards), len(state.skipped))
     return _result(config, manifest, state.shards, reused=reused)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import TEMP_SUFFIX, fsync_directory
+
 PACK_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: Beside the manifest in encoded shard sets: the text encoder's features of "" (caption dropout trains on it).
@@ -18,7 +20,6 @@ EMPTY_CAPTION_NAME = "empty_caption.safetensors"
 EMPTY_CAPTION_KEY = "caption_features"
 REPORT_NAME = "report.json"
 STATE_NAME = ".pack-state.json"
-TEMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +135,6 @@ class ShardWriter:
         self.temp_path.unlink(missing_ok=True)
 
 
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -153,17 +146,6 @@ def sha256_file(path: Path) -> str:
 def shard_is_intact(directory: Path, shard: ShardInfo) -> bool:
     path = directory / shard.name
     return path.is_file() and path.stat().st_size == shard.bytes and sha256_file(path) == shard.sha256
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    temp.write_bytes(data)
-    os.replace(temp, path)
-
-
-def write_json_atomic(path: Path, document: dict) -> None:
-    text = json.dumps(document, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def read_json(path: Path) -> dict:

@@ -43,6 +43,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from ..atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -351,9 +353,7 @@ def _rank_file(rank: int) -> str:
 
 
 def _save_rank_file(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda file: torch.save(data, file))
 
 
 def _require_plain(value: Any, where: str) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_json_atomic
 
 MODES = ("lora", "qlora", "full")
 SCHEDULES = ("constant", "cosine")
@@ -168,7 +169,7 @@ class TrainConfig:
         return _build(cls, data, "config")
 
     def save(self, path: str | os.PathLike) -> None:
-        write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:
@@ -210,18 +211,3 @@ def _build(cls, data: Any, where: str):
 def _dataclass_type(hint) -> type | None:
     candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .config import write_json_atomic
+from ..atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         "lora_check": check,
         "report_size": list(report.size),
     }
-    write_json_atomic(result.summary_json, summary)
+    write_json_atomic(result.summary_json, summary, sort_keys=True)
     if not result.last_loss < result.first_loss:
         raise RuntimeError(f"demo loss did not fall: smoothed {result.first_loss:.4f} -> {result.last_loss:.4f}")
     return result

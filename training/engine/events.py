@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import write_json_atomic
+from ..atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def write_status(run_dir: str | os.PathLike, state: str, message: str = "", **ex
     if state not in STATES:
         raise ValueError(f"status state must be one of {STATES}, got {state!r}")
     status = {"state": state, "message": message, "time": time.time(), "pid": os.getpid(), **extra}
-    write_json_atomic(Path(run_dir) / STATUS_FILE, _jsonable(status))
+    write_json_atomic(Path(run_dir) / STATUS_FILE, _jsonable(status), sort_keys=True)
     return status
 
 
@@ -138,7 +138,7 @@ class RunLog:
 
     def summary(self, data: dict[str, Any]) -> None:
         if self.rank == 0:
-            write_json_atomic(self.run_dir / SUMMARY_FILE, _jsonable(data))
+            write_json_atomic(self.run_dir / SUMMARY_FILE, _jsonable(data), sort_keys=True)
 
     def close(self) -> None:
         if self._gpu is not None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_text_atomic
 from .events import TERMINAL_STATES, read_status, write_status
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def write_failure(context: RunContext, error: BaseException) -> str:
     message = f"rank {context.rank}: {failure_message(error, context)}"
     run_dir = context.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(run_dir / f"error-rank{context.rank}.txt", text)
+    write_text_atomic(run_dir / f"error-rank{context.rank}.txt", text)
     if _create_exclusive(run_dir / ERROR_FILE, f"{message}\n\n{text}"):
         write_status(run_dir, "failed", message, rank=context.rank, plan=context.plan)
     logger.error("%s", message)
@@ -280,17 +281,6 @@ def _signal_name(exitcode: int) -> str | None:
 def _describe_returncode(returncode: int) -> str:
     name = _signal_name(returncode) if returncode < 0 else None
     return f"was killed by {name}" if name else f"exited with code {returncode}"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _create_exclusive(path: Path, text: str) -> bool:

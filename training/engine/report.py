@@ -10,6 +10,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import atomic_write
+
 BACKGROUND = (255, 255, 255)
 INK = (40, 40, 40)
 GRID = (228, 228, 228)
@@ -61,7 +63,7 @@ def render_report(
     memory_key = "peak_mem_gb" if any(_finite(e.get("peak_mem_gb")) for e in events) else "gpu_mem_used_gb"
     _metric_panel(draw, boxes[2], font, events, memory_key, "peak memory (GiB)")
     if path is not None:
-        _save_png_atomic(image, path)
+        atomic_write(path, lambda file: image.save(file, format="PNG"))
     return image
 
 
@@ -177,17 +179,3 @@ def _font(size: int):
         return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
     except (TypeError, OSError):
         return ImageFont.load_default()
-
-
-def _save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .layouts import comfy_name, diffusers_names
 from .lora import TARGET_PRESETS, LoraSettings
+from .safetensors_io import write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +129,8 @@ def save_lora_file(
         raise ValueError(f"LoRA file dtype must be one of {list(SAVE_DTYPES.values())}, got {dtype}")
     tensors = _file_tensors(state, settings, dtype)
     header = _file_metadata(settings, dtype, metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # our writer keeps key and metadata order, so the same LoRA always gives the same bytes (safetensors' does not)
+    write_safetensors(Path(path), sorted(tensors.items()), dict(sorted(header.items())))
     logger.info("saved LoRA (%d tensors, %s) to %s", len(tensors), header["dtype"], path)
 
 

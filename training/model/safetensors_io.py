@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_write
 
 
 class WeightsError(ValueError):
@@ -103,16 +104,3 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.Tensor]], metad
             file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
     atomic_write(path, write)
-
-
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)

@@ -22,13 +22,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..atomic import write_text_atomic
 from .config import ZImageConfig
 from .layouts import COMFY_CHECKPOINT_PREFIX, comfy_name, diffusers_names, is_diffusers_layout, strip_comfy_prefix
 from .safetensors_io import (
     DTYPES,
     TensorSource,
     WeightsError,
-    atomic_write,
     read_into,
     read_sources,
     write_safetensors,
@@ -370,7 +370,7 @@ def _write_diffusers_folder(folder: Path, entries, shard_size: int | None, metad
         total = sum(t.numel() * t.element_size() for _, t in entries)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         written.append(folder / DIFFUSERS_INDEX_NAME)
-        atomic_write(written[-1], lambda f: f.write(json.dumps(index, indent=2, sort_keys=True).encode()))
+        write_text_atomic(written[-1], json.dumps(index, indent=2, sort_keys=True))
     for stale in set(folder.glob("diffusion_pytorch_model*.safetensors*")) - set(written):
         log.info("removing %s left over from an earlier save", stale)
         stale.unlink()
