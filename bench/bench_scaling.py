@@ -56,9 +56,11 @@ def pack_shards(root: Path) -> Path:
 
 
 def run(name: str, gpus: int, steps: int, root: Path, timeout: int) -> dict:
-    conf = RUNS["lora" if name == "lora-shards" else name]
+    conf = RUNS["lora" if name in ("lora-shards", "lora-bf16grads") else name]
     run_dir = root / f"{name}-{gpus}"
     config = train_config(conf, str(run_dir), steps)
+    if name == "lora-bf16grads":  # DDP all-reduces the LoRA gradients in bf16 (run.ddp_bf16_grads)
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, ddp_bf16_grads=True))
     if name == "lora-shards":  # the streaming loader instead of synthetic inputs: measures the data wait
         shards = root / "shards" if (root / "shards").is_dir() else pack_shards(root)
         config = dataclasses.replace(
@@ -115,7 +117,7 @@ def measured_peak() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", default="1,2")
-    parser.add_argument("--runs", default="lora,full", help=f"from {sorted(RUNS)} and lora-shards")
+    parser.add_argument("--runs", default="lora,full", help=f"from {sorted(RUNS)}, lora-shards, lora-bf16grads")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--peak", type=float, default=None, help="bf16 matmul TFLOP/s for MFU (default: measure)")
     parser.add_argument("--timeout", type=int, default=300)

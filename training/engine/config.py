@@ -127,6 +127,7 @@ class RunSection:
     profile_steps: tuple[int, ...] = ()
     nccl_timeout_s: int = 1800
     fsdp_cpu_offload: bool = False
+    ddp_bf16_grads: bool = False  # LoRA/QLoRA on several GPUs: all-reduce gradients in bf16 (half the bytes)
 
     def __post_init__(self):
         self.profile_steps = tuple(self.profile_steps)

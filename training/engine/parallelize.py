@@ -95,18 +95,40 @@ def apply_fp8(model: nn.Module, *, mode: str, device: torch.device) -> None:
     logger.info("FP8 (torchao, tensorwise scaling): %d block linears converted (%s)", converted, reason)
 
 
-def apply_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
-    """DDP over the model; only the (LoRA) parameters that require grad are all-reduced."""
+def apply_ddp(model: nn.Module, dist_info: DistInfo, *, bf16_grads: bool = False) -> nn.Module:
+    """DDP over the model; only the (LoRA) parameters that require grad are all-reduced.
+
+    ``bf16_grads``: all-reduce the gradients in bf16 (half the bytes and half the time the NCCL kernels share the
+    GPU with the backward); each rank's gradient is rounded to bf16 before averaging, so results differ slightly."""
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [dist_info.device.index] if dist_info.is_cuda else None
     wrapped = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    if bf16_grads:
+        wrapped.register_comm_hook(None, _bf16_all_reduce)
     logger.info(
-        "data parallel: DDP over %d ranks (%d trainable tensors all-reduced; gradient_as_bucket_view)",
+        "data parallel: DDP over %d ranks (%d trainable tensors all-reduced in %s; gradient_as_bucket_view)",
         dist_info.world_size,
         sum(p.requires_grad for p in model.parameters()),
+        "bf16 (run.ddp_bf16_grads)" if bf16_grads else "float32",
     )
     return wrapped
+
+
+def _bf16_all_reduce(process_group, bucket):  # no return annotation: DDP checks it literally
+    """DDP comm hook: average a gradient bucket in bf16 (torch's own bf16 hook refuses gloo, which the tests use)."""
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(done: torch.futures.Future) -> torch.Tensor:
+        buffer = bucket.buffer()
+        buffer.copy_(done.value()[0])
+        return buffer
+
+    return future.then(decompress)
 
 
 def apply_fsdp(model: nn.Module, dist_info: DistInfo, *, param_dtype: torch.dtype, cpu_offload: bool) -> None:
@@ -147,6 +169,7 @@ def parallelize(
     fp8: bool,
     param_dtype: torch.dtype,
     cpu_offload: bool,
+    ddp_bf16_grads: bool = False,
 ) -> nn.Module:
     """Apply FP8, checkpointing, compile and data parallelism; returns the module to call for the forward pass."""
     if fp8:
@@ -159,7 +182,7 @@ def parallelize(
         apply_fsdp(model, dist_info, param_dtype=param_dtype, cpu_offload=cpu_offload)
         return model
     if dist_info.world_size > 1:
-        return apply_ddp(model, dist_info)
+        return apply_ddp(model, dist_info, bf16_grads=ddp_bf16_grads)
     logger.info("data parallel: none (one process)")
     return model
 

@@ -72,6 +72,7 @@ class Trainer:
             fp8=run.fp8,
             param_dtype=compute_dtype(config),
             cpu_offload=run.fsdp_cpu_offload,
+            ddp_bf16_grads=run.ddp_bf16_grads,
         )
         params = trainable_parameters(model)
         logger.info("precision: %s", _precision(config, dist_info))
