@@ -1,13 +1,16 @@
-"""Training Report: a run's events drawn as an IMAGE (loss, σ-bucket losses, throughput, memory, learning rate)."""
+"""Training Report: a run's events drawn as an IMAGE by the engine's report (loss, σ buckets, throughput, memory)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..training.engine.events import read_events
+from ..training.engine.report import render_report
 from . import paths
-from .chart import Panel, Series, image_to_comfy, moving_average, render_panels
 from .run_process import SUMMARY_FILE, read_json_file
 from .validation import Int, Text, check_all, declare
 from .values import RUN_TYPE
@@ -18,36 +21,20 @@ WIDGETS = {
     "run_name": Text(
         "", "A run in the whetstone_runs folder, used when no run is linked (e.g. to chart an earlier run).", 64
     ),
-    "smoothing": Int(20, 1, 10_000, "Steps in the moving average drawn over the raw loss."),
+    "smoothing": Int(20, 1, 10_000, "Steps the smoothed loss curve averages over (an EMA of that span)."),
 }
 
 
-def report_panels(events: list[dict], smoothing: int) -> list[Panel]:
-    steps = [e["step"] for e in events]
-    losses = [e.get("loss") for e in events]
-    panels = [
-        Panel(
-            "loss",
-            (Series("loss", steps, losses), Series(f"mean of {smoothing}", steps, moving_average(losses, smoothing))),
-            log_y=True,
-        )
-    ]
-    buckets = sorted({label for e in events for label in (e.get("loss_sigma") or {})})
-    if buckets:
-        sigma_series = tuple(
-            Series(
-                f"σ {label}",
-                steps,
-                moving_average([(e.get("loss_sigma") or {}).get(label) for e in events], smoothing),
-            )
-            for label in buckets
-        )
-        panels.append(Panel("loss by σ bucket (moving average)", sigma_series, log_y=True))
-    panels.append(Panel("images / s", (Series("img/s", steps, [e.get("img_per_s") for e in events]),)))
-    memory_key = next((k for k in ("peak_mem_gb", "gpu_mem_used_gb") if any(k in e for e in events)), "peak_mem_gb")
-    panels.append(Panel("memory (GB)", (Series(memory_key, steps, [e.get(memory_key) for e in events]),)))
-    panels.append(Panel("learning rate", (Series("lr", steps, [e.get("lr") for e in events]),)))
-    return panels
+def ema_weight(window: int) -> float:
+    """The exponential moving average that weighs recent steps like a ``window``-step mean (span 2/(N+1))."""
+    return 1.0 - 2.0 / (window + 1)
+
+
+def report_image(events: list[dict], window: int) -> torch.Tensor:
+    """The engine's run report (loss, σ buckets, throughput, memory) as a ComfyUI IMAGE [1, H, W, 3] in 0..1."""
+    image = render_report(events, size=(1000, 620), smoothing=ema_weight(window))
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None]
 
 
 def summarize_run(run_dir: Path, events: list[dict]) -> str:
@@ -66,8 +53,8 @@ def summarize_run(run_dir: Path, events: list[dict]) -> str:
 
 class TrainingReport:
     DESCRIPTION = (
-        "Draws a training run as an image for Preview Image or Save Image: the loss with its moving average, loss "
-        "per noise-level (σ) bucket, images per second, memory and learning rate, plus a text summary."
+        "Draws a training run as an image for Preview Image or Save Image: the loss with its smoothed curve, loss "
+        "per noise-level (σ) bucket, images per second and memory, plus a text summary."
     )
     CATEGORY = "Whetstone"
     FUNCTION = "report"
@@ -94,5 +81,4 @@ class TrainingReport:
             name = paths.check_name(values["run_name"], "run_name")
             run_dir = paths.confine(name, paths.run_roots(), "run_name", must_exist=True)
         events = read_events(run_dir)
-        image = render_panels(report_panels(events, values["smoothing"]))
-        return (image_to_comfy(image), summarize_run(run_dir, events))
+        return (report_image(events, values["smoothing"]), summarize_run(run_dir, events))

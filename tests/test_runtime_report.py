@@ -42,3 +42,11 @@ def test_smooth_is_debiased():
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     with pytest.raises(ValueError, match="smoothing weight"):
         smooth([1.0], weight=1.0)
+
+
+def test_smoothing_weight_changes_only_the_smoothed_curve():
+    events = _events(40)
+    light, heavy = render_report(events, smoothing=0.0), render_report(events, smoothing=0.95)
+    assert light.size == heavy.size and light.tobytes() != heavy.tobytes()
+    with pytest.raises(ValueError, match="smoothing"):
+        render_report(events, smoothing=1.0)

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from integration.workflows import RESOLUTION, make_images
+from integration.workflows import RESOLUTION, make_images, plan_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,28 +40,12 @@ def _pack(**overrides) -> dict:
     return {"class_type": "WhetstonePackDataset", "inputs": {**inputs, **overrides}}
 
 
-def _plan(model: str, **overrides) -> dict:
-    inputs = {
-        "model_name": model,
-        "tier": "cpu",
-        "mode": "lora",
-        "lora_rank": 4,
-        "lora_targets": "attention+ffn",
-        "resolution": RESOLUTION,
-        "target_batch": 1,
-        "learning_rate": 1e-4,
-        "caption_tokens": 32,
-        "free_comfyui_memory": False,
-    }
-    return {"class_type": "WhetstoneTrainingPlan", "inputs": {**inputs, **overrides}}
-
-
 def pack_prompt(models, **overrides) -> dict:
     return {"pack": _pack(**overrides)}
 
 
 def plan_prompt(models, **overrides) -> dict:
-    return {"plan": _plan(models["diffusion_models"], **overrides)}
+    return {"plan": plan_node(models["diffusion_models"], **overrides)}
 
 
 def train_prompt(models, **overrides) -> dict:
@@ -79,7 +63,7 @@ def train_prompt(models, **overrides) -> dict:
         "resume": False,
     }
     train = {"class_type": "WhetstoneTrain", "inputs": {**inputs, **overrides}}
-    return {"pack": _pack(), "plan": _plan(models["diffusion_models"]), "train": train}
+    return {"pack": _pack(), "plan": plan_node(models["diffusion_models"]), "train": train}
 
 
 def lora_prompt(models, **overrides) -> dict:
@@ -182,7 +166,7 @@ def hostile(comfy_server, zimage_models, tmp_path_factory):
     link = input_dir / "escape_link"
     if not link.exists():
         link.symlink_to(outside / "whetstone_images", target_is_directory=True)
-    comfy_server.run({"pack": _pack(), "plan": _plan(zimage_models["diffusion_models"])}, TIMEOUT_S)
+    comfy_server.run({"pack": _pack(), "plan": plan_node(zimage_models["diffusion_models"])}, TIMEOUT_S)
     return outside
 
 

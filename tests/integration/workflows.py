@@ -23,6 +23,23 @@ def make_images(input_dir: Path, count: int = 4, folder_name: str = IMAGE_FOLDER
     return folder_name
 
 
+def plan_node(model: str, **overrides) -> dict:
+    """Training Plan for the CPU tier: LoRA rank 4 at the test resolution, one sample per step."""
+    inputs = {
+        "model_name": model,
+        "tier": "cpu",
+        "mode": "lora",
+        "lora_rank": 4,
+        "lora_targets": "attention+ffn",
+        "resolution": RESOLUTION,
+        "target_batch": 1,
+        "learning_rate": 1e-4,
+        "caption_tokens": 32,
+        "free_comfyui_memory": False,
+    }
+    return {"class_type": "WhetstoneTrainingPlan", "inputs": {**inputs, **overrides}}
+
+
 def train_prompt(models: dict[str, str], *, run_name: str, dataset_name: str, steps: int, save_every: int = 0) -> dict:
     """Loaders -> Pack Dataset (VAE + text encoder) -> Training Plan (CPU tier) -> Train."""
     model = models["diffusion_models"]
@@ -43,21 +60,7 @@ def train_prompt(models: dict[str, str], *, run_name: str, dataset_name: str, st
                 "clip": ["clip", 0],
             },
         },
-        "plan": {
-            "class_type": "WhetstoneTrainingPlan",
-            "inputs": {
-                "model_name": model,
-                "tier": "cpu",
-                "mode": "lora",
-                "lora_rank": 4,
-                "lora_targets": "attention+ffn",
-                "resolution": RESOLUTION,
-                "target_batch": 1,
-                "learning_rate": 1e-4,
-                "caption_tokens": 32,
-                "free_comfyui_memory": False,
-            },
-        },
+        "plan": plan_node(model),
         "train": {
             "class_type": "WhetstoneTrain",
             "inputs": {

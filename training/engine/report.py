@@ -40,9 +40,13 @@ def loss_series(events: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
 
 
 def render_report(
-    events: list[dict[str, Any]], path: str | os.PathLike | None = None, size: tuple[int, int] = (800, 500)
+    events: list[dict[str, Any]],
+    path: str | os.PathLike | None = None,
+    size: tuple[int, int] = (800, 500),
+    smoothing: float = 0.9,
 ) -> Image.Image:
-    """Draw the report; also save it as PNG to ``path`` when given."""
+    """Draw the report; also save it as PNG to ``path`` when given. ``smoothing``: the EMA weight of the smoothed
+    loss (``smooth``)."""
     width, height = size
     if width < 320 or height < 240:
         raise ValueError(f"report size must be at least 320x240, got {width}x{height}")
@@ -55,7 +59,9 @@ def render_report(
     if not losses:
         draw.text((width // 2 - 60, height // 2), "no steps logged yet", fill=MUTED, font=font)
     else:
-        _line_panel(draw, (8, top, width - 8, split), font, "loss", steps, [(losses, RAW), (smooth(losses), SMOOTH)])
+        _line_panel(
+            draw, (8, top, width - 8, split), font, "loss", steps, [(losses, RAW), (smooth(losses, smoothing), SMOOTH)]
+        )
     third = (width - 16) // 3
     boxes = [(8 + i * third, split + 8, 8 + (i + 1) * third - 6, height - 8) for i in range(3)]
     _sigma_panel(draw, boxes[0], font, events)
