@@ -7,7 +7,6 @@ come from its per-step events, so what is measured is what a user's run does (lo
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import tempfile
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 
 from training.engine.config import DataSection, LoraSection, OptimSection, RunSection, TrainConfig
 from training.engine.events import read_events
+from training.engine.timing import window_rate
 from training.engine.trainer import run_training
 from training.model.config import PRESETS
 from training.model.flops import image_tokens_for, training_flops
@@ -69,14 +69,19 @@ def train_config(conf: OurConfig, output_dir: str, steps: int, *, grad_accum: in
 
 
 def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
-    """Train warmup + steps steps; report the median step of the last ``steps`` (compilation stays out)."""
+    """Train warmup + steps steps; report the wall-clock rate of the last ``steps`` (compilation stays out).
+
+    The rate is images over the wall time of the window (checked against the engine's device-finished step times:
+    `training.engine.timing.window_rate` raises when they differ by more than 3%)."""
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
         code = run_training(train_config(conf, run_dir, warmup + steps))
         if code != 0:
             raise RuntimeError(f"run_training exited with {code}; see {run_dir}")
-        events = [e for e in read_events(run_dir) if "step" in e and "img_per_s" in e][warmup:]
-    seconds = statistics.median(e["step_s"] for e in events)
+        all_events = [e for e in read_events(run_dir) if "step" in e and "img_per_s" in e]
+    window = window_rate(all_events, warmup=warmup)
+    events = all_events[warmup:]
+    seconds = window.wall_s / window.steps
     model_config = PRESETS["z-image"]
     flops = training_flops(
         model_config,
@@ -90,9 +95,12 @@ def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
         dataclasses.asdict(conf),
         res=conf.resolution,
         s_per_step=round(seconds, 4),
-        img_per_s=round(conf.batch / seconds, 3),
+        median_step_s=round(window.median_step_s, 4),
+        img_per_s=round(window.img_per_s, 3),
+        engine_img_per_s=round(window.engine_img_per_s, 3),
+        timer_vs_wall=round(window.disagreement, 4),
         tflops_useful=round(flops / seconds / 1e12, 1),
         peak_gib=round(max(e["peak_mem_gb"] for e in events), 1),
-        data_wait=round(statistics.median(e["data_wait"] for e in events), 4),
+        data_wait=round(sum(e["data_wait"] * e["step_s"] for e in events) / window.engine_s, 4),
         loss=events[-1]["loss"],
     )

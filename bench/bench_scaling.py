@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ours import OUR_CONFIGS, train_config  # noqa: E402
 
 from training.engine.events import read_events  # noqa: E402
+from training.engine.timing import window_rate  # noqa: E402
 from training.model.config import PRESETS  # noqa: E402
 from training.model.flops import image_tokens_for, training_flops  # noqa: E402
 
@@ -84,8 +85,10 @@ def run(name: str, gpus: int, steps: int, root: Path, timeout: int) -> dict:
     done = subprocess.run(command, timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         return {"run": name, "gpus": gpus, "error": f"exit {done.returncode}"}
-    events = [e for e in read_events(run_dir) if "img_per_s" in e][WARMUP_STEPS:]
-    step_s = statistics.median(e["step_s"] for e in events)
+    all_events = [e for e in read_events(run_dir) if "img_per_s" in e]
+    window = window_rate(all_events, warmup=WARMUP_STEPS)  # raises when the step timer disagrees with the wall
+    events = all_events[WARMUP_STEPS:]
+    step_s = window.wall_s / window.steps
     global_batch = conf.batch * gpus
     model = PRESETS["z-image"]
     flops = training_flops(
@@ -104,6 +107,7 @@ def run(name: str, gpus: int, steps: int, root: Path, timeout: int) -> dict:
         "tflops_per_gpu": round(flops / step_s / gpus / 1e12, 1),
         "peak_gib_rank0": round(max(e["peak_mem_gb"] for e in events), 1),
         "data_wait": round(statistics.median(e["data_wait"] for e in events), 4),
+        "timer_vs_wall": round(window.disagreement, 4),
     }
 
 

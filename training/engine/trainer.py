@@ -28,6 +28,7 @@ from .objective import FlowObjective
 from .optim import build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import clean_name, gradient_sync, parallelize, unwrap
 from .signals import GracefulStop
+from .step_clock import StepClock, device_waiter
 from .synthetic import SyntheticBatches, global_sample_indices
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Trainer:
     lora: LoraSettings | None
     checkpointer: Checkpointer
     log: RunLog
+    clock: StepClock
     step: int = 0  # optimizer steps done
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
 
@@ -92,6 +94,7 @@ class Trainer:
             lora=lora,
             checkpointer=Checkpointer(run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size),
             log=log,
+            clock=StepClock(device_waiter(dist_info.device)),
         )
         trainer.resume()
         return trainer
@@ -130,7 +133,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         run = self.config.run
-        started = time.perf_counter()
+        self.clock.start()
         torch.manual_seed(run.seed + 1_000_003 * self.step + self.dist_info.rank)  # LoRA dropout, per step
         stats = torch.zeros(3 + 2 * self.objective.n_buckets, dtype=torch.float64, device=self.dist_info.device)
         for micro in range(run.grad_accum):
@@ -144,8 +147,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        all_reduce_sum(stats)  # also waits for the step to finish on the device
-        elapsed = time.perf_counter() - started
+        all_reduce_sum(stats)
+        elapsed = self.clock.lap()  # after the device has finished the step (and the all-reduce)
         loss_sum, samples, waited = stats[:3].tolist()
         return {
             "loss": loss_sum / samples,
@@ -357,10 +360,16 @@ def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: 
         "peak_mem_gb": peak_memory_gb(dist_info.device),
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
         # over the last (up to 1000) steps; the first step compiles and warms up: left out when there are others
-        "img_per_s": _mean([m["img_per_s"] for m in list(trainer.history)[1:] or trainer.history]),
+        "img_per_s": _window_rate(list(trainer.history)[1:] or list(trainer.history)),
         "data_wait": _mean([m["data_wait"] for m in list(trainer.history)[1:] or trainer.history]),
         "config": config.to_dict(),
     }
+
+
+def _window_rate(history: list[dict]) -> float | None:
+    """Images per second over a window of steps: all its images over all its (chained, device-finished) seconds."""
+    seconds = sum(m["step_s"] for m in history)
+    return sum(m["img_per_s"] * m["step_s"] for m in history) / seconds if seconds > 0 else None
 
 
 def _mean(values: list[float]) -> float | None:
