@@ -75,10 +75,24 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
 
 
 def apply_fp8(model: nn.Module, *, mode: str, device: torch.device) -> None:
-    """torchao float8 training for the big block matmuls: LoRA's frozen base layers, or every block linear (full)."""
+    """FP8 for the big block matmuls. Adapter modes: the frozen base linears are quantised once (`fp8_frozen`, e4m3,
+    rowwise scales, a transposed copy for the input gradient). Full fine-tuning: torchao's float8 training, which
+    re-quantises the weights every call because they train."""
     supported, reason = fp8_supported(device)
     if not supported:
         raise ValueError(f"run.fp8 is on but {reason}; set run.fp8 to false")
+    blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
+    if mode != "full":
+        from .fp8_frozen import convert_frozen_linears
+
+        converted = convert_frozen_linears(blocks)
+        logger.info(
+            "FP8: %d frozen block linears quantised once to e4m3 with rowwise scales, plus a transposed copy for the "
+            "input gradient (the base never trains, so it is never re-quantised; %s)",
+            converted,
+            reason,
+        )
+        return
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError as error:
@@ -87,12 +101,11 @@ def apply_fp8(model: nn.Module, *, mode: str, device: torch.device) -> None:
 
     def wanted(module: nn.Module, fqn: str) -> bool:
         in_block = fqn.startswith(block_groups) and "lora_" not in fqn
-        aligned = module.in_features % 16 == 0 and module.out_features % 16 == 0
-        return in_block and aligned and (mode == "full" or not module.weight.requires_grad)
+        return in_block and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
     convert_to_float8_training(model, module_filter_fn=wanted)
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
-    logger.info("FP8 (torchao, tensorwise scaling): %d block linears converted (%s)", converted, reason)
+    logger.info("FP8 (torchao, tensorwise scaling; weights train): %d block linears converted (%s)", converted, reason)
 
 
 def apply_ddp(model: nn.Module, dist_info: DistInfo, *, bf16_grads: bool = False) -> nn.Module:
