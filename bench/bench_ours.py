@@ -42,6 +42,7 @@ OUR_CONFIGS = {
     "lora-1024-bs2": dataclasses.replace(_BASE, batch=2, resolution=1024),
     "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
     "fp8-512": dataclasses.replace(_BASE, fp8=True),
+    "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
 }
 
 
