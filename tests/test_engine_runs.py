@@ -164,3 +164,38 @@ def test_qlora_loss_decreases(tmp_path):
     losses = [e["loss"] for e in train_in_process(config)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.1, losses
+
+
+ONE_RANK_STOPS = """
+import runpy, sys
+from training.engine.trainer import Trainer
+
+original = Trainer.train_step
+
+
+def train_step(self, *, stop_requested=False):  # rank 1 alone asks to stop during its second step
+    return original(self, stop_requested=stop_requested or (self.dist_info.rank == 1 and self.step == 1))
+
+
+Trainer.train_step = train_step
+sys.argv = ["training", "train", "--config", sys.argv[1]]
+runpy.run_module("training", run_name="__main__")
+"""
+
+
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The stop request travels in the step's one metrics all-reduce: every rank saves and stops after step 2."""
+    config = tiny_config(tmp_path / "run", micro_batch=2)
+    path = write_config(config)
+    script = tmp_path / "one_rank_stops.py"
+    script.write_text(ONE_RANK_STOPS)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [*torchrun, str(script), str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert read_status(tmp_path / "run")["state"] == "stopped"
+    assert [e["step"] for e in read_events(tmp_path / "run")] == [1, 2]
+    assert all("stop_requested" not in e for e in read_events(tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "step-000002").is_dir()

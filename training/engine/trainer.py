@@ -117,31 +117,35 @@ class Trainer:
             logger.info("the checkpoint is at step %d of %d: nothing left to train", self.step, run.steps)
         while self.step < run.steps:
             with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
-                metrics = self.train_step()
+                metrics = self.train_step(stop_requested=stop.requested)
+            stopping = metrics.pop("stop_requested")  # any rank's request, agreed through the step's one collective
             self.step += 1
             self.history.append(metrics)
             self.log.step({"step": self.step, **metrics})
-            stopping = stop.should_stop()
             final = stopping or self.step == run.steps
             if final or (run.save_every and self.step % run.save_every == 0):
                 self.save(final=final)
             if stopping:
-                logger.warning("stopped at step %d on request (%s)", self.step, stop.signal_name)
+                logger.warning("stopped at step %d on request (%s)", self.step, stop.signal_name or "another rank")
                 break
         self.checkpointer.wait()
         return "stopped" if self.step < run.steps else "completed"
 
-    def train_step(self) -> dict:
+    def train_step(self, *, stop_requested: bool = False) -> dict:
+        """One optimizer step. Its metrics and every rank's stop request travel in one all-reduce per step; the
+        result's ``stop_requested`` is True on every rank when any rank asked to stop."""
         run = self.config.run
         self.clock.start()
         torch.manual_seed(run.seed + 1_000_003 * self.step + self.dist_info.rank)  # LoRA dropout, per step
-        stats = torch.zeros(3 + 2 * self.objective.n_buckets, dtype=torch.float64, device=self.dist_info.device)
+        n_buckets = self.objective.n_buckets
+        stats = torch.zeros(4 + 2 * n_buckets, dtype=torch.float64, device=self.dist_info.device)
         for micro in range(run.grad_accum):
             output, waited = self._micro_step(micro)
             stats[0] += output.per_sample.double().sum()
             stats[1] += output.per_sample.numel()
             stats[2] += waited
-            stats[3:] += self.objective.bucket_stats(output.sigma, output.per_sample).flatten()
+            stats[3 : 3 + 2 * n_buckets] += self.objective.bucket_stats(output.sigma, output.per_sample).flatten()
+        stats[-1] = float(stop_requested)
         grad_norm = clip_gradients(self.params, self.config.optim.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -149,16 +153,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         all_reduce_sum(stats)
         elapsed = self.clock.lap()  # after the device has finished the step (and the all-reduce)
-        loss_sum, samples, waited = stats[:3].tolist()
+        values = stats.tolist()
+        loss_sum, samples, waited = values[:3]
         return {
             "loss": loss_sum / samples,
-            "loss_sigma": self.objective.bucket_means(stats[3:].view(2, -1)),
+            "loss_sigma": self.objective.bucket_means(stats[3 : 3 + 2 * n_buckets].view(2, -1)),
             "grad_norm": float(grad_norm),
             "lr": lr,
             "img_per_s": samples / elapsed,
             "data_wait": waited / self.dist_info.world_size / elapsed,
             "step_s": elapsed,
             "peak_mem_gb": peak_memory_gb(self.dist_info.device),
+            "stop_requested": values[-1] > 0,
         }
 
     def _micro_step(self, micro: int):
