@@ -173,3 +173,41 @@ def test_every_mode_converts_to_rgb(mode):
 def test_rgba_fully_transparent_gives_background():
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
     assert np.asarray(to_rgb(rgba, (1, 2, 3)))[0, 0].tolist() == [1, 2, 3]
+
+
+def test_tall_png_whose_crop_box_had_float_noise_is_packed(tmp_path):
+    # Regression (issue 13 defect 2): 411x1018 at resolution 512 gave the box top -5.7e-14 and Pillow refused it.
+    path = save_image(tmp_path / "tall.png", noise_image(411, 1018))
+    fitted = _fit(path, resolution=512)
+    assert fitted.image.size == (320, 800) and fitted.plan.source_box[1] == 0.0
+
+
+def _random_sizes(count: int, seed: int, largest: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return [tuple(int(v) for v in rng.integers(1, largest + 1, 2)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("resolution", [64, 512, 768, 1024])
+def test_crop_box_fuzz_lies_inside_the_image_and_keeps_the_bucket_aspect(resolution):
+    buckets = make_buckets(resolution)
+    sizes = _random_sizes(3000, seed=resolution, largest=6000) + [(w, h) for w in range(1, 60) for h in (1, 59, 1018)]
+    for width, height in sizes:
+        bucket = nearest_bucket(width, height, buckets)
+        plan = plan_fit(width, height, bucket)
+        left, top, right, bottom = plan.source_box
+        where = f"{width}x{height} -> {bucket.name}: box {plan.source_box}"
+        assert 0.0 <= left < right <= width and 0.0 <= top < bottom <= height, where
+        assert (left, right) == (0.0, width) or (top, bottom) == (0.0, height), where  # one side kept whole
+        assert left == pytest.approx(width - right, abs=1e-9) and top == pytest.approx(height - bottom, abs=1e-9)
+        assert (right - left) / (bottom - top) == pytest.approx(bucket.aspect, rel=1e-9), where
+        assert plan.scale == pytest.approx(max(bucket.width / width, bucket.height / height), rel=1e-12), where
+
+
+def test_crop_box_fuzz_is_accepted_by_pillow():
+    buckets = make_buckets(128)
+    for width, height in _random_sizes(1500, seed=7, largest=700):
+        plan = plan_fit(width, height, nearest_bucket(width, height, buckets))
+        resized = Image.new("L", (width, height)).resize(
+            (plan.bucket.width, plan.bucket.height), Image.Resampling.BILINEAR, box=plan.source_box
+        )
+        assert resized.size == (plan.bucket.width, plan.bucket.height)

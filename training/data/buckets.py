@@ -74,7 +74,18 @@ class FitPlan:
 
 
 def plan_fit(width: int, height: int, bucket: Bucket) -> FitPlan:
-    scale = max(bucket.width / width, bucket.height / height)
-    crop_width, crop_height = bucket.width / scale, bucket.height / scale
-    left, top = (width - crop_width) / 2, (height - crop_height) / 2
-    return FitPlan(bucket=bucket, scale=scale, source_box=(left, top, left + crop_width, top + crop_height))
+    """Scale to cover the bucket, centre-crop the excess. The box always lies inside the image (Pillow refuses a
+    box offset of -5.7e-14), so the side that limits the scale is chosen in exact integer arithmetic and kept whole."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size {width}x{height} must be positive")
+    if bucket.width * height >= bucket.height * width:  # the bucket is relatively wider: the full width is used
+        scale = bucket.width / width
+        crop_height = bucket.height * width / bucket.width  # <= height exactly, and rounding keeps it so
+        top = (height - crop_height) / 2
+        box = (0.0, top, float(width), height - top)
+    else:  # the bucket is relatively taller: the full height is used
+        scale = bucket.height / height
+        crop_width = bucket.width * height / bucket.height
+        left = (width - crop_width) / 2
+        box = (left, 0.0, width - left, float(height))
+    return FitPlan(bucket=bucket, scale=scale, source_box=box)
