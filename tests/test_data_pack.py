@@ -91,11 +91,12 @@ def test_caption_sources_and_caption_problems(tmp_path):
     assert captions["missing.png"] == "" and captions["empty.png"] == ""
     assert len(captions["long.png"]) == 1000
     assert captions["猫の写真.png"] == "一只猫在睡觉 🐱"
+    assert captions["latin1.png"] == "café"  # issue 13 defect 5: a Latin-1 caption no longer drops its image
     report = _report(result)
-    assert report["skipped"] == [{"path": "latin1.png", "reason": report["skipped"][0]["reason"]}]
-    assert "not UTF-8" in report["skipped"][0]["reason"]
-    noted = {note["path"] for note in report["notes"]}
-    assert noted == {"missing.png", "empty.png", "long.png"}
+    assert report["skipped"] == []
+    notes = {note["path"]: note for note in report["notes"]}
+    assert set(notes) == {"missing.png", "empty.png", "long.png", "latin1.png"}
+    assert "not UTF-8" in notes["latin1.png"]["note"] and notes["latin1.png"]["kind"] == "caption_decoding"
     keys = [s["__key__"] for s in _samples(result).values()]
     assert all(key.isascii() and "." not in key for key in keys) and len(set(keys)) == len(keys)
 

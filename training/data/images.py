@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from .buckets import Bucket, FitPlan, nearest_bucket, plan_fit
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 #: Pillow's default limit; anything larger is refused as a possible decompression bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -23,7 +23,12 @@ _EXIF_ORIENTATION_TAG = 0x0112
 
 
 class ImageRejected(Exception):
-    """The file cannot become a training sample; the message is the reason written to report.json."""
+    """The file cannot become a training sample; the message is the reason written to report.json, `kind` a key of
+    outcomes.SKIP_KINDS."""
+
+    def __init__(self, reason: str, kind: str = "unreadable") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,7 @@ class FittedImage:
     image: Image.Image  # RGB, exactly bucket-sized
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     plan: FitPlan
+    notes: tuple[tuple[str, str], ...] = ()  # (kind, message); kinds are keys of outcomes.NOTE_KINDS
 
 
 def fit_image_file(
@@ -45,8 +51,14 @@ def fit_image_file(
 
     Raises ImageRejected with a human-readable reason for anything that cannot be used.
     """
-    if path.stat().st_size == 0:
-        raise ImageRejected("empty file (0 bytes)")
+    try:
+        size = path.stat().st_size
+    except OSError as error:  # moved or deleted after the folder was listed, or not permitted
+        raise ImageRejected(
+            f"could not be read ({type(error).__name__}: {error.strerror})", "unreadable_file"
+        ) from error
+    if size == 0:
+        raise ImageRejected("empty file (0 bytes)", "empty_file")
     with warnings.catch_warnings():
         # We apply our own pixel limit below; Pillow's warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -54,7 +66,10 @@ def fit_image_file(
             with Image.open(path) as image:
                 return _fit_open_image(image, buckets, upscale, background, max_image_pixels)
         except Image.DecompressionBombError as error:
-            raise ImageRejected(f"refused: possible decompression bomb ({error})") from error
+            raise ImageRejected(f"refused: possible decompression bomb ({error})", "too_large") from error
+        except (FileNotFoundError, PermissionError) as error:
+            reason = f"could not be read ({type(error).__name__}: {error.strerror})"
+            raise ImageRejected(reason, "unreadable_file") from error
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
             # Pillow signals corrupt or truncated data through any of these, depending on the codec.
             raise ImageRejected(f"unreadable image: {type(error).__name__}: {error}") from error
@@ -67,15 +82,19 @@ def _fit_open_image(
     if width * height > max_pixels:
         raise ImageRejected(
             f"refused: possible decompression bomb ({width}x{height} = {width * height} pixels "
-            f"exceeds max_image_pixels={max_pixels})"
+            f"exceeds max_image_pixels={max_pixels})",
+            "too_large",
         )
+    frames = getattr(image, "n_frames", 1)
+    notes = (("animated", f"animated ({frames} frames): the first frame was used"),) if frames > 1 else ()
     orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     oriented = (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
     plan = plan_fit(*oriented, nearest_bucket(*oriented, buckets))
     if plan.needs_upscale and not upscale:
         raise ImageRejected(
             f"too small: {oriented[0]}x{oriented[1]} is smaller than its bucket {plan.bucket.name} "
-            "(set too_small='upscale' to keep it)"
+            "(set too_small='upscale' to keep it)",
+            "too_small",
         )
     _request_draft(image, plan)
     image.load()
@@ -83,7 +102,7 @@ def _fit_open_image(
     plan = plan_fit(*rgb.size, plan.bucket)  # the JPEG draft may have shrunk the source
     resample = Image.Resampling.BICUBIC if plan.needs_upscale else Image.Resampling.LANCZOS
     fitted = rgb.resize((plan.bucket.width, plan.bucket.height), resample, box=plan.source_box, reducing_gap=3.0)
-    return FittedImage(image=fitted, original_size=oriented, plan=plan)
+    return FittedImage(image=fitted, original_size=oriented, plan=plan, notes=notes)
 
 
 def _request_draft(image: Image.Image, plan: FitPlan) -> None:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 from ..atomic import TEMP_SUFFIX, write_bytes_atomic, write_json_atomic
+from .changes import describe_changes, write_listing
 from .encoders import LatentEncoder, TextEncoder
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
-from .inputs import InputFile, inputs_digest, scan_images
+from .inputs import InputFile, Skip, inputs_digest, scan_images
 from .samples import SampleBuilder
 from .shards import (
     EMPTY_CAPTION_NAME,
@@ -76,6 +77,9 @@ class PackConfig:
     storage_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     #: Threads decoding and resizing images (output does not depend on it).
     num_threads: int = 2
+    #: Follow symbolic links (to images, captions, folders) that lead out of input_dir; off, they are skipped and
+    #: reported. The ComfyUI node never turns it on.
+    follow_external_links: bool = False
 
     def __post_init__(self) -> None:
         self.input_dir, self.output_dir = Path(self.input_dir), Path(self.output_dir)
@@ -104,6 +108,8 @@ class PackConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PackConfig.{name}={getattr(self, name)!r} must be one of {allowed}")
+        if not isinstance(self.follow_external_links, bool):
+            raise ValueError(f"PackConfig.follow_external_links={self.follow_external_links!r} must be True or False")
 
     def _check_numbers(self) -> None:
         for name in ("samples_per_shard", "max_caption_chars", "max_image_pixels", "num_threads"):
@@ -152,6 +158,7 @@ class _Record:
     index: int
     path: str
     message: str
+    kind: str = ""  # a key of outcomes.SKIP_KINDS / NOTE_KINDS
 
 
 @dataclass(kw_only=True)
@@ -196,18 +203,25 @@ def pack_dataset(
             "pass a latent encoder or set store_image=True"
         )
     _prepare_output_dir(config.output_dir)
-    inputs, scan_skips = scan_images(config.input_dir)
+    scan = scan_images(
+        config.input_dir,
+        follow_external_links=config.follow_external_links,
+        caption_extensions=config.sidecar_extensions,
+    )
+    inputs = scan.inputs
     if not inputs:
-        raise PackError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {config.input_dir}")
-    fingerprint = _fingerprint(config, inputs, latent_encoder, text_encoder)
-    finished = _finished_pack(config, fingerprint)
+        skipped = f"; skipped: {', '.join(f'{s.path} ({s.reason})' for s in scan.skips[:5])}" if scan.skips else ""
+        raise PackError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {config.input_dir}{skipped}")
+    identity = _identity(config, latent_encoder, text_encoder)
+    fingerprint = _fingerprint(identity, inputs)
+    finished = _finished_pack(config, fingerprint, identity, inputs)
     if finished is not None:
         return finished
-    state = _resume_state(config, fingerprint)
-    if state is None:
-        state = _Progress(fingerprint=fingerprint, skipped=[_Record(-1, s.path, s.reason) for s in scan_skips])
-    reused = len(state.shards)
     builder = SampleBuilder.from_config(config, latent_encoder, text_encoder)
+    state = _resume_state(config, fingerprint, identity, inputs)
+    if state is None:
+        state = _fresh_state(config, fingerprint, identity, scan, builder)
+    reused = len(state.shards)
     _pack_remaining(config, inputs, state, builder, progress or (lambda done, total: None), should_stop)
     return _finalize(config, state, builder, reused)
 
@@ -225,26 +239,42 @@ def _prepare_output_dir(output_dir: Path) -> None:
         stale.unlink()
 
 
-def _fingerprint(config, inputs, latent_encoder, text_encoder) -> str:
-    identity = {
+def _identity(config, latent_encoder, text_encoder) -> dict:
+    """Everything but the inputs that decides the output bytes."""
+    return {
         "pack_version": PACK_VERSION,
         "settings": config.output_settings(),
-        "inputs": inputs_digest(inputs),
         "latent_encoder": getattr(latent_encoder, "identity", None),
         "text_encoder": getattr(text_encoder, "identity", None),
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _finished_pack(config: PackConfig, fingerprint: str) -> PackResult | None:
+def _fingerprint(identity: dict, inputs: list[InputFile]) -> str:
+    document = identity | {"inputs": inputs_digest(inputs)}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def _fresh_state(config, fingerprint: str, identity: dict, scan, builder: SampleBuilder) -> _Progress:
+    """A new pack: the listing saved (so a changed folder can be explained later) and the scan's findings recorded."""
+    write_listing(config.output_dir, identity | {"fingerprint": fingerprint}, scan.inputs)
+    state = _Progress(fingerprint=fingerprint)
+    state.skipped = [_Record(-1, s.path, s.reason, s.kind) for s in scan.skips]
+    state.notes = [_Record(-1, s.path, s.reason, s.kind) for s in scan.notes]
+    state.notes += [_Record(-1, name, note, "metadata") for name, note in builder.captions.notes]
+    return state
+
+
+def _finished_pack(config: PackConfig, fingerprint: str, identity: dict, inputs) -> PackResult | None:
     manifest_path = config.output_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         return None
     manifest = read_json(manifest_path)
     if manifest.get("fingerprint") != fingerprint:
+        changes = describe_changes(config.output_dir, identity, inputs)
         raise PackError(
-            f"{config.output_dir} already holds a pack made from other inputs or settings; "
-            "choose an empty output_dir or delete that folder"
+            f"{config.output_dir} already holds a pack made from other inputs or settings ({changes}); that pack is "
+            f"complete and usable as it is; to pack {config.input_dir} as it is now with these settings, delete "
+            f"{config.output_dir} and pack again, or choose another output_dir"
         )
     shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
     damaged = [s.name for s in shards if not shard_is_intact(config.output_dir, s)]
@@ -254,15 +284,17 @@ def _finished_pack(config: PackConfig, fingerprint: str) -> PackResult | None:
     return _result(config, manifest, shards, reused=len(shards))
 
 
-def _resume_state(config: PackConfig, fingerprint: str) -> _Progress | None:
+def _resume_state(config: PackConfig, fingerprint: str, identity: dict, inputs) -> _Progress | None:
     state_path = config.output_dir / STATE_NAME
     if not state_path.is_file():
         return None
     saved = read_json(state_path)
     if saved.get("fingerprint") != fingerprint:
+        changes = describe_changes(config.output_dir, identity, inputs)
         raise PackError(
-            f"{config.output_dir} holds an interrupted pack of other inputs or settings ({STATE_NAME}); "
-            "rerun with the original settings, or delete the folder to start over"
+            f"{config.output_dir} holds an interrupted pack ({STATE_NAME}) of other inputs or settings ({changes}); "
+            f"to continue it, restore those files and settings and run again; to pack {config.input_dir} as it is "
+            f"now, delete {config.output_dir} or choose another output_dir"
         )
     recorded = [ShardInfo.from_json(s) for s in saved["shards"]]
     intact = 0
@@ -297,10 +329,10 @@ def _pack_remaining(config, inputs, state: _Progress, builder, progress, should_
                         "run it again with the same settings to resume"
                     )
                 relative = inputs[index].relative
-                if isinstance(outcome, str):
-                    state.skipped.append(_Record(index, relative, outcome))
+                if isinstance(outcome, Skip):
+                    state.skipped.append(_Record(index, relative, outcome.reason, outcome.kind))
                 else:
-                    state.notes.extend(_Record(index, relative, note) for note in outcome.caption.notes)
+                    state.notes.extend(_Record(index, relative, note, kind) for kind, note in outcome.notes)
                     if writer is None:
                         writer = ShardWriter(path=config.output_dir / f"{config.name}-{len(state.shards):06d}.tar")
                     writer.add(builder.build(outcome))
@@ -327,8 +359,8 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
     samples = sum(s.samples for s in state.shards)
     report = {
         "accepted": samples,
-        "skipped": [{"path": r.path, "reason": r.message} for r in state.skipped],
-        "notes": [{"path": r.path, "note": r.message} for r in state.notes],
+        "skipped": [{"path": r.path, "reason": r.message, "kind": r.kind} for r in state.skipped],
+        "notes": [{"path": r.path, "note": r.message, "kind": r.kind} for r in state.notes],
     }
     write_json_atomic(report_path, report, ensure_ascii=False)
     if samples == 0:

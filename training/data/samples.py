@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from .buckets import Bucket, make_buckets
 from .captions import Caption, CaptionIndex, CaptionRejected
 from .encoders import LATENT_CHANNELS, LATENT_DOWNSCALE, LatentEncoder, TextEncoder
 from .images import FittedImage, ImageRejected, encode_image, fit_image_file
-from .inputs import InputFile
+from .inputs import InputFile, Skip
 from .shards import EMPTY_CAPTION_KEY, ShardSample
 
 LATENT_KEY = "latent"
@@ -29,6 +30,11 @@ class Prepared:
     image_bytes: bytes | None
     pixels: torch.Tensor | None  # [3, H, W] float in [0, 1], only when a latent encoder will need it
 
+    @property
+    def notes(self) -> tuple[tuple[str, str], ...]:
+        """(kind, message) notes on how the caption and the image were read."""
+        return self.caption.notes + self.fitted.notes
+
 
 @dataclass(kw_only=True)
 class SampleBuilder:
@@ -42,6 +48,9 @@ class SampleBuilder:
     storage_dtype: torch.dtype
     latent_encoder: LatentEncoder | None
     text_encoder: TextEncoder | None
+    #: The real input folder: an input that resolves outside it when read is refused unless follow_external_links.
+    real_root: Path | None = None
+    follow_external_links: bool = False
 
     def empty_caption_bytes(self) -> bytes | None:
         """The text encoder's features of the empty caption as safetensors bytes (None without a text encoder)."""
@@ -58,6 +67,7 @@ class SampleBuilder:
             sidecar_extensions=config.sidecar_extensions,
             missing_caption=config.missing_caption,
             max_caption_chars=config.max_caption_chars,
+            follow_external_links=config.follow_external_links,
         )
         return cls(
             buckets=make_buckets(config.resolution, max_aspect_ratio=config.max_aspect_ratio),
@@ -70,10 +80,16 @@ class SampleBuilder:
             storage_dtype=getattr(torch, config.storage_dtype),
             latent_encoder=latent_encoder,
             text_encoder=text_encoder,
+            real_root=config.input_dir.resolve(),
+            follow_external_links=config.follow_external_links,
         )
 
-    def prepare(self, item: InputFile) -> Prepared | str:
-        """The decoded, fitted sample, or the reason it is skipped. Thread-safe (no encoder calls)."""
+    def prepare(self, item: InputFile) -> Prepared | Skip:
+        """The decoded, fitted sample, or why it is skipped. Thread-safe (no encoder calls)."""
+        escape = self._escaping_target(item.path)
+        if escape is not None:
+            reason = f"became a symbolic link to {escape}, outside the folder, after the folder was listed; not read"
+            return Skip(item.relative, reason, "link_outside")
         try:
             caption = self.captions.caption_for(item.path, item.relative)
             fitted = fit_image_file(
@@ -84,12 +100,18 @@ class SampleBuilder:
                 max_image_pixels=self.max_image_pixels,
             )
         except (CaptionRejected, ImageRejected) as rejection:
-            return str(rejection)
+            return Skip(item.relative, str(rejection), rejection.kind)
         image_bytes = encode_image(fitted.image, self.image_format, self.image_quality) if self.image_format else None
         pixels = None
         if self.latent_encoder is not None:
             pixels = torch.from_numpy(np.array(fitted.image)).permute(2, 0, 1).float().div_(255.0)
         return Prepared(item=item, caption=caption, fitted=fitted, image_bytes=image_bytes, pixels=pixels)
+
+    def _escaping_target(self, path: Path) -> Path | None:
+        if self.real_root is None or self.follow_external_links:
+            return None
+        target = path.resolve()
+        return None if target.is_relative_to(self.real_root) else target
 
     def build(self, prepared: Prepared) -> ShardSample:
         """Runs the encoders and serialises the sample's tar members."""
