@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+from ..training.data.outcomes import report_kinds, summary_lines
 from ..training.data.pack import PackConfig, PackInterrupted, pack_dataset
 from . import comfy_bridge, paths
 from .encoders import ComfyLatentEncoder, ComfyTextEncoder
@@ -74,6 +75,7 @@ class PackDataset:
             too_small=values["too_small"],
             missing_caption=values["missing_caption"],
             store_image=values["store_images"] or vae is None,
+            follow_external_links=False,  # a shared folder's links must never make the node read outside it
         )
         latent_encoder = ComfyLatentEncoder(vae) if vae is not None else None
         text_encoder = ComfyTextEncoder(clip) if clip is not None else None
@@ -111,16 +113,25 @@ class PackDataset:
             raise
 
 
+def _widget_setting(name: str, value: str) -> str | None:
+    """A pack setting as this node's widget (None: the node has no such widget, e.g. follow_external_links)."""
+    return f"{name}='{value}'" if name in WIDGETS else None
+
+
 def describe_pack(result) -> str:
-    """A short, readable report: counts, buckets, and the first skipped files with reasons."""
+    """A short, readable report: counts, buckets, what was skipped or noted by kind with how to keep it, and the first
+    skipped files with reasons."""
     lines = [
         f"Packed {result.samples} samples into {len(result.shards)} shards in {result.output_dir}"
         + (f" ({result.reused_shards} reused)" if result.reused_shards else ""),
         "Buckets: " + ", ".join(f"{name}: {count}" for name, count in sorted(result.buckets.items())),
-        f"Skipped: {result.skipped}",
     ]
-    if result.skipped and result.report_path.is_file():
+    if not result.skipped:
+        lines.append("Skipped: 0")
+    if result.report_path.is_file():
         report = json.loads(result.report_path.read_text(encoding="utf-8"))
+        kinds, noted = report_kinds(report)
+        lines += summary_lines(kinds, noted, total=result.samples + result.skipped, render_setting=_widget_setting)
         skipped = report.get("skipped", [])
         for entry in skipped[:REPORT_LINES]:
             lines.append(f"  {entry.get('path')}: {entry.get('reason')}")

@@ -3,6 +3,7 @@ while packing, formats and folders named like images; and a refused rerun says w
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.data_fixtures import make_dataset, noise_image, save_image, write_caption
+from training.data import cli
 from training.data.pack import PackConfig, PackError, PackInterrupted, pack_dataset
 from training.data.shards import read_samples
 
@@ -145,7 +147,7 @@ def test_link_to_an_image_outside_the_folder_is_refused_unless_allowed(tmp_path)
     result = pack_dataset(_config(tmp_path))
     assert result.samples == 1
     skip = _skips(result)["linked.png"]
-    assert skip["kind"] == "link_outside" and "follow_external_links=True" in skip["reason"]
+    assert skip["kind"] == "link_outside" and "copy the file into the folder" in skip["reason"]
     allowed = pack_dataset(_config(tmp_path, "allowed", follow_external_links=True))
     assert allowed.samples == 2 and "linked.png" in _captions(allowed)
 
@@ -218,3 +220,38 @@ def test_scan_skips_are_kept_through_an_interrupted_and_resumed_pack(tmp_path):
     assert set(_skips(resumed)) == {"dangling.png"}
     reference = pack_dataset(_config(tmp_path, "reference", samples_per_shard=2))
     assert _report(reference) == _report(resumed)
+
+
+# --- issue 15 item 2: the summary says what was skipped, why, and how to keep it --------------------------------------
+
+
+def _run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_summary_says_what_was_skipped_why_and_how_to_keep_it(tmp_path, capsys):
+    make_dataset(tmp_path / "in", 3)
+    for index in range(2):
+        save_image(tmp_path / "in" / f"small{index}.png", noise_image(40, 40, seed=index))
+    save_image(tmp_path / "in" / "bare.png", noise_image(64, 64))
+    os.symlink(_outside_image(tmp_path), tmp_path / "in" / "linked.png")
+    assert _run_cli("pack", str(tmp_path / "in"), str(tmp_path / "out"), "--resolution", "64") == 0
+    out = capsys.readouterr().out
+    assert "packed 4 samples" in out and "skipped 3 of 7 inputs:" in out
+    assert "2 too small for their bucket: keep them with --too-small upscale or pack at a lower resolution" in out
+    assert "1 symbolic links that leave the folder: keep them with --follow-external-links" in out
+    assert "note: 1 packed with an empty caption" in out
+    assert f"with its reason: {tmp_path / 'out' / 'report.json'}" in out
+    argv = ("pack", str(tmp_path / "in"), str(tmp_path / "kept"), "--resolution", "64", "--too-small", "upscale")
+    assert _run_cli(*argv, "--follow-external-links") == 0
+    assert "packed 7 samples" in capsys.readouterr().out
+
+
+def test_cli_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        _run_cli("pack", "--help")
+    help_text = capsys.readouterr().out
+    assert "(default: skip)" in help_text and "(default: 1024)" in help_text and "--follow-external-links" in help_text

@@ -126,3 +126,26 @@ def test_cancel_stops_packing_and_rerun_resumes(comfy):
     dataset, report = pack_node.PackDataset().pack(vae=FakeVAE(), **settings(too_small="upscale"))["result"]
     assert dataset.samples == 5
     assert "reused" in report
+
+
+def test_links_leaving_the_image_folder_are_never_followed(comfy, tmp_path):
+    # Issue 13 defect 4: a link to an image outside ComfyUI's folders (or merely outside the image folder) was packed.
+    photos = comfy.folders["input"] / "photos"
+    secret = tmp_path / "private"
+    secret.mkdir()
+    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(secret / "secret.png")
+    (secret / "secret.txt").write_text("private words")
+    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(comfy.folders["output"] / "other.png")
+    (photos / "secret.png").symlink_to(secret / "secret.png")
+    (photos / "secret.txt").symlink_to(secret / "secret.txt")
+    (photos / "other.png").symlink_to(comfy.folders["output"] / "other.png")
+    (photos / "private_folder").symlink_to(secret)
+    dataset, report = pack_node.PackDataset().pack(**settings(too_small="upscale"))["result"]
+    assert dataset.samples == 5  # the five real images only
+    report_json = json.loads((dataset.path / "report.json").read_text())
+    skipped = {entry["path"]: entry["kind"] for entry in report_json["skipped"]}
+    assert skipped == {"broken.png": "unreadable", "other.png": "link_outside", "private_folder": "link_outside",
+                       "secret.png": "link_outside"}  # fmt: skip
+    assert "private words" not in report and "private words" not in json.dumps(report_json)
+    assert "symbolic links that leave the folder: copy the files into the folder" in report
+    assert "follow_external_links" not in report  # the node has no such option and never follows

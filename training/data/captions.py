@@ -114,7 +114,7 @@ class CaptionIndex:
             return None
         return (
             f"is a symbolic link to {target}, outside {self.root}; links that leave the folder are not followed "
-            "(copy the file into the folder, or set follow_external_links=True)"
+            "(copy the file into the folder to use it)"
         )
 
 

@@ -12,26 +12,40 @@ from pathlib import Path
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+from .outcomes import report_kinds, summary_lines
 from .pack import PackConfig, PackError, pack_dataset
-from .shards import load_manifest, read_samples
+from .shards import load_manifest, read_json, read_samples
 
 
 def register(subparsers) -> None:
     """Adds `pack` and `inspect` to an argparse subparsers object; each sets func(args) -> exit code."""
-    pack = subparsers.add_parser("pack", help="pack an image folder into WebDataset shards (raw images, no encoders)")
+    pack = subparsers.add_parser(
+        "pack",
+        help="pack an image folder into WebDataset shards (raw images, no encoders)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     pack.add_argument("input_dir", type=Path, help="folder of images (searched recursively) with captions")
     pack.add_argument("output_dir", type=Path, help="where shards, manifest.json and report.json go (not inside input)")
     pack.add_argument("--name", default="data", help="shard name prefix: <name>-000000.tar")
-    pack.add_argument("--samples-per-shard", type=int, default=1000)
+    pack.add_argument("--samples-per-shard", type=int, default=1000, help="samples in each .tar shard")
     pack.add_argument("--resolution", type=int, default=1024, help="bucket area is resolution²: 512, 768, 1024, ...")
-    pack.add_argument("--max-aspect-ratio", type=float, default=3.0)
+    pack.add_argument("--max-aspect-ratio", type=float, default=3.0, help="widest bucket shape (3.0: 3:1 and 1:3)")
     pack.add_argument("--too-small", choices=("skip", "upscale"), default="skip", help="images smaller than a bucket")
     pack.add_argument("--background", default="255,255,255", help="R,G,B composited under transparency")
-    pack.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg")
-    pack.add_argument("--image-quality", type=int, default=95)
-    pack.add_argument("--metadata", type=Path, default=None, help="metadata.jsonl/.csv (default: one at input root)")
-    pack.add_argument("--missing-caption", choices=("empty", "skip"), default="empty")
-    pack.add_argument("--max-caption-chars", type=int, default=4000)
+    pack.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg", help="stored image format")
+    pack.add_argument("--image-quality", type=int, default=95, help="JPEG/WebP quality 1..100")
+    pack.add_argument("--metadata", type=Path, default=None, help="metadata.jsonl/.csv; none: one at the input root")
+    pack.add_argument("--missing-caption", choices=("empty", "skip"), default="empty", help="images without a caption")
+    pack.add_argument("--max-caption-chars", type=int, default=4000, help="longer captions are cut")
+    pack.add_argument(
+        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="larger images are refused"
+    )
+    pack.add_argument(
+        "--follow-external-links",
+        action="store_true",
+        help="pack images, captions and folders that symbolic links lead to outside input_dir (off: reported, not read)",
+    )
     pack.add_argument("--threads", type=int, default=2, help="image decode threads")
     pack.set_defaults(func=run_pack)
 
@@ -66,6 +80,8 @@ def run_pack(args: argparse.Namespace) -> int:
             metadata_file=args.metadata,
             missing_caption=args.missing_caption,
             max_caption_chars=args.max_caption_chars,
+            max_image_pixels=args.max_image_pixels,
+            follow_external_links=args.follow_external_links,
             num_threads=args.threads,
         )
         result = pack_dataset(config)
@@ -73,10 +89,20 @@ def run_pack(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"packed {result.samples} samples into {len(result.shards)} shards in {result.output_dir}")
-    print(f"skipped {result.skipped} inputs (reasons in {result.report_path})")
     for bucket, count in sorted(result.buckets.items(), key=lambda item: -item[1]):
         print(f"  {bucket:>10}: {count}")
+    skipped, noted = report_kinds(read_json(result.report_path))
+    for line in summary_lines(skipped, noted, total=result.samples + result.skipped, render_setting=_flag):
+        print(line)
+    if skipped or noted:
+        print(f"every skipped or noted file, with its reason: {result.report_path}")
     return 0
+
+
+def _flag(name: str, value: str) -> str:
+    """A pack setting spelled as this CLI's flag: --too-small upscale."""
+    flag = "--" + name.replace("_", "-")
+    return flag if value == "true" else f"{flag} {value}"
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -145,7 +145,7 @@ class _Scanner:
             if not relative.lower().endswith(self.caption_extensions):  # a caption link is refused where it is read
                 reason = (
                     f"symbolic link to {target}, outside {self.root}; links that leave the folder are not followed "
-                    "(copy the file into the folder, or set follow_external_links=True)"
+                    "(copy the file into the folder to use it)"
                 )
                 self._skip(relative, reason, "link_outside")
             return None

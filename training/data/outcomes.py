@@ -22,7 +22,7 @@ class Kind:
 
 SKIP_KINDS: dict[str, Kind] = {
     "too_small": Kind("too small for their bucket", ("too_small", "upscale"), "or pack at a lower resolution"),
-    "unreadable": Kind("unreadable as images (corrupt, truncated or not an image)", None, "re-save them"),
+    "unreadable": Kind("not readable as images (corrupt, truncated or not images)", None, "re-save or remove them"),
     "empty_file": Kind("empty (0 bytes)", None, "copy them again"),
     "too_large": Kind("larger than max_image_pixels", ("max_image_pixels", "<more pixels>"), "if you trust them"),
     "unsupported_format": Kind("in an unsupported format", None, "convert them to JPEG or PNG"),
@@ -63,9 +63,12 @@ def summary_lines(
     noted: Iterable[str],
     *,
     total: int,
-    render_setting: Callable[[str, str], str] = setting_for_config,
+    render_setting: Callable[[str, str], str | None] = setting_for_config,
 ) -> list[str]:
-    """One line per kind of skip and of note, most frequent first, each with how to keep those inputs."""
+    """One line per kind of skip and of note, most frequent first, each with how to keep those inputs.
+
+    render_setting(name, value) spells a setting for the caller's interface (a CLI flag, a widget), or None where
+    that interface has no such setting."""
     lines = []
     skip_counts = Counter(skipped)
     if skip_counts:
@@ -77,16 +80,19 @@ def summary_lines(
     return lines
 
 
-def _phrase(kinds: dict[str, Kind], kind: str, render_setting: Callable[[str, str], str]) -> str:
+def _phrase(kinds: dict[str, Kind], kind: str, render_setting: Callable[[str, str], str | None]) -> str:
     described = kinds.get(kind)
     if described is None:
         return kind.replace("_", " ")
-    keep = []
-    if described.setting is not None:
-        keep.append(render_setting(*described.setting))
-    if described.advice:
-        keep.append(described.advice)
-    if not keep:
-        return described.label
-    prefix = "keep them with " if described.setting is not None else ""
-    return f"{described.label} ({prefix}{' '.join(keep)})"
+    setting = render_setting(*described.setting) if described.setting is not None else None
+    advice = described.advice.removeprefix("or ") if setting is None else described.advice
+    if setting is not None:
+        return f"{described.label}: keep them with {setting}{' ' + advice if advice else ''}"
+    return f"{described.label}: {advice}" if advice else described.label
+
+
+def report_kinds(report: dict) -> tuple[list[str], list[str]]:
+    """The skip kinds and note kinds of a report.json document (entries without a kind count as 'unreadable')."""
+    skipped = [entry.get("kind") or "unreadable" for entry in report.get("skipped", [])]
+    noted = [entry.get("kind") or "note" for entry in report.get("notes", [])]
+    return skipped, noted
