@@ -104,7 +104,7 @@ def test_interrupted_pack_of_a_changed_folder_names_the_changes_and_how_to_conti
     assert "restore those files and settings" in message and "delete" in message
 
 
-# --- defect 4: nothing silently ignored, nothing read from outside ------------------------------------------------------
+# --- defect 4: nothing silently ignored, nothing read from outside ----------------------------------------------------
 
 
 def test_gif_is_packed_and_an_animated_one_is_noted(tmp_path):
@@ -255,3 +255,23 @@ def test_cli_help_shows_the_defaults(capsys):
         _run_cli("pack", "--help")
     help_text = capsys.readouterr().out
     assert "(default: skip)" in help_text and "(default: 1024)" in help_text and "--follow-external-links" in help_text
+
+
+def test_non_utf8_folder_and_link_target_names_are_reported_readably(tmp_path):
+    make_dataset(tmp_path / "in", 1)
+    os.mkdir(os.fsencode(tmp_path / "in") + b"/f\xf6lder")
+    outside = os.fsencode(tmp_path) + b"/\xff.png"
+    with open(outside, "wb") as file:
+        file.write((tmp_path / "in" / "img000.png").read_bytes())
+    os.symlink(outside, os.fsencode(tmp_path / "in") + b"/link.png")
+    result = pack_dataset(_config(tmp_path))
+    skips = _skips(result)
+    assert skips["f\\xf6lder"]["kind"] == "bad_name"
+    assert skips["link.png"]["kind"] == "link_outside" and "\\xff.png" in skips["link.png"]["reason"]
+
+
+def test_all_skipped_error_says_why_and_how_to_keep_them(tmp_path):
+    for index in range(3):
+        save_image(tmp_path / "in" / f"small{index}.png", noise_image(40, 40, seed=index))
+    with pytest.raises(PackError, match="3 too small for their bucket: keep them with too_small='upscale'"):
+        pack_dataset(_config(tmp_path))

@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METADATA_FILE_NAMES = ("metadata.jsonl", "metadata.csv")
+
+
+def printable_name(name: str) -> str:
+    """A file name as report text: bytes that are not UTF-8 (os's surrogate escapes) shown as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 _FILE_COLUMNS = ("file_name", "file", "image", "path")
 _CAPTION_COLUMNS = ("text", "caption", "prompt")
 
@@ -112,8 +119,9 @@ class CaptionIndex:
         target = path.resolve()
         if target.is_relative_to(self.root.resolve()):
             return None
+        shown, root = printable_name(str(target)), printable_name(str(self.root))
         return (
-            f"is a symbolic link to {target}, outside {self.root}; links that leave the folder are not followed "
+            f"is a symbolic link to {shown}, outside {root}; links that leave the folder are not followed "
             "(copy the file into the folder to use it)"
         )
 

@@ -3,17 +3,35 @@ changed since, so that a refused rerun says exactly which files and settings dif
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 from ..atomic import write_json_atomic
-from .inputs import InputFile
-from .shards import read_json
+from .inputs import InputFile, inputs_digest
+from .shards import PACK_VERSION, read_json
 
 logger = logging.getLogger(__name__)
 
 INPUTS_NAME = "inputs.json"
 _NAMES_SHOWN = 5
+
+
+def pack_identity(settings: dict, latent_encoder, text_encoder) -> dict:
+    """Everything but the inputs that decides a pack's bytes: version, output settings, encoder identities."""
+    return {
+        "pack_version": PACK_VERSION,
+        "settings": settings,
+        "latent_encoder": getattr(latent_encoder, "identity", None),
+        "text_encoder": getattr(text_encoder, "identity", None),
+    }
+
+
+def pack_fingerprint(identity: dict, inputs: list[InputFile]) -> str:
+    """Identifies a pack's output: a rerun with the same fingerprint may reuse or resume it."""
+    document = identity | {"inputs": inputs_digest(inputs)}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 def write_listing(output_dir: Path, identity: dict, inputs: list[InputFile]) -> None:

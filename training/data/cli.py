@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     pack.add_argument(
         "--follow-external-links",
         action="store_true",
-        help="pack images, captions and folders that symbolic links lead to outside input_dir (off: reported, not read)",
+        help="pack images, captions and folders that symbolic links lead to outside input_dir (off: reported only)",
     )
     pack.add_argument("--threads", type=int, default=2, help="image decode threads")
     pack.set_defaults(func=run_pack)

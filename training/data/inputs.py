@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import METADATA_FILE_NAMES
+from .captions import METADATA_FILE_NAMES, printable_name
 from .images import IMAGE_EXTENSIONS
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -56,11 +56,6 @@ def sample_key(relative: str) -> str:
     return f"{readable}-{hashlib.sha1(relative.encode('utf-8')).hexdigest()[:12]}"
 
 
-def printable_name(name: str) -> str:
-    """A file name as report text: bytes that are not UTF-8 (os's surrogate escapes) shown as \\xNN."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def scan_images(
     input_dir: Path, *, follow_external_links: bool = False, caption_extensions: tuple[str, ...] = (".txt", ".caption")
 ) -> Scan:
@@ -86,6 +81,13 @@ def scan_images(
         kept.append(item)
     scan.inputs = kept
     return scan
+
+
+def _link_text(path: Path) -> str:
+    try:
+        return printable_name(os.readlink(path))
+    except OSError as error:
+        return f"an unreadable target: {error.strerror}"
 
 
 class _Scanner:
@@ -138,29 +140,28 @@ class _Scanner:
         try:
             target = path.resolve(strict=True)
         except (OSError, RuntimeError):
-            self._skip(relative, f"broken symbolic link (to {os.readlink(path)}, which does not exist)", "broken_link")
+            self._skip(relative, f"broken symbolic link (to {_link_text(path)}, which does not exist)", "broken_link")
             return None
         inside = target.is_relative_to(self.real_root)
+        shown, root = printable_name(str(target)), printable_name(str(self.root))
         if not inside and not self.follow_external_links:
             if not relative.lower().endswith(self.caption_extensions):  # a caption link is refused where it is read
                 reason = (
-                    f"symbolic link to {target}, outside {self.root}; links that leave the folder are not followed "
+                    f"symbolic link to {shown}, outside {root}; links that leave the folder are not followed "
                     "(copy the file into the folder to use it)"
                 )
                 self._skip(relative, reason, "link_outside")
             return None
         if target.is_dir():
             if inside:
-                note = f"symbolic link to the folder {target}, inside the input; its files are packed from there"
+                note = f"symbolic link to the folder {shown}, inside the input; its files are packed from there"
                 self.scan.notes.append(Skip(relative, note, "linked_folder"))
                 return None
             return self._visit_folder(path, relative, real=target)
         if target.is_file():
             self._visit_file(path, relative)
         else:
-            self._skip(
-                relative, f"symbolic link to {target}, which is not a regular file; not read", "not_regular_file"
-            )
+            self._skip(relative, f"symbolic link to {shown}, which is not a regular file; not read", "not_regular_file")
         return None
 
     def _visit_folder(self, path: Path, relative: str, *, real: Path | None = None) -> tuple[Path, str] | None:
@@ -171,7 +172,11 @@ class _Scanner:
         real = real or path.resolve()
         if real in self.searched:
             self.scan.notes.append(
-                Skip(relative + "/", f"leads to {real}, already searched; not searched again", "linked_folder")
+                Skip(
+                    relative + "/",
+                    f"leads to {printable_name(str(real))}, already searched; not searched again",
+                    "linked_folder",
+                )
             )
             return None
         self.searched.add(real)

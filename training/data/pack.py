@@ -11,8 +11,6 @@ them, and continues, producing the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 from ..atomic import TEMP_SUFFIX, write_bytes_atomic, write_json_atomic
-from .changes import describe_changes, write_listing
+from .changes import describe_changes, pack_fingerprint, pack_identity, write_listing
 from .encoders import LatentEncoder, TextEncoder
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
-from .inputs import InputFile, Skip, inputs_digest, scan_images
+from .inputs import InputFile, Skip, scan_images
+from .outcomes import summary_lines
 from .samples import SampleBuilder
 from .shards import (
     EMPTY_CAPTION_NAME,
@@ -212,8 +211,8 @@ def pack_dataset(
     if not inputs:
         skipped = f"; skipped: {', '.join(f'{s.path} ({s.reason})' for s in scan.skips[:5])}" if scan.skips else ""
         raise PackError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {config.input_dir}{skipped}")
-    identity = _identity(config, latent_encoder, text_encoder)
-    fingerprint = _fingerprint(identity, inputs)
+    identity = pack_identity(config.output_settings(), latent_encoder, text_encoder)
+    fingerprint = pack_fingerprint(identity, inputs)
     finished = _finished_pack(config, fingerprint, identity, inputs)
     if finished is not None:
         return finished
@@ -237,21 +236,6 @@ def _prepare_output_dir(output_dir: Path) -> None:
     for stale in output_dir.glob(f".*{TEMP_SUFFIX}"):
         logger.info("removing %s left by an interrupted pack", stale)
         stale.unlink()
-
-
-def _identity(config, latent_encoder, text_encoder) -> dict:
-    """Everything but the inputs that decides the output bytes."""
-    return {
-        "pack_version": PACK_VERSION,
-        "settings": config.output_settings(),
-        "latent_encoder": getattr(latent_encoder, "identity", None),
-        "text_encoder": getattr(text_encoder, "identity", None),
-    }
-
-
-def _fingerprint(identity: dict, inputs: list[InputFile]) -> str:
-    document = identity | {"inputs": inputs_digest(inputs)}
-    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 def _fresh_state(config, fingerprint: str, identity: dict, scan, builder: SampleBuilder) -> _Progress:
@@ -365,8 +349,10 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
     write_json_atomic(report_path, report, ensure_ascii=False)
     if samples == 0:
         (config.output_dir / STATE_NAME).unlink(missing_ok=True)
+        why = " ".join(summary_lines([r.kind for r in state.skipped], [], total=len(state.skipped))[1:])
         raise PackError(
-            f"no usable image in {config.input_dir}: all {len(state.skipped)} inputs were skipped; see {report_path}"
+            f"no usable image in {config.input_dir}: all {len(state.skipped)} inputs were skipped:{why}; "
+            f"see {report_path}"
         )
     buckets: dict[str, int] = {}
     for shard in state.shards:

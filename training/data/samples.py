@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from .buckets import Bucket, make_buckets
-from .captions import Caption, CaptionIndex, CaptionRejected
+from .captions import Caption, CaptionIndex, CaptionRejected, printable_name
 from .encoders import LATENT_CHANNELS, LATENT_DOWNSCALE, LatentEncoder, TextEncoder
 from .images import FittedImage, ImageRejected, encode_image, fit_image_file
 from .inputs import InputFile, Skip
@@ -88,7 +88,8 @@ class SampleBuilder:
         """The decoded, fitted sample, or why it is skipped. Thread-safe (no encoder calls)."""
         escape = self._escaping_target(item.path)
         if escape is not None:
-            reason = f"became a symbolic link to {escape}, outside the folder, after the folder was listed; not read"
+            shown = printable_name(str(escape))
+            reason = f"became a symbolic link to {shown}, outside the folder, after the folder was listed; not read"
             return Skip(item.relative, reason, "link_outside")
         try:
             caption = self.captions.caption_for(item.path, item.relative)
