@@ -275,3 +275,21 @@ def test_all_skipped_error_says_why_and_how_to_keep_them(tmp_path):
         save_image(tmp_path / "in" / f"small{index}.png", noise_image(40, 40, seed=index))
     with pytest.raises(PackError, match="3 too small for their bucket: keep them with too_small='upscale'"):
         pack_dataset(_config(tmp_path))
+
+
+def test_inputs_record_round_trips_and_a_missing_or_foreign_one_is_said(tmp_path):
+    make_dataset(tmp_path / "in", 3)
+    result = pack_dataset(_config(tmp_path))
+    record = json.loads((result.output_dir / "inputs.json").read_text(encoding="utf-8"))
+    manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
+    assert record["fingerprint"] == manifest["fingerprint"] and record["settings"] == manifest["settings"]
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "in").glob("*.png")}
+    assert record["inputs"] == [[name, size] for name, size in sorted(sizes.items())]
+    (tmp_path / "in" / "img002.png").unlink()
+    record["fingerprint"] = "0" * 64
+    (result.output_dir / "inputs.json").write_text(json.dumps(record))
+    with pytest.raises(PackError, match="describes another pack"):
+        pack_dataset(_config(tmp_path))
+    (result.output_dir / "inputs.json").unlink()
+    with pytest.raises(PackError, match="no inputs.json saying what it was made from"):
+        pack_dataset(_config(tmp_path))

@@ -40,9 +40,12 @@ def write_listing(output_dir: Path, identity: dict, inputs: list[InputFile]) -> 
     write_json_atomic(output_dir / INPUTS_NAME, document, ensure_ascii=False)
 
 
-def describe_changes(output_dir: Path, identity: dict, inputs: list[InputFile]) -> str:
-    """What differs between the pack recorded in output_dir/inputs.json and one made now from `identity` and
-    `inputs`, e.g. "setting resolution: 64 -> 128; 1 file removed: a.png"."""
+def describe_changes(
+    output_dir: Path, recorded_fingerprint: str | None, identity: dict, inputs: list[InputFile]
+) -> str:
+    """What differs between the pack recorded in output_dir/inputs.json (with `recorded_fingerprint`, from its
+    manifest or pack state) and one made now from `identity` and `inputs`, e.g.
+    "setting resolution: 64 -> 128; 1 file removed: a.png"."""
     path = output_dir / INPUTS_NAME
     if not path.is_file():
         return f"there is no {INPUTS_NAME} saying what it was made from (an older version made it)"
@@ -52,6 +55,8 @@ def describe_changes(output_dir: Path, identity: dict, inputs: list[InputFile]) 
     except (ValueError, TypeError, AttributeError) as error:
         logger.warning("cannot compare with %s: %s", path, error)
         return f"its {INPUTS_NAME} cannot be read ({error})"
+    if saved.get("fingerprint") != recorded_fingerprint:
+        return f"its {INPUTS_NAME} describes another pack, so what changed is unknown"
     changes = _setting_changes(saved, identity)
     current = {item.relative: item.size for item in inputs}
     removed = sorted(saved_inputs.keys() - current.keys())

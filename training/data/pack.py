@@ -1,7 +1,11 @@
 """Packing an image folder into WebDataset shards: `pack_dataset(PackConfig(...))`.
 
 Output folder layout: `<name>-000000.tar ...`, `manifest.json` (counts, buckets, shards with sizes and sha256, encoder
-identities, settings, pack version) and `report.json` (every skipped input with its reason, and notes).
+identities, settings, pack version), `report.json` (every skipped input with its reason and kind, and notes) and
+`inputs.json` (what the pack was made from, so that a refused rerun says what changed).
+
+Inputs: every entry under input_dir is packed, skipped or noted (see outcomes.py); symbolic links that leave input_dir
+are reported and not read unless follow_external_links.
 
 Interruption: `should_stop()` returning True (or the process dying) discards only the shard being written. pack_dataset
 then raises PackInterrupted; calling it again with the same settings verifies the completed shards by sha256, keeps
@@ -254,7 +258,7 @@ def _finished_pack(config: PackConfig, fingerprint: str, identity: dict, inputs)
         return None
     manifest = read_json(manifest_path)
     if manifest.get("fingerprint") != fingerprint:
-        changes = describe_changes(config.output_dir, identity, inputs)
+        changes = describe_changes(config.output_dir, manifest.get("fingerprint"), identity, inputs)
         raise PackError(
             f"{config.output_dir} already holds a pack made from other inputs or settings ({changes}); that pack is "
             f"complete and usable as it is; to pack {config.input_dir} as it is now with these settings, delete "
@@ -274,7 +278,7 @@ def _resume_state(config: PackConfig, fingerprint: str, identity: dict, inputs) 
         return None
     saved = read_json(state_path)
     if saved.get("fingerprint") != fingerprint:
-        changes = describe_changes(config.output_dir, identity, inputs)
+        changes = describe_changes(config.output_dir, saved.get("fingerprint"), identity, inputs)
         raise PackError(
             f"{config.output_dir} holds an interrupted pack ({STATE_NAME}) of other inputs or settings ({changes}); "
             f"to continue it, restore those files and settings and run again; to pack {config.input_dir} as it is "
