@@ -154,7 +154,7 @@ class _Scanner:
             return None
         if target.is_dir():
             if inside:
-                note = f"symbolic link to the folder {shown}, inside the input; its files are packed from there"
+                note = f"symbolic link to the folder {shown}, inside the input; not followed (that folder is searched where it is)"
                 self.scan.notes.append(Skip(relative, note, "linked_folder"))
                 return None
             return self._visit_folder(path, relative, real=target)
