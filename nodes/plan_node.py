@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 from ..training.hardware.discovery import discover
-from ..training.hardware.memory import LORA_TARGETS_WITH_REFINERS
 from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
+from ..training.model.targets import DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
+from ..training.vocabulary import MODES
 from . import comfy_bridge
 from .validation import Choice, Float, Int, Toggle, check_all
 from .values import HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
@@ -27,11 +28,9 @@ WIDGETS = {
         tier_names(),
         "Plan for the measured hardware (link Hardware Profile), or for a tier to prepare a run for another machine.",
     ),
-    "mode": Choice(("lora", "qlora", "full"), "LoRA (bf16 base), QLoRA (4-bit base, least memory) or full fine-tune."),
+    "mode": Choice(MODES, "LoRA (bf16 base), QLoRA (4-bit base, least memory) or full fine-tune."),
     "lora_rank": Int(32, 1, 1024, "LoRA rank: capacity of the adapter (16-64 for styles and characters)."),
-    "lora_targets": Choice(
-        tuple(LORA_TARGETS_WITH_REFINERS), "Which layers get LoRA adapters.", default="attention+ffn"
-    ),
+    "lora_targets": Choice(LORA_TARGETS, "Which layers get LoRA adapters.", default=DEFAULT_TARGETS),
     "resolution": Int(1024, 256, 4096, "Training resolution (square side in pixels, as packed).", step=16),
     "target_batch": Int(0, 0, 4096, "Global batch per optimizer step; 0 uses the tier's default."),
     "learning_rate": Float(1e-4, 1e-7, 1e-2, "Base learning rate; the plan scales it with the number of GPUs.", 1e-6),

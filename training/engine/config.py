@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic
+from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
+from ..vocabulary import MODES
 
-MODES = ("lora", "qlora", "full")
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SIGMA_SAMPLERS = ("shifted_uniform", "logit_normal", "uniform")
-LORA_TARGETS = ("attention", "attention+ffn", "attention+ffn+refiners", "all")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -44,7 +44,7 @@ class LoraSection:
     rank: int = 16
     alpha: float | None = None
     dropout: float = 0.0
-    targets: str = "attention+ffn"
+    targets: str = DEFAULT_TARGETS
 
     def __post_init__(self):
         _require(1 <= self.rank <= 1024, f"lora.rank must be in 1..1024, got {self.rank!r}")

@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 
+from ..vocabulary import LR_SCALINGS, MODES
 from .discovery import discover
-from .memory import MODES
 from .plan import PlanRefused, PlanRequest, make_plan
 from .tiers import load_tiers, nearest_tier, simulated_profile
 
@@ -23,7 +23,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=None, help="target global batch (default: the tier's)")
     parser.add_argument("--caption-tokens", type=int, default=128, help="caption length in tokens")
     parser.add_argument("--lr", type=float, default=1e-4, help="base learning rate for one GPU")
-    parser.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"), default="sqrt")
+    parser.add_argument("--lr-scaling", choices=LR_SCALINGS, default="sqrt")
     parser.add_argument("--tier", default=None, help=f"plan for a simulated tier: {', '.join(sorted(load_tiers()))}")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.set_defaults(func=run)

@@ -27,14 +27,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from ..model.config import PRESETS, ZImageConfig
+from ..model.targets import DEFAULT_TARGETS, lora_param_count, target_preset
+from ..vocabulary import ATTENTION_BACKENDS, LORA_MODES, MODES, PARALLELISMS
 
-Mode = Literal["lora", "qlora", "full"]
-MODES: tuple[str, ...] = ("lora", "qlora", "full")
-PARALLELISMS: tuple[str, ...] = ("none", "ddp", "fsdp2")
-ATTENTION_BACKENDS: tuple[str, ...] = ("flash", "efficient", "cudnn", "math")
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -89,7 +86,7 @@ def analytic_coefficients(
     else:  # peft casts each input to the fp32 adapter dtype; w1 and w3 cast theirs separately
         block += 18 * d + 4 * h
     lora_output_bytes = FP32 if lora_input_fp32 else BF16
-    block += 5 * lora_rank * lora_output_bytes if mode in ("lora", "qlora") else 32 * d
+    block += 5 * lora_rank * lora_output_bytes if mode in LORA_MODES else 32 * d
     if compiled:
         block -= 16 * d + 2 * h
     # Backward of one block: the incoming and outgoing residual gradients, the fp32 gradient of a norm input,
@@ -108,21 +105,9 @@ def analytic_coefficients(
     )
 
 
-#: LoRA target presets of ``training.model.lora`` and whether they reach the refiner blocks. A preset that leaves
-#: the refiners frozen means they build no autograd graph at all (their inputs come from frozen embedders).
-LORA_TARGETS_WITH_REFINERS = {"attention": False, "attention+ffn": False, "attention+ffn+refiners": True, "all": True}
-
-
-def lora_params(model: ZImageConfig, rank: int, targets: str = "attention+ffn") -> int:
-    """Trainable LoRA parameters on qkv (fused: A is r x d, B is 3d x r), out, w1, w2, w3 of the blocks the preset
-    targets (``attention`` alone counts qkv and out only)."""
-    d, h = model.dim, model.ffn_hidden_dim
-    attention = rank * (d + 3 * d) + rank * (d + d)
-    per_block = attention if targets == "attention" else attention + 2 * rank * (d + h) + rank * (h + d)
-    refiners = LORA_TARGETS_WITH_REFINERS.get(targets)
-    if refiners is None:
-        raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {sorted(LORA_TARGETS_WITH_REFINERS)}")
-    return (model.n_layers + (2 * model.n_refiner_layers if refiners else 0)) * per_block
+def lora_params(model: ZImageConfig, rank: int, targets: str = DEFAULT_TARGETS) -> int:
+    """Trainable LoRA parameters of a target preset (``training.model.targets``, the table the engine attaches)."""
+    return lora_param_count(model, rank, targets)
 
 
 def block_linear_params(model: ZImageConfig) -> int:
@@ -201,7 +186,7 @@ class MemoryModel:
         parallelism: str,
         lora_rank: int,
         *,
-        lora_targets: str = "attention+ffn",
+        lora_targets: str = DEFAULT_TARGETS,
         cpu_offload: bool = False,
         trainable_params: int | None = None,
     ) -> dict[str, int]:
@@ -248,7 +233,7 @@ class MemoryModel:
         world_size: int = 1,
         lora_rank: int = 128,
         *,
-        lora_targets: str = "attention+ffn",
+        lora_targets: str = DEFAULT_TARGETS,
         parallelism: str | None = None,
         grad_accum: int = 1,
         cpu_offload: bool = False,
@@ -281,7 +266,7 @@ class MemoryModel:
         per_block = coef.block * tokens + self._attention_quadratic(attention_backend, micro_batch, image_tokens)
         depth = checkpoint_depth
         kept = max(cfg.n_layers - depth, 1) * per_block + depth * coef.checkpointed * tokens + coef.shared * tokens
-        if mode == "full" or LORA_TARGETS_WITH_REFINERS.get(lora_targets, True):
+        if mode == "full" or target_preset(lora_targets).trains_refiners:
             kept += cfg.n_refiner_layers * coef.block * tokens  # noise refiner on image, context on caption tokens
         persistent_grads = parallelism == "ddp" or grad_accum > 1
         grads_at_peak = grads if persistent_grads else self._grads_at_peak(grads, depth, coef.checkpointed * tokens)

@@ -12,6 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from ..vocabulary import LR_SCALINGS
 from .discovery import HardwareProfile
 from .fitting import (
     Setting,
@@ -23,7 +24,7 @@ from .fitting import (
     least_memory_depth,
 )
 from .memory import GIB, MemoryModel, image_tokens_for, padded
-from .request import LR_SCALINGS, PlanRefused, PlanRequest
+from .request import PlanRefused, PlanRequest
 from .tiers import Tier, nearest_tier
 
 __all__ = [

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..model.config import PRESETS, ZImageConfig
-from .memory import ATTENTION_BACKENDS, GIB, LORA_TARGETS_WITH_REFINERS, MODES
+from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
+from ..vocabulary import ATTENTION_BACKENDS, LR_SCALINGS, MODES
+from .memory import GIB
 
-LR_SCALINGS = ("sqrt", "linear", "none")
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
 
 
@@ -22,7 +23,7 @@ class PlanRequest:
     resolution: int | tuple[int, int]
     caption_tokens: int = 128
     lora_rank: int = 128
-    lora_targets: str = "attention+ffn"
+    lora_targets: str = DEFAULT_TARGETS
     target_global_batch: int | None = None
     lr_base: float = 1e-4
     lr_scaling: str = "sqrt"
@@ -49,10 +50,8 @@ class PlanRequest:
                 )
         self._check_positive("caption_tokens", "lora_rank")
         self._check_positive_or_none("target_global_batch", "world_size", "micro_batch", "trainable_params")
-        if self.lora_targets not in LORA_TARGETS_WITH_REFINERS:
-            raise ValueError(
-                f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {sorted(LORA_TARGETS_WITH_REFINERS)}"
-            )
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {LORA_TARGETS}")
         if not self.lr_base > 0:
             raise ValueError(f"PlanRequest.lr_base must be > 0 (e.g. 1e-4), got {self.lr_base!r}")
         if self.lr_scaling not in LR_SCALINGS:

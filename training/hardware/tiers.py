@@ -15,13 +15,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..vocabulary import ATTENTION_BACKENDS, LR_SCALINGS, MODES
 from .discovery import BANDWIDTH_CLASSES, LINKS, GpuInfo, HardwareProfile
-from .memory import ATTENTION_BACKENDS, GIB, MIB, MODES
+from .memory import GIB, MIB
 
 logger = logging.getLogger(__name__)
 
 TIERS_DIR = Path(__file__).with_name("tiers")
-LR_SCALINGS = ("sqrt", "linear", "none")
 
 
 @dataclass(kw_only=True, frozen=True)

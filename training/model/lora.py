@@ -14,40 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .targets import DEFAULT_TARGETS, TARGET_PRESETS, target_preset
+
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 _PEFT_PARAM = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_[AB])\.default\.weight$")
-
-
-@dataclass(kw_only=True, frozen=True)
-class TargetPreset:
-    """Which block groups of the transformer and which linear layers inside each block get a LoRA."""
-
-    block_groups: tuple[str, ...]
-    modules: tuple[str, ...]
-    description: str
-
-
-_ATTENTION = ("attention.qkv", "attention.out")
-_FFN = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-_ALL_BLOCKS = ("noise_refiner", "context_refiner", "layers")
-
-TARGET_PRESETS: dict[str, TargetPreset] = {
-    "attention": TargetPreset(block_groups=("layers",), modules=_ATTENTION, description="attention of the main layers"),
-    "attention+ffn": TargetPreset(
-        block_groups=("layers",), modules=_ATTENTION + _FFN, description="attention and feed-forward of the main layers"
-    ),
-    "attention+ffn+refiners": TargetPreset(
-        block_groups=_ALL_BLOCKS, modules=_ATTENTION + _FFN, description="attention and feed-forward of every block"
-    ),
-    "all": TargetPreset(
-        block_groups=_ALL_BLOCKS,
-        modules=_ATTENTION + _FFN + ("adaLN_modulation.0",),
-        description="attention, feed-forward and adaLN modulation of every block",
-    ),
-}
-DEFAULT_TARGETS = "attention+ffn"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -77,16 +49,9 @@ class LoraSettings:
         return self.effective_alpha / self.rank
 
 
-def _preset(targets: str) -> TargetPreset:
-    try:
-        return TARGET_PRESETS[targets]
-    except KeyError:
-        raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {list(TARGET_PRESETS)}") from None
-
-
 def target_module_names(model: nn.Module, targets: str) -> list[str]:
     """Full names of the modules a preset targets, in model order (modules absent from a block are skipped)."""
-    preset = _preset(targets)
+    preset = target_preset(targets)
     pattern = re.compile(
         rf"^(?:{'|'.join(map(re.escape, preset.block_groups))})\.\d+\.(?:{'|'.join(map(re.escape, preset.modules))})$"
     )

@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 
 from .layouts import comfy_name, diffusers_names
-from .lora import TARGET_PRESETS, LoraSettings
+from .lora import LoraSettings
 from .safetensors_io import write_safetensors
+from .targets import TARGET_PRESETS, infer_targets
 
 logger = logging.getLogger(__name__)
 
@@ -267,14 +268,6 @@ def _fuse(module: str, parts: list[tuple[int | None, dict]], origin: str) -> tup
     return downs[0], torch.cat([p["up"][1] for p in ordered]), alphas.pop()
 
 
-def _infer_targets(modules: list[str]) -> str:
-    if any(".adaLN_modulation." in m for m in modules):
-        return "all"
-    if any(m.startswith(("noise_refiner.", "context_refiner.")) for m in modules):
-        return "attention+ffn+refiners"
-    return "attention+ffn" if any(".feed_forward." in m for m in modules) else "attention"
-
-
 def load_lora_file(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA file back into our names (fused qkv reassembled) with the settings it was trained with."""
     tensors, metadata, origin = _read(path)
@@ -297,7 +290,7 @@ def load_lora_file(path: str | os.PathLike) -> LoraFile:
         raise ValueError(f"{origin}: metadata says rank {metadata['rank']} but the tensors have rank {rank}")
     targets = metadata.get("targets")
     if targets not in TARGET_PRESETS:
-        targets = _infer_targets(list(grouped))
+        targets = infer_targets(list(grouped))
     dropout = float(metadata.get("dropout", 0.0))
     settings = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     return LoraFile(state=state, settings=settings, metadata=dict(metadata))
