@@ -89,3 +89,52 @@ def test_profile_json_round_trip_and_validation():
 def test_bandwidth_classes():
     assert [bandwidth_class(v) for v in (3350, 1555, 600, None)] == ["hbm3", "hbm2", "gddr", "unknown"]
     assert discovery.LINKS[0] == "nvswitch"
+
+
+def fake_pynvml_with_uuids(n_gpus: int) -> types.ModuleType:
+    nvml = fake_pynvml(n_gpus=n_gpus)
+    nvml.nvmlDeviceGetUUID = lambda h: f"GPU-{h}abc-{h}".encode()
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: uuid
+    return nvml
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [
+        (None, [0, 1, 2, 3]),
+        ("2", [2]),
+        ("3,1", [3, 1]),  # CUDA's order, not NVML's
+        ("1,7,2", [1]),  # like CUDA: the list ends at the first entry that names no device
+        ("", []),
+        ("-1", []),
+        ("GPU-2abc", [2]),  # a unique UUID prefix
+        ("GPU-", []),  # ambiguous prefix
+        ("0,0", [0]),
+        ("MIG-xyz", ["MIG-xyz"]),
+    ],
+)
+def test_visible_handles_follow_cuda_visible_devices(monkeypatch, visible, expected):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert discovery.visible_nvml_handles(fake_pynvml_with_uuids(4)) == expected
+
+
+def test_discovery_and_sampler_see_the_same_gpus(monkeypatch, tmp_path):
+    """ComfyUI started on one device of four: the plan may use one GPU, and the run reports that one."""
+    from training.engine.events import GpuSampler
+
+    nvml = fake_pynvml_with_uuids(4)
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=50)
+    nvml.nvmlDeviceGetPowerUsage = lambda h: 100_000
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * GIB, free=79 * GIB, used=GIB)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    profile = discover(output_dir=tmp_path)
+    assert profile.gpu_count == 1 and profile.link == "none"
+    sampler = GpuSampler.start(interval_s=60)
+    try:
+        assert sampler.latest()["gpu_count"] == 1
+    finally:
+        sampler.stop()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic
+from ..hardware.discovery import visible_nvml_handles
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class GpuSampler:
             import pynvml
 
             pynvml.nvmlInit()
-            handles = _visible_handles(pynvml)
+            handles = visible_nvml_handles(pynvml)
         except Exception as error:  # NVML missing, no driver, no GPU: GPU readings are optional
             logger.debug("no GPU readings: %s", error)
             return None
@@ -243,21 +244,6 @@ class GpuSampler:
             "gpu_count": len(self._handles),
             **({"gpu_power_w": sum(power)} if power else {}),
         }
-
-
-def _visible_handles(pynvml) -> list:
-    """NVML handles of the GPUs this process may use (CUDA_VISIBLE_DEVICES as indices or UUIDs), all if unset."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    count = pynvml.nvmlDeviceGetCount()
-    if visible is None:
-        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-    handles = []
-    for item in filter(None, (v.strip() for v in visible.split(","))):
-        if item.isdigit() and int(item) < count:
-            handles.append(pynvml.nvmlDeviceGetHandleByIndex(int(item)))
-        elif item.startswith(("GPU-", "MIG-")):
-            handles.append(pynvml.nvmlDeviceGetHandleByUUID(item))
-    return handles
 
 
 # ---------------------------------------------------------------------------- TensorBoard and profiler

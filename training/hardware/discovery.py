@@ -159,13 +159,54 @@ def _nvml_gpus() -> tuple[list[GpuInfo], str, int, bool]:
     except pynvml.NVMLError as error:
         raise RuntimeError(f"nvmlInit failed: {error}") from error
     try:
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        handles = visible_nvml_handles(pynvml)
         gpus = [_nvml_gpu(pynvml, handle) for handle in handles]
         link, nvlink_count = _nvml_link(pynvml, handles)
         p2p = len(handles) > 1 and all(_nvml_p2p(pynvml, handles[0], other) for other in handles[1:])
         return gpus, link, nvlink_count, p2p
     finally:
         pynvml.nvmlShutdown()
+
+
+def visible_nvml_handles(pynvml) -> list:
+    """NVML handles of the GPUs CUDA lets this process use, in CUDA's order: ``CUDA_VISIBLE_DEVICES`` as indices or
+    (prefixes of) ``GPU-``/``MIG-`` UUIDs; every GPU when unset. Like the CUDA runtime, the list ends at the first
+    entry that names no device, so ``""`` and ``"-1"`` hide them all. The one enumeration: discovery (what the plan
+    may use) and the engine's GPU sampler (what a run reports) both read it."""
+    count = pynvml.nvmlDeviceGetCount()
+    every = [pynvml.nvmlDeviceGetHandleByIndex(index) for index in range(count)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return every
+    uuids = None
+    chosen: dict[object, object] = {}  # index (or MIG UUID) -> handle, in CUDA's order
+    for item in (entry.strip() for entry in visible.split(",")):
+        key, handle = None, None
+        if item.isdigit() and int(item) < count:
+            key = int(item)
+        elif item.startswith("GPU-"):
+            uuids = uuids or [_text(pynvml.nvmlDeviceGetUUID(h)) for h in every]
+            matches = [i for i, uuid in enumerate(uuids) if uuid.startswith(item)]
+            key = matches[0] if len(matches) == 1 else None
+        elif item.startswith("MIG-"):
+            key, handle = item, _mig_handle(pynvml, item)
+        if key is None or key in chosen or (isinstance(key, str) and handle is None):
+            break
+        chosen[key] = every[key] if handle is None else handle
+    logger.debug("CUDA_VISIBLE_DEVICES=%r: GPUs %s of %d visible", visible, list(chosen), count)
+    return list(chosen.values())
+
+
+def _mig_handle(pynvml, uuid: str):
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    except pynvml.NVMLError as error:
+        logger.debug("CUDA_VISIBLE_DEVICES names %s, which NVML does not know: %s", uuid, error)
+        return None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _nvml_gpu(pynvml, handle) -> GpuInfo:
