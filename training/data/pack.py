@@ -40,6 +40,7 @@ from .shards import (
     read_json,
     shard_is_intact,
 )
+from .stats import manifest_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +370,7 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
         "samples": samples,
         "skipped": len(state.skipped),
         "buckets": dict(sorted(buckets.items())),
+        **manifest_statistics(state.shards),
         "contents": builder.describe(),
         "settings": config.output_settings(),
         "shards": [s.to_json() for s in state.shards],

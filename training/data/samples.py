@@ -117,11 +117,12 @@ class SampleBuilder:
     def build(self, prepared: Prepared) -> ShardSample:
         """Runs the encoders and serialises the sample's tar members."""
         bucket = prepared.fitted.plan.bucket
-        tensors = {}
+        tensors, caption_tokens = {}, None
         if self.latent_encoder is not None:
             tensors[LATENT_KEY] = self._encode_latent(prepared.pixels, bucket)
         if self.text_encoder is not None:
             tensors[CAPTION_FEATURES_KEY] = self._encode_caption(prepared.caption.text)
+            caption_tokens = int(tensors[CAPTION_FEATURES_KEY].shape[0])
         meta = {
             "source": prepared.item.relative,
             "bucket": bucket.name,
@@ -134,7 +135,9 @@ class SampleBuilder:
         members.append(("txt", prepared.caption.text.encode("utf-8")))
         if prepared.image_bytes is not None:
             members.append((self.image_format, prepared.image_bytes))
-        return ShardSample(key=prepared.item.key, members=tuple(members), bucket=bucket.name)
+        return ShardSample(
+            key=prepared.item.key, members=tuple(members), bucket=bucket.name, caption_tokens=caption_tokens
+        )
 
     def _encode_latent(self, pixels: torch.Tensor, bucket: Bucket) -> torch.Tensor:
         latent = self.latent_encoder.encode(pixels.unsqueeze(0))

@@ -29,6 +29,7 @@ class ShardSample:
     key: str
     members: tuple[tuple[str, bytes], ...]
     bucket: str
+    caption_tokens: int | None = None  # tokens of the encoded caption features (None: no text encoder)
 
 
 @dataclass(kw_only=True)
@@ -38,6 +39,8 @@ class ShardInfo:
     bytes: int
     sha256: str
     buckets: dict[str, int]
+    #: Encoded caption length (tokens, as a string key) -> samples; empty without a text encoder.
+    caption_tokens: dict[str, int] = field(default_factory=dict)
     #: Index into the sorted input list just past this shard's last input (used to resume a pack).
     end_input: int = 0
 
@@ -48,6 +51,7 @@ class ShardInfo:
             "bytes": self.bytes,
             "sha256": self.sha256,
             "buckets": dict(sorted(self.buckets.items())),
+            "caption_tokens": dict(sorted(self.caption_tokens.items(), key=lambda item: int(item[0]))),
             "end_input": self.end_input,
         }
 
@@ -88,6 +92,7 @@ class ShardWriter:
     _hashing: _HashingFile = field(init=False)
     _tar: tarfile.TarFile = field(init=False)
     _buckets: dict[str, int] = field(init=False, default_factory=dict)
+    _caption_tokens: dict[str, int] = field(init=False, default_factory=dict)
     _samples: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -111,6 +116,9 @@ class ShardWriter:
             info.uname = info.gname = ""
             self._tar.addfile(info, io.BytesIO(data))
         self._buckets[sample.bucket] = self._buckets.get(sample.bucket, 0) + 1
+        if sample.caption_tokens is not None:
+            tokens = str(sample.caption_tokens)
+            self._caption_tokens[tokens] = self._caption_tokens.get(tokens, 0) + 1
         self._samples += 1
 
     def finish(self, *, end_input: int) -> ShardInfo:
@@ -126,6 +134,7 @@ class ShardWriter:
             bytes=self._hashing.size,
             sha256=self._hashing.digest.hexdigest(),
             buckets=self._buckets,
+            caption_tokens=self._caption_tokens,
             end_input=end_input,
         )
 
