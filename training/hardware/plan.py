@@ -12,7 +12,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from ..vocabulary import LR_SCALINGS
+from ..vocabulary import CAPTION_OVERFLOWS, LR_SCALINGS
+from .dataset_fit import fit_request_to_dataset
 from .discovery import HardwareProfile
 from .fitting import (
     Setting,
@@ -72,9 +73,17 @@ class TrainingPlan:
     tier: str
     memory_breakdown: dict[str, int] = field(default_factory=dict)
     decisions: list[tuple[str, object, str]] = field(default_factory=list)
+    caption_overflow: str = "refuse"  # a caption longer than caption_tokens: "truncate" it or "refuse" the run
+    buckets: tuple[tuple[int, int], ...] = ()  # the dataset's (width, height) shapes planned for; () when typed
+    device: str = "cuda"  # "cpu" when planned for a machine without GPUs
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
+        self.buckets = tuple(tuple(b) for b in self.buckets)
+        if self.caption_overflow not in CAPTION_OVERFLOWS:
+            raise ValueError(
+                f"TrainingPlan.caption_overflow {self.caption_overflow!r} is not one of {CAPTION_OVERFLOWS}"
+            )
         self.decisions = [tuple(d) for d in self.decisions]
         if self.micro_batch * self.grad_accum * self.world_size != self.global_batch:
             raise ValueError(
@@ -93,9 +102,10 @@ class TrainingPlan:
         rows = [(name, _show(value, name), reason) for name, value, reason in self.decisions]
         name_width = max(len(r[0]) for r in rows)
         value_width = max(len(r[1]) for r in rows)
+        where, unit = ("CPU", "process") if self.device == "cpu" else (f"{self.world_size} GPU(s)", "GPU")
         header = (
-            f"Plan: {self.mode} on {self.world_size} GPU(s), tier {self.tier}; predicted peak "
-            f"{self.predicted_peak_bytes / GIB:.1f} GiB of {self.budget_bytes / GIB:.1f} GiB budget per GPU "
+            f"Plan: {self.mode} on {where}, tier {self.tier}; predicted peak "
+            f"{self.predicted_peak_bytes / GIB:.1f} GiB of {self.budget_bytes / GIB:.1f} GiB budget per {unit} "
             f"(headroom {self.headroom_bytes / GIB:.1f} GiB)"
         )
         lines = [header, f"{'decision':<{name_width}}  {'value':<{value_width}}  reason"]
@@ -106,6 +116,7 @@ class TrainingPlan:
         data = dataclasses.asdict(self)
         data["decisions"] = [[n, v, r] for n, v, r in self.decisions]
         data["resolution"] = list(self.resolution)
+        data["buckets"] = [list(b) for b in self.buckets]
         return data
 
     @classmethod
@@ -176,6 +187,7 @@ def make_plan(
         decisions.add("tier", tier.name, "chosen by the caller")
     if request.mode not in tier.modes_allowed:
         decisions.add("mode", request.mode, f"not a default of tier {tier.name} ({', '.join(tier.modes_allowed)})")
+    request = fit_request_to_dataset(request, decisions)
     setting = _setting(request, profile, tier, memory_model, decisions)
     margin = _margin(request, tier)
     budget = decisions.add("budget_bytes", budget_bytes(profile, margin, memory_model), _budget_reason(profile, margin))
@@ -196,7 +208,7 @@ def make_plan(
         grad_accum=accum,
         global_batch=micro * accum * setting.world_size,
         checkpoint_depth=depth,
-        precision=decisions.add("precision", "bf16", _precision_reason(profile)),
+        precision=_precision(profile, decisions),
         parallelism=setting.parallelism,
         fsdp_cpu_offload=setting.cpu_offload,
         compile=setting.compiled,
@@ -214,6 +226,9 @@ def make_plan(
         tier=tier.name,
         memory_breakdown=dict(peak.breakdown),
         decisions=list(decisions),
+        caption_overflow=request.caption_overflow,
+        buckets=tuple(sorted(request.dataset.buckets)) if request.dataset else (),
+        device="cuda" if profile.gpus else "cpu",
     )
 
 
@@ -275,7 +290,8 @@ def _setting(request, profile, tier, memory_model, decisions) -> Setting:
     world = request.world_size or max(1, gpus)
     if gpus and world > gpus:
         raise ValueError(f"PlanRequest.world_size {world} exceeds the {gpus} GPU(s) found; use at most {gpus}")
-    decisions.add("world_size", world, "requested" if request.world_size else f"{gpus or 'no'} GPU(s) found")
+    found = f"{gpus} GPU(s) visible" if gpus else "no GPU: one CPU process"
+    decisions.add("world_size", world, "requested" if request.world_size else found)
     parallelism = _parallelism(request, profile, tier, world, memory_model, decisions)
     offload = decisions.add(
         "fsdp_cpu_offload", request.fsdp_cpu_offload, "requested" if request.fsdp_cpu_offload else "not needed"
@@ -333,10 +349,14 @@ def _budget_reason(profile: HardwareProfile, margin: float) -> str:
     )
 
 
-def _precision_reason(profile: HardwareProfile) -> str:
-    if profile.gpus and profile.gpus[0].fp8:
-        return "bf16 weights and activations; FP8 is available (cc >= 8.9) but not used for training yet"
-    return "bf16 weights and activations"
+def _precision(profile: HardwareProfile, decisions) -> str:
+    if not profile.gpus:
+        return decisions.add("precision", "fp32", "CPU: the engine computes in float32 (no bf16 autocast on CPU)")
+    if profile.gpus[0].fp8:
+        reason = "bf16 weights and activations; FP8 is available (cc >= 8.9) but not used for training yet"
+    else:
+        reason = "bf16 weights and activations"
+    return decisions.add("precision", "bf16", reason)
 
 
 def _nccl_timeout(tier: Tier, world: int, decisions) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.stats import DatasetStats
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
 from ..vocabulary import ATTENTION_BACKENDS, LR_SCALINGS, MODES
@@ -36,6 +37,8 @@ class PlanRequest:
     fsdp_cpu_offload: bool = False
     safety_margin: float | None = None
     trainable_params: int | None = None
+    dataset: DatasetStats | None = None  # the shard set: its largest bucket and caption lengths replace the typed ones
+    caption_percentile: float | None = None  # None: plan for the longest caption; 99: for p99, truncating longer ones
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -64,6 +67,12 @@ class PlanRequest:
             raise ValueError(
                 f"PlanRequest.checkpoint_depth {self.checkpoint_depth!r} must be in 0..{self.model.n_layers}"
             )
+        if self.caption_percentile is not None and (
+            isinstance(self.caption_percentile, bool) or not 50 <= self.caption_percentile <= 100
+        ):
+            raise ValueError(
+                f"PlanRequest.caption_percentile {self.caption_percentile!r} must be in [50, 100] (e.g. 99) or None"
+            )
         if self.safety_margin is not None and not 0 <= self.safety_margin < 0.5:
             raise ValueError(f"PlanRequest.safety_margin {self.safety_margin!r} must be in [0, 0.5), e.g. 0.08")
 
@@ -83,6 +92,11 @@ class PlanRequest:
                 raise ValueError(f"PlanRequest.resolution {self.resolution!r} must be one side or (width, height)")
             return self.resolution
         return (self.resolution, self.resolution)
+
+    @property
+    def caption_overflow(self) -> str:
+        """What the engine does with a caption longer than planned: truncate when a percentile was chosen."""
+        return "refuse" if self.caption_percentile is None else "truncate"
 
     def target_micro_batch(self, world_size: int) -> int | None:
         """Samples each rank must contribute per optimizer step, or None when the target is not set yet."""
