@@ -7,14 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from ..training.engine.config import (
-    DataSection,
-    LoraSection,
-    ModelSection,
-    OptimSection,
-    RunSection,
-    TrainConfig,
-)
+from ..training.data.stats import read_dataset_stats
+from ..training.engine.config import TrainConfig
+from ..training.hardware.dataset_fit import check_plan_against_dataset
 from . import comfy_bridge, paths
 from .run_process import (
     EVENTS_FILE,
@@ -64,28 +59,22 @@ WIDGETS = {
 
 
 def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_path: Path, values: dict):
-    """The engine's TrainConfig from the plan and the node's settings (validated by TrainConfig itself)."""
-    return TrainConfig(
-        mode=plan.mode,
-        run=RunSection(
-            output_dir=str(run_dir),
-            lora_path=str(lora_path),
-            steps=values["steps"],
-            micro_batch=plan.micro_batch,
-            grad_accum=plan.grad_accum,
-            checkpoint_depth=plan.checkpoint_depth,
-            compile=plan.compile,
-            save_every=values["save_every"],
-            seed=values["seed"],
-            resume=values["resume"],
-            nccl_timeout_s=plan.nccl_timeout_s,
-            fsdp_cpu_offload=plan.fsdp_cpu_offload,
-        ),
-        model=ModelSection(weights=str(model_path)),
-        lora=LoraSection(rank=plan.lora_rank, targets=plan.lora_targets),
-        data=DataSection(shards=str(dataset_dir), caption_dropout=values["caption_dropout"]),
-        optim=OptimSection(lr=plan.lr, warmup_steps=values["warmup_steps"], schedule=values["schedule"]),
-        plan=plan.to_dict(),
+    """The engine's TrainConfig: the plan's decisions (``TrainConfig.from_plan``) and the node's settings, after the
+    plan is checked against the shard set (a bucket or caption it did not count refuses, with the numbers)."""
+    check_plan_against_dataset(plan, read_dataset_stats(dataset_dir))
+    return TrainConfig.from_plan(
+        plan,
+        run={
+            "output_dir": str(run_dir),
+            "lora_path": str(lora_path),
+            "steps": values["steps"],
+            "save_every": values["save_every"],
+            "seed": values["seed"],
+            "resume": values["resume"],
+        },
+        model={"weights": str(model_path)},
+        data={"shards": str(dataset_dir), "caption_dropout": values["caption_dropout"]},
+        optim={"warmup_steps": values["warmup_steps"], "schedule": values["schedule"]},
     )
 
 

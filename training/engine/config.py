@@ -17,11 +17,14 @@ from typing import Any
 
 from ..atomic import write_json_atomic
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import MODES
+from ..vocabulary import ATTENTION_BACKENDS, CAPTION_OVERFLOWS, LORA_MODES, MODES, PARALLELISMS
 
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SIGMA_SAMPLERS = ("shifted_uniform", "logit_normal", "uniform")
+#: "auto": the engine's default for the mode (DDP for LoRA/QLoRA on several ranks, FSDP2 for full fine-tuning).
+PARALLEL_STRATEGIES = ("auto", *PARALLELISMS)
+ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)  # "auto": PyTorch picks the SDPA kernel
 
 
 def _require(condition: bool, message: str) -> None:
@@ -34,9 +37,14 @@ class ModelSection:
     weights: str | None = None  # .safetensors file, index.json or folder; None: random init (benchmarks, demo)
     preset: str = "z-image"  # used only for random init; a weights file brings its own shape
     dtype: str = "bf16"
+    attention_backend: str = "auto"  # the SDPA kernel the plan priced (see parallelize.attention_kernels)
 
     def __post_init__(self):
         _require(self.dtype in ("bf16", "fp32"), f"model.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        _require(
+            self.attention_backend in ATTENTION_CHOICES,
+            f"model.attention_backend must be one of {ATTENTION_CHOICES}, got {self.attention_backend!r}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -61,6 +69,8 @@ class DataSection:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     caption_dropout: float = 0.1  # probability of training on the empty caption (for CFG)
+    max_caption_tokens: int = 0  # the caption length the plan counted memory for; 0: no limit
+    caption_overflow: str = "refuse"  # a longer caption: "truncate" it (counted in the log) or "refuse" the run
 
     def __post_init__(self):
         _require(bool(self.shards) or self.synthetic, "data.shards is empty: give a shard-set folder (pack one first)")
@@ -68,6 +78,14 @@ class DataSection:
             0.0 <= self.caption_dropout <= 1.0, f"data.caption_dropout must be in [0, 1], got {self.caption_dropout!r}"
         )
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers!r}")
+        _require(
+            self.max_caption_tokens >= 0,
+            f"data.max_caption_tokens must be >= 0 (0: no limit), got {self.max_caption_tokens!r}",
+        )
+        _require(
+            self.caption_overflow in CAPTION_OVERFLOWS,
+            f"data.caption_overflow must be one of {CAPTION_OVERFLOWS}, got {self.caption_overflow!r}",
+        )
         _require(
             self.resolution % 16 == 0 and self.resolution > 0,
             f"data.resolution must be a positive multiple of 16, got {self.resolution!r}",
@@ -145,6 +163,19 @@ class RunSection:
 
 
 @dataclass(kw_only=True)
+class ParallelSection:
+    """How the ranks share the work; ``parallelize`` does exactly this (the plan writes it)."""
+
+    strategy: str = "auto"
+
+    def __post_init__(self):
+        _require(
+            self.strategy in PARALLEL_STRATEGIES,
+            f"parallel.strategy must be one of {PARALLEL_STRATEGIES}, got {self.strategy!r}",
+        )
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     mode: str = "lora"
     run: RunSection
@@ -153,6 +184,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=lambda: DataSection(synthetic=True))
     optim: OptimSection = field(default_factory=OptimSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     plan: dict[str, Any] | None = None  # the TrainingPlan that chose micro-batch, depth, ...: kept for the record
 
     def __post_init__(self):
@@ -161,6 +193,7 @@ class TrainConfig:
             not (self.run.fp8 and self.mode == "qlora"),
             "run.fp8 cannot be combined with mode 'qlora' (the base is already 4-bit): turn one off",
         )
+        _check_parallel(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +201,23 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _build(cls, data, "config")
+
+    @classmethod
+    def from_plan(cls, plan, **sections: dict[str, Any]) -> TrainConfig:
+        """The config a ``TrainingPlan`` runs as: what the plan decided (``PLAN_DECIDES``) comes from it, the caller
+        gives the rest per section (``run={"output_dir": ..., "steps": ...}, data={"shards": ...}``). Giving a key
+        the plan decides is an error naming it: the plan is the contract, not a default."""
+        decided = plan_values(plan)
+        for section, given in sections.items():
+            if section not in PLAN_DECIDES and section not in ("objective",):
+                raise ValueError(f"TrainConfig.from_plan: unknown section {section!r}; use {sorted(PLAN_DECIDES)}")
+            clash = sorted(set(given) & set(PLAN_DECIDES.get(section, ())))
+            if clash:
+                keys = ", ".join(f"{section}.{key}" for key in clash)
+                raise ValueError(f"{keys} is decided by the plan; change the plan (or edit config.json), not both")
+        merged = {name: {**sections.get(name, {}), **values} for name, values in decided.items()}
+        merged.update({name: given for name, given in sections.items() if name not in merged})
+        return cls.from_dict({"mode": plan.mode, **merged, "plan": plan.to_dict()})
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict(), sort_keys=True)
@@ -185,6 +235,54 @@ class TrainConfig:
             return cls.from_dict(data)
         except (TypeError, ValueError) as error:
             raise ValueError(f"config file {path}: {error}") from None
+
+
+#: The config keys a plan decides, per section (``plan_values`` fills them).
+PLAN_DECIDES: dict[str, tuple[str, ...]] = {
+    "run": ("micro_batch", "grad_accum", "checkpoint_depth", "compile", "nccl_timeout_s", "fsdp_cpu_offload"),
+    "model": ("dtype", "attention_backend"),
+    "lora": ("rank", "targets"),
+    "data": ("max_caption_tokens", "caption_overflow"),
+    "optim": ("lr",),
+    "parallel": ("strategy",),
+}
+
+
+def plan_values(plan) -> dict[str, dict[str, Any]]:
+    """The plan's decisions as config values (the plan is duck-typed: the engine does not import the planner)."""
+    values = {
+        "run": {
+            "micro_batch": plan.micro_batch,
+            "grad_accum": plan.grad_accum,
+            "checkpoint_depth": plan.checkpoint_depth,
+            "compile": plan.compile,
+            "nccl_timeout_s": plan.nccl_timeout_s,
+            "fsdp_cpu_offload": plan.fsdp_cpu_offload,
+        },
+        "model": {"dtype": plan.precision, "attention_backend": plan.attention_backend},
+        "lora": {"rank": plan.lora_rank, "targets": plan.lora_targets} if plan.mode in LORA_MODES else {},
+        "data": {"max_caption_tokens": plan.caption_tokens, "caption_overflow": plan.caption_overflow},
+        "optim": {"lr": plan.lr},
+        "parallel": {"strategy": plan.parallelism},
+    }
+    return values
+
+
+def _check_parallel(config: TrainConfig) -> None:
+    """What the engine runs: FSDP2 (and its CPU offload) for full fine-tuning, DDP for LoRA/QLoRA."""
+    strategy = config.parallel.strategy
+    _require(
+        not (strategy == "fsdp2" and config.mode in LORA_MODES),
+        f"parallel.strategy 'fsdp2' is for mode 'full'; mode {config.mode!r} replicates with 'ddp' (or use 'auto')",
+    )
+    _require(
+        not (strategy == "ddp" and config.mode == "full"),
+        "parallel.strategy 'ddp' cannot train mode 'full' (it would replicate fp32 AdamW states): use 'fsdp2'",
+    )
+    _require(
+        not (config.run.fsdp_cpu_offload and config.mode in LORA_MODES),
+        f"run.fsdp_cpu_offload is for mode 'full' (FSDP2); mode {config.mode!r} does not shard: set it to false",
+    )
 
 
 def _build(cls, data: Any, where: str):

@@ -77,7 +77,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         shutil.rmtree(run_dir)  # a demo always trains from scratch; the images and shards are reused
     images = make_images(out / "work" / "images", count=settings.images, size=settings.resolution * 3 // 2)
     shards = pack_images(images, out / "work" / "shards", resolution=settings.resolution, seed=settings.seed)
-    plan = plan_demo(settings)
+    plan = plan_demo(settings, shards)
     config = demo_config(settings, plan, shards=shards, run_dir=run_dir, lora_file=out / "demo-lora.safetensors")
     config.save(run_dir / "config.json")
     logger.info("training %d steps of a rank-%d LoRA on the tiny model", settings.steps, settings.lora_rank)
@@ -150,8 +150,10 @@ def pack_images(images: Path, shards: Path, *, resolution: int, seed: int) -> Pa
     return shards
 
 
-def plan_demo(settings: DemoSettings):
-    """The planner's decision for this job on the CPU tier (a simulated profile: the same plan on any machine)."""
+def plan_demo(settings: DemoSettings, shards: Path):
+    """The planner's decision for this job and these shards on the CPU tier (a simulated profile: the same plan on
+    any machine)."""
+    from ..data.stats import read_dataset_stats
     from ..hardware.plan import make_plan
     from ..hardware.request import PlanRequest
     from ..hardware.tiers import simulated_profile, tier
@@ -167,6 +169,7 @@ def plan_demo(settings: DemoSettings):
         lr_base=settings.lr,
         lr_scaling="none",
         model=preset(PRESET),
+        dataset=read_dataset_stats(shards),
     )
     plan = make_plan(request, simulated_profile(cpu), tier=cpu)
     logger.info("plan:\n%s", plan.table())
@@ -174,26 +177,21 @@ def plan_demo(settings: DemoSettings):
 
 
 def demo_config(settings: DemoSettings, plan, *, shards: Path, run_dir: Path, lora_file: Path):
-    from .config import DataSection, LoraSection, ModelSection, OptimSection, RunSection, TrainConfig
+    from .config import TrainConfig
 
-    return TrainConfig(
-        mode="lora",
-        run=RunSection(
-            output_dir=str(run_dir),
-            lora_path=str(lora_file),
-            steps=settings.steps,
-            micro_batch=plan.micro_batch,
-            grad_accum=plan.grad_accum,
-            checkpoint_depth=plan.checkpoint_depth,
-            save_every=max(10, settings.steps // 2),
-            seed=settings.seed,
-            resume=False,
-        ),
-        model=ModelSection(preset=PRESET, dtype="fp32"),
-        lora=LoraSection(rank=settings.lora_rank, targets="attention+ffn"),
-        data=DataSection(shards=str(shards), num_workers=0, shuffle_buffer=64, caption_dropout=0.1),
-        optim=OptimSection(lr=plan.lr, warmup_steps=5, schedule="constant", weight_decay=0.0),
-        plan=plan.to_dict(),
+    return TrainConfig.from_plan(
+        plan,
+        run={
+            "output_dir": str(run_dir),
+            "lora_path": str(lora_file),
+            "steps": settings.steps,
+            "save_every": max(10, settings.steps // 2),
+            "seed": settings.seed,
+            "resume": False,
+        },
+        model={"preset": PRESET},
+        data={"shards": str(shards), "num_workers": 0, "shuffle_buffer": 64, "caption_dropout": 0.1},
+        optim={"warmup_steps": 5, "schedule": "constant", "weight_decay": 0.0},
     )
 
 

@@ -183,21 +183,61 @@ def parallelize(
     param_dtype: torch.dtype,
     cpu_offload: bool,
     ddp_bf16_grads: bool = False,
+    strategy: str = "auto",
 ) -> nn.Module:
-    """Apply FP8, checkpointing, compile and data parallelism; returns the module to call for the forward pass."""
+    """Apply FP8, checkpointing, compile and data parallelism (``strategy``: the config's ``parallel.strategy``, as
+    the plan decided it); returns the module to call for the forward pass."""
     if fp8:
         apply_fp8(model, mode=mode, device=dist_info.device)
     if checkpoint_depth:
         apply_activation_checkpointing(model, checkpoint_depth)
     if compile:
         apply_compile(model)
-    if mode == "full":
+    strategy = resolve_strategy(strategy, mode=mode, world_size=dist_info.world_size)
+    if strategy == "fsdp2":
         apply_fsdp(model, dist_info, param_dtype=param_dtype, cpu_offload=cpu_offload)
         return model
-    if dist_info.world_size > 1:
+    if strategy == "ddp":
         return apply_ddp(model, dist_info, bf16_grads=ddp_bf16_grads)
     logger.info("data parallel: none (one process)")
     return model
+
+
+def resolve_strategy(strategy: str, *, mode: str, world_size: int) -> str:
+    """'auto' by mode (FSDP2 for full fine-tuning, which also gives its fp32 master weights bf16 compute on one
+    rank; DDP for LoRA/QLoRA on several ranks); 'ddp' on one rank is 'none'; 'none' refuses several ranks."""
+    if strategy == "auto":
+        strategy = "fsdp2" if mode == "full" else "ddp"
+    if strategy == "ddp" and world_size == 1:
+        return "none"
+    if strategy == "none" and mode == "full":
+        raise ValueError(
+            "parallel.strategy 'none' cannot train mode 'full' (FSDP2 holds its mixed precision): use 'fsdp2'"
+        )
+    if strategy == "none" and world_size > 1:
+        raise ValueError(
+            f"parallel.strategy is 'none' but {world_size} processes run: use 'ddp' (LoRA/QLoRA) or start one process"
+        )
+    return strategy
+
+
+def attention_kernels(backend: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Restrict SDPA to the kernel the plan priced: 'flash' allows memory-efficient attention as the fallback for
+    masked batches (flash takes no mask; both keep memory linear in the sequence), and never the quadratic 'math'
+    kernel unless it was planned. 'auto' leaves PyTorch's choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if backend == "auto":
+        return contextlib.nullcontext()
+    kernels = {
+        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+        "math": [SDPBackend.MATH],
+    }[backend]
+    if device.type != "cuda" and backend in ("efficient", "cudnn"):
+        raise ValueError(f"model.attention_backend {backend!r} needs CUDA; this process runs on {device}: use 'auto'")
+    return sdpa_kernel(kernels, set_priority=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from ..data.batches import Batch
+from ..data.stats import read_dataset_stats
 from ..model.config import preset
 from ..model.lora import LoraSettings, lora_state_dict, set_lora_input_cast
 from ..model.lora_file import save_lora_file
 from .build import apply_mode, build_model, compute_dtype, load_empty_caption
+from .captions import CaptionLimit
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
@@ -26,7 +28,7 @@ from .events import RunLog, maybe_profile
 from .failure import bind_run, plan_for_messages, record
 from .objective import FlowObjective
 from .optim import build_optimizer, build_scheduler, clip_gradients, trainable_parameters
-from .parallelize import clean_name, gradient_sync, parallelize, unwrap
+from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
 from .synthetic import SyntheticBatches, global_sample_indices
@@ -57,6 +59,7 @@ class Trainer:
 
     @classmethod
     def build(cls, config: TrainConfig, dist_info: DistInfo, log: RunLog) -> Trainer:
+        captions = _caption_limit(config)  # a dataset the plan does not hold stops here, before the model loads
         model = build_model(config, dist_info)
         lora = apply_mode(model, config)
         if lora is not None and _uses_autocast(config, dist_info):
@@ -75,6 +78,7 @@ class Trainer:
             param_dtype=compute_dtype(config),
             cpu_offload=run.fsdp_cpu_offload,
             ddp_bf16_grads=run.ddp_bf16_grads,
+            strategy=config.parallel.strategy,
         )
         params = trainable_parameters(model)
         logger.info("precision: %s", _precision(config, dist_info))
@@ -88,7 +92,7 @@ class Trainer:
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, config.optim, total_steps=run.steps),
             loader=loader,
-            batches=iter(loader) if isinstance(loader, SyntheticBatches) else _epochs(loader),
+            batches=captions.wrap(iter(loader) if isinstance(loader, SyntheticBatches) else _epochs(loader)),
             objective=_objective(config),
             empty_caption=empty_caption,
             lora=lora,
@@ -187,10 +191,13 @@ class Trainer:
             (output.loss / run.grad_accum).backward()
         return output, waited
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> contextlib.ExitStack:
+        """bf16 autocast on CUDA, and the SDPA kernel the plan priced (``model.attention_backend``)."""
+        stack = contextlib.ExitStack()
         if _uses_autocast(self.config, self.dist_info):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+        stack.enter_context(attention_kernels(self.config.model.attention_backend, self.dist_info.device))
+        return stack
 
     def save(self, *, final: bool = False) -> None:
         """The ComfyUI-ready LoRA (rank 0, atomic) and the full resumable state (every rank; in the background
@@ -295,6 +302,14 @@ def _build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
         even_batches=dist_info.world_size > 1,  # every rank does the same number of steps per epoch
     )
     return loader, empty_caption
+
+
+def _caption_limit(config: TrainConfig) -> CaptionLimit:
+    """The plan's caption length (``data.max_caption_tokens``), checked against the manifest's statistics first."""
+    limit = CaptionLimit(config.data.max_caption_tokens, config.data.caption_overflow)
+    if limit.max_tokens and not config.data.synthetic:
+        limit.check_dataset(read_dataset_stats(config.data.shards))
+    return limit
 
 
 def _epochs(loader) -> Iterator[Batch]:

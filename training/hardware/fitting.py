@@ -127,12 +127,24 @@ def best_fit(request, setting, memory_model, budget) -> tuple[int, MemoryEstimat
 def alternatives(
     request: PlanRequest, profile: HardwareProfile, setting: Setting, memory_model: MemoryModel, budget: int
 ) -> list[Alternative]:
-    """Configurations that would fit: another mode, FSDP2 over more GPUs, CPU offload, a lower resolution."""
+    """Configurations that would fit and that the engine runs: a lighter mode, a lower resolution, and for full
+    fine-tuning FSDP2 over more GPUs or CPU offload (the engine shards only full fine-tuning)."""
     found: list[Alternative] = []
     for mode in ("qlora", "lora"):
         if mode != request.mode:
-            other = dataclasses.replace(request, mode=mode)
+            other = dataclasses.replace(request, mode=mode, fsdp_cpu_offload=False)
             _add(found, f"mode {mode}", {"mode": mode}, other, _lora_setting(setting), memory_model, budget)
+    if request.mode == "full":
+        _add_sharding(found, request, profile, setting, memory_model, budget)
+    for side in LOWER_RESOLUTIONS:
+        if side < min(request.width_height):
+            lower = dataclasses.replace(request, resolution=side)
+            if _add(found, f"resolution {side}px", {"resolution": side}, lower, setting, memory_model, budget):
+                break
+    return found
+
+
+def _add_sharding(found, request, profile, setting, memory_model, budget) -> None:
     gpus_needed = _gpus_for_fsdp(request, setting, memory_model, budget)
     if gpus_needed:
         sharded = dataclasses.replace(setting, world_size=gpus_needed, parallelism="fsdp2")
@@ -143,12 +155,6 @@ def alternatives(
     if host_bytes <= profile.ram_bytes * HOST_RAM_USABLE:
         description = f"FSDP2 CPU offload (needs ~{host_bytes / GIB:.0f} GiB host RAM)"
         _add(found, description, {"fsdp_cpu_offload": True}, request, offload, memory_model, budget)
-    for side in LOWER_RESOLUTIONS:
-        if side < min(request.width_height):
-            lower = dataclasses.replace(request, resolution=side)
-            if _add(found, f"resolution {side}px", {"resolution": side}, lower, setting, memory_model, budget):
-                break
-    return found
 
 
 def _add(found, description, changes, request, setting, memory_model, budget) -> bool:

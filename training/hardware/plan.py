@@ -292,30 +292,28 @@ def _setting(request, profile, tier, memory_model, decisions) -> Setting:
         raise ValueError(f"PlanRequest.world_size {world} exceeds the {gpus} GPU(s) found; use at most {gpus}")
     found = f"{gpus} GPU(s) visible" if gpus else "no GPU: one CPU process"
     decisions.add("world_size", world, "requested" if request.world_size else found)
-    parallelism = _parallelism(request, profile, tier, world, memory_model, decisions)
+    parallelism = _parallelism(request, profile, world, decisions)
     offload = decisions.add(
         "fsdp_cpu_offload", request.fsdp_cpu_offload, "requested" if request.fsdp_cpu_offload else "not needed"
     )
     return Setting(
         world_size=world,
-        parallelism=parallelism if not offload else "fsdp2",
+        parallelism=parallelism,
         attention_backend=_attention_backend(request, profile, tier, decisions),
         compiled=_compile(request, profile, tier, decisions),
         cpu_offload=offload,
     )
 
 
-def _parallelism(request, profile, tier, world, memory_model, decisions) -> str:
+def _parallelism(request, profile, world, decisions) -> str:
+    """What the engine runs (``parallelize.resolve_strategy``): FSDP2 for full fine-tuning, also on one rank (its
+    mixed-precision policy computes the fp32 master weights in bf16); DDP for LoRA/QLoRA on several ranks."""
+    if request.mode == "full":
+        why = "shard weights, gradients and AdamW states" if world > 1 else "fp32 master weights with bf16 compute"
+        return decisions.add("parallelism", "fsdp2", f"full fine-tune: {why}")
     if world == 1:
         return decisions.add("parallelism", "none", "one GPU" if profile.gpus else "CPU")
-    if request.mode == "full" or request.fsdp_cpu_offload:
-        return decisions.add("parallelism", "fsdp2", "full fine-tune: shard weights, gradients and AdamW states")
-    replicated = Setting(world_size=world, parallelism="ddp", attention_backend="flash", compiled=False)
-    budget = budget_bytes(profile, _margin(request, tier), memory_model)
-    deepest = least_memory_depth(request, replicated, memory_model)
-    if estimate(request, replicated, 1, deepest, memory_model).peak_bytes <= budget:
-        return decisions.add("parallelism", "ddp", "LoRA weights replicate; DDP with gradient bucket views")
-    return decisions.add("parallelism", "fsdp2", "the frozen weights do not fit one GPU: shard them with FSDP2")
+    return decisions.add("parallelism", "ddp", "LoRA weights replicate; DDP with gradient bucket views")
 
 
 def _attention_backend(request, profile, tier, decisions) -> str:

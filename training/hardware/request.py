@@ -67,6 +67,11 @@ class PlanRequest:
             raise ValueError(
                 f"PlanRequest.checkpoint_depth {self.checkpoint_depth!r} must be in 0..{self.model.n_layers}"
             )
+        if self.fsdp_cpu_offload and self.mode != "full":
+            raise ValueError(
+                f"PlanRequest.fsdp_cpu_offload is for mode 'full' (the engine shards only full fine-tuning); "
+                f"mode {self.mode!r} cannot offload: use qlora or a lower resolution"
+            )
         if self.caption_percentile is not None and (
             isinstance(self.caption_percentile, bool) or not 50 <= self.caption_percentile <= 100
         ):
