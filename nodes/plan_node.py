@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 
+from ..training.data.stats import read_dataset_stats
 from ..training.hardware.discovery import discover
 from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from ..training.model.targets import DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
 from ..training.vocabulary import MODES
-from . import comfy_bridge
+from . import comfy_bridge, paths
 from .validation import Choice, Float, Int, Toggle, check_all
-from .values import HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
+from .values import DATASET_TYPE, HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
 
 logger = logging.getLogger(__name__)
 
 MEASURED = "measured (hardware input)"
+CAPTION_LENGTHS = {"longest": None, "p99": 99, "p95": 95, "p90": 90}
 
 
 def tier_names() -> tuple[str, ...]:
@@ -34,7 +36,14 @@ WIDGETS = {
     "resolution": Int(1024, 256, 4096, "Training resolution (square side in pixels, as packed).", step=16),
     "target_batch": Int(0, 0, 4096, "Global batch per optimizer step; 0 uses the tier's default."),
     "learning_rate": Float(1e-4, 1e-7, 1e-2, "Base learning rate; the plan scales it with the number of GPUs.", 1e-6),
-    "caption_tokens": Int(128, 8, 2048, "Caption length in tokens the memory plan assumes."),
+    "caption_tokens": Int(
+        128, 8, 2048, "Caption length in tokens the memory plan assumes when no dataset is linked (else read from it)."
+    ),
+    "caption_length": Choice(
+        tuple(CAPTION_LENGTHS),
+        "Plan for the longest encoded caption (a longer one refuses the run), or for a percentile of the dataset's "
+        "caption lengths: longer captions are then truncated to it, saving memory.",
+    ),
     "free_comfyui_memory": Toggle(
         True, "With measured hardware: unload ComfyUI's models and measure free GPU memory again before planning."
     ),
@@ -62,10 +71,16 @@ class TrainingPlan:
                 "model_name": (models, {"tooltip": "The Z-Image diffusion model to train (its size sets the memory)."}),
                 **{name: widget.declare() for name, widget in WIDGETS.items()},
             },
-            "optional": {"hardware": (HARDWARE_TYPE, {"tooltip": "From Hardware Profile; needed with 'measured'."})},
+            "optional": {
+                "hardware": (HARDWARE_TYPE, {"tooltip": "From Hardware Profile; needed with 'measured'."}),
+                "dataset": (
+                    DATASET_TYPE,
+                    {"tooltip": "From Pack Dataset: plan for its real bucket shapes and caption lengths."},
+                ),
+            },
         }
 
-    def plan(self, model_name, hardware=None, **settings):
+    def plan(self, model_name, hardware=None, dataset=None, **settings):
         values = check_all(WIDGETS, settings)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         model_config = infer_config({key: shape for key, (_, shape) in read_header(model_path).items()})
@@ -79,11 +94,17 @@ class TrainingPlan:
             target_global_batch=values["target_batch"] or None,
             lr_base=values["learning_rate"],
             model=model_config,
+            dataset=None if dataset is None else read_dataset_stats(self._dataset_dir(dataset)),
+            caption_percentile=CAPTION_LENGTHS[values["caption_length"]],
         )
         training_plan = make_plan(request, profile, tier)
         table = training_plan.table()
         logger.info("%s", table)
         return {"ui": {"text": [table]}, "result": (training_plan, table)}
+
+    @staticmethod
+    def _dataset_dir(dataset):
+        return paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
 
     @staticmethod
     def _hardware(values: dict, hardware: HardwareChoice | None):

@@ -125,3 +125,23 @@ def _pack_plan_train_report(comfy):
     assert kinds[0] == "start" and kinds[-1] == "end" and "progress" in kinds
     image, summary = report_node.TrainingReport().report(run=run, **defaults(report_node.WIDGETS))
     assert image.shape[0] == 1 and image.shape[-1] == 3 and "tiny_run" in summary
+
+
+def test_plan_reads_the_dataset_and_train_rechecks_a_typed_plan(comfy):
+    make_images(comfy.folders["input"] / "photos", count=3)
+    (comfy.folders["input"] / "photos" / "img0.txt").write_text("a long VLM caption " * 10)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="long", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
+    settings = defaults(plan_node.WIDGETS, tier="cpu", resolution=512, lora_rank=4, target_batch=1)
+    planned, table = plan_node.TrainingPlan().plan("tiny.safetensors", dataset=dataset, **settings)["result"]
+    assert planned.caption_tokens == 190 and planned.caption_overflow == "refuse"  # 189 characters + BOS
+    assert max(planned.resolution) <= 256 + 64 and "longest encoded caption" in table
+    typed = plan_node.TrainingPlan().plan("tiny.safetensors", **settings | {"resolution": 256})["result"][0]
+    with pytest.raises(ValueError, match=r"1 caption\(s\) are longer than the planned 128 tokens") as refusal:
+        train_node.Train().train(typed, dataset, "tiny.safetensors", **defaults(train_node.WIDGETS))
+    assert "dataset input" in str(refusal.value)
+    assert not any(comfy.folders["whetstone_runs"].iterdir())
+    p90 = plan_node.TrainingPlan().plan("tiny.safetensors", dataset=dataset, **settings | {"caption_length": "p90"})
+    assert p90["result"][0].caption_overflow == "truncate"
