@@ -8,7 +8,7 @@ from ..training.data.stats import read_dataset_stats
 from ..training.hardware.discovery import discover
 from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
-from ..training.model.targets import DEFAULT_TARGETS, LORA_TARGETS
+from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
 from ..training.vocabulary import MODES
 from . import comfy_bridge, paths
@@ -31,7 +31,9 @@ WIDGETS = {
         "Plan for the measured hardware (link Hardware Profile), or for a tier to prepare a run for another machine.",
     ),
     "mode": Choice(MODES, "LoRA (bf16 base), QLoRA (4-bit base, least memory) or full fine-tune."),
-    "lora_rank": Int(32, 1, 1024, "LoRA rank: capacity of the adapter (16-64 for styles and characters)."),
+    "lora_rank": Int(
+        DEFAULT_LORA_RANK, 1, 1024, "LoRA rank: capacity of the adapter (16-64 for styles and characters)."
+    ),
     "lora_targets": Choice(LORA_TARGETS, "Which layers get LoRA adapters.", default=DEFAULT_TARGETS),
     "resolution": Int(1024, 256, 4096, "Training resolution (square side in pixels, as packed).", step=16),
     "target_batch": Int(0, 0, 4096, "Global batch per optimizer step; 0 uses the tier's default."),

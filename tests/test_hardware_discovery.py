@@ -138,3 +138,16 @@ def test_discovery_and_sampler_see_the_same_gpus(monkeypatch, tmp_path):
         assert sampler.latest()["gpu_count"] == 1
     finally:
         sampler.stop()
+
+
+def test_ram_is_capped_by_the_container_limit(tmp_path, monkeypatch):
+    """A 24 GiB container on a 64 GiB host plans with 24 GiB (the CPU budget was host RAM)."""
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{24 * GIB}\n")
+    assert discovery.cgroup_memory_limit([str(tmp_path / "absent"), str(limit)]) == 24 * GIB
+    limit.write_text("max\n")
+    assert discovery.cgroup_memory_limit([str(limit)]) is None
+    limit.write_text(f"{1 << 62}\n")
+    assert discovery.cgroup_memory_limit([str(limit)]) is None
+    monkeypatch.setattr(discovery, "cgroup_memory_limit", lambda: 2 * GIB)
+    assert discovery._ram_bytes() == 2 * GIB

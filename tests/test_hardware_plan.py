@@ -168,3 +168,26 @@ def test_cli_prints_a_table_and_json(capsys):
     assert "refused" in json.loads(capsys.readouterr().out)
     assert cli_main(["plan", "--tier", "1x80GB", "--json", "--resolution", "768", "512"]) == 0
     assert json.loads(capsys.readouterr().out)["resolution"] == [768, 512]
+
+
+def test_cli_plans_the_smoke_model_for_a_shard_set_and_writes_its_config(tmp_path, capsys):
+    from tests.data_fixtures import make_dataset, write_caption
+    from training.data.encoders import TestLatentEncoder, TestTextEncoder
+    from training.data.pack import PackConfig, pack_dataset
+    from training.engine.config import TrainConfig
+
+    images = make_dataset(tmp_path / "in", 3)
+    write_caption(sorted(images)[0], "y" * 99)
+    pack_dataset(PackConfig(input_dir=tmp_path / "in", output_dir=tmp_path / "shards", resolution=64),
+                 latent_encoder=TestLatentEncoder(), text_encoder=TestTextEncoder())  # fmt: skip
+    config_path = tmp_path / "run" / "config.json"
+    argv = ["plan", "--tier", "cpu", "--model", "tiny", "--shards", str(tmp_path / "shards"), "--rank", "4"]
+    assert cli_main([*argv, "--write-config", str(config_path), "--steps", "7"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("Plan: lora on CPU") and "longest encoded caption" in table
+    config = TrainConfig.load(config_path)
+    assert config.model.preset == "tiny" and config.model.dtype == "fp32" and config.run.steps == 7
+    assert config.data.max_caption_tokens == 100 and config.data.shards == str((tmp_path / "shards").resolve())
+    assert config.run.output_dir == str(config_path.parent.resolve()) and config.plan["lora_rank"] == 4
+    assert cli_main(["plan", "--tier", "cpu", "--model", "nope.safetensors"]) == 2
+    assert cli_main(["plan", "--tier", "cpu", "--write-config", str(config_path)]) == 2  # names the missing --shards

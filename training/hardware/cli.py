@@ -1,39 +1,95 @@
-"""``python -m training plan``: print the plan for this machine or for a simulated tier."""
+"""``python -m training plan``: print the plan for this machine or for a simulated tier, optionally for a shard set
+(``--shards``: its real bucket shapes and caption lengths), and write the run config that follows it
+(``--write-config``), so ``python -m training train --config`` runs exactly what was planned."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from pathlib import Path
 
+from ..model.config import PRESETS, ZImageConfig
+from ..model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..vocabulary import LR_SCALINGS, MODES
 from .discovery import discover
 from .plan import PlanRefused, PlanRequest, make_plan
 from .tiers import load_tiers, nearest_tier, simulated_profile
 
 logger = logging.getLogger(__name__)
+CAPTION_LENGTHS = {"longest": None, "p99": 99, "p95": 95, "p90": 90}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``plan`` subcommand; its ``func`` returns the exit code (0 planned, 2 refused)."""
-    parser = subparsers.add_parser("plan", help="plan micro-batch, checkpointing and parallelism for a GPU setup")
+    """Add the ``plan`` subcommand; its ``func`` returns the exit code (0 planned, 2 refused or a mistake)."""
+    parser = subparsers.add_parser(
+        "plan",
+        help="plan micro-batch, checkpointing and parallelism for a GPU setup",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--mode", choices=MODES, default="lora", help="lora, qlora or full fine-tune")
+    parser.add_argument(
+        "--model",
+        default="z-image",
+        help=f"a model preset ({', '.join(PRESETS)}; 'tiny' is the smoke model) or a .safetensors weights file",
+    )
     parser.add_argument("--resolution", type=int, nargs="+", default=[1024], help="side px, or width height")
-    parser.add_argument("--rank", type=int, default=128, help="LoRA rank")
+    parser.add_argument("--rank", type=int, default=DEFAULT_LORA_RANK, help="LoRA rank")
+    parser.add_argument("--targets", choices=LORA_TARGETS, default=DEFAULT_TARGETS, help="LoRA target preset")
     parser.add_argument("--batch", type=int, default=None, help="target global batch (default: the tier's)")
-    parser.add_argument("--caption-tokens", type=int, default=128, help="caption length in tokens")
+    parser.add_argument("--caption-tokens", type=int, default=128, help="caption length in tokens (without --shards)")
+    parser.add_argument(
+        "--shards", type=Path, default=None, help="plan for this shard set's buckets and caption lengths"
+    )
+    parser.add_argument(
+        "--caption-length",
+        choices=tuple(CAPTION_LENGTHS),
+        default="longest",
+        help="plan for the longest caption (longer ones refuse the run) or a percentile (longer ones are truncated)",
+    )
     parser.add_argument("--lr", type=float, default=1e-4, help="base learning rate for one GPU")
     parser.add_argument("--lr-scaling", choices=LR_SCALINGS, default="sqrt")
     parser.add_argument("--tier", default=None, help=f"plan for a simulated tier: {', '.join(sorted(load_tiers()))}")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    parser.add_argument(
+        "--write-config",
+        type=Path,
+        default=None,
+        metavar="RUN/config.json",
+        help="also write the run config that follows the plan (needs --shards; train it with train --config)",
+    )
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps, for --write-config")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        plan = _plan(args)
+    except PlanRefused as refusal:
+        print(json.dumps({"refused": str(refusal)}) if args.json else str(refusal))
+        return 2
+    except ValueError as error:
+        logger.error("plan: %s", error)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    if args.write_config is not None:
+        try:
+            _write_config(args, plan)
+        except ValueError as error:
+            logger.error("plan --write-config: %s", error)
+            return 2
+    return 0
+
+
+def _plan(args: argparse.Namespace):
+    from ..data.stats import read_dataset_stats
+
     tiers = load_tiers()
     if args.tier is not None and args.tier not in tiers:
         raise ValueError(f"--tier {args.tier!r} is not one of {sorted(tiers)}")
+    if args.write_config is not None and args.shards is None:
+        raise ValueError("--write-config needs --shards: the run config names the shard set it trains on")
     if args.tier:
         tier, profile = tiers[args.tier], simulated_profile(tiers[args.tier])
     else:
@@ -45,14 +101,38 @@ def run(args: argparse.Namespace) -> int:
         resolution=resolution,
         caption_tokens=args.caption_tokens,
         lora_rank=args.rank,
+        lora_targets=args.targets,
         target_global_batch=args.batch,
         lr_base=args.lr,
         lr_scaling=args.lr_scaling,
+        model=model_config(args.model),
+        dataset=None if args.shards is None else read_dataset_stats(args.shards),
+        caption_percentile=CAPTION_LENGTHS[args.caption_length],
     )
-    try:
-        plan = make_plan(request, profile, tier=tier if args.tier else None)
-    except PlanRefused as refusal:
-        print(json.dumps({"refused": str(refusal)}) if args.json else str(refusal))
-        return 2
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
-    return 0
+    return make_plan(request, profile, tier=tier if args.tier else None)
+
+
+def model_config(model: str) -> ZImageConfig:
+    """A preset by name, or the shape of a weights file (its header only)."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if not path.is_file():
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a weights file")
+    from ..model.weights import infer_config, read_header
+
+    return infer_config({key: shape for key, (_, shape) in read_header(path).items()})
+
+
+def _write_config(args: argparse.Namespace, plan) -> None:
+    from ..engine.config import TrainConfig
+
+    model = {"preset": args.model} if args.model in PRESETS else {"weights": str(Path(args.model).resolve())}
+    config = TrainConfig.from_plan(
+        plan,
+        run={"output_dir": str(args.write_config.resolve().parent), "steps": args.steps},
+        model=model,
+        data={"shards": str(args.shards.resolve())},
+    )
+    config.save(args.write_config)
+    logger.info("wrote %s: python -m training train --config %s", args.write_config, args.write_config)

@@ -294,9 +294,29 @@ def _cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def _ram_bytes() -> int:
+    """Host RAM, or the container's memory limit when it is lower (a 24 GiB container on a 64 GiB host has 24)."""
     try:
         import psutil
     except ImportError:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(psutil.virtual_memory().total)
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        total = int(psutil.virtual_memory().total)
+    limit = cgroup_memory_limit()
+    return min(total, limit) if limit else total
+
+
+def cgroup_memory_limit(paths: Sequence[str] = CGROUP_MEMORY_LIMITS) -> int | None:
+    """The cgroup (v2, else v1) memory limit in bytes, None when unlimited or unreadable."""
+    for path in paths:
+        try:
+            text = open(path, encoding="ascii").read().strip()  # noqa: SIM115 - one short read
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 reports "unlimited" as a huge number
+            return int(text)
+        return None
+    return None

@@ -49,6 +49,7 @@ TARGET_PRESETS: dict[str, TargetPreset] = {
 LORA_TARGETS: tuple[str, ...] = get_args(LoraTargets)
 assert LORA_TARGETS == tuple(TARGET_PRESETS), "LoraTargets and TARGET_PRESETS must list the same presets"
 DEFAULT_TARGETS: LoraTargets = "attention+ffn"
+DEFAULT_LORA_RANK = 32  # styles and characters; the Plan node, the plan CLI and the workflows start here
 
 
 def target_preset(targets: str) -> TargetPreset:
