@@ -218,3 +218,12 @@ def _worker(run_dir: str) -> None:
 
 if __name__ == "__main__":
     failure.record(_worker)(sys.argv[1])
+
+
+def test_oom_advice_is_the_planners_policy():
+    from training.hardware import advice
+
+    assert failure.next_plan is advice.next_plan
+    after_modes = {"mode": "qlora", "micro_batch": 1, "resolution": [1024, 768]}  # a bucketed (width, height) plan
+    assert advice.next_plan(after_modes)[1] == "train at 512 px (pack the data at that resolution)"
+    assert advice.next_plan({"mode": "lora", "micro_batch": 1})[0]["mode"] == advice.LIGHTER_MODE["lora"]

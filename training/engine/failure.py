@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_text_atomic
+from ..hardware.advice import next_plan, next_plan_hint  # noqa: F401 - the planner's policy, re-exported
 from .events import TERMINAL_STATES, read_status, write_status
 
 logger = logging.getLogger(__name__)
@@ -141,35 +142,6 @@ def describe_plan(plan: dict[str, Any]) -> str:
     if plan.get("world_size", 1) > 1:
         parts.append(f"{plan['world_size']} GPUs")
     return ", ".join(parts)
-
-
-def next_plan(plan: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """The cheapest change that lowers peak memory, in the order the planner would try: deeper activation
-    checkpointing, then a smaller micro-batch (same global batch through accumulation), then a lighter mode."""
-    depth, layers = int(plan.get("checkpoint_depth", 0)), int(plan.get("n_layers", 0))
-    micro, accum = int(plan.get("micro_batch", 1)), int(plan.get("grad_accum", 1))
-    if layers and depth < layers:
-        deeper = min(layers, depth + max(2, layers // 4))
-        return {**plan, "checkpoint_depth": deeper}, f"set run.checkpoint_depth {depth} -> {deeper}"
-    if micro > 1:
-        change = {"micro_batch": micro // 2, "grad_accum": accum * 2}
-        return {
-            **plan,
-            **change,
-        }, f"set run.micro_batch {micro} -> {micro // 2} and run.grad_accum {accum} -> {accum * 2}"
-    if plan.get("mode") == "full" and not plan.get("fsdp_cpu_offload"):
-        return {**plan, "fsdp_cpu_offload": True}, "set run.fsdp_cpu_offload true (or add GPUs)"
-    if plan.get("mode") == "lora":
-        return {**plan, "mode": "qlora"}, "switch to mode 'qlora' (4-bit base weights)"
-    if int(plan.get("resolution", 0)) > 512:
-        lower = int(plan["resolution"]) - 256
-        return {**plan, "resolution": lower}, f"train at {lower} px (pack the data at that resolution)"
-    return None, "no smaller plan exists: use a GPU with more memory or more GPUs"
-
-
-def next_plan_hint(plan: dict[str, Any]) -> str:
-    changed, reason = next_plan(plan)
-    return f"Next plan that should fit: {reason}." if changed is not None else f"{reason[0].upper()}{reason[1:]}."
 
 
 # ---------------------------------------------------------------------------- launcher side
