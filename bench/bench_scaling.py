@@ -45,9 +45,9 @@ SHARD_IMAGES = 512  # for "lora-shards": generated images packed at 512² with t
 
 def pack_shards(root: Path) -> Path:
     """A real shard set for the loader: generated images, test latent/text encoders at the real model's widths."""
+    from training.apps.demo import make_images
     from training.data.encoders import TestLatentEncoder, TestTextEncoder
     from training.data.pack import PackConfig, pack_dataset
-    from training.engine.demo import make_images
 
     images = make_images(root / "images", count=SHARD_IMAGES, size=512)
     config = PackConfig(input_dir=images, output_dir=root / "shards", resolution=512, samples_per_shard=64)

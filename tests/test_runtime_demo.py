@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.engine.demo import DemoSettings, make_images
+from training.apps.demo import DemoSettings, make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

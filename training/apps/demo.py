@@ -66,9 +66,9 @@ class DemoResult:
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run every stage; raise if the loss did not fall or the LoRA file does not reproduce the trained adapter."""
-    from .events import read_events, read_status
-    from .report import loss_series, render_report, smooth
-    from .trainer import run_training
+    from ..engine.events import read_events, read_status
+    from ..engine.report import loss_series, render_report, smooth
+    from ..engine.trainer import run_training
 
     started = time.monotonic()
     out = settings.output
@@ -177,7 +177,7 @@ def plan_demo(settings: DemoSettings, shards: Path):
 
 
 def demo_config(settings: DemoSettings, plan, *, shards: Path, run_dir: Path, lora_file: Path):
-    from .config import TrainConfig
+    from ..engine.config import TrainConfig
 
     return TrainConfig.from_plan(
         plan,
@@ -198,10 +198,10 @@ def demo_config(settings: DemoSettings, plan, *, shards: Path, run_dir: Path, lo
 def verify_lora(lora_file: Path, *, seed: int, rank: int) -> dict:
     """Reload the file and check it applies: merged into the base, it gives the same outputs as the base with the
     file's weights in a LoRA adapter, and different outputs from the base alone."""
+    from ..engine.build import random_model
     from ..model.config import preset
     from ..model.lora import attach_lora, load_lora_state_dict
     from ..model.lora_file import load_lora_file, merge_lora_file_into
-    from .build import random_model
 
     loaded = load_lora_file(lora_file)
     if loaded.settings.rank != rank:

@@ -1,4 +1,4 @@
-"""The ``demo`` subcommand: ``python -m training demo [--output DIR]``. See `training.engine.demo`."""
+"""The ``demo`` subcommand: ``python -m training demo [--output DIR]``. See `training.apps.demo`."""
 
 from __future__ import annotations
 
