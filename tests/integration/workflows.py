@@ -35,6 +35,7 @@ def plan_node(model: str, **overrides) -> dict:
         "target_batch": 1,
         "learning_rate": 1e-4,
         "caption_tokens": 32,
+        "caption_length": "longest",
         "free_comfyui_memory": False,
     }
     return {"class_type": "WhetstoneTrainingPlan", "inputs": {**inputs, **overrides}}
@@ -60,7 +61,7 @@ def train_prompt(models: dict[str, str], *, run_name: str, dataset_name: str, st
                 "clip": ["clip", 0],
             },
         },
-        "plan": plan_node(model),
+        "plan": plan_node(model, dataset=["pack", 0]),  # planned for the packed buckets and caption lengths
         "train": {
             "class_type": "WhetstoneTrain",
             "inputs": {

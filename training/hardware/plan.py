@@ -151,6 +151,7 @@ def maximum_batch_size(
     """Largest micro-batch that fits each GPU at ``checkpoint_depth`` (0 if none), with the request's settings."""
     memory_model = memory_model or MemoryModel(model=request.model)
     tier, _ = nearest_tier(profile)
+    request = fit_request_to_dataset(request, _Decisions())
     setting = _setting(request, profile, tier, memory_model, _Decisions())
     budget = budget_bytes(profile, _margin(request, tier), memory_model)
     return largest_fitting_batch(request, setting, checkpoint_depth, memory_model, budget)
@@ -162,6 +163,7 @@ def checkpoint_depth_for(
     """Fewest main blocks (from the first) to checkpoint so ``micro_batch`` fits; None when nothing does."""
     memory_model = memory_model or MemoryModel(model=request.model)
     tier, _ = nearest_tier(profile)
+    request = fit_request_to_dataset(request, _Decisions())
     setting = _setting(request, profile, tier, memory_model, _Decisions())
     budget = budget_bytes(profile, _margin(request, tier), memory_model)
     return fewest_checkpointed_blocks(request, setting, micro_batch, memory_model, budget)
