@@ -31,7 +31,9 @@ import torch  # noqa: E402
 from memory_runs import (  # noqa: E402
     CAP_STEPS,
     CAPS,
-    CONFIGS,
+    CAPTION_TOKENS,
+    SHAPES,
+    TARGETS,
     Config,
     calibrated_model,
     cap_plan,
@@ -58,11 +60,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-caps", action="store_true", help="skip the memory-capped runs")
     parser.add_argument("--compiled", action="store_true", help="also run LoRA 512² bs4 compiled (extra, slow)")
     parser.add_argument("--out", default=None, help="append one JSON line per result to this file")
+    parser.add_argument("--targets", default=TARGETS, help="LoRA target preset of every configuration")
+    parser.add_argument("--caption-tokens", type=int, default=CAPTION_TOKENS, help="caption tokens per sample")
+    parser.add_argument("--modes", default="lora,qlora", help="comma-separated modes to measure")
+    parser.add_argument("--shapes", default=None, help="RESxBATCHxDEPTH,... instead of the 6 standard shapes")
+    parser.add_argument("--caps", default=None, help="GIB@RES,... instead of the standard caps (24@512,40@1024)")
+    parser.add_argument("--max-error", type=float, default=MAX_ERROR, help="largest accepted prediction error")
     return parser.parse_args(argv)
 
 
 def selected_configs(args) -> list[Config]:
-    configs = [c for c in CONFIGS if not (args.skip_qlora and c.mode == "qlora")]
+    modes = [m for m in args.modes.split(",") if not (args.skip_qlora and m == "qlora")]
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    configs = [
+        Config(mode=m, resolution=r, batch=b, depth=d, targets=args.targets, caption_tokens=args.caption_tokens)
+        for m in modes
+        for r, b, d in shapes
+    ]
     if args.quick:
         configs = [next(c for c in configs if c.mode == mode) for mode in dict.fromkeys(c.mode for c in configs)]
     if args.compiled:
@@ -71,7 +85,8 @@ def selected_configs(args) -> list[Config]:
 
 
 def selected_caps(args) -> list[tuple[int, int]]:
-    return [] if args.skip_caps else CAPS[:1] if args.quick else CAPS
+    caps = [tuple(map(int, c.split("@"))) for c in args.caps.split(",")] if args.caps else CAPS
+    return [] if args.skip_caps else caps[:1] if args.quick else caps
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -83,14 +98,18 @@ def dry_run(args) -> int:
     print("| config | tokens/sample | predicted GiB (analytic) | phase |\n|---|---|---|---|")
     for conf in selected_configs(args):
         estimate = predict(analytic, conf)
-        print(f"| {conf.label()} | {tokens_per_sample(conf.resolution)} | {estimate.gib():.2f} | {estimate.phase} |")
+        print(
+            f"| {conf.label()} | {tokens_per_sample(conf.resolution, conf.caption_tokens)} | {estimate.gib():.2f} | {estimate.phase} |"
+        )
     for cap_gib, resolution in selected_caps(args):
         try:
-            plan = cap_plan(cap_gib, resolution, analytic, simulated=True)
+            plan = cap_plan(
+                cap_gib, resolution, analytic, simulated=True, caption_tokens=args.caption_tokens, targets=args.targets
+            )
         except PlanRefused as refusal:
             print(f"\ncap {cap_gib} GiB at {resolution}²: refused\n{refusal}")
             continue
-        print(f"\ncap {cap_gib} GiB at {resolution}²: {plan_config(plan).label()}, predicted "
+        print(f"\ncap {cap_gib} GiB at {resolution}²: {plan_config(plan, caption_tokens=args.caption_tokens).label()}, predicted "
               f"{plan.predicted_peak_bytes / GIB:.2f} GiB = {plan.predicted_peak_bytes / (cap_gib * GIB):.1%} of "
               f"the cap\n{plan.table()}")  # fmt: skip
     return 0
@@ -100,7 +119,7 @@ def dry_run(args) -> int:
 # GPU: measure
 
 
-def measure_config(conf: Config, analytic: MemoryModel, emit) -> dict:
+def measure_config(conf: Config, analytic: MemoryModel, emit, max_error: float = MAX_ERROR) -> dict:
     started = time.perf_counter()
     row = {"test": "config", "config": conf.label(), **vars(conf)}
     print(f"-- {conf.label()}: building the Trainer", flush=True)
@@ -115,19 +134,22 @@ def measure_config(conf: Config, analytic: MemoryModel, emit) -> dict:
         if measured and key + "_gib" in row:
             row[key + "_error"] = row[key + "_gib"] / measured - 1
     checked = "probe_error" if "probe_gib" in row else "analytic_error"
-    row["ok"] = conf.compile or ("error" not in row and abs(row.get(checked, 1.0)) <= MAX_ERROR)
+    row["ok"] = conf.compile or ("error" not in row and abs(row.get(checked, 1.0)) <= max_error)
     return emit(row)
 
 
-def measure_cap(cap_gib: int, resolution: int, memory_model: MemoryModel, analytic: MemoryModel, emit) -> dict:
+def measure_cap(cap_gib: int, resolution: int, memory_model: MemoryModel, analytic: MemoryModel, emit, args) -> dict:
     started = time.perf_counter()
     row = {"test": "cap", "cap_gib": cap_gib, "resolution": resolution, "model": _source(memory_model)}
+    row.update(targets=args.targets, caption_tokens=args.caption_tokens)
     try:
-        plan = cap_plan(cap_gib, resolution, memory_model, simulated=False)
+        plan = cap_plan(
+            cap_gib, resolution, memory_model, simulated=False, caption_tokens=args.caption_tokens, targets=args.targets
+        )
     except PlanRefused as refusal:
         return emit({**row, "error": f"refused: {refusal}", "ok": False})
     print(plan.table(), flush=True)
-    conf = plan_config(plan)
+    conf = plan_config(plan, caption_tokens=args.caption_tokens, targets=args.targets)
     row.update(config=conf.label(), micro_batch=conf.batch, depth=conf.depth, grad_accum=conf.grad_accum)
     print(f"-- cap {cap_gib} GiB: {conf.label()}, {CAP_STEPS} steps", flush=True)
     row.update(predicted_gib=plan.predicted_peak_bytes / GIB, budget_gib=plan.budget_bytes / GIB)
@@ -147,13 +169,13 @@ def _source(memory_model: MemoryModel) -> str:
 
 def run_bench(args, emit) -> list[dict]:
     analytic = MemoryModel()  # fp32 adapters, bf16 LoRA inputs: what the engine runs
-    results = [measure_config(conf, analytic, emit) for conf in selected_configs(args)]
+    results = [measure_config(conf, analytic, emit, args.max_error) for conf in selected_configs(args)]
     for cap_gib, resolution in selected_caps(args):
         probes = [
             r for r in results if r.get("mode") == "lora" and r.get("resolution") == resolution and "coefficients" in r
         ]
         memory_model = calibrated_model(analytic, "lora", probes[-1]["coefficients"]) if probes else analytic
-        results.append(measure_cap(cap_gib, resolution, memory_model, analytic, emit))
+        results.append(measure_cap(cap_gib, resolution, memory_model, analytic, emit, args))
     return results
 
 

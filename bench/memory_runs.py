@@ -38,11 +38,15 @@ class Config:
     depth: int
     grad_accum: int = 1
     compile: bool = False
+    targets: str = TARGETS
+    caption_tokens: int = CAPTION_TOKENS
 
     def label(self) -> str:
         accum = f"x{self.grad_accum}" if self.grad_accum > 1 else ""
         compiled = " compiled" if self.compile else ""
-        return f"{self.mode} {self.resolution}² bs{self.batch}{accum} depth {self.depth}{compiled}"
+        extra = "" if self.targets == TARGETS else f" targets {self.targets}"
+        extra += "" if self.caption_tokens == CAPTION_TOKENS else f" {self.caption_tokens} caption tokens"
+        return f"{self.mode} {self.resolution}² bs{self.batch}{accum} depth {self.depth}{compiled}{extra}"
 
     def ours(self) -> OurConfig:
         """This run as a ``bench_ours`` configuration (rank 128 on attention+ffn); ``grad_accum`` goes to its
@@ -51,9 +55,9 @@ class Config:
             mode=self.mode,
             batch=self.batch,
             resolution=self.resolution,
-            caption_tokens=CAPTION_TOKENS,
+            caption_tokens=self.caption_tokens,
             rank=RANK,
-            targets=TARGETS,
+            targets=self.targets,
             compile=self.compile,
             checkpoint_depth=self.depth,
         )
@@ -66,8 +70,8 @@ CONFIGS = [Config(mode=m, resolution=r, batch=b, depth=d) for m in ("lora", "qlo
 CAPS = [(24, 512), (40, 1024)]  # GiB the allocator may use, resolution
 
 
-def tokens_per_sample(resolution: int) -> int:
-    return image_tokens_for((resolution, resolution)) + padded(CAPTION_TOKENS)
+def tokens_per_sample(resolution: int, caption_tokens: int = CAPTION_TOKENS) -> int:
+    return image_tokens_for((resolution, resolution)) + padded(caption_tokens)
 
 
 def predict(memory_model: MemoryModel, conf: Config, trainable: int | None = None) -> MemoryEstimate:
@@ -75,11 +79,11 @@ def predict(memory_model: MemoryModel, conf: Config, trainable: int | None = Non
         conf.mode,
         conf.batch,
         image_tokens_for((conf.resolution, conf.resolution)),
-        padded(CAPTION_TOKENS),
+        padded(conf.caption_tokens),
         conf.depth,
         1,
         RANK,
-        lora_targets=TARGETS,
+        lora_targets=conf.targets,
         grad_accum=conf.grad_accum,
         compiled=conf.compile,
         trainable_params=trainable,
@@ -90,13 +94,15 @@ def predict(memory_model: MemoryModel, conf: Config, trainable: int | None = Non
 # planning for a memory cap
 
 
-def cap_request(resolution: int, trainable: int | None) -> PlanRequest:
+def cap_request(
+    resolution: int, trainable: int | None, *, caption_tokens: int = CAPTION_TOKENS, targets: str = TARGETS
+) -> PlanRequest:
     return PlanRequest(
         mode="lora",
         resolution=resolution,
-        caption_tokens=CAPTION_TOKENS,
+        caption_tokens=caption_tokens,
         lora_rank=RANK,
-        lora_targets=TARGETS,
+        lora_targets=targets,
         target_global_batch=CAP_TARGET_GLOBAL_BATCH,
         compile=False,
         trainable_params=trainable,
@@ -114,13 +120,25 @@ def capped_profile(cap_bytes: int, memory_model: MemoryModel, *, simulated: bool
     return dataclasses.replace(profile, gpus=(dataclasses.replace(profile.gpus[0], free_bytes=offered),))
 
 
-def cap_plan(cap_gib: int, resolution: int, memory_model: MemoryModel, *, simulated: bool, trainable=None):
+def cap_plan(
+    cap_gib: int,
+    resolution: int,
+    memory_model: MemoryModel,
+    *,
+    simulated: bool,
+    trainable=None,
+    caption_tokens: int = CAPTION_TOKENS,
+    targets: str = TARGETS,
+):
     profile = capped_profile(cap_gib * GIB, memory_model, simulated=simulated)
-    return make_plan(cap_request(resolution, trainable), profile, None, memory_model)
+    request = cap_request(resolution, trainable, caption_tokens=caption_tokens, targets=targets)
+    return make_plan(request, profile, None, memory_model)
 
 
-def plan_config(plan: TrainingPlan) -> Config:
+def plan_config(plan: TrainingPlan, *, caption_tokens: int = CAPTION_TOKENS, targets: str = TARGETS) -> Config:
     return Config(
+        targets=targets,
+        caption_tokens=caption_tokens,
         mode=plan.mode,
         resolution=plan.resolution[0],
         batch=plan.micro_batch,
@@ -209,7 +227,7 @@ def _probe(trainer, conf: Config) -> ActivationCoefficients:
         model.layers[-1],  # peft-wrapped (NF4 for QLoRA) main block; unwrapped if checkpointed
         model.config,
         micro_batch=conf.batch,
-        tokens_per_sample=tokens_per_sample(conf.resolution),
+        tokens_per_sample=tokens_per_sample(conf.resolution, conf.caption_tokens),
         mode=conf.mode,
         lora_rank=RANK,
     )
