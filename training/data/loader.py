@@ -1,17 +1,21 @@
-"""Streaming shards back as bucket-homogeneous batches: `ShardLoader`.
+"""Streaming shards back as bucket-homogeneous batches: `ShardLoader`, in one of two layouts.
 
-Per epoch the shard list is permuted with (seed, epoch); rank r takes every world_size-th shard of that order and
-DataLoader worker w every num_workers-th shard of the rank's share. Each worker shuffles its samples with a buffer
-seeded by (seed, epoch, rank, worker), groups them by bucket and yields a batch whenever a bucket holds batch_size
-samples. At the end of its shards a worker yields each bucket's leftover as a short batch (drop_last=False, the
-default) or drops it (drop_last=True), so every sample is seen exactly once per epoch across ranks by default.
+*samples* (any set on any number of ranks; `sample_order.py`): the set is permuted with (seed, epoch) and cut into
+global micro-batches of world_size x batch_size; rank r takes the r-th slice of each, DataLoader worker w every
+num_workers-th of the rank's batches. Every rank gets the same number of batches, and the order is the same for any
+world size with the same global micro-batch: 1-rank and N-rank runs see the same samples at every step.
 
-Every batch's position in its worker's stream is deterministic, so the loader's state is just (epoch, batches consumed
-per worker); a restored loader replays each worker's stream and skips the consumed batches without decoding them.
+*shards* (the fast path for large sets, chosen when every reader -- rank x worker -- gets at least
+MIN_SHARDS_PER_READER whole shards): per epoch the shard list is permuted with (seed, epoch); rank r takes every
+world_size-th shard of that order and worker w every num_workers-th shard of the rank's share, so each shard is read
+by one rank only. Each worker shuffles its samples with a buffer seeded by (seed, epoch, rank, worker), groups them
+by bucket and yields a batch whenever a bucket holds batch_size samples. `num_batches(rank)` is exact (from the
+manifest's per-shard bucket counts); with even_batches=True every rank stops after `steps_per_epoch` (the minimum
+over ranks), dropping its remaining batches for that epoch (which ones changes with the epoch's shard order).
 
-Equal steps for DDP: `num_batches(rank)` is exact (computed from per-shard bucket counts in the manifest);
-`steps_per_epoch` is its minimum over ranks. With even_batches=True every rank stops after steps_per_epoch batches,
-dropping its remaining batches for that epoch (which ones changes with the epoch's shard order).
+In both, a bucket's leftover is a short batch (drop_last=False, the default) or dropped (drop_last=True). Every
+batch's position is deterministic, so the loader's state is (epoch, batches consumed); a restored loader replays
+its streams and skips the consumed batches without decoding them.
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batches import Batch, collate, decode_images_nvjpeg, nvjpeg_available
+from .sample_order import SampleSpan, global_micro_batches, index_samples, rank_slice, read_spans
 from .shards import load_manifest, read_samples
 
 logger = logging.getLogger(__name__)
+
+#: Whole-shard layout only when every reader (rank x worker) gets at least this many shards: then the even-batches
+#: cut costs at most about one shard in this many per epoch.
+MIN_SHARDS_PER_READER = 8
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -65,6 +74,33 @@ class _WorkerStream(IterableDataset):
                 yield collate(
                     group, worker=worker, index=index, decode_images=plan.decode_images, shared=info is not None
                 )
+
+
+@dataclass(kw_only=True, frozen=True)
+class _SamplePlan:
+    """A rank's remaining batches of an epoch in the sample layout: worker w makes every num_workers-th of them."""
+
+    shard_dir: Path
+    batches: tuple[tuple[SampleSpan, ...], ...]
+    first_index: int  # the epoch-position of batches[0]
+    workers: int
+    decode_images: str
+
+
+class _SampleBatches(IterableDataset):
+    def __init__(self, plan: _SamplePlan) -> None:
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        plan = self.plan
+        for position in range(worker, len(plan.batches), plan.workers):
+            samples = list(read_spans(plan.shard_dir, list(plan.batches[position])))
+            index = plan.first_index + position
+            yield collate(
+                samples, worker=worker, index=index, decode_images=plan.decode_images, shared=info is not None
+            )
 
 
 def _buffer_shuffle(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -117,20 +153,39 @@ class ShardLoader:
         self.shard_dir, self.manifest = load_manifest(Path(source))
         _check_arguments(batch_size, rank, world_size, num_workers, shuffle_buffer, image_decode)
         self.shards = sorted(shard["name"] for shard in self.manifest["shards"])
-        if len(self.shards) < world_size:
-            raise ValueError(
-                f"{self.shard_dir} has {len(self.shards)} shards but world_size={world_size}; every rank needs at "
-                "least one shard: repack with a smaller samples_per_shard"
-            )
         self._bucket_counts = {s["name"]: s["buckets"] for s in self.manifest["shards"]}
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.drop_last, self.even_batches, self.prefetch_factor = drop_last, even_batches, prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.image_decode = self._resolve_image_decode(image_decode)
+        self.layout = self._choose_layout()
+        self._spans = index_samples(self.shard_dir, self.shards) if self.layout == "samples" else []
+        self.samples = sum(sum(counts.values()) for counts in self._bucket_counts.values())
+        if self.layout == "samples" and len(self._spans) != self.samples:
+            raise ValueError(
+                f"{self.shard_dir} holds {len(self._spans)} samples but its manifest lists {self.samples}; repack it"
+            )
+        self._groups: tuple[int, list[list[int]]] | None = None  # (epoch, its global micro-batches), cached
         self.epoch = 0
-        self._consumed = [0] * max(num_workers, 1)
+        self._consumed = [0] * (max(num_workers, 1) if self.layout == "shards" else 1)
         self._samples_consumed = 0
+
+    def _choose_layout(self) -> str:
+        readers = self.world_size * max(self.num_workers, 1)
+        whole = len(self.shards) >= MIN_SHARDS_PER_READER * readers
+        logger.info(
+            "%s: %d shards for %d readers (%d rank(s) x %d worker(s)); %s",
+            "whole shards per rank" if whole else "samples split across ranks",
+            len(self.shards),
+            readers,
+            self.world_size,
+            max(self.num_workers, 1),
+            f"each reader gets at least {MIN_SHARDS_PER_READER}"
+            if whole
+            else f"fewer than {MIN_SHARDS_PER_READER} per reader, so every rank reads the shards it needs",
+        )
+        return "shards" if whole else "samples"
 
     def _resolve_image_decode(self, requested: str) -> str:
         has_latents = self.manifest["contents"]["latent_encoder"] is not None
@@ -149,6 +204,11 @@ class ShardLoader:
         self._consumed = [0] * len(self._consumed)
         self._samples_consumed = 0
 
+    @property
+    def batches_consumed(self) -> int:
+        """Batches of the current epoch already handed out (0 at an epoch's start)."""
+        return sum(self._consumed)
+
     def shard_order(self, epoch: int | None = None) -> list[str]:
         order = list(self.shards)
         random.Random(f"shards:{self.seed}:{self.epoch if epoch is None else epoch}").shuffle(order)
@@ -159,8 +219,20 @@ class ShardLoader:
         workers = max(self.num_workers, 1)
         return [rank_shards[worker::workers] for worker in range(workers)]
 
+    def _global_micro_batches(self) -> list[list[int]]:
+        if self._groups is None or self._groups[0] != self.epoch:
+            buckets = [span.bucket for span in self._spans]
+            size = self.batch_size * self.world_size
+            groups = global_micro_batches(
+                buckets, seed=self.seed, epoch=self.epoch, size=size, drop_last=self.drop_last
+            )
+            self._groups = (self.epoch, groups)
+        return self._groups[1]
+
     def num_batches(self, rank: int | None = None) -> int:
         """Exact number of batches `rank` (default: this loader's rank) yields this epoch without even_batches."""
+        if self.layout == "samples":
+            return len(self._global_micro_batches())
         total = 0
         for shards in self._worker_shards(self.rank if rank is None else rank):
             per_bucket: dict[str, int] = {}
@@ -174,6 +246,8 @@ class ShardLoader:
     @property
     def steps_per_epoch(self) -> int:
         """The number of batches every rank can do this epoch (the minimum over ranks)."""
+        if self.layout == "samples":
+            return self.num_batches()
         return min(self.num_batches(rank) for rank in range(self.world_size))
 
     def __len__(self) -> int:
@@ -181,7 +255,19 @@ class ShardLoader:
 
     # ---- iteration
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _dataset(self, decode: str) -> IterableDataset:
+        if self.layout == "samples":
+            groups = self._global_micro_batches()[self.batches_consumed :]
+            batches = (rank_slice(g, rank=self.rank, world_size=self.world_size) for g in groups)
+            return _SampleBatches(
+                _SamplePlan(
+                    shard_dir=self.shard_dir,
+                    batches=tuple(tuple(self._spans[i] for i in batch) for batch in batches),
+                    first_index=self.batches_consumed,
+                    workers=max(self.num_workers, 1),
+                    decode_images=decode,
+                )
+            )
         plan = _StreamPlan(
             shard_dir=self.shard_dir,
             shards_per_worker=tuple(tuple(s) for s in self._worker_shards(self.rank)),
@@ -190,11 +276,15 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer,
             drop_last=self.drop_last,
             seed_prefix=f"samples:{self.seed}:{self.epoch}:{self.rank}",
-            decode_images="cpu" if self.image_decode == "cpu" else "defer" if self.image_decode == "defer" else "none",
+            decode_images=decode,
         )
+        return _WorkerStream(plan)
+
+    def __iter__(self) -> Iterator[Batch]:
+        decode = "cpu" if self.image_decode == "cpu" else "defer" if self.image_decode == "defer" else "none"
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         loader = DataLoader(
-            _WorkerStream(plan),
+            self._dataset(decode),
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -203,11 +293,11 @@ class ShardLoader:
         )
         limit = self.steps_per_epoch if self.even_batches else None
         for batch in loader:
-            if limit is not None and sum(self._consumed) >= limit:
+            if limit is not None and self.batches_consumed >= limit:
                 break
             if self.image_decode == "defer":
                 batch = decode_images_nvjpeg(batch)
-            self._consumed[batch.worker] += 1
+            self._consumed[batch.worker if self.layout == "shards" else 0] += 1
             self._samples_consumed += len(batch)
             yield batch
         self.set_epoch(self.epoch + 1)
@@ -215,20 +305,31 @@ class ShardLoader:
     # ---- resumable position
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "epoch": self.epoch,
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
             "batch_size": self.batch_size,
+            "layout": self.layout,
             "shard_order": self.shard_order(),
-            "batches_consumed_per_worker": list(self._consumed),
+            "batches_consumed": self.batches_consumed,
             "samples_consumed": self._samples_consumed,
         }
+        if self.layout == "shards":
+            state["batches_consumed_per_worker"] = list(self._consumed)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "rank", "world_size", "num_workers", "batch_size"):
+        if state.get("layout") != self.layout:
+            raise ValueError(
+                f"loader state was saved in the {state.get('layout')!r} layout but this loader uses {self.layout!r} "
+                "(the layout follows the shard count, world size and data.num_workers); resume with the saved run's "
+                "settings"
+            )
+        names = ("seed", "rank", "world_size", "batch_size")
+        for name in (*names, "num_workers") if self.layout == "shards" else names:
             if state[name] != getattr(self, name):
                 raise ValueError(
                     f"loader state has {name}={state[name]!r} but this loader has {name}={getattr(self, name)!r}; "
@@ -237,7 +338,10 @@ class ShardLoader:
         self.set_epoch(state["epoch"])
         if state["shard_order"] != self.shard_order():
             raise ValueError(f"the shard set in {self.shard_dir} changed since this state was saved; cannot resume")
-        self._consumed = list(state["batches_consumed_per_worker"])
+        if self.layout == "shards":
+            self._consumed = list(state["batches_consumed_per_worker"])
+        else:
+            self._consumed = [int(state["batches_consumed"])]
         self._samples_consumed = state["samples_consumed"]
 
 
