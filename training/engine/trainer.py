@@ -301,6 +301,7 @@ def _build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
         seed=run.seed,
         even_batches=dist_info.world_size > 1,  # every rank does the same number of steps per epoch
     )
+    _check_enough_data(loader, config, dist_info.world_size)
     return loader, empty_caption
 
 
@@ -313,14 +314,32 @@ def _caption_limit(config: TrainConfig) -> CaptionLimit:
 
 
 def _epochs(loader) -> Iterator[Batch]:
-    """Endless batches: the ShardLoader iterates one epoch per pass and advances the epoch itself."""
+    """Endless batches: the ShardLoader iterates one epoch per pass and advances the epoch itself.
+
+    A pass that starts at a restored position may have nothing left (a checkpoint taken after an epoch's last
+    batch): it only moves the loader on to the next epoch. An empty pass from an epoch's start is a defect, since
+    `_check_enough_data` refused too small a set before training.
+    """
     while True:
+        resumed_within_epoch = loader.batches_consumed > 0
         count = 0
         for batch in loader:
             count += 1
             yield batch
-        if count == 0:
-            raise ValueError("the shard loader yielded no batch in a whole epoch; use a smaller run.micro_batch")
+        if count == 0 and not resumed_within_epoch:
+            raise RuntimeError(f"the shard loader yielded no batch in epoch {loader.epoch - 1} from its start")
+
+
+def _check_enough_data(loader, config: TrainConfig, world_size: int) -> None:
+    """Refuse, before training, a shard set smaller than one global batch, naming the numbers."""
+    run = config.run
+    global_batch = run.micro_batch * run.grad_accum * world_size
+    if loader.samples < global_batch:
+        raise ValueError(
+            f"{config.data.shards} holds {loader.samples} samples, fewer than one global batch of {global_batch} "
+            f"(run.micro_batch {run.micro_batch} x run.grad_accum {run.grad_accum} x {world_size} process(es)): "
+            "add images or lower run.micro_batch or run.grad_accum"
+        )
 
 
 def _checked(batch: Batch) -> Batch:
