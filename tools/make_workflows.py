@@ -166,8 +166,8 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
         f"micro-batch fits the {facts['budget']} budget {per_gpu}; the peak is `max_memory_allocated`.",
         f"- **{steps} steps** see about {steps * plan.global_batch} images; LoRA and a resumable checkpoint every "
         f"{job.save_every} steps. The seed has no randomize control, so queueing again resumes instead of retraining.",
-        f"- Every GPU needs one shard: with {job.samples_per_shard} samples per shard, pack at least "
-        f"{job.samples_per_shard * (max(plan.world_size, 1) - 1) + 1} images.",
+        f"- Pack at least {plan.global_batch} images (one global batch); the GPUs split the samples of any shard "
+        "set, so packing does not depend on the GPU count.",
         f"- {speed_line}",
         "- To plan for the machine you are on instead, add Hardware Profile, link it to the plan's `hardware` input "
         "and set `tier` to `measured (hardware input)`.",

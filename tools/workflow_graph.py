@@ -32,7 +32,7 @@ class Job:
     min_steps: int = 250
     save_every: int = 250
     warmup_steps: int = 50
-    samples_per_shard: int = 8  # every GPU needs one shard: small shards let small datasets feed 8 GPUs
+    samples_per_shard: int = 1000  # the Pack Dataset node's default: the loader splits samples across GPUs
     image_folder: str = "my_images"
     model: str = BASE_MODEL
     sample_steps: int = 30
