@@ -301,7 +301,6 @@ def _build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
         seed=run.seed,
         even_batches=dist_info.world_size > 1,  # every rank does the same number of steps per epoch
     )
-    _check_enough_data(loader, config, dist_info.world_size)
     return loader, empty_caption
 
 
@@ -330,13 +329,19 @@ def _epochs(loader) -> Iterator[Batch]:
             raise RuntimeError(f"the shard loader yielded no batch in epoch {loader.epoch - 1} from its start")
 
 
-def _check_enough_data(loader, config: TrainConfig, world_size: int) -> None:
+def _check_enough_data(config: TrainConfig, world_size: int) -> None:
     """Refuse, before training, a shard set smaller than one global batch, naming the numbers."""
+    from ..data.shards import load_manifest
+
     run = config.run
     global_batch = run.micro_batch * run.grad_accum * world_size
-    if loader.samples < global_batch:
+    folder, manifest = load_manifest(Path(config.data.shards))
+    samples = manifest.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool):
+        raise ValueError(f"{folder} has a manifest whose 'samples' is {samples!r}, not a count; repack it")
+    if samples < global_batch:
         raise ValueError(
-            f"{config.data.shards} holds {loader.samples} samples, fewer than one global batch of {global_batch} "
+            f"{config.data.shards} holds {samples} samples, fewer than one global batch of {global_batch} "
             f"(run.micro_batch {run.micro_batch} x run.grad_accum {run.grad_accum} x {world_size} process(es)): "
             "add images or lower run.micro_batch or run.grad_accum"
         )
