@@ -3,7 +3,9 @@
 *samples* (any set on any number of ranks; `sample_order.py`): the set is permuted with (seed, epoch) and cut into
 global micro-batches of world_size x batch_size; rank r takes the r-th slice of each, DataLoader worker w every
 num_workers-th of the rank's batches. Every rank gets the same number of batches, and the order is the same for any
-world size with the same global micro-batch: 1-rank and N-rank runs see the same samples at every step.
+world size with the same global micro-batch -- a function of (seed, epoch, world_size x batch_size) -- so 1-rank and
+N-rank runs see the same samples at every step. (The full permutation needs no shuffle buffer, and every rank has
+the same batch count, so neither shuffle_buffer nor even_batches applies.)
 
 *shards* (the fast path for large sets, chosen when every reader -- rank x worker -- gets at least
 MIN_SHARDS_PER_READER whole shards): per epoch the shard list is permuted with (seed, epoch); rank r takes every
@@ -11,7 +13,8 @@ world_size-th shard of that order and worker w every num_workers-th shard of the
 by one rank only. Each worker shuffles its samples with a buffer seeded by (seed, epoch, rank, worker), groups them
 by bucket and yields a batch whenever a bucket holds batch_size samples. `num_batches(rank)` is exact (from the
 manifest's per-shard bucket counts); with even_batches=True every rank stops after `steps_per_epoch` (the minimum
-over ranks), dropping its remaining batches for that epoch (which ones changes with the epoch's shard order).
+over ranks), dropping its remaining batches for that epoch (which ones changes with the epoch's shard order). This
+order depends on world_size and num_workers too, so its state resumes only with the same ones.
 
 In both, a bucket's leftover is a short batch (drop_last=False, the default) or dropped (drop_last=True). Every
 batch's position is deterministic, so the loader's state is (epoch, batches consumed); a restored loader replays

@@ -291,6 +291,7 @@ def _build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
     from ..data.loader import ShardLoader
 
     empty_caption = load_empty_caption(config, dist_info.device)
+    _check_enough_data(config, dist_info.world_size)
     loader = ShardLoader(
         data.shards,
         batch_size=run.micro_batch,
