@@ -12,8 +12,8 @@ import copy
 import pytest
 
 from tests.test_engine_runs import assert_same_curve, tiny_config, train_in_process, train_subprocess
+from training.apps.demo import make_images, pack_images
 from training.engine.config import TrainConfig
-from training.engine.demo import make_images, pack_images
 from training.engine.events import read_events, read_status
 from training.engine.trainer import run_training
 
