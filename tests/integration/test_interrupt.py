@@ -57,7 +57,7 @@ def test_cancel_during_training_leaves_a_lora_and_a_resumable_checkpoint(comfy_s
     lora = load_lora_file(comfy_server.base / "models" / "loras" / f"{RUN}.safetensors")
     assert lora.state and lora.settings.rank == 4
     checkpoint = run_dir / "checkpoints" / f"step-{stopped_at:06d}"
-    assert (checkpoint / ".metadata").is_file(), sorted(p.name for p in run_dir.rglob("*"))
+    assert (checkpoint / "checkpoint.json").is_file(), sorted(p.name for p in run_dir.rglob("*"))
 
     # The same run name with resume on continues from that checkpoint and finishes one step later.
     resumed = train_prompt(zimage_models, run_name=RUN, dataset_name="patterns", steps=stopped_at + 1)
