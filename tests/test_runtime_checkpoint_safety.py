@@ -278,3 +278,30 @@ def test_the_trainer_resumes_past_a_truncated_newest_checkpoint(tmp_path, caplog
     assert "resuming at step 2 of 6" in caplog.text
     assert "checkpoint step 4 cannot be resumed" in caplog.text
     assert _losses(run) == _losses(tmp_path / "reference")
+
+
+# ---------------------------------------------------------------------------- FSDP2: each rank's own shards
+
+
+def test_fsdp2_checkpoint_holds_each_ranks_shards_and_resumes_exactly(tmp_path):
+    """Full fine-tuning on 2 processes (gloo): each rank's file holds its DTensor shards with their global layout;
+    a run stopped at step 4 and resumed gives the uninterrupted 6-step curve bit for bit; 1 process is refused."""
+    from test_engine_runs import tiny_config, train_in_process, train_subprocess
+
+    def config(run_dir: Path, steps: int) -> dict:
+        return {**tiny_config(run_dir, "full", micro_batch=2, steps=steps, save_every=2), "optim": {"lr": 1e-3}}
+
+    reference = train_subprocess(config(tmp_path / "reference", 6), nproc=2)
+    train_subprocess(config(tmp_path / "run", 4), nproc=2)
+    folder = tmp_path / "run/checkpoints/step-000004"
+    ranks = [json.loads((folder / f"rank-{r:05d}.json").read_text())["body"] for r in (0, 1)]
+    sharded = {n: e for n, e in ranks[0]["tensors"].items() if n.startswith("model/") and e["dtensor"]}
+    name = next(n for n, e in sharded.items() if e["dtensor"]["global_shape"][0] >= 2)
+    layouts = [body["tensors"][name]["dtensor"] for body in ranks]
+    assert layouts[0]["global_shape"] == layouts[1]["global_shape"] and layouts[0]["placements"] == ["Shard(dim=0)"]
+    assert layouts[0]["offset"][0] == 0 < layouts[1]["offset"][0] == ranks[0]["tensors"][name]["shape"][0]
+    with pytest.raises(CheckpointMismatch, match="written by 2 ranks, this run has 1"):
+        train_in_process(config(tmp_path / "run", 6))
+    resumed = train_subprocess(config(tmp_path / "run", 6), nproc=2)
+    assert [e["loss"] for e in resumed] == [e["loss"] for e in reference]
+    assert [e["grad_norm"] for e in resumed] == [e["grad_norm"] for e in reference]

@@ -12,9 +12,8 @@ Layout of ``<run>/checkpoints/``::
     step-000300.damaged-<token>/ found damaged on resume and set aside once an older checkpoint was resumed instead
 
 Hidden folders are what a kill leaves behind; rank 0 deletes them when the next attempt starts. Nothing read from a
-run folder is unpickled: a shared run folder is data, never code. (``torch.distributed.checkpoint`` is not used: its
-file system reader unpickles ``.metadata`` and loads non-tensor values with ``torch.load(weights_only=False)``.)
-Resuming (`restore`) takes the newest checkpoint that is intact on every rank, saying which ones it skipped and why.
+run folder is unpickled (``torch.distributed.checkpoint`` is not used: it unpickles ``.metadata`` and loads non-tensor
+values with ``torch.load(weights_only=False)``). `restore` resumes the newest checkpoint intact on every rank.
 
 Only trainable parameters are saved when any parameter is frozen (LoRA, QLoRA): the base model is never copied.
 Every rank must construct the Checkpointer and call `save`, `restore`, `load` and `close` at the same point (they are
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -43,33 +41,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
 from ..atomic import fsync_directory
 from .checkpoint_files import (
     MANIFEST,
+    STEP_FOLDER,
     CheckpointDamaged,
     CheckpointMismatch,
-    LoadedRank,
     StagedRank,
     Target,
-    check_manifest,
-    expected_files,
-    read_rank,
     stage_rank,
+    train_state,
     write_manifest,
     write_rank,
 )
+from .checkpoint_read import read_rank, refuse_pickled_folders
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 DEFAULT_TIMEOUT_S = 600.0  # the longest a checkpoint may take to write (and its collectives wait for other ranks)
-_COMPLETE = re.compile(r"^step-(\d{6,})$")
-# Files of the pickle-based format of earlier versions (torch.distributed.checkpoint and torch.save): never read.
-_PICKLED = re.compile(r"^(\.metadata|.*\.distcp|.*\.pt|.*\.pth|.*\.pkl|.*\.pickle|.*\.bin)$")
-# Wrapper prefixes that get_state_dict strips from names (DDP, torch.compile, activation checkpointing).
-_WRAPPERS = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
 _OK, _DAMAGED, _REFUSED = 0, 1, 2  # what a rank found in a checkpoint; the worst one over the ranks decides
 
 
@@ -165,7 +157,7 @@ class Checkpointer:
             step=step,
             rank=self.rank,
             world_size=self.world_size,
-            state=_train_state(model, optimizer),
+            state=train_state(model, optimizer),
             scheduler=scheduler,
             loader_state=loader_state,
             extra=extra,
@@ -235,10 +227,10 @@ class Checkpointer:
         folder in the pickle-based format of earlier versions, which is never read."""
         self._require_open("restore")
         steps = self._broadcast(self._complete_steps())
-        self._check_other_step_folders(have_checkpoints=bool(steps))
+        refuse_pickled_folders(self.root, have_checkpoints=bool(steps))
         if not steps:
             return None
-        target = Target.of(_train_state(model, optimizer))
+        target = Target.of(train_state(model, optimizer))
         damaged: list[tuple[int, str]] = []
         for step in reversed(steps):
             try:
@@ -265,7 +257,7 @@ class Checkpointer:
         self._require_open("load")
         if step not in self._complete_steps():
             raise ValueError(f"no complete checkpoint of step {step} in {self.root}: complete {self._complete_steps()}")
-        restored = self._load(step, Target.of(_train_state(model, optimizer)), model, optimizer, scheduler)
+        restored = self._load(step, Target.of(train_state(model, optimizer)), model, optimizer, scheduler)
         return restored.loader_state, restored.extra
 
     # ------------------------------------------------------------------ internals
@@ -273,9 +265,15 @@ class Checkpointer:
     def _load(self, step: int, target: Target, model, optimizer, scheduler) -> Restored:
         """Read and check step ``step`` on every rank; apply it only when every rank found its part intact."""
         folder = self.root / step_dir_name(step)
-        error: BaseException | None = None
+        scheduler_state = scheduler.state_dict() if scheduler is not None else None
+        error: Exception | None = None
         try:
-            loaded = self._read(folder, step, target, scheduler)
+            loaded = read_rank(
+                folder, rank=self.rank, step=step, world_size=self.world_size, target=target,
+                scheduler_state=scheduler_state,
+            )  # fmt: skip
+        except OSError as caught:  # a vanished or unreadable file: an older checkpoint may do
+            error = CheckpointDamaged(f"{folder} could not be read: {caught}")
         except Exception as caught:  # reported to the other ranks first, raised below
             error = caught
         worst = self._worst(_OK if error is None else _DAMAGED if isinstance(error, CheckpointDamaged) else _REFUSED)
@@ -299,21 +297,6 @@ class Checkpointer:
         logger.info("resumed from %s", folder)
         return Restored(step=step, loader_state=loaded.loader_state, extra=loaded.extra)
 
-    def _read(self, folder: Path, step: int, target: Target, scheduler) -> LoadedRank:
-        check_manifest(folder, step=step, world_size=self.world_size)
-        if self.rank == 0:
-            unknown = sorted(p.name for p in folder.iterdir() if p.name not in expected_files(self.world_size))
-            if unknown:
-                logger.warning("%s: ignoring files a checkpoint never holds (never read): %s", folder, unknown)
-        return read_rank(
-            folder,
-            rank=self.rank,
-            step=step,
-            world_size=self.world_size,
-            target=target,
-            scheduler_state=scheduler.state_dict() if scheduler is not None else None,
-        )
-
     def _set_aside(self, resumed: int, damaged: list[int]) -> None:
         logger.warning(
             "resuming from checkpoint step %d: the newer checkpoint(s) %s are damaged and set aside as "
@@ -326,27 +309,6 @@ class Checkpointer:
             for step in damaged:
                 name = step_dir_name(step)
                 os.replace(self.root / name, self.root / f"{name}.damaged-{self._token}")
-
-    def _check_other_step_folders(self, *, have_checkpoints: bool) -> None:
-        """Step folders without a manifest: an earlier version's pickle-based checkpoint is refused (never read)
-        unless a readable checkpoint exists; anything else is not a checkpoint and is left alone."""
-        pickled = {}
-        for entry in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if _COMPLETE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
-                if not (entry / MANIFEST).is_file():
-                    pickled[entry.name] = sorted(p.name for p in entry.iterdir() if _PICKLED.match(p.name))
-        pickled = {name: files for name, files in pickled.items() if files}
-        if not pickled:
-            return
-        described = "; ".join(f"{name}: {', '.join(files)}" for name, files in pickled.items())
-        if have_checkpoints:
-            logger.warning("%s: ignoring step folders in a pickle-based format (never read): %s", self.root, described)
-            return
-        raise ValueError(
-            f"{self.root} holds checkpoints in a pickle-based format ({described}). They are never loaded: "
-            "unpickling a file can run any code it contains. Move that folder away to start this run over, or set "
-            "run.resume=false; a checkpoint from an earlier version of the pack cannot be resumed."
-        )
 
     def _require_open(self, action: str) -> None:
         if self._closed:
@@ -405,7 +367,7 @@ class Checkpointer:
             return []
         steps = []
         for entry in self.root.iterdir():
-            match = _COMPLETE.match(entry.name)
+            match = STEP_FOLDER.match(entry.name)
             if match and not entry.is_symlink() and (entry / MANIFEST).is_file():
                 steps.append(int(match[1]))
         return sorted(steps)
@@ -439,25 +401,6 @@ class Checkpointer:
     def _barrier(self) -> None:
         if self._distributed:
             dist.barrier(group=self._group)
-
-
-# ---------------------------------------------------------------------- state
-
-
-def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{'model', 'optim'} as get_state_dict gives them; only trainable tensors when part of the model is frozen."""
-    frozen = {_clean_name(n) for n, p in model.named_parameters() if not p.requires_grad}
-    options = StateDictOptions(ignore_frozen_params=bool(frozen))
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    if frozen:  # also drop tensors hanging off frozen weights (4-bit quantisation state: 'w.absmax', ...)
-        model_state = {k: v for k, v in model_state.items() if not any(k.startswith(f + ".") for f in frozen)}
-        trainable = {_clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable <= model_state.keys(), f"trainable weights missing: {sorted(trainable - model_state.keys())}"
-    return {"model": model_state, "optim": optim_state}
-
-
-def _clean_name(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
 
 
 def _since(started: float) -> float:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import stat
-import struct
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +30,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.tensor import DTensor
 
 from ..atomic import write_json_atomic
-from ..model.safetensors_io import DTYPE_NAMES, DTYPES, WeightsError, read_into, read_sources, write_safetensors
+from ..model.safetensors_io import DTYPE_NAMES, write_safetensors
 
 FORMAT = "whetstone-checkpoint"
 VERSION = 1
 MANIFEST = "checkpoint.json"
+STEP_FOLDER = re.compile(r"^step-(\d{6,})$")  # a complete checkpoint's folder (with its manifest)
 MAX_JSON_BYTES = 64 * 2**20
 RNG_TORCH, RNG_CUDA = "rng/torch", "rng/cuda"
-_HASH_CHUNK = 16 * 2**20
+# Wrapper prefixes that get_state_dict strips from names (DDP, torch.compile, activation checkpointing).
+_WRAPPERS = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
 
 
 class CheckpointDamaged(ValueError):
@@ -85,45 +86,13 @@ def plain(value: Any, where: str) -> Any:
     )
 
 
-def _digest(body: Any) -> str:
+def digest(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_envelope(path: Path, kind: str, body: dict) -> None:
-    envelope = {"format": FORMAT, "version": VERSION, "kind": kind, "sha256": _digest(body), "body": body}
+    envelope = {"format": FORMAT, "version": VERSION, "kind": kind, "sha256": digest(body), "body": body}
     write_json_atomic(path, envelope, indent=None)
-
-
-def read_envelope(path: Path, kind: str) -> dict:
-    """The body of a JSON file written by `write_envelope`, checked against its digest."""
-    size = _regular_file(path).st_size
-    if size > MAX_JSON_BYTES:
-        raise CheckpointDamaged(f"{path} is {size} bytes, more than a checkpoint's JSON file ever is")
-    try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CheckpointDamaged(f"{path} is not valid JSON (truncated or overwritten?): {error}") from error
-    if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("kind") == kind):
-        raise CheckpointDamaged(f"{path} is not the {kind} file of a {FORMAT}")
-    if data.get("version") != VERSION:
-        raise CheckpointMismatch(
-            f"{path} is format version {data.get('version')!r}; this version of the pack reads version {VERSION}"
-        )
-    body = data.get("body")
-    if not isinstance(body, dict) or data.get("sha256") != _digest(body):
-        raise CheckpointDamaged(f"{path} does not match its checksum: it was altered or damaged")
-    return body
-
-
-def _regular_file(path: Path) -> os.stat_result:
-    """lstat of ``path``; a missing file, a link or anything but a regular file is refused (a FIFO would block)."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError as error:
-        raise CheckpointDamaged(f"{path} is missing") from error
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointDamaged(f"{path} is a link or not a regular file; checkpoints never follow links")
-    return info
 
 
 # ---------------------------------------------------------------------- the state tree
@@ -134,7 +103,9 @@ def flatten(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     if isinstance(tree, dict):
         for key, value in tree.items():
             if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise ValueError(f"state key {key!r} under {_name(prefix)!r} is a {type(key).__name__}, not a str/int")
+                raise ValueError(
+                    f"state key {key!r} under {path_name(prefix)!r} is a {type(key).__name__}, not a str/int"
+                )
             yield from flatten(value, (*prefix, key))
     elif isinstance(tree, list):
         for index, value in enumerate(tree):
@@ -143,11 +114,11 @@ def flatten(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
         yield prefix, tree
 
 
-def _name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
     return "/".join(str(part) for part in path)
 
 
-def _layout(tensor: torch.Tensor) -> dict:
+def layout(tensor: torch.Tensor) -> dict:
     """What must match for a saved tensor to go back into ``tensor``: dtype, this rank's shape, DTensor layout."""
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     if local.dtype not in DTYPE_NAMES:
@@ -159,7 +130,7 @@ def _layout(tensor: torch.Tensor) -> dict:
         _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
         layout["dtensor"] = {
             "global_shape": list(tensor.shape),
-            "placements": [str(placement) for placement in tensor.placements],
+            "placements": [repr(placement) for placement in tensor.placements],
             "mesh_shape": list(tensor.device_mesh.shape),
             "offset": [int(o) for o in offset],
         }
@@ -180,10 +151,10 @@ class Target:
         for path, leaf in flatten(tree):
             if not isinstance(leaf, torch.Tensor):
                 values[path] = leaf
-            elif _name(path) in tensors:
-                raise ValueError(f"two tensors of the training state are both named {_name(path)!r}")
+            elif path_name(path) in tensors:
+                raise ValueError(f"two tensors of the training state are both named {path_name(path)!r}")
             else:
-                tensors[_name(path)] = (path, leaf)
+                tensors[path_name(path)] = (path, leaf)
         return cls(tree, tensors, values)
 
     def apply_values(self, values: dict[tuple, Any]) -> None:
@@ -192,6 +163,22 @@ class Target:
             for part in path[:-1]:
                 node = node[part]
             node[path[-1]] = tuple(value) if isinstance(node[path[-1]], tuple) else value
+
+
+def train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{'model', 'optim'} as get_state_dict gives them; only trainable tensors when part of the model is frozen."""
+    frozen = {_cleanpath_name(n) for n, p in model.named_parameters() if not p.requires_grad}
+    options = StateDictOptions(ignore_frozen_params=bool(frozen))
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if frozen:  # also drop tensors hanging off frozen weights (4-bit quantisation state: 'w.absmax', ...)
+        model_state = {k: v for k, v in model_state.items() if not any(k.startswith(f + ".") for f in frozen)}
+        trainable = {_cleanpath_name(n) for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable <= model_state.keys(), f"trainable weights missing: {sorted(trainable - model_state.keys())}"
+    return {"model": model_state, "optim": optim_state}
+
+
+def _cleanpath_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
 
 
 # ---------------------------------------------------------------------- writing
@@ -214,8 +201,10 @@ def stage_rank(
     for name, (path, tensor) in target.tensors.items():
         local = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
         tensors.append((name, local.to("cpu", copy=True) if copy else local))
-        index[name] = {"path": list(path), **_layout(tensor)}
-    values = [[list(path), plain(value, f"training state {_name(path)!r}")] for path, value in target.values.items()]
+        index[name] = {"path": list(path), **layout(tensor)}
+    values = [
+        [list(path), plain(value, f"training state {path_name(path)!r}")] for path, value in target.values.items()
+    ]
     rng_tensors, rng = _rng_state()
     body = {
         "step": step,
@@ -253,177 +242,3 @@ def _rng_state() -> tuple[list[tuple[str, torch.Tensor]], dict]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     return tensors, {"python": [version, list(internal), gauss], "numpy": numpy_state}
-
-
-# ---------------------------------------------------------------------- reading
-
-
-@dataclass
-class LoadedRank:
-    """One rank's part of a checkpoint, its tensors already in the target's tensors; the rest not yet applied."""
-
-    step: int
-    loader_state: dict
-    extra: dict
-    scheduler: dict | None
-    values: dict[tuple, Any]
-    rng: dict
-    rng_tensors: dict[str, torch.Tensor]
-
-    def apply_rng(self) -> None:
-        version, internal, gauss = self.rng["python"]
-        random.setstate((version, tuple(internal), gauss))
-        kind, keys, pos, has_gauss, cached = self.rng["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(self.rng_tensors[RNG_TORCH])
-        if RNG_CUDA in self.rng_tensors:
-            torch.cuda.set_rng_state(self.rng_tensors[RNG_CUDA])
-
-
-def check_manifest(folder: Path, *, step: int, world_size: int) -> None:
-    body = read_envelope(folder / MANIFEST, "manifest")
-    saved = body.get("world_size")
-    if body.get("step") != step or not _is_int(saved) or saved < 1:
-        raise CheckpointDamaged(f"{folder / MANIFEST} does not describe step {step}")
-    if saved != world_size:
-        raise CheckpointMismatch(
-            f"checkpoint {folder} was written by {saved} ranks, this run has {world_size}: the loader positions "
-            f"and RNG streams would not continue exactly. Resume with {saved} processes, or start a new run folder."
-        )
-
-
-def read_rank(
-    folder: Path, *, rank: int, step: int, world_size: int, target: Target, scheduler_state: dict | None
-) -> LoadedRank:
-    """Check rank ``rank``'s files of ``folder`` against this run and copy its tensors into ``target``'s."""
-    path = folder / rank_json(rank)
-    if not os.path.lexists(path):
-        raise CheckpointDamaged(f"checkpoint {folder} has no state for rank {rank} ({path.name} is missing)")
-    body = read_envelope(path, "rank")
-    _check_body(body, path, rank=rank, step=step, world_size=world_size)
-    if body["tensors"].keys() != target.tensors.keys():
-        raise CheckpointMismatch(
-            f"{path} holds other trainable tensors than this run ({_difference(body['tensors'], target.tensors)}). "
-            "Resume with the settings that wrote it (mode, LoRA rank and targets, optimizer), or use a new run folder."
-        )
-    for name, entry in body["tensors"].items():
-        path_in_tree, tensor = target.tensors[name]
-        wanted = {"path": list(path_in_tree), **_layout(tensor)}
-        if entry != wanted:
-            raise CheckpointMismatch(f"{path}: tensor {name!r} was saved as {entry}, this run has {wanted}")
-    values = {tuple(item[0]): item[1] for item in body["values"]}
-    if values.keys() != target.values.keys():
-        raise CheckpointMismatch(
-            f"{path} holds other optimizer values than this run ({_difference(values, target.values)})"
-        )
-    scheduler = body["scheduler"]
-    if scheduler_state is not None and (scheduler is None or scheduler.keys() != scheduler_state.keys()):
-        raise CheckpointMismatch(f"{path} holds {'no' if scheduler is None else 'another'} scheduler state")
-    rng_tensors = _read_tensors(folder / rank_tensors(rank), body, target)
-    _check_rng(body["rng"], rng_tensors, path)
-    return LoadedRank(step, body["loader"], body["extra"], scheduler, values, body["rng"], rng_tensors)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_path(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(part, str) or _is_int(part) for part in value)
-
-
-def _check_body(body: dict, path: Path, *, rank: int, step: int, world_size: int) -> None:
-    """The types the reader relies on (the digest says the file is as written, not that a writer was honest)."""
-    checks = {
-        f"is not rank {rank}'s state of step {step} of {world_size} ranks": all(
-            _is_int(body.get(key)) and body[key] == want
-            for key, want in (("step", step), ("rank", rank), ("world_size", world_size))
-        ),
-        "its loader, extra or scheduler state is not an object": isinstance(body.get("loader"), dict)
-        and isinstance(body.get("extra"), dict)
-        and (body.get("scheduler") is None or isinstance(body.get("scheduler"), dict)),
-        "its list of values is malformed": isinstance(body.get("values"), list)
-        and all(isinstance(item, list) and len(item) == 2 and _is_path(item[0]) for item in body["values"]),
-        "its tensor index is malformed": isinstance(body.get("tensors"), dict)
-        and all(isinstance(entry, dict) for entry in body["tensors"].values()),
-        "its tensor file entry is malformed": isinstance(body.get("tensor_file"), dict)
-        and body["tensor_file"].get("name") == rank_tensors(rank)
-        and _is_int(body["tensor_file"].get("bytes"))
-        and isinstance(body["tensor_file"].get("sha256"), str),
-        "its RNG state is malformed": isinstance(body.get("rng"), dict)
-        and isinstance(body["rng"].get("python"), list)
-        and isinstance(body["rng"].get("numpy"), list),
-    }
-    for problem, ok in checks.items():
-        if not ok:
-            raise CheckpointDamaged(f"{path}: {problem}")
-
-
-def _difference(saved: dict, wanted: dict) -> str:
-    def some(keys) -> str:
-        names = sorted(_name(k) if isinstance(k, tuple) else k for k in keys)
-        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-    missing, unexpected = wanted.keys() - saved.keys(), saved.keys() - wanted.keys()
-    return "; ".join(
-        part
-        for part in (missing and f"missing {some(missing)}", unexpected and f"not in this run {some(unexpected)}")
-        if part
-    )
-
-
-def _read_tensors(path: Path, body: dict, target: Target) -> dict[str, torch.Tensor]:
-    """Copy the tensor file into the target's tensors front to back, hashing every byte; returns the RNG tensors."""
-    size, written = _regular_file(path).st_size, body["tensor_file"]
-    if size != written["bytes"]:
-        raise CheckpointDamaged(f"{path} is {size} bytes but {written['bytes']} were written: truncated or replaced")
-    try:
-        sources = read_sources(path)
-    except WeightsError as error:
-        raise CheckpointDamaged(str(error)) from error
-    index, rng_names = body["tensors"], {RNG_TORCH, RNG_CUDA} & sources.keys()
-    if RNG_TORCH not in sources or sources.keys() != index.keys() | rng_names:
-        raise CheckpointDamaged(f"{path} holds other tensors than {rank_json(body['rank'])} lists")
-    for name, entry in index.items():
-        if (sources[name].dtype, list(sources[name].shape)) != (entry.get("dtype"), entry.get("shape")):
-            raise CheckpointDamaged(f"{path}: tensor {name!r} is not the dtype and shape its index says")
-    hasher, rng = hashlib.sha256(), {}
-    try:
-        with open(path, "rb") as file, torch.no_grad():
-            prefix = file.read(8)
-            hasher.update(prefix + file.read(struct.unpack("<Q", prefix)[0]))
-            position = file.tell()
-            for source in sorted(sources.values(), key=lambda s: s.start):
-                if source.start != position:
-                    raise CheckpointDamaged(f"{path} has bytes between its tensors that no tensor owns")
-                buffer = torch.empty(source.shape, dtype=DTYPES[source.dtype])
-                read_into(file, source, buffer)
-                hasher.update(buffer.reshape(-1).view(torch.uint8).numpy())
-                if source.key in rng_names:
-                    rng[source.key] = buffer
-                else:
-                    tensor = target.tensors[source.key][1]
-                    (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(buffer)
-                position = source.end
-    except (WeightsError, OSError) as error:
-        raise CheckpointDamaged(f"{path} could not be read: {error}") from error
-    if position != size or hasher.hexdigest() != written["sha256"]:
-        raise CheckpointDamaged(f"{path} does not match its SHA-256 in {rank_json(body['rank'])}: damaged or altered")
-    return rng
-
-
-def _check_rng(state: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Try the saved RNG states on scratch generators, so that applying them later cannot fail."""
-    try:
-        version, internal, gauss = state["python"]
-        random.Random().setstate((version, tuple(internal), gauss))
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        torch.Generator().set_state(tensors[RNG_TORCH])
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
-        raise CheckpointDamaged(f"{path}: its RNG state is not valid ({error})") from error
-    if RNG_CUDA in tensors:
-        if not torch.cuda.is_available():
-            raise CheckpointMismatch(f"{path} holds a CUDA RNG state but CUDA is not available; resume on a GPU")
-        if tensors[RNG_CUDA].shape != torch.cuda.get_rng_state().shape:
-            raise CheckpointDamaged(f"{path}: its CUDA RNG state has the wrong size")
