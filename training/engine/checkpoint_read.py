@@ -52,7 +52,7 @@ def read_envelope(path: Path, kind: str) -> dict:
         raise CheckpointDamaged(f"{path} is {size} bytes, more than a checkpoint's JSON file ever is")
     try:
         data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # bad UTF-8, bad JSON, a number too long to convert
         raise CheckpointDamaged(f"{path} is not valid JSON (truncated or overwritten?): {error}") from error
     if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("kind") == kind):
         raise CheckpointDamaged(f"{path} is not the {kind} file of a {FORMAT}")
