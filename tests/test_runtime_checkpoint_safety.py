@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_runtime_checkpoint import _seed_all, _toy, _train
+import torch.multiprocessing as mp
+from test_runtime_checkpoint import _free_port, _seed_all, _toy, _train
+from torch.nn.parallel import DistributedDataParallel
 
 from training.engine.checkpoint import Checkpointer
 from training.engine.checkpoint_files import CheckpointDamaged, CheckpointMismatch
@@ -305,3 +307,40 @@ def test_fsdp2_checkpoint_holds_each_ranks_shards_and_resumes_exactly(tmp_path):
     resumed = train_subprocess(config(tmp_path / "run", 6), nproc=2)
     assert [e["loss"] for e in resumed] == [e["loss"] for e in reference]
     assert [e["grad_norm"] for e in resumed] == [e["grad_norm"] for e in reference]
+
+
+# ---------------------------------------------------------------------------- two ranks agree on what to resume
+
+
+def _one_rank_damaged_worker(rank: int, port: int, run_dir: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _seed_all(rank)
+        model, optimizer, scheduler = _toy(0)
+        ddp = DistributedDataParallel(model)
+        checkpointer = Checkpointer(run_dir, rank=rank, world_size=2)
+        for step in (2, 4):
+            _train(ddp, optimizer, scheduler, 2, {"position": 0})
+            checkpointer.save(
+                step, model=ddp, optimizer=optimizer, scheduler=scheduler, loader_state={"at": step}, extra={}
+            )
+        checkpointer.close()
+        dist.barrier()
+        if rank == 0:  # only rank 1's part of step 4 is damaged: rank 0 alone would resume it
+            _truncate(Path(run_dir) / "checkpoints/step-000004/rank-00001.safetensors")
+        dist.barrier()
+        model, optimizer, scheduler = _toy(7)
+        restored = Checkpointer(run_dir, rank=rank, world_size=2).restore(
+            model=DistributedDataParallel(model), optimizer=optimizer, scheduler=scheduler
+        )
+        results[rank] = (restored.step, restored.loader_state)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_to_fall_back_when_one_ranks_part_is_damaged(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_one_rank_damaged_worker, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results == {0: (2, {"at": 2}), 1: (2, {"at": 2})}
