@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from training.engine.checkpoint import Checkpointer
 from training.engine.checkpoint_files import CheckpointDamaged, CheckpointMismatch
 from training.engine.config import TrainConfig
-from training.engine.events import read_events
+from training.engine.events import read_events, read_status
 from training.engine.trainer import run_training
 
 
@@ -280,6 +280,20 @@ def test_the_trainer_resumes_past_a_truncated_newest_checkpoint(tmp_path, caplog
     assert "resuming at step 2 of 6" in caplog.text
     assert "checkpoint step 4 cannot be resumed" in caplog.text
     assert _losses(run) == _losses(tmp_path / "reference")
+
+
+def test_the_trainer_fails_clearly_when_no_checkpoint_is_intact(tmp_path):
+    """Starting over would silently throw the run's progress away (and prune the damaged folders): the resume
+    fails instead, as a 'failed' status naming the steps and the way out (CheckpointException never reached it)."""
+    run = tmp_path / "run"
+    assert run_training(_config(run, 4)) == 0
+    for folder in (run / "checkpoints").iterdir():
+        _truncate(max((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_size))
+    with pytest.raises(CheckpointDamaged, match=r"no checkpoint in .* can be resumed \(step 4: .*; step 2: "):
+        run_training(_config(run, 6))
+    status = read_status(run)
+    assert status["state"] == "failed" and "no checkpoint in" in status["message"], status
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
 # ---------------------------------------------------------------------------- FSDP2: each rank's own shards
