@@ -123,18 +123,18 @@ def layout(tensor: torch.Tensor) -> dict:
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     if local.dtype not in DTYPE_NAMES:
         raise ValueError(f"cannot checkpoint a {local.dtype} tensor: safetensors has no such dtype")
-    layout = {"dtype": DTYPE_NAMES[local.dtype], "shape": list(local.shape), "dtensor": None}
+    described = {"dtype": DTYPE_NAMES[local.dtype], "shape": list(local.shape), "dtensor": None}
     if isinstance(tensor, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-        layout["dtensor"] = {
+        described["dtensor"] = {
             "global_shape": list(tensor.shape),
             "placements": [repr(placement) for placement in tensor.placements],
             "mesh_shape": list(tensor.device_mesh.shape),
             "offset": [int(o) for o in offset],
         }
-    return layout
+    return described
 
 
 @dataclass
@@ -167,17 +167,17 @@ class Target:
 
 def train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """{'model', 'optim'} as get_state_dict gives them; only trainable tensors when part of the model is frozen."""
-    frozen = {_cleanpath_name(n) for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {_clean_name(n) for n, p in model.named_parameters() if not p.requires_grad}
     options = StateDictOptions(ignore_frozen_params=bool(frozen))
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     if frozen:  # also drop tensors hanging off frozen weights (4-bit quantisation state: 'w.absmax', ...)
         model_state = {k: v for k, v in model_state.items() if not any(k.startswith(f + ".") for f in frozen)}
-        trainable = {_cleanpath_name(n) for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {_clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
         assert trainable <= model_state.keys(), f"trainable weights missing: {sorted(trainable - model_state.keys())}"
     return {"model": model_state, "optim": optim_state}
 
 
-def _cleanpath_name(name: str) -> str:
+def _clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
 
 
