@@ -131,7 +131,7 @@ def test_kill_stop_resume_gives_the_uninterrupted_curve(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     process = subprocess.Popen(command(path, 1), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for(lambda: (tmp_path / "run/checkpoints/step-000002/.metadata").is_file(), process)
+    _wait_for(lambda: (tmp_path / "run/checkpoints/step-000002/checkpoint.json").is_file(), process)
     process.kill()
     process.wait(timeout=30)
 
@@ -144,7 +144,7 @@ def test_kill_stop_resume_gives_the_uninterrupted_curve(tmp_path):
     assert status["state"] == "stopped", status
     stopped_at = read_events(tmp_path / "run")[-1]["step"]
     assert stopped_at < steps, "the run finished before SIGTERM arrived; the test needs slower steps"
-    assert (tmp_path / f"run/checkpoints/step-{stopped_at:06d}/.metadata").is_file()
+    assert (tmp_path / f"run/checkpoints/step-{stopped_at:06d}/checkpoint.json").is_file()
 
     resumed = train_subprocess({**long, "run": {**long["run"], "steps": steps}}, nproc=1)
     assert read_status(tmp_path / "run")["state"] == "completed"

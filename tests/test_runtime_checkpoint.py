@@ -23,8 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.engine import checkpoint as checkpoint_module
 from training.engine.checkpoint import Checkpointer
+from training.model.safetensors_io import read_sources
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _saved_tensor_names(folder: Path) -> set[str]:
+    """The tensors in rank 0's file, read from its safetensors header (JSON)."""
+    return set(read_sources(folder / "rank-00000.safetensors"))
 
 
 def _toy(seed: int, frozen: bool = True):
@@ -97,9 +103,8 @@ def test_frozen_weights_not_saved(tmp_path):
     checkpointer = Checkpointer(tmp_path, rank=0, world_size=1)
     checkpointer.save(1, model=model, optimizer=optimizer, scheduler=scheduler, loader_state={}, extra={})
     checkpointer.wait()
-    metadata = torch.distributed.checkpoint.FileSystemReader(str(tmp_path / "checkpoints/step-000001")).read_metadata()
-    model_keys = {k for k in metadata.state_dict_metadata if k.startswith("model.")}
-    assert model_keys == {"model.2.weight", "model.2.bias"}
+    model_keys = {k for k in _saved_tensor_names(tmp_path / "checkpoints/step-000001") if k.startswith("model/")}
+    assert model_keys == {"model/2.weight", "model/2.bias"}
 
 
 def test_keeps_last_k_and_ignores_partial(tmp_path):
@@ -131,7 +136,9 @@ def test_rejects_other_world_size(tmp_path):
     Checkpointer(tmp_path, rank=0, world_size=1).save(
         1, model=model, optimizer=optimizer, scheduler=scheduler, loader_state={}, extra={}, async_save=False
     )
-    os.rename(tmp_path / "checkpoints/step-000001/rank-00000.pt", tmp_path / "checkpoints/step-000001/x.pt")
+    with pytest.raises(ValueError, match="written by 1 ranks, this run has 2: .* Resume with 1 processes"):
+        Checkpointer(tmp_path, rank=0, world_size=2).load(1, model=model, optimizer=optimizer, scheduler=scheduler)
+    os.rename(tmp_path / "checkpoints/step-000001/rank-00000.json", tmp_path / "checkpoints/step-000001/x.json")
     with pytest.raises(ValueError, match="no state for rank 0"):
         Checkpointer(tmp_path, rank=0, world_size=1).load(1, model=model, optimizer=optimizer, scheduler=scheduler)
 
@@ -159,11 +166,11 @@ def _visible(run_dir) -> list[str]:
 
 
 class _Gate:
-    """Wraps dcp.save so that the writer thread blocks until released (a slow disk, a peer that is late)."""
+    """Wraps write_rank so that the writer thread blocks until released (a slow disk, a peer that is late)."""
 
     def __init__(self, monkeypatch):
         self.entered, self.release = threading.Event(), threading.Event()
-        real = checkpoint_module.dcp.save
+        real = checkpoint_module.write_rank
 
         def gated(*args, **kwargs):
             if threading.current_thread() is not threading.main_thread():
@@ -171,7 +178,7 @@ class _Gate:
                 self.release.wait(30)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(checkpoint_module.dcp, "save", gated)
+        monkeypatch.setattr(checkpoint_module, "write_rank", gated)
 
 
 def test_many_quick_async_saves_then_wait(tmp_path, one_rank_group):
@@ -216,7 +223,7 @@ def test_failing_writer_propagates_from_wait(tmp_path, one_rank_group, monkeypat
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.dcp, "save", disk_full)
+    monkeypatch.setattr(checkpoint_module, "write_rank", disk_full)
     _save(checkpointer, 2, model, optimizer, scheduler)
     with pytest.raises(RuntimeError, match=rf"step 2 failed on rank 0 \(run folder {tmp_path}\): OSError"):
         checkpointer.close()
@@ -279,7 +286,7 @@ dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 model = torch.nn.Linear(4, 2)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 checkpointer = checkpoint.Checkpointer(sys.argv[1], rank=0, world_size=1, timeout_s=1.0)
-checkpoint.dcp.save = lambda *args, **kwargs: threading.Event().wait()  # a writer that never returns
+checkpoint.write_rank = lambda *args, **kwargs: threading.Event().wait()  # a writer that never returns
 checkpointer.save(1, model=model, optimizer=optimizer, scheduler=None, loader_state={}, extra={})
 with GracefulStop():  # the trainer waits inside it: a first SIGTERM is only a stop request
     signal.raise_signal(signal.SIGTERM)
@@ -347,7 +354,9 @@ def test_two_ranks_gloo_async_resume(tmp_path):
         results = dict(results)
     assert results == {0: ({"r": 0}, True), 1: ({"r": 1}, True)}
     folder = tmp_path / "checkpoints/step-000003"
-    assert (folder / "rank-00000.pt").is_file() and (folder / "rank-00001.pt").is_file()
+    assert {p.name for p in folder.iterdir()} == {
+        "checkpoint.json", "rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors"
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- through the engine: QLoRA
@@ -371,8 +380,7 @@ def _qlora_run(run_dir, steps: int) -> list[float]:
 def test_qlora_checkpoint_holds_adapter_only_and_resumes_exactly(tmp_path):
     pytest.importorskip("bitsandbytes")
     _qlora_run(tmp_path / "run", 4)
-    metadata = torch.distributed.checkpoint.FileSystemReader(str(tmp_path / "run/checkpoints/step-000004"))
-    model_keys = [k for k in metadata.read_metadata().state_dict_metadata if k.startswith("model.")]
+    model_keys = [k for k in _saved_tensor_names(tmp_path / "run/checkpoints/step-000004") if k.startswith("model/")]
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)  # no NF4 base, no quant state
     resumed = _qlora_run(tmp_path / "run", 6)
     assert resumed == _qlora_run(tmp_path / "reference", 6)

@@ -64,7 +64,7 @@ def test_cancel_during_training_leaves_a_lora_and_a_resumable_checkpoint(comfy_s
     assert lora.metadata["steps"] == str(stopped_at)  # the LoRA of the last step trained, not an earlier one
     assert [e["step"] for e in read_events(run_dir)] == list(range(1, stopped_at + 1))
     checkpoint = run_dir / "checkpoints" / f"step-{stopped_at:06d}"
-    assert (checkpoint / ".metadata").is_file(), sorted(p.name for p in run_dir.rglob("*"))
+    assert (checkpoint / "checkpoint.json").is_file(), sorted(p.name for p in run_dir.rglob("*"))
 
     # The same run name with resume on continues from that checkpoint and finishes one step later.
     resumed = train_prompt(zimage_models, run_name=RUN, dataset_name="patterns", steps=stopped_at + 1)

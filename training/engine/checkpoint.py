@@ -1,58 +1,68 @@
-"""Resumable training state through ``torch.distributed.checkpoint`` (DCP), saved asynchronously.
+"""Resumable training state, saved asynchronously as plain JSON and safetensors (never a pickle).
 
 Layout of ``<run>/checkpoints/``::
 
-    step-000100/                 complete: visible only once every rank's data and the metadata are on disk
-        .metadata, __*_*.distcp  DCP: trainable weights and optimizer state, sharded as the model is (DDP, FSDP2)
-        rank-00000.pt            per rank: RNG states, loader position, scheduler, step, extra (torch.save)
-    .step-000200.<token>/        being written; renamed to step-000200 by rank 0 once DCP's save returned there
+    step-000100/                 complete: visible only once every rank's files and the manifest are on disk
+        checkpoint.json          written last, by rank 0: format, version, step, world size
+        rank-00000.safetensors   per rank: trainable weights and optimizer state (its shards under FSDP2), torch RNG
+        rank-00000.json          per rank: loader position, scheduler, extra, Python/NumPy RNG, optimizer values,
+                                 tensor layout, SHA-256 of the tensor file (`checkpoint_files` has the details)
+    .step-000200.<token>/        being written; renamed to step-000200 by rank 0 once every rank reported its files
     .step-000050.removing-<token>/  pruned: hidden first, then deleted (a kill in between leaves nothing visible)
+    step-000300.damaged-<token>/ found damaged on resume and set aside once an older checkpoint was resumed instead
 
-Hidden folders are what a kill leaves behind; rank 0 deletes them when the next attempt starts.
+Hidden folders are what a kill leaves behind; rank 0 deletes them when the next attempt starts. Nothing read from a
+run folder is unpickled (``torch.distributed.checkpoint`` is not used: it unpickles ``.metadata`` and loads non-tensor
+values with ``torch.load(weights_only=False)``). `restore` resumes the newest checkpoint intact on every rank.
 
 Only trainable parameters are saved when any parameter is frozen (LoRA, QLoRA): the base model is never copied.
-Every rank must construct the Checkpointer and call `save`, `load` and `close` at the same point (they are collective
-when a process group is initialised); `latest_step` and `wait` are local.
+Every rank must construct the Checkpointer and call `save`, `restore`, `load` and `close` at the same point (they are
+collective when a process group is initialised); `latest_step` and `wait` are local.
 
 An asynchronous save copies the state to CPU memory in the caller's thread, then writes it in a daemon thread of its
-own (not `dcp.async_save`'s executor, whose thread the interpreter joins at exit: a writer stuck in a collective would
-keep the process alive). The writer reports its outcome exactly once (an Event set in a ``finally``); `wait` gives up
-after ``timeout_s`` with an error naming the step and run folder, and the checkpoint's gloo group times out after the
-same time, so a dead peer cannot hold a writer forever. Call `close` before destroying the process groups.
+own (a writer stuck in a collective must not keep the process alive). The writer reports its outcome exactly once
+(an Event set in a ``finally``); `wait` gives up after ``timeout_s`` with an error naming the step and run folder,
+and the checkpoint's gloo group times out after the same time, so a dead peer cannot hold a writer forever. Call
+`close` before destroying the process groups.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import re
+import secrets
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-from ..atomic import atomic_write
+from ..atomic import fsync_directory
+from .checkpoint_files import (
+    MANIFEST,
+    STEP_FOLDER,
+    CheckpointDamaged,
+    CheckpointMismatch,
+    StagedRank,
+    Target,
+    stage_rank,
+    train_state,
+    write_manifest,
+    write_rank,
+)
+from .checkpoint_read import read_rank, refuse_pickled_folders
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 DEFAULT_TIMEOUT_S = 600.0  # the longest a checkpoint may take to write (and its collectives wait for other ranks)
-_COMPLETE = re.compile(r"^step-(\d{6,})$")
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
-# Wrapper prefixes that get_state_dict strips from names (DDP, torch.compile, activation checkpointing).
-_WRAPPERS = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+_OK, _DAMAGED, _REFUSED = 0, 1, 2  # what a rank found in a checkpoint; the worst one over the ranks decides
 
 
 def step_dir_name(step: int) -> str:
@@ -68,6 +78,15 @@ class _Write:
     started: float
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What `Checkpointer.restore` resumed: the step, and this rank's loader state and extra to apply."""
+
+    step: int
+    loader_state: dict
+    extra: dict
 
 
 class Checkpointer:
@@ -102,7 +121,7 @@ class Checkpointer:
         timeout = timedelta(seconds=timeout_s)
         self._group = dist.new_group(backend="gloo", timeout=timeout) if self._distributed else None
         self._closed = False
-        self._token = self._shared_token()
+        self._token = f"{self._broadcast([secrets.randbits(48)])[0]:012x}"  # this attempt's, the same on every rank
         self._pending: _Write | None = None
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +131,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ public API
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
+        """The newest complete checkpoint's step, or None (not checked for damage: `restore` does that)."""
         steps = self._complete_steps()
         return steps[-1] if steps else None
 
@@ -128,36 +147,32 @@ class Checkpointer:
         async_save: bool = True,
     ) -> None:
         """Write checkpoint ``step``. With ``async_save`` the tensors are copied to CPU now and written in the
-        background; call `wait` or `close` before exiting. A previous pending save is waited for first."""
+        background; call `wait` or `close` before exiting. A previous pending save is waited for first.
+
+        ``loader_state``, ``extra`` and the scheduler's state must be plain JSON (string keys)."""
         self._require_open("save")
         self.wait()
-        _require_plain(loader_state, "loader_state")
-        _require_plain(extra, "extra")
+        started = time.perf_counter()
+        staged = stage_rank(
+            step=step,
+            rank=self.rank,
+            world_size=self.world_size,
+            state=train_state(model, optimizer),
+            scheduler=scheduler,
+            loader_state=loader_state,
+            extra=extra,
+            copy=async_save,  # training may change the weights as soon as this returns
+        )
         partial = self.root / f".{step_dir_name(step)}.{self._token}"
         partial.mkdir(parents=True, exist_ok=True)
-        _save_rank_file(
-            partial / _rank_file(self.rank),
-            {
-                "step": step,
-                "world_size": self.world_size,
-                "rng": _rng_state(),
-                "loader": loader_state,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "extra": extra,
-            },
-        )
-        state = _train_state(model, optimizer)
-        started = time.perf_counter()
-        if async_save:
-            staged = _stage(state)  # training may change the weights as soon as this returns
-            write = _Write(step=step, partial=partial, started=started)
-            writer = threading.Thread(target=self._write, args=(staged, write), name=f"checkpoint-{step}", daemon=True)
-            self._pending = write
-            writer.start()
-            logger.info("checkpoint step %d: staged in %.2f s, writing in the background", step, _since(started))
-        else:
-            dcp.save(state, checkpoint_id=str(partial), **self._dcp_kwargs())
-            self._finalize(step, partial, started)
+        if not async_save:
+            self._write_and_finalize(staged, step, partial, started)
+            return
+        write = _Write(step=step, partial=partial, started=started)
+        writer = threading.Thread(target=self._write, args=(staged, write), name=f"checkpoint-{step}", daemon=True)
+        self._pending = write
+        writer.start()
+        logger.info("checkpoint step %d: staged in %.2f s, writing in the background", step, _since(started))
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until the pending asynchronous save is written (at most ``timeout_s``, default the Checkpointer's);
@@ -186,7 +201,7 @@ class Checkpointer:
 
         Call it on every rank before ``dist.destroy_process_group()``, which would otherwise pull the group from under
         a background writer. With ``raise_error=False`` (cleaning up after another error) a failed or timed-out save
-        is logged instead of raised. Idempotent; `save` and `load` refuse to run afterwards."""
+        is logged instead of raised. Idempotent; `save`, `restore` and `load` refuse to run afterwards."""
         if self._closed:
             return
         try:
@@ -203,83 +218,141 @@ class Checkpointer:
                 dist.destroy_process_group(self._group)
                 self._group = None
 
+    def restore(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Restored | None:
+        """Resume from the newest checkpoint that is intact on every rank; None when there is no checkpoint.
+
+        A damaged newer checkpoint is logged and, once an older one was restored, set aside as
+        ``step-N.damaged-<token>``. Raises `CheckpointDamaged` when every checkpoint is damaged (the run's progress
+        is never thrown away silently), `CheckpointMismatch` when one does not fit this run, and ValueError for a
+        folder in the pickle-based format of earlier versions, which is never read."""
+        self._require_open("restore")
+        steps = self._broadcast(self._complete_steps())
+        refuse_pickled_folders(self.root, have_checkpoints=bool(steps))
+        if not steps:
+            return None
+        target = Target.of(train_state(model, optimizer))
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            try:
+                restored = self._load(step, target, model, optimizer, scheduler)
+            except CheckpointDamaged as error:
+                damaged.append((step, str(error)))
+                logger.warning("checkpoint step %d cannot be resumed: %s", step, error)
+                continue
+            if damaged:
+                self._set_aside(step, [s for s, _ in damaged])
+            return restored
+        reasons = "; ".join(f"step {step}: {reason}" for step, reason in damaged)
+        raise CheckpointDamaged(
+            f"no checkpoint in {self.root} can be resumed ({reasons}). To start this run over, move that folder "
+            "away (or set run.resume=false); to keep the progress, restore the files from a backup."
+        )
+
     def load(
         self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> tuple[dict, dict]:
-        """Restore checkpoint ``step`` into model, optimizer, scheduler and this rank's RNGs.
+        """Restore checkpoint ``step`` (no fallback) into model, optimizer, scheduler and this rank's RNGs.
 
         Returns (loader_state, extra) of this rank for the caller to apply to its loader."""
         self._require_open("load")
-        folder = self.root / step_dir_name(step)
-        rank_path = folder / _rank_file(self.rank)
-        if not (folder / ".metadata").is_file():
-            raise ValueError(f"no complete checkpoint at {folder}; complete steps: {self._complete_steps()}")
-        if not rank_path.is_file():
-            raise ValueError(
-                f"checkpoint {folder} has no state for rank {self.rank}: it was written by fewer ranks. "
-                "Resume with the number of processes that wrote it, or start a new run folder."
-            )
-        saved = torch.load(rank_path, map_location="cpu", weights_only=True)
-        if saved["world_size"] != self.world_size:
-            raise ValueError(
-                f"checkpoint {folder} was written by {saved['world_size']} ranks, this run has {self.world_size}: "
-                "the loader positions and RNG streams would not continue exactly. Resume with "
-                f"{saved['world_size']} processes, or start a new run folder."
-            )
-        state = _train_state(model, optimizer)
-        dcp.load(state, checkpoint_id=str(folder), **self._dcp_kwargs())
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=StateDictOptions(strict=False),  # frozen base weights are not in the checkpoint by design
-        )
-        if scheduler is not None:
-            if saved["scheduler"] is None:
-                raise ValueError(f"checkpoint {folder} holds no scheduler state, but a scheduler was given")
-            scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
-        logger.info("resumed from %s", folder)
-        return saved["loader"], saved["extra"]
+        if step not in self._complete_steps():
+            raise ValueError(f"no complete checkpoint of step {step} in {self.root}: complete {self._complete_steps()}")
+        restored = self._load(step, Target.of(train_state(model, optimizer)), model, optimizer, scheduler)
+        return restored.loader_state, restored.extra
 
     # ------------------------------------------------------------------ internals
 
-    def _dcp_kwargs(self) -> dict[str, Any]:
-        return {"process_group": self._group} if self._distributed else {"no_dist": True}
+    def _load(self, step: int, target: Target, model, optimizer, scheduler) -> Restored:
+        """Read and check step ``step`` on every rank; apply it only when every rank found its part intact."""
+        folder = self.root / step_dir_name(step)
+        scheduler_state = scheduler.state_dict() if scheduler is not None else None
+        error: Exception | None = None
+        try:
+            loaded = read_rank(
+                folder, rank=self.rank, step=step, world_size=self.world_size, target=target,
+                scheduler_state=scheduler_state,
+            )  # fmt: skip
+        except OSError as caught:  # a vanished or unreadable file: an older checkpoint may do
+            error = CheckpointDamaged(f"{folder} could not be read: {caught}")
+        except Exception as caught:  # reported to the other ranks first, raised below
+            error = caught
+        worst = self._worst(_OK if error is None else _DAMAGED if isinstance(error, CheckpointDamaged) else _REFUSED)
+        if error is not None:
+            raise error
+        if worst == _DAMAGED:
+            raise CheckpointDamaged(f"another rank found checkpoint {folder} damaged (see that rank's log)")
+        if worst == _REFUSED:
+            raise CheckpointMismatch(f"another rank could not resume checkpoint {folder} (see that rank's log)")
+        target.apply_values(loaded.values)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=target.tree["model"],
+            optim_state_dict=target.tree["optim"],
+            options=StateDictOptions(strict=False),  # frozen base weights are not in the checkpoint by design
+        )
+        if scheduler is not None:
+            scheduler.load_state_dict(loaded.scheduler)
+        loaded.apply_rng()
+        logger.info("resumed from %s", folder)
+        return Restored(step=step, loader_state=loaded.loader_state, extra=loaded.extra)
+
+    def _set_aside(self, resumed: int, damaged: list[int]) -> None:
+        logger.warning(
+            "resuming from checkpoint step %d: the newer checkpoint(s) %s are damaged and set aside as "
+            "step-N.damaged-%s (kept for inspection, never resumed or pruned)",
+            resumed,
+            damaged,
+            self._token,
+        )
+        if self.rank == 0:
+            for step in damaged:
+                name = step_dir_name(step)
+                os.replace(self.root / name, self.root / f"{name}.damaged-{self._token}")
 
     def _require_open(self, action: str) -> None:
         if self._closed:
             raise RuntimeError(f"cannot {action} a checkpoint of {self.root.parent}: this Checkpointer was closed")
 
-    def _write(self, staged: dict[str, Any], write: _Write) -> None:
+    def _write(self, staged: StagedRank, write: _Write) -> None:
         """Body of the writer thread: the outcome goes to ``write`` for `wait`, whatever happens (exactly once)."""
         try:
-            dcp.save(staged, checkpoint_id=str(write.partial), **self._dcp_kwargs())
-            if self._distributed and not dist.is_initialized():
-                # DCP saves as a lone process when it finds no process group: each rank's file would be the whole
-                # checkpoint. Never make such a save visible.
-                raise RuntimeError(
-                    "the process group was destroyed while the checkpoint was being written; call "
-                    "Checkpointer.close() before torch.distributed.destroy_process_group()"
-                )
-            self._finalize(write.step, write.partial, write.started)
+            self._write_and_finalize(staged, write.step, write.partial, write.started)
         except BaseException as error:
             write.error = error
             logger.error("checkpoint step %d failed on rank %d: %s", write.step, self.rank, error)
         finally:
             write.done.set()
 
+    def _write_and_finalize(self, staged: StagedRank, step: int, partial: Path, started: float) -> None:
+        """Every rank writes its files and reports to the others; rank 0 then writes the manifest and finalizes."""
+        problem: Exception | None = None
+        try:
+            write_rank(partial, staged)
+        except Exception as error:  # the other ranks hear of it first, then it is raised
+            problem = error
+        if self._distributed and not dist.is_initialized():
+            raise RuntimeError(
+                "the process group was destroyed while the checkpoint was being written; call "
+                "Checkpointer.close() before torch.distributed.destroy_process_group()"
+            ) from problem
+        worst = self._worst(_OK if problem is None else _DAMAGED)
+        if problem is not None:
+            raise problem
+        if worst != _OK:
+            raise RuntimeError(f"another rank could not write checkpoint step {step} (see that rank's log)")
+        if self.rank == 0:
+            write_manifest(partial, step=step, world_size=self.world_size)
+            self._finalize(step, partial, started)
+
     def _finalize(self, step: int, partial: Path, started: float) -> None:
-        """Rank 0 makes the checkpoint visible (every rank's data is on disk once DCP's save returns on the
-        coordinator) and prunes older ones only after that."""
-        if self.rank != 0:
-            return
+        """Rank 0 makes the checkpoint visible, then prunes older ones."""
         final = self.root / step_dir_name(step)
         stale = self.root / f".{step_dir_name(step)}.replaced-{self._token}"
         if final.exists():  # the same step saved again (a resumed run): out of sight first, deleted after
             os.replace(final, stale)
         os.replace(partial, final)
+        fsync_directory(self.root)
         if stale.exists():
             shutil.rmtree(stale)
         logger.info("checkpoint step %d complete in %.2f s: %s", step, _since(started), final)
@@ -294,104 +367,40 @@ class Checkpointer:
             return []
         steps = []
         for entry in self.root.iterdir():
-            match = _COMPLETE.match(entry.name)
-            if match and (entry / ".metadata").is_file():
+            match = STEP_FOLDER.match(entry.name)
+            if match and not entry.is_symlink() and (entry / MANIFEST).is_file():
                 steps.append(int(match[1]))
         return sorted(steps)
 
     def _remove_partials(self) -> None:
         for entry in self.root.iterdir():
-            if entry.name.startswith(".step-") and entry.is_dir():
+            if entry.name.startswith(".step-") and entry.is_dir() and not entry.is_symlink():
                 logger.info("removing an unfinished checkpoint of an earlier attempt: %s", entry)
                 shutil.rmtree(entry)
 
-    def _shared_token(self) -> str:
-        """One random name part for this attempt's partial folders, the same on every rank."""
-        token = [uuid.uuid4().hex[:12]]
-        if self._distributed:
-            dist.broadcast_object_list(token, src=0, group=self._group)
-        return token[0]
+    def _broadcast(self, values: list[int]) -> list[int]:
+        """Rank 0's list of integers, on every rank (plain tensors: nothing is pickled between ranks either)."""
+        if not self._distributed:
+            return values
+        count = torch.tensor([len(values)], dtype=torch.int64)
+        dist.broadcast(count, src=0, group=self._group)
+        if count.item() == 0:
+            return []
+        data = torch.tensor(values if self.rank == 0 else [0] * int(count.item()), dtype=torch.int64)
+        dist.broadcast(data, src=0, group=self._group)
+        return data.tolist()
+
+    def _worst(self, code: int) -> int:
+        """The largest of every rank's ``code``."""
+        if not self._distributed:
+            return code
+        value = torch.tensor([code], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._group)
+        return int(value.item())
 
     def _barrier(self) -> None:
         if self._distributed:
             dist.barrier(group=self._group)
-
-
-# ---------------------------------------------------------------------- state
-
-
-def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{'model', 'optim'} as DCP wants them; only trainable tensors when part of the model is frozen."""
-    frozen = {_clean_name(n) for n, p in model.named_parameters() if not p.requires_grad}
-    options = StateDictOptions(ignore_frozen_params=bool(frozen))
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    if frozen:  # also drop tensors hanging off frozen weights (4-bit quantisation state: 'w.absmax', ...)
-        model_state = {k: v for k, v in model_state.items() if not any(k.startswith(f + ".") for f in frozen)}
-        trainable = {_clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable <= model_state.keys(), f"trainable weights missing: {sorted(trainable - model_state.keys())}"
-    return {"model": model_state, "optim": optim_state}
-
-
-def _stage(state: dict[str, Any]) -> dict[str, Any]:
-    """A CPU copy of ``state`` that the writer thread can use while training goes on (what async_save stages)."""
-    options = StagingOptions(
-        use_pinned_memory=False, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
-    )
-    stager = DefaultStager(options)
-    try:
-        return stager.stage(state)
-    finally:
-        stager.close()  # drops its cache only; the copy stays valid
-
-
-def _clean_name(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
-
-
-def _rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
-
-
-def _save_rank_file(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda file: torch.save(data, file))
-
-
-def _require_plain(value: Any, where: str) -> None:
-    """Per-rank state is loaded with weights_only=True: plain containers, numbers, strings and tensors only."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _require_plain(key, f"{where} key")
-            _require_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _require_plain(item, f"{where}[{index}]")
-    elif not isinstance(value, _PLAIN):
-        raise ValueError(
-            f"{where} holds a {type(value).__name__}; checkpoints keep dicts, lists, numbers, strings and tensors only"
-        )
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's current device
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state:
-        if not torch.cuda.is_available():
-            raise ValueError("the checkpoint holds a CUDA RNG state but CUDA is not available; resume on a GPU")
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _since(started: float) -> float:

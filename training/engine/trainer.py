@@ -104,15 +104,17 @@ class Trainer:
         return trainer
 
     def resume(self) -> None:
-        latest = self.checkpointer.latest_step() if self.config.run.resume else None
-        if latest is None:
+        """Continue from the newest intact checkpoint (a damaged newer one is skipped, saying so), if any."""
+        if not self.config.run.resume:
             return
-        loader_state, _ = self.checkpointer.load(
-            latest, model=unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler
+        restored = self.checkpointer.restore(
+            model=unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler
         )
-        self.loader.load_state_dict(loader_state)
-        self.step = latest
-        logger.info("resuming at step %d of %d", latest, self.config.run.steps)
+        if restored is None:
+            return
+        self.loader.load_state_dict(restored.loader_state)
+        self.step = restored.step
+        logger.info("resuming at step %d of %d", restored.step, self.config.run.steps)
 
     def train(self, stop: GracefulStop) -> str:
         """Run until the configured step count or a stop request; returns 'completed' or 'stopped'."""

@@ -6,6 +6,7 @@ its final tensor keeps the peak at one model copy. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -83,7 +84,8 @@ def read_into(file, source: TensorSource, target: torch.Tensor) -> None:
         target.copy_(buffer)
 
 
-def write_safetensors(path: Path, entries: list[tuple[str, torch.Tensor]], metadata) -> None:
+def write_safetensors(path: Path, entries: list[tuple[str, torch.Tensor]], metadata, *, hasher=None) -> None:
+    """Write atomically; ``hasher`` (a ``hashlib`` object), when given, is fed every byte of the file."""
     header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, tensor in entries:
@@ -99,8 +101,10 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.Tensor]], metad
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
 
     def write(file) -> None:
-        file.write(struct.pack("<Q", len(blob)) + blob)
-        for _, tensor in entries:
-            file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        chunks = (tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy() for _, tensor in entries)
+        for chunk in itertools.chain([struct.pack("<Q", len(blob)) + blob], chunks):  # one tensor in memory at a time
+            file.write(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
 
     atomic_write(path, write)
