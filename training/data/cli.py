@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import sys
 from itertools import islice
 from pathlib import Path
@@ -12,17 +13,21 @@ from pathlib import Path
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from .encoders import REPACK_HINT, missing_encodings
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .outcomes import report_kinds, summary_lines
 from .pack import PackConfig, PackError, pack_dataset
+from .progress import ProgressDisplay
 from .shards import load_manifest, read_json, read_samples
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
     """Adds `pack` and `inspect` to an argparse subparsers object; each sets func(args) -> exit code."""
     pack = subparsers.add_parser(
         "pack",
-        help="pack an image folder into WebDataset shards (raw images, no encoders)",
+        help="pack an image folder into WebDataset shards; with --vae and --text-encoder the shards are trainable",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pack.add_argument("input_dir", type=Path, help="folder of images (searched recursively) with captions")
@@ -47,12 +52,58 @@ def register(subparsers) -> None:
         help="pack images, captions and folders that symbolic links lead to outside input_dir (off: reported only)",
     )
     pack.add_argument("--threads", type=int, default=2, help="image decode threads")
+    _add_encoder_arguments(pack)
     pack.set_defaults(func=run_pack)
 
     inspect = subparsers.add_parser("inspect", help="summarise a shard set: counts, buckets, a few decoded samples")
     inspect.add_argument("shards", type=Path, help="shard folder or its manifest.json")
     inspect.add_argument("--samples", type=int, default=3, help="how many samples to decode and show")
     inspect.set_defaults(func=run_inspect)
+
+
+def _add_encoder_arguments(pack) -> None:
+    encoders = pack.add_argument_group(
+        "encoders (both needed for shards that train; without them the shards hold raw images)"
+    )
+    encoders.add_argument("--vae", type=Path, default=None, help="Z-Image's VAE: ComfyUI's models/vae/ae.safetensors")
+    encoders.add_argument(
+        "--text-encoder",
+        type=Path,
+        default=None,
+        help="Z-Image's text encoder: ComfyUI's models/text_encoders/qwen_3_4b.safetensors (bf16)",
+    )
+    encoders.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="Qwen tokenizer: a folder with vocab.json + merges.txt or a tokenizer.json (default: ComfyUI's "
+        "comfy/text_encoders/qwen25_tokenizer, found from COMFYUI_PATH, the text encoder's or this repo's location)",
+    )
+    encoders.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="where the encoders run (auto: GPU if any)"
+    )
+    encoders.add_argument(
+        "--encode-batch", type=int, default=1, help="samples per encoder call (e.g. 8 on a large GPU; default 1)"
+    )
+    encoders.add_argument(
+        "--store-images", action="store_true", help="also store the resized images (always on without --vae)"
+    )
+
+
+def _encoders(args: argparse.Namespace):
+    """(latent encoder, text encoder) from --vae / --text-encoder, each None when not given."""
+    if (args.vae is None) != (args.text_encoder is None):
+        logger.warning("only one of --vae / --text-encoder given: the shards will not train (%s)", REPACK_HINT)
+    latent_encoder = text_encoder = None
+    if args.vae is not None:
+        from .flux_vae import FluxLatentEncoder
+
+        latent_encoder = FluxLatentEncoder(args.vae, device=args.device)
+    if args.text_encoder is not None:
+        from .qwen3 import Qwen3TextEncoder
+
+        text_encoder = Qwen3TextEncoder(args.text_encoder, tokenizer=args.tokenizer, device=args.device)
+    return latent_encoder, text_encoder
 
 
 def _parse_background(text: str) -> tuple[int, int, int]:
@@ -74,7 +125,7 @@ def run_pack(args: argparse.Namespace) -> int:
             max_aspect_ratio=args.max_aspect_ratio,
             too_small=args.too_small,
             background=_parse_background(args.background),
-            store_image=True,
+            store_image=args.store_images or args.vae is None,
             image_format=args.image_format,
             image_quality=args.image_quality,
             metadata_file=args.metadata,
@@ -83,9 +134,15 @@ def run_pack(args: argparse.Namespace) -> int:
             max_image_pixels=args.max_image_pixels,
             follow_external_links=args.follow_external_links,
             num_threads=args.threads,
+            encode_batch=args.encode_batch,
         )
-        result = pack_dataset(config)
-    except (ValueError, PackError) as error:
+        latent_encoder, text_encoder = _encoders(args)
+        progress = ProgressDisplay("pack", "img")
+        try:
+            result = pack_dataset(config, latent_encoder=latent_encoder, text_encoder=text_encoder, progress=progress)
+        finally:
+            progress.close()
+    except (ValueError, PackError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"packed {result.samples} samples into {len(result.shards)} shards in {result.output_dir}")
@@ -96,6 +153,8 @@ def run_pack(args: argparse.Namespace) -> int:
         print(line)
     if skipped or noted:
         print(f"every skipped or noted file, with its reason: {result.report_path}")
+    if latent_encoder is None or text_encoder is None:
+        print(f"note: these shards hold raw images; train needs encoded shards: {REPACK_HINT}")
     return 0
 
 
@@ -124,6 +183,13 @@ def summarize(shard_dir: Path, manifest: dict, *, samples: int = 3) -> str:
         f"({total_bytes / 1e6:.1f} MB), {manifest['skipped']} inputs skipped",
         f"latent encoder: {contents['latent_encoder']}; text encoder: {contents['text_encoder']} "
         f"(dim {contents['text_feature_dim']}); dtype {contents['storage_dtype']}; image: {contents['image_format']}",
+    ]
+    missing = missing_encodings(contents)
+    if missing:
+        what = "raw images" if contents["image_format"] else "no image data"
+        lines.append(f"note: these shards hold {what} and no {' and no '.join(missing)}; train needs encoded shards: "
+                     f"{REPACK_HINT}")  # fmt: skip
+    lines += [
         "buckets:",
     ]
     lines += [f"  {name:>10}: {count}" for name, count in sorted(manifest["buckets"].items(), key=lambda i: -i[1])]

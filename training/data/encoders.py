@@ -88,3 +88,27 @@ class TestTextEncoder:
             index = torch.tensor(ids, dtype=torch.long)
             features.append(self.table[index] + self.position[: len(ids)])
         return features
+
+
+#: How to get trainable shards from raw-image ones, for every message that meets them (pack, inspect, train).
+REPACK_HINT = (
+    "repack with the VAE and the text encoder: python -m training pack IMAGES OUT "
+    "--vae ComfyUI/models/vae/ae.safetensors --text-encoder ComfyUI/models/text_encoders/qwen_3_4b.safetensors"
+)
+
+
+def missing_encodings(contents: dict) -> list[str]:
+    """What a shard set's manifest 'contents' lacks for training: 'latents' and/or 'caption features'."""
+    missing = []
+    if contents.get("latent_encoder") is None:
+        missing.append("latents")
+    if contents.get("text_encoder") is None:
+        missing.append("caption features")
+    return missing
+
+
+def require_encoded(contents: dict, where: str) -> None:
+    """ValueError naming the fix when the shards at `where` hold raw images (or no caption features)."""
+    missing = missing_encodings(contents)
+    if missing:
+        raise ValueError(f"the shards in {where} hold no {' and no '.join(missing)} (raw images): {REPACK_HINT}")

@@ -116,13 +116,32 @@ class SampleBuilder:
 
     def build(self, prepared: Prepared) -> ShardSample:
         """Runs the encoders and serialises the sample's tar members."""
+        return self.build_batch([prepared])[0]
+
+    def build_batch(self, batch: list[Prepared]) -> list[ShardSample]:
+        """build() for several samples, the encoders called once per bucket (latents) and once per batch (captions)."""
+        latents: list[torch.Tensor | None] = [None] * len(batch)
+        if self.latent_encoder is not None:
+            by_bucket: dict[str, list[int]] = {}
+            for index, prepared in enumerate(batch):
+                by_bucket.setdefault(prepared.fitted.plan.bucket.name, []).append(index)
+            for indices in by_bucket.values():
+                encoded = self._encode_latents([batch[i].pixels for i in indices], batch[indices[0]].fitted.plan.bucket)
+                for index, latent in zip(indices, encoded):
+                    latents[index] = latent
+        captions: list[torch.Tensor | None] = [None] * len(batch)
+        if self.text_encoder is not None:
+            captions = self._encode_captions([prepared.caption.text for prepared in batch])
+        return [self._sample(p, latent, caption) for p, latent, caption in zip(batch, latents, captions)]
+
+    def _sample(self, prepared: Prepared, latent: torch.Tensor | None, caption: torch.Tensor | None) -> ShardSample:
         bucket = prepared.fitted.plan.bucket
         tensors, caption_tokens = {}, None
-        if self.latent_encoder is not None:
-            tensors[LATENT_KEY] = self._encode_latent(prepared.pixels, bucket)
-        if self.text_encoder is not None:
-            tensors[CAPTION_FEATURES_KEY] = self._encode_caption(prepared.caption.text)
-            caption_tokens = int(tensors[CAPTION_FEATURES_KEY].shape[0])
+        if latent is not None:
+            tensors[LATENT_KEY] = latent
+        if caption is not None:
+            tensors[CAPTION_FEATURES_KEY] = caption
+            caption_tokens = int(caption.shape[0])
         meta = {
             "source": prepared.item.relative,
             "bucket": bucket.name,
@@ -139,24 +158,27 @@ class SampleBuilder:
             key=prepared.item.key, members=tuple(members), bucket=bucket.name, caption_tokens=caption_tokens
         )
 
-    def _encode_latent(self, pixels: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-        latent = self.latent_encoder.encode(pixels.unsqueeze(0))
-        expected = (1, LATENT_CHANNELS, bucket.height // LATENT_DOWNSCALE, bucket.width // LATENT_DOWNSCALE)
+    def _encode_latents(self, pixels: list[torch.Tensor], bucket: Bucket) -> list[torch.Tensor]:
+        latent = self.latent_encoder.encode(torch.stack(pixels))
+        expected = (len(pixels), LATENT_CHANNELS, bucket.height // LATENT_DOWNSCALE, bucket.width // LATENT_DOWNSCALE)
         if tuple(latent.shape) != expected:
             raise ValueError(
-                f"latent encoder {self.latent_encoder.identity!r} returned {tuple(latent.shape)} for a "
-                f"{bucket.name} image; expected {expected}"
+                f"latent encoder {self.latent_encoder.identity!r} returned {tuple(latent.shape)} for "
+                f"{len(pixels)} {bucket.name} images; expected {expected}"
             )
-        return latent[0].detach().to("cpu", self.storage_dtype).contiguous()
+        return [one.detach().to("cpu", self.storage_dtype).contiguous() for one in latent]
 
-    def _encode_caption(self, text: str) -> torch.Tensor:
-        (features,) = self.text_encoder.encode([text])
-        if features.ndim != 2 or features.shape[1] != self.text_encoder.feature_dim:
-            raise ValueError(
-                f"text encoder {self.text_encoder.identity!r} returned {tuple(features.shape)}; "
-                f"expected [tokens, {self.text_encoder.feature_dim}]"
-            )
-        return features.detach().to("cpu", self.storage_dtype).contiguous()
+    def _encode_captions(self, texts: list[str]) -> list[torch.Tensor]:
+        encoded = self.text_encoder.encode(texts)
+        for features in encoded:
+            if features.ndim != 2 or features.shape[1] != self.text_encoder.feature_dim:
+                raise ValueError(
+                    f"text encoder {self.text_encoder.identity!r} returned {tuple(features.shape)}; "
+                    f"expected [tokens, {self.text_encoder.feature_dim}]"
+                )
+        if len(encoded) != len(texts):
+            raise ValueError(f"text encoder {self.text_encoder.identity!r} returned {len(encoded)} of {len(texts)}")
+        return [features.detach().to("cpu", self.storage_dtype).contiguous() for features in encoded]
 
     def describe(self) -> dict:
         """The manifest's record of what each sample holds and which encoders made it."""

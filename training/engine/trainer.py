@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data.batches import Batch
+from ..data.encoders import REPACK_HINT, require_encoded
 from ..data.stats import read_dataset_stats
 from ..model.config import preset
 from ..model.lora import LoraSettings, lora_state_dict, set_lora_input_cast
@@ -291,7 +292,12 @@ def _build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
         )
         return synthetic, synthetic.empty_caption()
     from ..data.loader import ShardLoader
+    from ..data.shards import MANIFEST_NAME, read_json
 
+    manifest_path = Path(data.shards) / MANIFEST_NAME
+    contents = read_json(manifest_path).get("contents") if manifest_path.is_file() else None
+    if isinstance(contents, dict):  # raw-image shards: say so before the empty-caption check, which names no fix
+        require_encoded(contents, data.shards)
     empty_caption = load_empty_caption(config, dist_info.device)
     _check_enough_data(config, dist_info.world_size)
     loader = ShardLoader(
@@ -354,7 +360,7 @@ def _checked(batch: Batch) -> Batch:
     if batch.latents is None or batch.caption_features is None:
         raise ValueError(
             f"batch {batch.keys[:2]}... has no {'latents' if batch.latents is None else 'caption features'}: "
-            "training needs shards packed with the latent and text encoders"
+            f"training needs shards packed with the latent and text encoders; {REPACK_HINT}"
         )
     return batch
 
