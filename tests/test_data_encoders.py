@@ -70,9 +70,8 @@ def test_prompt_handling_follows_comfyui(tmp_path):
     ids = tokenizer._ids
     assert tokenizer.token_ids("a cat") == ids(CHAT_TEMPLATE.format("a cat"))
     assert tokenizer.token_ids(r"a \(cat\)") == ids(CHAT_TEMPLATE.format("a (cat)"))
-    # `embedding:<name> rest` is tokenized apart; a missing embedding's name is dropped and the rest's whitespace
-    # collapsed to single spaces (sd1_clip's _try_get_embedding splits it on whitespace), the template's too
-    expected = ids("<|im_start|>user\na") + ids("red dog<|im_end|> <|im_start|>assistant")
+    # text is split at " embedding:" (the space dropped), each piece tokenized apart; Z-Image keeps the name as text
+    expected = ids("<|im_start|>user\na") + ids("embedding:style red dog<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.token_ids("a embedding:style red dog") == expected
     # the mask ends at the first pad token: what follows never reaches the features
     cut = tokenizer.token_ids("the cat<|endoftext|>the dog")
@@ -141,3 +140,46 @@ def test_refusals_name_the_file_and_the_fix(tmp_path):
         (bad / "tokenizer.json").write_text(json.dumps({"nope": 1}))
         ZImageTokenizer.load(bad)
     assert SPECIAL_TOKENS[0] == "<|endoftext|>"
+
+
+def _stored(shard_dir):
+    from training.data.shards import load_manifest, read_samples
+
+    folder, manifest = load_manifest(shard_dir)
+    return manifest, {s["__key__"]: s for s in read_samples([folder / s["name"] for s in manifest["shards"]])}
+
+
+def test_pack_stores_what_the_encoders_compute_at_any_encode_batch(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load as load_safetensors
+
+    from tests.data_fixtures import make_dataset
+    from training.data.pack import PackConfig, pack_dataset
+
+    files = tiny_encoder_files(tmp_path / "ComfyUI")
+    vae = FluxLatentEncoder(files["vae"], device="cpu")
+    text = Qwen3TextEncoder(files["text_encoder"], tokenizer=files["tokenizer"], device="cpu")
+    make_dataset(tmp_path / "photos", 7)
+    packs = {}
+    for batch in (1, 4):
+        config = PackConfig(
+            input_dir=tmp_path / "photos", output_dir=tmp_path / f"batch{batch}", resolution=64, samples_per_shard=3,
+            store_image=True, image_format="png", storage_dtype="float32", encode_batch=batch,
+        )  # fmt: skip
+        pack_dataset(config, latent_encoder=vae, text_encoder=text)
+        packs[batch] = _stored(config.output_dir)
+    (manifest_1, samples_1), (manifest_4, samples_4) = packs[1], packs[4]
+    assert manifest_1["fingerprint"] == manifest_4["fingerprint"] and len(samples_1) == 7
+    assert manifest_1["contents"]["latent_encoder"] == vae.identity
+    for key, sample in samples_1.items():
+        tensors = load_safetensors(sample["safetensors"])
+        pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(sample["png"])))).permute(2, 0, 1).float() / 255
+        assert relative(tensors["latent"], vae.encode(pixels[None])[0]) < 1e-6
+        expected = text.encode([sample["txt"].decode()])[0]
+        assert torch.equal(tensors["caption_features"], expected)
+        batched = load_safetensors(samples_4[key]["safetensors"])
+        assert relative(batched["latent"], tensors["latent"]) < 1e-5
+        assert relative(batched["caption_features"], tensors["caption_features"]) < 1e-5

@@ -86,6 +86,12 @@ def _add_encoder_arguments(pack) -> None:
         "--encode-batch", type=int, default=1, help="samples per encoder call (e.g. 8 on a large GPU; default 1)"
     )
     encoders.add_argument(
+        "--storage-dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="dtype of the stored latents and caption features (bfloat16: half the size, what the node stores)",
+    )
+    encoders.add_argument(
         "--store-images", action="store_true", help="also store the resized images (always on without --vae)"
     )
 
@@ -135,6 +141,7 @@ def run_pack(args: argparse.Namespace) -> int:
             follow_external_links=args.follow_external_links,
             num_threads=args.threads,
             encode_batch=args.encode_batch,
+            storage_dtype=args.storage_dtype,
         )
         latent_encoder, text_encoder = _encoders(args)
         progress = ProgressDisplay("pack", "img")

@@ -4,8 +4,9 @@ ComfyUI (comfy/text_encoders/z_image.py) tokenizes a prompt as transformers' Qwe
 `comfy/text_encoders/qwen25_tokenizer` folder (vocab.json, merges.txt, tokenizer_config.json):
 - the prompt is put into the chat template `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`;
 - no start/end token is added, nothing is padded or truncated, prompt weights are disabled;
-- `\\(` and `\\)` become `(` and `)` (sd1_clip's escape/unescape), and the text is split before every ` embedding:`
-  or `\\nembedding:`, each piece tokenized on its own (sd1_clip's textual-inversion syntax);
+- `\\(` and `\\)` become `(` and `)` (sd1_clip's escape/unescape), and the text is split at every ` embedding:`
+  or `\\nembedding:` (the space or newline dropped), each piece tokenized on its own: sd1_clip's textual-inversion
+  syntax, though Z-Image's Qwen3Tokenizer gets no embedding folder, so the `embedding:name` text itself is kept;
 - the attention mask ends at the first `<|endoftext|>` (the pad token, id 151643), which is masked too.
 
 The vocabulary is not shipped with this repository: it is found in the ComfyUI installation (see find_tokenizer).
@@ -142,23 +143,10 @@ class ZImageTokenizer:
         text = text.replace("\\)", "\0\1").replace("\\(", "\0\2").replace("\0\1", ")").replace("\0\2", "(")
         pieces = _EMBEDDING_SPLIT.split(text)
         ids = self._ids(pieces[0]) if pieces[0] else []
-        for leftover in map(_without_embedding, pieces[1:]):
-            ids += self._ids(leftover) if leftover else []
+        for piece in pieces[1:]:  # Z-Image's tokenizer has no embedding folder: the text stays, split apart
+            ids += self._ids(_EMBEDDING_PREFIX + piece)
         # SDClipModel masks from the first pad token on (the pad included); those positions are dropped.
         return ids[: ids.index(self.pad_id)] if self.pad_id in ids else ids
-
-
-def _without_embedding(piece: str) -> str:
-    """What ComfyUI tokenizes of `embedding:<piece>` when no such embedding exists: the words after the name."""
-    words = piece.strip("\n").split()
-    if not words:
-        return ""
-    name, leftover = words[0], " ".join(words[1:])
-    stripped = name.strip(",")
-    if len(stripped) < len(name):
-        leftover = f"{name[len(stripped) :]} {leftover}"
-    logger.warning("caption names textual-inversion embedding %r; ComfyUI drops the name, and so does pack", name)
-    return leftover
 
 
 def find_tokenizer(explicit: str | os.PathLike | None, text_encoder_file: str | os.PathLike) -> Path:
