@@ -51,34 +51,36 @@ def tiny_diffusers_vae(seed: int = 0):
     return model.eval()
 
 
-def diffusers_to_flux_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL encoder names -> the original / ComfyUI names (what ae.safetensors uses)."""
+def diffusers_to_flux(state: dict[str, torch.Tensor], *, decoder: bool = False) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL names -> the original / ComfyUI names (what ae.safetensors uses); encoder only unless
+    `decoder`. diffusers numbers the decoder's up blocks from the lowest resolution, the original from the highest."""
+    levels = len(TINY_VAE_CHANNELS)
     out = {}
     for name, tensor in state.items():
-        if not name.startswith("encoder."):
+        half = name.split(".")[0]
+        if half not in (("encoder", "decoder") if decoder else ("encoder",)):
             continue
-        new = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        parts = new.split(".")
-        if parts[1] == "down_blocks":
-            level = parts[2]
+        parts = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut").split(".")
+        if parts[1] in ("down_blocks", "up_blocks"):
+            level = parts[2] if half == "encoder" else str(levels - 1 - int(parts[2]))
+            group = "down" if half == "encoder" else "up"
             if parts[3] == "resnets":
-                new = ".".join(["encoder", "down", level, "block", parts[4], *parts[5:]])
-            else:  # downsamplers.0.conv
-                new = ".".join(["encoder", "down", level, "downsample", *parts[5:]])
+                parts = [half, group, level, "block", parts[4], *parts[5:]]
+            else:  # downsamplers.0.conv / upsamplers.0.conv
+                parts = [half, group, level, "downsample" if half == "encoder" else "upsample", *parts[5:]]
+        elif parts[1] == "mid_block" and parts[2] == "resnets":
+            parts = [half, "mid", f"block_{int(parts[3]) + 1}", *parts[4:]]
         elif parts[1] == "mid_block":
-            if parts[2] == "resnets":
-                new = ".".join(["encoder", "mid", f"block_{int(parts[3]) + 1}", *parts[4:]])
-            else:
-                layer = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}[parts[4]]
-                new = ".".join(["encoder", "mid", "attn_1", layer, parts[-1]])
-                if layer != "norm" and tensor.ndim == 2:
-                    tensor = tensor[:, :, None, None]
-        out[new] = tensor.contiguous()
+            layer = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}[parts[4]]
+            parts = [half, "mid", "attn_1", layer, parts[-1]]
+            if layer != "norm" and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]
+        out[".".join(parts)] = tensor.contiguous()
     return out
 
 
 def write_tiny_vae(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    state = diffusers_to_flux_encoder(tiny_diffusers_vae(seed).state_dict())
+    state = diffusers_to_flux(tiny_diffusers_vae(seed).state_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(dtype) for k, v in state.items()}, str(path))
     return path

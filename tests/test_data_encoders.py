@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from tests.encoder_fixtures import (
     SPECIAL_TOKENS,
-    diffusers_to_flux_encoder,
+    diffusers_to_flux,
     tiny_diffusers_vae,
     tiny_encoder_files,
     tiny_qwen3_state,
@@ -35,7 +35,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_vae_encoder_matches_diffusers_autoencoderkl(tmp_path):
     reference = tiny_diffusers_vae(seed=3)
     path = tmp_path / "ae.safetensors"
-    save_file(diffusers_to_flux_encoder(reference.state_dict()), str(path))
+    save_file(diffusers_to_flux(reference.state_dict()), str(path))
     encoder = FluxLatentEncoder(path, device="cpu")
     pixels = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -45,6 +45,24 @@ def test_vae_encoder_matches_diffusers_autoencoderkl(tmp_path):
     assert latents.shape == (2, 16, 8, 6) and latents.dtype == torch.float32
     assert relative(latents, (expected - FLUX_SHIFT) * FLUX_SCALE) < 1e-5
     assert encoder.identity.startswith("flux-vae:") and "float32" in encoder.identity
+
+
+def test_vae_decoder_matches_diffusers_autoencoderkl(tmp_path):
+    from training.data.flux_vae import FluxVAE
+
+    reference = tiny_diffusers_vae(seed=4)
+    path = tmp_path / "ae.safetensors"
+    save_file(diffusers_to_flux(reference.state_dict(), decoder=True), str(path))
+    vae = FluxVAE.load(path, device=torch.device("cpu"), dtype=torch.float32, decoder=True)
+    latents = torch.randn(2, 16, 6, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ((reference.decode(latents / FLUX_SCALE + FLUX_SHIFT).sample + 1) / 2).clamp(0, 1)
+    pixels = vae.decode(latents)
+    assert pixels.shape == (2, 3, 48, 40) and relative(pixels, expected) < 1e-5
+    encoder_only = FluxVAE.load(path, device=torch.device("cpu"), dtype=torch.float32)
+    assert not any(name.startswith("decoder.") for name in encoder_only.state)
+    with pytest.raises(ValueError, match="without its decoder"):
+        encoder_only.decode(latents)
 
 
 def test_vae_identity_tells_weights_apart(tmp_path):
@@ -129,7 +147,7 @@ def test_refusals_name_the_file_and_the_fix(tmp_path):
         Qwen3TextEncoder(quantized, tokenizer=tokenizer, device="cpu")
     with pytest.raises(WeightsError, match="not a Qwen3 text encoder"):
         Qwen3TextEncoder(write_tiny_vae(tmp_path / "vae.safetensors"), tokenizer=tokenizer, device="cpu")
-    sd_vae = {k: v for k, v in diffusers_to_flux_encoder(tiny_diffusers_vae().state_dict()).items()}
+    sd_vae = {k: v for k, v in diffusers_to_flux(tiny_diffusers_vae().state_dict()).items()}
     sd_vae["encoder.conv_out.weight"] = sd_vae["encoder.conv_out.weight"][:8]  # 4-channel latents: an SD VAE
     save_file(sd_vae, str(tmp_path / "sd_vae.safetensors"))
     with pytest.raises(WeightsError, match="needs 16"):

@@ -1,4 +1,4 @@
-"""Z-Image's VAE: the encoder half of the 16-channel Flux autoencoder, read from ComfyUI's models/vae/ae.safetensors.
+"""Z-Image's VAE: the 16-channel Flux autoencoder (the encoder for packing, the decoder for previews), read from ComfyUI's models/vae/ae.safetensors.
 
 Computed as ComfyUI 0.8 does (comfy/sd.py VAE.encode, comfy/ldm/modules/diffusionmodules/model.py Encoder,
 comfy/ldm/models/autoencoder.py): pixels x in 0..1 -> 2x-1 -> Encoder (GroupNorm(32, eps 1e-6) + SiLU ResNet blocks,
@@ -57,33 +57,42 @@ class FluxEncoderShape:
             raise WeightsError(f"{path} makes {z_channels}-channel latents from RGB, Z-Image needs 16; {_WHAT_TO_DO}")
         return cls(channels=channels, res_blocks=res_blocks, z_channels=z_channels)
 
-    def keys(self) -> list[str]:
-        """Every encoder tensor name this shape reads."""
-        names = ["encoder.conv_in", "encoder.norm_out", "encoder.conv_out"]
-        resnets = [f"encoder.down.{lv}.block.{b}" for lv in range(len(self.channels)) for b in range(self.res_blocks)]
-        resnets += ["encoder.mid.block_1", "encoder.mid.block_2"]
-        names += [f"{r}.{part}" for r in resnets for part in ("norm1", "conv1", "norm2", "conv2")]
-        names += [f"encoder.down.{lv}.downsample.conv" for lv in range(len(self.channels) - 1)]
-        names += [f"encoder.mid.attn_1.{part}" for part in ("norm", "q", "k", "v", "proj_out")]
+    def keys(self, part: str = "encoder") -> list[str]:
+        """Every tensor name of the encoder or decoder half this shape reads (shortcut convs aside)."""
+        levels = range(len(self.channels))
+        names = [f"{part}.conv_in", f"{part}.norm_out", f"{part}.conv_out"]
+        if part == "encoder":
+            resnets = [f"encoder.down.{lv}.block.{b}" for lv in levels for b in range(self.res_blocks)]
+            names += [f"encoder.down.{lv}.downsample.conv" for lv in levels[:-1]]
+        else:
+            resnets = [f"decoder.up.{lv}.block.{b}" for lv in levels for b in range(self.res_blocks + 1)]
+            names += [f"decoder.up.{lv}.upsample.conv" for lv in levels[1:]]
+        resnets += [f"{part}.mid.block_1", f"{part}.mid.block_2"]
+        names += [f"{r}.{layer}" for r in resnets for layer in ("norm1", "conv1", "norm2", "conv2")]
+        names += [f"{part}.mid.attn_1.{layer}" for layer in ("norm", "q", "k", "v", "proj_out")]
         return [f"{name}.{kind}" for name in names for kind in ("weight", "bias")]
 
 
-class FluxVAEEncoder:
-    """Pixels [B, 3, H, W] in 0..1 -> Flux-format latents [B, 16, H/8, W/8] (float32 on the CPU)."""
+class FluxVAE:
+    """Pixels [B, 3, H, W] in 0..1 <-> Flux-format latents [B, 16, H/8, W/8]; the decoder only when loaded with it."""
 
     def __init__(self, shape: FluxEncoderShape, state: dict[str, torch.Tensor]) -> None:
         self.shape = shape
         self.state = state
 
     @classmethod
-    def load(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype) -> FluxVAEEncoder:
+    def load(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype, decoder: bool = False) -> FluxVAE:
         sources = read_file_sources(path, "VAE")
         shape = FluxEncoderShape.from_file({key: source.shape for key, source in sources.items()}, path)
-        names = shape.keys()
-        names += [f"{r}.nin_shortcut.{kind}" for r in _shortcut_blocks(sources) for kind in ("weight", "bias")]
+        parts = ("encoder", "decoder") if decoder else ("encoder",)
+        names = [name for part in parts for name in shape.keys(part)]
+        shortcuts = [b for b in _shortcut_blocks(sources) if b.split(".")[0] in parts]
+        names += [f"{block}.nin_shortcut.{kind}" for block in shortcuts for kind in ("weight", "bias")]
         missing = [name for name in names if name not in sources]
         if missing:
-            raise WeightsError(f"{path} lacks {len(missing)} encoder tensors ({missing[0]}, ...); {_WHAT_TO_DO}")
+            raise WeightsError(
+                f"{path} lacks {len(missing)} {'/'.join(parts)} tensors ({missing[0]}, ...); {_WHAT_TO_DO}"
+            )
         logger.info("VAE %s: Flux encoder, channels %s, %d blocks per level", path, shape.channels, shape.res_blocks)
         return cls(shape, load_tensors(sources, {name: name for name in names}, device=device, dtype=dtype))
 
@@ -128,6 +137,25 @@ class FluxVAEEncoder:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return (self.raw_latents(pixels).float().cpu() - FLUX_SHIFT) * FLUX_SCALE
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Flux-format latents -> pixels [B, 3, 8h, 8w] in 0..1 (float32 on the CPU), as ComfyUI's VAE.decode."""
+        if "decoder.conv_in.weight" not in self.state:
+            raise ValueError("this VAE was loaded without its decoder; load it with decoder=True")
+        weight = self.state["decoder.conv_in.weight"]
+        x = (latents.float() / FLUX_SCALE + FLUX_SHIFT).to(weight.device, weight.dtype)  # latent format: process_out
+        x = self._conv(x, "decoder.conv_in")
+        x = self._resnet(x, "decoder.mid.block_1")
+        x = self._attention(x, "decoder.mid.attn_1")
+        x = self._resnet(x, "decoder.mid.block_2")
+        for level in reversed(range(len(self.shape.channels))):
+            for block in range(self.shape.res_blocks + 1):
+                x = self._resnet(x, f"decoder.up.{level}.block.{block}")
+            if level != 0:
+                x = self._conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), f"decoder.up.{level}.upsample.conv")
+        x = self._conv(F.silu(self._norm(x, "decoder.norm_out")), "decoder.conv_out")
+        return ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+
 
 def _shortcut_blocks(sources) -> list[str]:
     return sorted({key.removesuffix(".nin_shortcut.weight") for key in sources if key.endswith(".nin_shortcut.weight")})
@@ -149,7 +177,7 @@ class FluxLatentEncoder:
         logger.info(
             "VAE runs in %s on %s (ComfyUI's default for this device)", str(dtype).removeprefix("torch."), chosen
         )
-        self.model = FluxVAEEncoder.load(path, device=chosen, dtype=dtype)
+        self.model = FluxVAE.load(path, device=chosen, dtype=dtype)
         dtype_name = str(dtype).removeprefix("torch.")
         self.identity = f"flux-vae:{fingerprint(self.model.state)}:{dtype_name}:flux-process-in"
 
