@@ -201,3 +201,19 @@ def test_pack_stores_what_the_encoders_compute_at_any_encode_batch(tmp_path):
         batched = load_safetensors(samples_4[key]["safetensors"])
         assert relative(batched["latent"], tensors["latent"]) < 1e-5
         assert relative(batched["caption_features"], tensors["caption_features"]) < 1e-5
+
+
+def test_device_choice(monkeypatch):
+    from training.data.encoder_files import pick_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="sees no GPU"):
+        pick_device("cuda")
+    with pytest.raises(ValueError, match="'auto', 'cuda' or 'cpu'"):
+        pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun: this rank's GPU
+    assert pick_device("auto") == torch.device("cuda", 3) and pick_device("cpu") == torch.device("cpu")

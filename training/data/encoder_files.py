@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -60,13 +61,17 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def pick_device(requested: str) -> torch.device:
-    """'auto' -> cuda when a GPU is visible, else cpu (logged); 'cuda' without a GPU is refused."""
+    """'auto' -> cuda when a GPU is visible, else cpu (logged); 'cuda' without a GPU is refused. Under torchrun
+    (LOCAL_RANK set) cuda means this rank's GPU, so one encoder per rank can each use its own."""
     if requested not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device={requested!r} must be 'auto', 'cuda' or 'cpu'")
     if requested == "auto":
-        chosen = "cuda" if torch.cuda.is_available() else "cpu"
-        logger.info("encoding on %s (device auto: %s)", chosen, "a GPU is visible" if chosen == "cuda" else "no GPU")
-        return torch.device(chosen)
-    if requested == "cuda" and not torch.cuda.is_available():
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+        logger.info(
+            "encoding on %s (device auto: %s)", requested, "a GPU is visible" if requested == "cuda" else "no GPU"
+        )
+    elif requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no GPU; use --device cpu (slow) or auto")
+    if requested == "cuda" and os.environ.get("LOCAL_RANK"):
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(requested)
