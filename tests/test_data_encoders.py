@@ -81,6 +81,9 @@ def test_tokenizer_matches_transformers_qwen2tokenizer(tmp_path):
         text = CHAT_TEMPLATE.format(caption)
         assert ours._ids(text) == reference(text)["input_ids"], caption
     assert ours.pad_id == reference.convert_tokens_to_ids("<|endoftext|>")
+    ours.backend.save(str(tmp_path / "tokenizer.json"))  # the other accepted form: one tokenizer.json
+    from_json = ZImageTokenizer.load(tmp_path / "tokenizer.json")
+    assert [from_json.token_ids(c) for c in CAPTIONS] == [ours.token_ids(c) for c in CAPTIONS]
 
 
 def test_prompt_handling_follows_comfyui(tmp_path):

@@ -86,8 +86,6 @@ def _from_folder(folder: Path):
                 f"{config_path}: added token {entry['content']!r} got id {tokenizer.token_to_id(entry['content'])}, "
                 f"the file says {token_id}; vocab.json and tokenizer_config.json do not belong together"
             )
-    if PAD_TOKEN not in added.values() and tokenizer.token_to_id(PAD_TOKEN) is None:
-        tokenizer.add_tokens([tokenizers.AddedToken(PAD_TOKEN, special=True, normalized=False)])
     return tokenizer
 
 
