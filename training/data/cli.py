@@ -76,14 +76,14 @@ def _add_encoder_arguments(pack) -> None:
         "--tokenizer",
         type=Path,
         default=None,
-        help="Qwen tokenizer: a folder with vocab.json + merges.txt or a tokenizer.json (default: ComfyUI's "
-        "comfy/text_encoders/qwen25_tokenizer, found from COMFYUI_PATH, the text encoder's or this repo's location)",
+        help="Qwen tokenizer: a folder with vocab.json + merges.txt or a tokenizer.json; none: ComfyUI's "
+        "comfy/text_encoders/qwen25_tokenizer, found from COMFYUI_PATH, the text encoder's or this repo's location",
     )
     encoders.add_argument(
         "--device", choices=("auto", "cuda", "cpu"), default="auto", help="where the encoders run (auto: GPU if any)"
     )
     encoders.add_argument(
-        "--encode-batch", type=int, default=1, help="samples per encoder call (e.g. 8 on a large GPU; default 1)"
+        "--encode-batch", type=int, default=1, help="samples per encoder call (e.g. 8 on a large GPU)"
     )
     encoders.add_argument(
         "--storage-dtype",
