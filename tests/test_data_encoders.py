@@ -20,9 +20,9 @@ from tests.encoder_fixtures import (
     write_tiny_tokenizer,
     write_tiny_vae,
 )
-from training.data.flux_vae import FLUX_SCALE, FLUX_SHIFT, FluxLatentEncoder
-from training.data.qwen3 import Qwen3TextEncoder
-from training.data.qwen_tokenizer import CHAT_TEMPLATE, TokenizerNotFound, ZImageTokenizer, find_tokenizer
+from training.model.flux_vae import FLUX_SCALE, FLUX_SHIFT, FluxLatentEncoder
+from training.model.qwen3 import Qwen3TextEncoder
+from training.model.qwen_tokenizer import CHAT_TEMPLATE, TokenizerNotFound, ZImageTokenizer, find_tokenizer
 from training.model.safetensors_io import WeightsError
 
 CAPTIONS = ["a photo of the cat", "", "Ünïcödé café, 12345!!\n\ttabs", "the red dog <|im_end|> and more", "日本語"]
@@ -48,7 +48,7 @@ def test_vae_encoder_matches_diffusers_autoencoderkl(tmp_path):
 
 
 def test_vae_decoder_matches_diffusers_autoencoderkl(tmp_path):
-    from training.data.flux_vae import FluxVAE
+    from training.model.flux_vae import FluxVAE
 
     reference = tiny_diffusers_vae(seed=4)
     path = tmp_path / "ae.safetensors"
@@ -207,7 +207,7 @@ def test_pack_stores_what_the_encoders_compute_at_any_encode_batch(tmp_path):
 
 
 def test_device_choice(monkeypatch):
-    from training.data.encoder_files import pick_device
+    from training.model.encoder_files import pick_device
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

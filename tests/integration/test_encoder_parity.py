@@ -139,7 +139,7 @@ def test_default_bf16_pack_matches_what_the_node_stores(packed, comfy):
 
 
 def test_token_ids_equal_comfyui_tokenizer(comfy, tmp_path):
-    from training.data.qwen_tokenizer import ZImageTokenizer
+    from training.model.qwen_tokenizer import ZImageTokenizer
 
     comfy_path, python = comfy
     captions = CAPTIONS + ["x\nembedding:foo, bar\nbaz", "embedding:lead word", "a  embedding:x", "trailing  \n"]

@@ -102,11 +102,11 @@ def _encoders(args: argparse.Namespace):
         logger.warning("only one of --vae / --text-encoder given: the shards will not train (%s)", REPACK_HINT)
     latent_encoder = text_encoder = None
     if args.vae is not None:
-        from .flux_vae import FluxLatentEncoder
+        from ..model.flux_vae import FluxLatentEncoder
 
         latent_encoder = FluxLatentEncoder(args.vae, device=args.device)
     if args.text_encoder is not None:
-        from .qwen3 import Qwen3TextEncoder
+        from ..model.qwen3 import Qwen3TextEncoder
 
         text_encoder = Qwen3TextEncoder(args.text_encoder, tokenizer=args.tokenizer, device=args.device)
     return latent_encoder, text_encoder

@@ -1,7 +1,8 @@
 """The encoder protocol the packer uses, and small deterministic encoders for tests and benchmarks.
 
-A real deployment adapts ComfyUI's VAE (images -> latents) and Qwen3 text encoder (captions -> per-token features) to
-`LatentEncoder` / `TextEncoder`; this module never imports ComfyUI.
+Two implementations of the protocol encode for real: ComfyUI's own VAE and CLIP in the Pack Dataset node
+(nodes/encoders.py), and our plain-torch Flux VAE and Qwen3 text encoder read from the same files for the CLI
+(training/model/flux_vae.py, qwen3.py). This module never imports either.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.safetensors_io import DTYPES, TensorSource, WeightsError, read_into, read_sources
-from ..model.weights import resolve_files
+from .safetensors_io import DTYPES, TensorSource, WeightsError, read_into, read_sources
+from .weights import resolve_files
 
 logger = logging.getLogger(__name__)
 

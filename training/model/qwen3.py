@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.safetensors_io import WeightsError
 from .encoder_files import fingerprint, load_tensors, pick_device, read_file_sources
 from .qwen_tokenizer import ZImageTokenizer, find_tokenizer
+from .safetensors_io import WeightsError
 
 logger = logging.getLogger(__name__)
 

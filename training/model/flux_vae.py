@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.safetensors_io import WeightsError
 from .encoder_files import fingerprint, load_tensors, pick_device, read_file_sources
+from .safetensors_io import WeightsError
 
 logger = logging.getLogger(__name__)
 
