@@ -6,6 +6,7 @@ import logging
 
 from ..training.data.stats import read_dataset_stats
 from ..training.hardware.discovery import discover
+from ..training.hardware.panel import plan_panel
 from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
@@ -100,8 +101,8 @@ class TrainingPlan:
             caption_percentile=CAPTION_LENGTHS[values["caption_length"]],
         )
         training_plan = make_plan(request, profile, tier)
-        table = training_plan.table()
-        logger.info("%s", table)
+        logger.info("%s", training_plan.table())
+        table = plan_panel(training_plan)
         return {"ui": {"text": [table]}, "result": (training_plan, table)}
 
     @staticmethod

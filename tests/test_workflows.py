@@ -323,3 +323,78 @@ def test_readme_table_matches_the_planner():
         assert row["predicted peak"] == f"{peak:.1f} GiB of {budget:.1f} GiB"
         speed = predicted_images_per_second(plan, tier_name, config)
         assert row["throughput"] == ("—" if speed is None else f"{speed:.2f} img/s (predicted)"), row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# layout, models, wording
+
+TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its pos
+LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
+MODEL_FILE_KEYS = {"name", "url", "hash", "hash_type", "directory"}  # the frontend's zModelFile
+
+
+def rectangles(workflow: dict) -> dict[int, tuple[float, float, float, float]]:
+    return {
+        node["id"]: (node["pos"][0], node["pos"][1] - TITLE_HEIGHT, node["pos"][0] + node["size"][0],
+                     node["pos"][1] + node["size"][1])
+        for node in workflow["nodes"]
+    }  # fmt: skip
+
+
+@WORKFLOW_PARAMS
+def test_no_two_nodes_overlap(path):
+    boxes = rectangles(load(path))
+    ids = sorted(boxes)
+    for index, a in enumerate(ids):
+        for b in ids[index + 1 :]:
+            (l1, t1, r1, b1), (l2, t2, r2, b2) = boxes[a], boxes[b]
+            assert r1 <= l2 or r2 <= l1 or b1 <= t2 or b2 <= t1, f"{path.name}: nodes {a} and {b} overlap"
+
+
+@WORKFLOW_PARAMS
+def test_plan_node_is_sized_for_its_panel_text(path):
+    """The plan panel's text (as the node shows it after a run) fits the saved size: nothing grows into a neighbour."""
+    from tools.workflow_graph import node_height, text_panel_height, text_panel_width
+    from training.hardware.panel import plan_panel
+
+    workflow = load(path)
+    plan, _ = planned(workflow, tier_of(path))
+    lines = plan_panel(plan).split("\n")
+    node = only(workflow, "WhetstoneTrainingPlan")
+    assert node["size"][0] >= text_panel_width(max(map(len, lines)))
+    widgets = len(DEFS["WhetstoneTrainingPlan"].widgets())
+    slots = max(len(node["inputs"]), len(node["outputs"]))
+    assert node["size"][1] >= node_height(slots, widgets, text_panel_height(len(lines)))
+
+
+@WORKFLOW_PARAMS
+def test_loaders_declare_the_models_they_need(path):
+    """Each loader of a downloadable model names it for the missing-models dialog (name, url, directory)."""
+    workflow = load(path)
+    declared = 0
+    for node in workflow["nodes"]:
+        if node["type"] not in LOADER_FOLDERS:
+            assert "models" not in node["properties"], f"{node['type']} declares models"
+            continue
+        file_name = node["widgets_values"][0]
+        models = node["properties"].get("models", [])
+        if file_name.startswith("z_image_smoke"):
+            assert models == [], "the smoke model is made locally (tools/make_smoke_model.py), not downloaded"
+            continue
+        assert len(models) == 1, f"{node['type']} declares {models}"
+        (model,) = models
+        assert set(model) <= MODEL_FILE_KEYS
+        assert model["name"] == file_name, "the frontend only offers models named in the node's widgets"
+        assert model["directory"] == LOADER_FOLDERS[node["type"]]
+        assert model["url"].startswith("https://huggingface.co/Comfy-Org/")
+        assert model["url"].endswith(f"/resolve/main/split_files/{model['directory']}/{file_name}")
+        declared += 1
+    assert declared == (2 if tier_of(path) == "cpu" else 3)
+
+
+@WORKFLOW_PARAMS
+def test_note_wording(path):
+    note = note_table(load(path)) and only(load(path), "MarkdownNote")["widgets_values"][0]
+    assert not re.search(r"\b1 images\b", note) and "entry tier" not in note
+    if tier_of(path) == "1x80GB":
+        assert "512 px" not in note and "1024²" in note, "the note says the resolution it trains at"

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 from training.hardware.memory import GIB
+from training.hardware.panel import plan_panel
 from training.hardware.plan import PlanRequest, TrainingPlan, make_plan
 from training.hardware.tiers import Tier, load_tiers, simulated_profile
 from training.model.config import PRESETS, ZImageConfig
@@ -139,6 +140,14 @@ def _describe(job: Job) -> str:
     return request.describe()
 
 
+def _pack_at_least(images: int) -> str:
+    noun = "image" if images == 1 else "images"
+    return (
+        f"Pack at least {images} {noun} (one global batch); the GPUs split the samples of any shard set, so packing "
+        "does not depend on the GPU count."
+    )
+
+
 def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
     facts = plan_facts(plan, tier.name, job)
     rows = "\n".join(f"| {key} | {value} |" for key, value in facts.items())
@@ -166,8 +175,7 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
         f"micro-batch fits the {facts['budget']} budget {per_gpu}; the peak is `max_memory_allocated`.",
         f"- **{steps} steps** see about {steps * plan.global_batch} images; LoRA and a resumable checkpoint every "
         f"{job.save_every} steps. The seed has no randomize control, so queueing again resumes instead of retraining.",
-        f"- Pack at least {plan.global_batch} images (one global batch); the GPUs split the samples of any shard "
-        "set, so packing does not depend on the GPU count.",
+        f"- {_pack_at_least(plan.global_batch)}",
         f"- {speed_line}",
         "- To plan for the machine you are on instead, add Hardware Profile, link it to the plan's `hardware` input "
         "and set `tier` to `measured (hardware input)`.",
@@ -192,7 +200,8 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
 def build_workflow(tier: Tier, job: Job) -> dict:
     plan = plan_for(tier, job)
     steps = steps_for(plan, job)
-    return tier_workflow(tier.name, tier.target_global_batch, job, steps, note_text(tier, plan, job, steps))
+    note = note_text(tier, plan, job, steps)
+    return tier_workflow(tier.name, tier.target_global_batch, job, steps, note, plan_panel(plan))
 
 
 def workflow_path(tier_name: str) -> Path:
