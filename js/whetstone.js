@@ -57,11 +57,12 @@ function textPanelHeight(pre) {
   return Math.min(TEXT_MAX_HEIGHT, lines * TEXT_LINE_HEIGHT + 8 + 16) + 2 * DOM_WIDGET_MARGIN;
 }
 
-// Grow (never shrink) the node so a text that just arrived is visible.
+// Grow (never shrink) the node so a text that just arrived is visible, its longest line included.
 function fitNodeToContent(node) {
   const needed = node.computeSize?.();
   if (!needed) return;
-  node.setSize?.([Math.max(node.size[0], needed[0]), Math.max(node.size[1], needed[1])]);
+  const textWidth = node.whetstoneText ? node.whetstoneText.scrollWidth + 2 * DOM_WIDGET_MARGIN : 0;
+  node.setSize?.([Math.max(node.size[0], needed[0], textWidth), Math.max(node.size[1], needed[1])]);
   node.setDirtyCanvas?.(true, true);
 }
 
@@ -142,7 +143,10 @@ function onProgress(event) {
     if (chart.points.length > MAX_POINTS) chart.points.splice(0, chart.points.length - MAX_POINTS);
   }
   if (detail.kind === "end") {
-    chart.status.textContent = `${detail.state}: ${detail.message || ""} (${detail.run})`;
+    chart.status.textContent = detail.message || detail.state;
+    loadHistory(node); // every point the run wrote, including any sent while the page was away
+  } else if (detail.kind === "stopping") {
+    chart.status.textContent = detail.message || "stopping…";
   } else if (detail.kind === "start") {
     chart.status.textContent = `starting ${detail.run}: ${detail.total_steps} steps…`;
   } else {
@@ -152,11 +156,48 @@ function onProgress(event) {
   node.setDirtyCanvas?.(true, false);
 }
 
+// The run's history from its folder (GET /whetstone/run_history): after a browser reload or a reconnect the chart
+// shows the whole curve again, and after the end every point the run wrote.
+const FINISHED = new Set(["completed", "stopped", "failed"]);
+
+async function loadHistory(node) {
+  const chart = node?.whetstoneChart;
+  const run = node?.widgets?.find((w) => w.name === "run_name")?.value;
+  if (!chart || !run) return;
+  let history;
+  try {
+    const response = await api.fetchApi(`/whetstone/run_history?run=${encodeURIComponent(run)}`);
+    if (!response.ok) return; // an invalid name: the node itself says so when queued
+    history = await response.json();
+  } catch (error) {
+    console.warn("whetstone: could not read the run's history", error);
+    return;
+  }
+  if (!history.points?.length) return;
+  if (chart.run === run && chart.points.length > history.points.length) return; // live data is newer
+  chart.run = run;
+  chart.points = history.points.slice(-MAX_POINTS);
+  chart.status.textContent = FINISHED.has(history.state)
+    ? history.message
+    : `step ${history.step} (${history.state || "running"}; history read from the run folder)`;
+  drawChart(chart);
+  node.setDirtyCanvas?.(true, false);
+}
+
+function trainNodes() {
+  return (app.graph?._nodes ?? []).filter((node) => node.type === TRAIN_NODE);
+}
+
 app.registerExtension({
   name: "whetstone.TrainingUI",
 
   async setup() {
     api.addEventListener("whetstone.progress", onProgress);
+    api.addEventListener("reconnected", () => trainNodes().forEach(loadHistory));
+  },
+
+  loadedGraphNode(node) {
+    if (node.type === TRAIN_NODE) loadHistory(node);
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..training.data.stats import read_dataset_stats
+from ..training.engine.quantize import qlora_unavailable
 from ..training.hardware.discovery import discover
 from ..training.hardware.panel import plan_panel
 from ..training.hardware.plan import PlanRequest, make_plan
@@ -82,6 +83,13 @@ class TrainingPlan:
                 ),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, mode):
+        """At queue time: a mode whose backend this Python lacks is refused before anything runs."""
+        if mode == "qlora" and (missing := qlora_unavailable()):
+            return missing
+        return True
 
     def plan(self, model_name, hardware=None, dataset=None, **settings):
         values = check_all(WIDGETS, settings)
