@@ -1,4 +1,4 @@
-"""The per-tier example workflows (workflows/*.json) and the README's tier table, checked without ComfyUI.
+"""The per-tier template workflows (example_workflows/*.json, *.jpg) and the README's tier table, checked without ComfyUI.
 
 Structure: schema-0.4 UI workflows as the frontend saves them. Node types: our pack's (imported as ComfyUI imports
 it) or ComfyUI core's, as pinned from ComfyUI 0.8's /object_info in tests/data/comfyui_object_info.json (rewrite it
@@ -14,16 +14,24 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from test_nodes_support import REPO_ROOT, load_pack
 
-from tools.make_workflows import model_config, predicted_images_per_second
+from tools.make_workflows import (
+    TIER_ORDER,
+    model_config,
+    outputs,
+    predicted_images_per_second,
+    tier_of_template,
+    workflow_path,
+)
 from training.hardware.memory import GIB
 from training.hardware.plan import PlanRequest, make_plan
 from training.hardware.tiers import load_tiers, simulated_profile
 
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
 PINNED = json.loads((REPO_ROOT / "tests" / "data" / "comfyui_object_info.json").read_text(encoding="utf-8"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -98,7 +106,7 @@ def load(path: Path) -> dict:
 
 
 def tier_of(path: Path) -> str:
-    return path.stem.removeprefix("whetstone_")
+    return tier_of_template(path.stem)
 
 
 def nodes_of(workflow: dict, type_: str) -> list[dict]:
@@ -291,7 +299,7 @@ def test_note_shows_the_plan_the_planner_makes(path):
 
 
 def test_cpu_smoke_workflow_plans_one_process_without_gpu():
-    workflow = load(WORKFLOWS_DIR / "whetstone_cpu.json")
+    workflow = load(workflow_path("cpu"))
     plan, widgets = planned(workflow, "cpu")
     assert (plan.world_size, plan.parallelism, plan.compile) == (1, "none", False)
     assert plan.predicted_peak_bytes < plan.budget_bytes
@@ -311,8 +319,8 @@ def test_readme_table_matches_the_planner():
     rows = readme_rows()
     assert set(rows) == set(TIERS)
     for tier_name, row in rows.items():
-        path = WORKFLOWS_DIR / f"whetstone_{tier_name}.json"
-        assert f"(workflows/{path.name})" in row["workflow"]
+        path = workflow_path(tier_name)
+        assert f"(example_workflows/{quote(path.name)})" in row["workflow"]
         plan, widgets = planned(load(path), tier_name)
         config = model_config(widgets["model_name"])
         label = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}[plan.mode]
@@ -398,3 +406,42 @@ def test_note_wording(path):
     assert not re.search(r"\b1 images\b", note) and "entry tier" not in note
     if tier_of(path) == "1x80GB":
         assert "512 px" not in note and "1024²" in note, "the note says the resolution it trains at"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# templates: ComfyUI's browser shows a pack's template by file name (title and description) with <name>.jpg beside it
+
+
+def test_template_names_are_titles_in_tier_order():
+    stems = [path.stem for path in workflow_files()]
+    assert [tier_of_template(stem) for stem in stems] == list(TIER_ORDER), "sorted by name = tier order"
+    for number, stem in enumerate(stems, start=1):
+        assert stem.startswith(f"Whetstone {number} - ")
+        assert not set(stem) & set("#?%&/\\"), f"{stem!r} would break the template URL"
+
+
+def test_every_template_has_its_thumbnail_and_nothing_else_lies_there():
+    from PIL import Image
+
+    files = sorted(WORKFLOWS_DIR.iterdir())
+    assert {path.suffix for path in files} == {".json", ".jpg"}
+    for path in workflow_files():
+        jpg = path.with_suffix(".jpg")
+        with Image.open(jpg) as image:
+            assert image.format == "JPEG" and image.size == (512, 384)
+
+
+def test_committed_templates_are_what_the_generator_writes():
+    """Regenerating changes nothing: JSON byte for byte, thumbnails pixel for pixel within JPEG noise."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for path, content in outputs().items():
+        if path.suffix == ".json" or path.name == "README.md":
+            assert path.read_text(encoding="utf-8") == content, f"{path.name} is stale: python -m tools.make_workflows"
+            continue
+        with Image.open(path) as committed, Image.open(io.BytesIO(content)) as generated:
+            difference = np.abs(np.asarray(committed, np.int16) - np.asarray(generated, np.int16)).mean()
+        assert difference < 2.0, f"{path.name} is stale: python -m tools.make_workflows"
