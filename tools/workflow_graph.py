@@ -162,8 +162,11 @@ TEXT_LINE_HEIGHT = 13
 TEXT_MAX_HEIGHT = 260  # the panel scrolls beyond this (js/whetstone.js TEXT_MAX_HEIGHT)
 DOM_MARGIN = 10
 CHART_HEIGHT = 190
-#: The most lines a text panel fills after a run when the text is not known here (pack and train reports).
-REPORT_LINES = 8
+#: Lines that fill a text panel to its maximum height: what the layout reserves for reports whose length is not
+#: known here (pack and train); they wrap at the node's width (js/whetstone.js), so they never widen it.
+REPORT_LINES = 20
+#: The Load Trained LoRA report: one line, wrapped at the node's width.
+LORA_REPORT_LINES = 4
 #: Sockets a node may gain without moving its neighbours (room for one more input or output row).
 SPARE_SLOTS = 1
 
@@ -308,7 +311,7 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
 
 def _sampling_nodes(g: Graph, tier_name: str, job: Job, run_name: str) -> dict[str, dict]:
     """The trained LoRA on the base model, both prompts, the latent, KSampler, decode and save."""
-    lora_height = node_height(2, 2, text_panel_height(2))
+    lora_height = node_height(2, 2, text_panel_height(LORA_REPORT_LINES))
     return {
         "lora": g.node(
             "WhetstoneLoadTrainedLoRA", (420, lora_height), [f"{run_name}.safetensors", 1.0],
