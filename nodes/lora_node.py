@@ -56,10 +56,12 @@ class LoadTrainedLoRA:
             received = input_types.get(name)
             if received is not None and received not in (expected, "*"):
                 return f"{name} is linked to a {received} output; it needs {expected}"
+        if lora_name is not None and (
+            not isinstance(lora_name, str) or ".." in lora_name or lora_name.startswith(("/", "\\"))
+        ):
+            return f"lora_name={lora_name!r} must be a name from the loras list"
         if "run" in input_types:
             return True
-        if not isinstance(lora_name, str) or ".." in lora_name or lora_name.startswith(("/", "\\")):
-            return f"lora_name={lora_name!r} must be a name from the loras list"
         if not lora_name:
             return "lora_name: no LoRA chosen; pick one from the loras list or link a Train run to `run`"
         if lora_name not in comfy_bridge.list_files(comfy_bridge.LORAS_FOLDER):
