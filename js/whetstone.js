@@ -12,6 +12,10 @@ const TEXT_NODES = new Set([
   "WhetstoneLoadTrainedLoRA",
 ]);
 const TRAIN_NODE = "WhetstoneTrain";
+// The plan's table keeps its columns (the node is sized for it, and widens to its longest line); every other panel
+// wraps its lines, long paths included, so it never grows sideways into its neighbours.
+const TABLE_NODES = new Set(["WhetstoneTrainingPlan"]);
+const CHAR_WIDTH = 6.1; // 10 px monospace, rounded up
 const MAX_POINTS = 5000;
 const TEXT_LINE_HEIGHT = 13; // 10 px font, line-height 1.3
 const TEXT_MAX_HEIGHT = 260;
@@ -37,31 +41,37 @@ function addPanel(node, name, element, minHeight) {
   return widget;
 }
 
-function addTextPanel(node) {
+function addTextPanel(node, wrap) {
   const pre = document.createElement("pre");
   pre.className = "whetstone-text";
   Object.assign(pre.style, {
-    margin: "0", padding: "4px", fontSize: "10px", lineHeight: "1.3", whiteSpace: "pre", overflow: "auto",
+    margin: "0", padding: "4px", fontSize: "10px", lineHeight: "1.3", overflow: "auto",
+    whiteSpace: wrap ? "pre-wrap" : "pre", overflowWrap: wrap ? "anywhere" : "normal",
     color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)", maxHeight: `${TEXT_MAX_HEIGHT}px`,
   });
-  addPanel(node, "whetstone_text", pre, () => textPanelHeight(pre));
+  addPanel(node, "whetstone_text", pre, () => textPanelHeight(node, pre, wrap));
   node.whetstoneText = pre;
+  node.whetstoneWrap = wrap;
 }
 
-// The frontend gives a DOM widget its min height less a 10 px margin above and below; the text needs its lines,
-// the padding and room for a horizontal scrollbar (long plan reasons), up to the <pre>'s max height. No text yet:
-// no empty box.
-function textPanelHeight(pre) {
+// The frontend gives a DOM widget its min height less a 10 px margin above and below; the text needs its lines
+// (wrapped at the node's width when the panel wraps), the padding and room for a horizontal scrollbar, up to the
+// <pre>'s max height. No text yet: no empty box.
+function textPanelHeight(node, pre, wrap) {
   if (!pre.textContent) return 2 * DOM_WIDGET_MARGIN;
-  const lines = pre.textContent.split("\n").length;
+  const perLine = Math.max(1, Math.floor((node.size[0] - 2 * DOM_WIDGET_MARGIN - 8) / CHAR_WIDTH));
+  const lines = pre.textContent.split("\n")
+    .reduce((count, line) => count + (wrap ? Math.max(1, Math.ceil(line.length / perLine)) : 1), 0);
   return Math.min(TEXT_MAX_HEIGHT, lines * TEXT_LINE_HEIGHT + 8 + 16) + 2 * DOM_WIDGET_MARGIN;
 }
 
-// Grow (never shrink) the node so a text that just arrived is visible.
+// Grow (never shrink) the node so a text that just arrived is visible; a table also widens to its longest line.
 function fitNodeToContent(node) {
   const needed = node.computeSize?.();
   if (!needed) return;
-  node.setSize?.([Math.max(node.size[0], needed[0]), Math.max(node.size[1], needed[1])]);
+  const table = node.whetstoneText && !node.whetstoneWrap;
+  const textWidth = table ? node.whetstoneText.scrollWidth + 2 * DOM_WIDGET_MARGIN : 0;
+  node.setSize?.([Math.max(node.size[0], needed[0], textWidth), Math.max(node.size[1], needed[1])]);
   node.setDirtyCanvas?.(true, true);
 }
 
@@ -142,7 +152,10 @@ function onProgress(event) {
     if (chart.points.length > MAX_POINTS) chart.points.splice(0, chart.points.length - MAX_POINTS);
   }
   if (detail.kind === "end") {
-    chart.status.textContent = `${detail.state}: ${detail.message || ""} (${detail.run})`;
+    chart.status.textContent = detail.message || detail.state;
+    loadHistory(node, true); // every point the run wrote, including any sent while the page was away
+  } else if (detail.kind === "stopping") {
+    chart.status.textContent = detail.message || "stopping…";
   } else if (detail.kind === "start") {
     chart.status.textContent = `starting ${detail.run}: ${detail.total_steps} steps…`;
   } else {
@@ -152,11 +165,50 @@ function onProgress(event) {
   node.setDirtyCanvas?.(true, false);
 }
 
+// The run's history from its folder (GET /whetstone/run_history): after a browser reload or a reconnect the chart
+// shows the whole curve again, and after the end every point the run wrote.
+const FINISHED = new Set(["completed", "stopped", "failed"]);
+
+async function loadHistory(node, keepStatus = false) {
+  const chart = node?.whetstoneChart;
+  const run = node?.widgets?.find((w) => w.name === "run_name")?.value;
+  if (!chart || !run) return;
+  let history;
+  try {
+    const response = await api.fetchApi(`/whetstone/run_history?run=${encodeURIComponent(run)}`);
+    if (!response.ok) return; // an invalid name: the node itself says so when queued
+    history = await response.json();
+  } catch (error) {
+    console.warn("whetstone: could not read the run's history", error);
+    return;
+  }
+  if (!history.points?.length) return;
+  if (chart.run === run && chart.points.length > history.points.length) return; // live data is newer
+  chart.run = run;
+  chart.points = history.points.slice(-MAX_POINTS);
+  if (!keepStatus) {
+    chart.status.textContent = FINISHED.has(history.state)
+      ? history.message
+      : `step ${history.step} (${history.state || "running"}; history read from the run folder)`;
+  }
+  drawChart(chart);
+  node.setDirtyCanvas?.(true, false);
+}
+
+function trainNodes() {
+  return (app.graph?._nodes ?? []).filter((node) => node.type === TRAIN_NODE);
+}
+
 app.registerExtension({
   name: "whetstone.TrainingUI",
 
   async setup() {
     api.addEventListener("whetstone.progress", onProgress);
+    api.addEventListener("reconnected", () => trainNodes().forEach(loadHistory));
+  },
+
+  loadedGraphNode(node) {
+    if (node.type === TRAIN_NODE) loadHistory(node);
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -165,7 +217,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       if (nodeData.name === TRAIN_NODE) addChartPanel(this);
-      addTextPanel(this);
+      addTextPanel(this, !TABLE_NODES.has(nodeData.name));
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;

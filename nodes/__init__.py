@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import comfy_bridge
+from . import comfy_bridge, run_history
 from .hardware_node import HardwareProfile
 from .lora_node import LoadTrainedLoRA
 from .pack_node import PackDataset
@@ -30,5 +30,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 
 
 def register_with_comfyui() -> None:
-    """Register the whetstone_datasets / whetstone_runs folders with folder_paths; a no-op outside ComfyUI."""
+    """Register the whetstone_datasets / whetstone_runs folders and the chart's history route; no-op outside ComfyUI."""
     comfy_bridge.register_folders()
+    comfy_bridge.add_get_route(run_history.ROUTE, run_history.respond)

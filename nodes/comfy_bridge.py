@@ -129,6 +129,20 @@ def send_event(event: str, data: dict) -> None:
     server.send_sync(event, data, server.client_id)
 
 
+def add_get_route(path: str, respond) -> None:
+    """Serve ``GET path`` from ComfyUI's server: ``respond(query) -> (status, JSON body)``; a no-op outside ComfyUI."""
+    if not comfyui_present():
+        return
+    from aiohttp import web
+    from server import PromptServer
+
+    async def handler(request):
+        status, body = respond(dict(request.rel_url.query))
+        return web.json_response(body, status=status)
+
+    PromptServer.instance.routes.get(path)(handler)
+
+
 def unload_models() -> None:
     """Unload every model ComfyUI holds and empty the CUDA cache, so a plan measures free VRAM for training."""
     if not comfyui_present():

@@ -47,12 +47,28 @@ class LoadTrainedLoRA:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name):
-        # Replaces the combo check: a linked run makes lora_name unused, so an empty loras list must not fail.
-        if lora_name is None or lora_name == "":
-            return True
-        if not isinstance(lora_name, str) or ".." in lora_name or lora_name.startswith(("/", "\\")):
+    def VALIDATE_INPUTS(cls, lora_name, input_types):
+        """At queue time: lora_name must be in the loras list unless a Train run is linked (then it is unused).
+
+        Taking ``input_types`` replaces ComfyUI's link type checks for this node, so they are done here.
+        """
+        for name, expected in (("model", "MODEL"), ("run", RUN_TYPE)):
+            received = input_types.get(name)
+            if received is not None and received not in (expected, "*"):
+                return f"{name} is linked to a {received} output; it needs {expected}"
+        if lora_name is not None and (
+            not isinstance(lora_name, str) or ".." in lora_name or lora_name.startswith(("/", "\\"))
+        ):
             return f"lora_name={lora_name!r} must be a name from the loras list"
+        if "run" in input_types:
+            return True
+        if not lora_name:
+            return "lora_name: no LoRA chosen; pick one from the loras list or link a Train run to `run`"
+        if lora_name not in comfy_bridge.list_files(comfy_bridge.LORAS_FOLDER):
+            return (
+                f"lora_name {lora_name!r} is not in the loras folder; pick one from the list, or link a Train run "
+                "to `run` to use the LoRA it trains"
+            )
         return True
 
     def load(self, model, lora_name, strength, run=None):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from ..training.data.stats import read_dataset_stats
+from ..training.engine.quantize import qlora_unavailable
 from ..training.hardware.discovery import discover
+from ..training.hardware.panel import plan_panel
 from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
@@ -82,6 +84,13 @@ class TrainingPlan:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, mode):
+        """At queue time: a mode whose backend this Python lacks is refused before anything runs."""
+        if mode == "qlora" and (missing := qlora_unavailable()):
+            return missing
+        return True
+
     def plan(self, model_name, hardware=None, dataset=None, **settings):
         values = check_all(WIDGETS, settings)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
@@ -100,8 +109,8 @@ class TrainingPlan:
             caption_percentile=CAPTION_LENGTHS[values["caption_length"]],
         )
         training_plan = make_plan(request, profile, tier)
-        table = training_plan.table()
-        logger.info("%s", table)
+        logger.info("%s", training_plan.table())
+        table = plan_panel(training_plan)
         return {"ui": {"text": [table]}, "result": (training_plan, table)}
 
     @staticmethod

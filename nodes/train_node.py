@@ -78,6 +78,24 @@ def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_
     )
 
 
+def finished_text(state: str, message: str, run_name: str, lora_name: str) -> str:
+    """How a run ended, in words (the engine's message starts with the state): for a stop, what was saved and how
+    to resume."""
+    if state == "completed":
+        return f"{message}; LoRA {lora_name} saved in loras"
+    if state == "stopped":
+        return (
+            f"{message}: the LoRA so far ({lora_name}) and a resumable checkpoint are saved; queue again with resume "
+            f"on and run_name {run_name!r} to continue"
+        )
+    return f"failed: {message}"
+
+
+def stopping_text(step: int | None) -> str:
+    at = f" step {step}" if step is not None else " the current step"
+    return f"Stopping… finishing{at}, then saving the LoRA and a resumable checkpoint."
+
+
 def refuse_if_running(run_dir: Path) -> None:
     """Two trainings in one run folder would corrupt it: refuse while the recorded process is alive."""
     status = read_json_file(run_dir / STATUS_FILE) or {}
@@ -105,6 +123,7 @@ class Progress:
         self.total_steps = total_steps
         self.bar = comfy_bridge.progress_bar(total_steps, node_id=node_id)
         self.first_time: tuple[int, float] | None = None
+        self.last_step: int | None = None
 
     def send(self, kind: str, **data) -> None:
         comfy_bridge.send_event(PROGRESS_EVENT, {"node": self.node_id, "run": self.run_name, "kind": kind, **data})
@@ -112,6 +131,7 @@ class Progress:
     def update(self, events: list[dict]) -> None:
         last = events[-1]
         step = last["step"]
+        self.last_step = step
         self.bar.update_absolute(min(step, self.total_steps), self.total_steps)
         self.send(
             "progress",
@@ -146,6 +166,7 @@ def follow(process: EngineProcess, progress: Progress, poll_seconds: float = POL
     try:
         while process.running():
             if comfy_bridge.interrupt_requested():
+                progress.send("stopping", message=stopping_text(progress.last_step))
                 process.request_stop()
                 process.wait(STOP_TIMEOUT_SECONDS)
                 return True
@@ -195,6 +216,15 @@ class Train:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, run_name):
+        """At queue time, before Pack and Plan run: a run name that cannot be a folder and file name."""
+        try:
+            paths.check_name(run_name, "run_name")
+        except paths.PathRefused as error:
+            return str(error)
+        return True
+
     def train(self, plan, dataset, model_name, unique_id=None, **settings):
         values = check_all(WIDGETS, settings)
         run_name = paths.check_name(values["run_name"], "run_name")
@@ -213,7 +243,8 @@ class Train:
         process.start()
         interrupted = follow(process, progress)
         result = outcome(run_dir, process.wait(STOP_TIMEOUT_SECONDS))
-        progress.send("end", state=result.state, message=result.message)
+        ended = finished_text(result.state, result.message, run_name, lora_path.name)
+        progress.send("end", state=result.state, message=ended)
         if interrupted:
             logger.info("training %s stopped by the user: %s", run_name, result.message)
             comfy_bridge.raise_if_interrupted()
@@ -223,5 +254,5 @@ class Train:
         run = RunRef(
             run_dir=run_dir, lora_path=lora_path, lora_name=lora_path.name, state=result.state, summary=summary
         )
-        report = f"{result.state}: {result.message}\nrun folder: {run_dir}\nLoRA: {lora_path}"
+        report = f"{ended}\nrun folder: {run_dir}\nLoRA: {lora_path}"
         return {"ui": {"text": [report]}, "result": (run, lora_path.name, report)}

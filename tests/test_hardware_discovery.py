@@ -70,6 +70,9 @@ def test_missing_nvml_falls_back(monkeypatch, tmp_path):
     profile = discover(output_dir=tmp_path)
     assert profile.source in ("torch", "none")
     assert any("NVML unavailable" in note for note in profile.notes)
+    assert not any("Error" in note or "nvmlInit" in note for note in profile.notes), profile.notes
+    if profile.source == "none":
+        assert any(note.startswith("No NVIDIA GPU") and "on the CPU" in note for note in profile.notes)
     assert HardwareProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
 
 
@@ -151,3 +154,20 @@ def test_ram_is_capped_by_the_container_limit(tmp_path, monkeypatch):
     assert discovery.cgroup_memory_limit([str(limit)]) is None
     monkeypatch.setattr(discovery, "cgroup_memory_limit", lambda: 2 * GIB)
     assert discovery._ram_bytes() == 2 * GIB
+
+
+def test_cpu_machine_note_names_no_exception(monkeypatch, tmp_path):
+    """NVML's library missing on a CPU machine is expected: the note says so in words, without a RuntimeError."""
+    from training.hardware import discovery
+
+    def no_library():
+        raise RuntimeError("nvmlInit failed: NVML Shared Library Not Found")
+
+    monkeypatch.setattr(discovery, "_nvml_gpus", no_library)
+    monkeypatch.setattr(discovery, "_torch_gpus", lambda: ([], "none", 0, False))
+    profile = discover(output_dir=tmp_path)
+    assert profile.source == "none"
+    assert profile.notes == (
+        "No NVIDIA GPU: NVML unavailable (NVML Shared Library Not Found) and torch sees no CUDA device, so training "
+        "runs on the CPU",
+    )

@@ -106,7 +106,8 @@ def test_node_uses_the_linked_run_and_confines_its_path(comfy, tmp_path):
 
 @pytest.mark.parametrize("name", ["../secret.safetensors", "/etc/passwd"])
 def test_validate_inputs_refuses_paths_in_lora_name(name):
-    assert lora_node.LoadTrainedLoRA.VALIDATE_INPUTS(name) != True  # noqa: E712 (ComfyUI wants True or a message)
+    assert lora_node.LoadTrainedLoRA.VALIDATE_INPUTS(name, {}) != True  # noqa: E712 (ComfyUI wants True or a message)
+    assert lora_node.LoadTrainedLoRA.VALIDATE_INPUTS(name, {"run": "WHETSTONE_RUN"}) != True  # noqa: E712
 
 
 def test_strength_outside_range_is_refused(comfy):

@@ -54,7 +54,8 @@ def test_plan_for_a_tier_shows_the_table(comfy):
     plan, table = output["result"]
     assert output["ui"]["text"] == [table]
     assert plan.tier == "1x24GB" and plan.world_size == 1
-    assert "micro_batch" in table
+    assert "micro-batch per GPU" in table and "memory budget" in table, "human labels"
+    assert "micro_batch" not in table and "budget_bytes" not in table, "no engine field names"
 
 
 def test_plan_measured_without_hardware_says_what_to_link(comfy):

@@ -1,4 +1,4 @@
-"""The per-tier example workflows (workflows/*.json) and the README's tier table, checked without ComfyUI.
+"""The per-tier template workflows (example_workflows/*.json, *.jpg) and the README's tier table, checked without ComfyUI.
 
 Structure: schema-0.4 UI workflows as the frontend saves them. Node types: our pack's (imported as ComfyUI imports
 it) or ComfyUI core's, as pinned from ComfyUI 0.8's /object_info in tests/data/comfyui_object_info.json (rewrite it
@@ -14,16 +14,24 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from test_nodes_support import REPO_ROOT, load_pack
 
-from tools.make_workflows import model_config, predicted_images_per_second
+from tools.make_workflows import (
+    TIER_ORDER,
+    model_config,
+    outputs,
+    predicted_images_per_second,
+    tier_of_template,
+    workflow_path,
+)
 from training.hardware.memory import GIB
 from training.hardware.plan import PlanRequest, make_plan
 from training.hardware.tiers import load_tiers, simulated_profile
 
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
 PINNED = json.loads((REPO_ROOT / "tests" / "data" / "comfyui_object_info.json").read_text(encoding="utf-8"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -98,7 +106,7 @@ def load(path: Path) -> dict:
 
 
 def tier_of(path: Path) -> str:
-    return path.stem.removeprefix("whetstone_")
+    return tier_of_template(path.stem)
 
 
 def nodes_of(workflow: dict, type_: str) -> list[dict]:
@@ -291,7 +299,7 @@ def test_note_shows_the_plan_the_planner_makes(path):
 
 
 def test_cpu_smoke_workflow_plans_one_process_without_gpu():
-    workflow = load(WORKFLOWS_DIR / "whetstone_cpu.json")
+    workflow = load(workflow_path("cpu"))
     plan, widgets = planned(workflow, "cpu")
     assert (plan.world_size, plan.parallelism, plan.compile) == (1, "none", False)
     assert plan.predicted_peak_bytes < plan.budget_bytes
@@ -311,8 +319,8 @@ def test_readme_table_matches_the_planner():
     rows = readme_rows()
     assert set(rows) == set(TIERS)
     for tier_name, row in rows.items():
-        path = WORKFLOWS_DIR / f"whetstone_{tier_name}.json"
-        assert f"(workflows/{path.name})" in row["workflow"]
+        path = workflow_path(tier_name)
+        assert f"(example_workflows/{quote(path.name)})" in row["workflow"]
         plan, widgets = planned(load(path), tier_name)
         config = model_config(widgets["model_name"])
         label = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}[plan.mode]
@@ -323,3 +331,117 @@ def test_readme_table_matches_the_planner():
         assert row["predicted peak"] == f"{peak:.1f} GiB of {budget:.1f} GiB"
         speed = predicted_images_per_second(plan, tier_name, config)
         assert row["throughput"] == ("—" if speed is None else f"{speed:.2f} img/s (predicted)"), row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# layout, models, wording
+
+TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its pos
+LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
+MODEL_FILE_KEYS = {"name", "url", "hash", "hash_type", "directory"}  # the frontend's zModelFile
+
+
+def rectangles(workflow: dict) -> dict[int, tuple[float, float, float, float]]:
+    return {
+        node["id"]: (node["pos"][0], node["pos"][1] - TITLE_HEIGHT, node["pos"][0] + node["size"][0],
+                     node["pos"][1] + node["size"][1])
+        for node in workflow["nodes"]
+    }  # fmt: skip
+
+
+@WORKFLOW_PARAMS
+def test_no_two_nodes_overlap(path):
+    boxes = rectangles(load(path))
+    ids = sorted(boxes)
+    for index, a in enumerate(ids):
+        for b in ids[index + 1 :]:
+            (l1, t1, r1, b1), (l2, t2, r2, b2) = boxes[a], boxes[b]
+            assert r1 <= l2 or r2 <= l1 or b1 <= t2 or b2 <= t1, f"{path.name}: nodes {a} and {b} overlap"
+
+
+@WORKFLOW_PARAMS
+def test_plan_node_is_sized_for_its_panel_text(path):
+    """The plan panel's text (as the node shows it after a run) fits the saved size: nothing grows into a neighbour."""
+    from tools.workflow_graph import node_height, text_panel_height, text_panel_width
+    from training.hardware.panel import plan_panel
+
+    workflow = load(path)
+    plan, _ = planned(workflow, tier_of(path))
+    lines = plan_panel(plan).split("\n")
+    node = only(workflow, "WhetstoneTrainingPlan")
+    assert node["size"][0] >= text_panel_width(max(map(len, lines)))
+    widgets = len(DEFS["WhetstoneTrainingPlan"].widgets())
+    slots = max(len(node["inputs"]), len(node["outputs"]))
+    assert node["size"][1] >= node_height(slots, widgets, text_panel_height(len(lines)))
+
+
+@WORKFLOW_PARAMS
+def test_loaders_declare_the_models_they_need(path):
+    """Each loader of a downloadable model names it for the missing-models dialog (name, url, directory)."""
+    workflow = load(path)
+    declared = 0
+    for node in workflow["nodes"]:
+        if node["type"] not in LOADER_FOLDERS:
+            assert "models" not in node["properties"], f"{node['type']} declares models"
+            continue
+        file_name = node["widgets_values"][0]
+        models = node["properties"].get("models", [])
+        if file_name.startswith("z_image_smoke"):
+            assert models == [], "the smoke model is made locally (tools/make_smoke_model.py), not downloaded"
+            continue
+        assert len(models) == 1, f"{node['type']} declares {models}"
+        (model,) = models
+        assert set(model) <= MODEL_FILE_KEYS
+        assert model["name"] == file_name, "the frontend only offers models named in the node's widgets"
+        assert model["directory"] == LOADER_FOLDERS[node["type"]]
+        assert model["url"].startswith("https://huggingface.co/Comfy-Org/")
+        assert model["url"].endswith(f"/resolve/main/split_files/{model['directory']}/{file_name}")
+        declared += 1
+    assert declared == (2 if tier_of(path) == "cpu" else 3)
+
+
+@WORKFLOW_PARAMS
+def test_note_wording(path):
+    note = note_table(load(path)) and only(load(path), "MarkdownNote")["widgets_values"][0]
+    assert not re.search(r"\b1 images\b", note) and "entry tier" not in note
+    if tier_of(path) == "1x80GB":
+        assert "512 px" not in note and "1024²" in note, "the note says the resolution it trains at"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# templates: ComfyUI's browser shows a pack's template by file name (title and description) with <name>.jpg beside it
+
+
+def test_template_names_are_titles_in_tier_order():
+    stems = [path.stem for path in workflow_files()]
+    assert [tier_of_template(stem) for stem in stems] == list(TIER_ORDER), "sorted by name = tier order"
+    for number, stem in enumerate(stems, start=1):
+        assert stem.startswith(f"Whetstone {number} - ")
+        assert not set(stem) & set("#?%&/\\"), f"{stem!r} would break the template URL"
+
+
+def test_every_template_has_its_thumbnail_and_nothing_else_lies_there():
+    from PIL import Image
+
+    files = sorted(WORKFLOWS_DIR.iterdir())
+    assert {path.suffix for path in files} == {".json", ".jpg"}
+    for path in workflow_files():
+        jpg = path.with_suffix(".jpg")
+        with Image.open(jpg) as image:
+            assert image.format == "JPEG" and image.size == (512, 384)
+
+
+def test_committed_templates_are_what_the_generator_writes():
+    """Regenerating changes nothing: JSON byte for byte, thumbnails pixel for pixel within JPEG noise."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for path, content in outputs().items():
+        if path.suffix == ".json" or path.name == "README.md":
+            assert path.read_text(encoding="utf-8") == content, f"{path.name} is stale: python -m tools.make_workflows"
+            continue
+        with Image.open(path) as committed, Image.open(io.BytesIO(content)) as generated:
+            difference = np.abs(np.asarray(committed, np.int16) - np.asarray(generated, np.int16)).mean()
+        assert difference < 2.0, f"{path.name} is stale: python -m tools.make_workflows"

@@ -1,7 +1,8 @@
-"""Write the per-tier example workflows (``workflows/whetstone_<tier>.json``) and the README's tier table.
+"""Write the per-tier template workflows (``example_workflows/<title>.json`` and ``.jpg``) and the README's tier table.
 
 Run from the repository root after a planner or tier change: ``python -m tools.make_workflows`` (``--check`` only
-reports files that are out of date). Each workflow is a UI-format (schema 0.4) ComfyUI workflow that packs an image
+reports files that are out of date). ComfyUI's template browser shows a custom pack's template by its file name (title
+and description), ``<name>.jpg`` as its thumbnail, and sorts them by name: the names are numbered in tier order. Each workflow is a UI-format (schema 0.4) ComfyUI workflow that packs an image
 folder, plans for its tier, trains, loads the LoRA into Z-Image-Base and samples one image, with a note giving the
 plan's numbers. The numbers come from the planner for the tier's simulated hardware, exactly as the Training Plan
 node computes them when its ``tier`` widget names that tier; ``tests/test_workflows.py`` checks that they still do.
@@ -15,17 +16,20 @@ import math
 import sys
 import textwrap
 from pathlib import Path
+from urllib.parse import quote
 
 from training.hardware.memory import GIB
+from training.hardware.panel import plan_panel
 from training.hardware.plan import PlanRequest, TrainingPlan, make_plan
 from training.hardware.tiers import Tier, load_tiers, simulated_profile
 from training.model.config import PRESETS, ZImageConfig
 from training.model.flops import image_tokens_for, training_flops
 
+from .template_thumbnail import thumbnail
 from .workflow_graph import TEXT_ENCODER, VAE, Job, render, tier_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS_DIR = ROOT / "workflows"
+WORKFLOWS_DIR = ROOT / "example_workflows"  # the folder name ComfyUI's template browser looks for first
 README = ROOT / "README.md"
 README_HEADING = "## Tier workflows"
 #: The smallest Z-Image ComfyUI's loaders recognise (dim 3840, one main block, two refiners of each kind), random
@@ -139,6 +143,14 @@ def _describe(job: Job) -> str:
     return request.describe()
 
 
+def _pack_at_least(images: int) -> str:
+    noun = "image" if images == 1 else "images"
+    return (
+        f"Pack at least {images} {noun} (one global batch); the GPUs split the samples of any shard set, so packing "
+        "does not depend on the GPU count."
+    )
+
+
 def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
     facts = plan_facts(plan, tier.name, job)
     rows = "\n".join(f"| {key} | {value} |" for key, value in facts.items())
@@ -166,8 +178,7 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
         f"micro-batch fits the {facts['budget']} budget {per_gpu}; the peak is `max_memory_allocated`.",
         f"- **{steps} steps** see about {steps * plan.global_batch} images; LoRA and a resumable checkpoint every "
         f"{job.save_every} steps. The seed has no randomize control, so queueing again resumes instead of retraining.",
-        f"- Pack at least {plan.global_batch} images (one global batch); the GPUs split the samples of any shard "
-        "set, so packing does not depend on the GPU count.",
+        f"- {_pack_at_least(plan.global_batch)}",
         f"- {speed_line}",
         "- To plan for the machine you are on instead, add Hardware Profile, link it to the plan's `hardware` input "
         "and set `tier` to `measured (hardware input)`.",
@@ -192,11 +203,42 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
 def build_workflow(tier: Tier, job: Job) -> dict:
     plan = plan_for(tier, job)
     steps = steps_for(plan, job)
-    return tier_workflow(tier.name, tier.target_global_batch, job, steps, note_text(tier, plan, job, steps))
+    note = note_text(tier, plan, job, steps)
+    return tier_workflow(tier.name, tier.target_global_batch, job, steps, note, plan_panel(plan))
+
+
+def template_name(tier_name: str) -> str:
+    """The template's file stem, which ComfyUI shows as its title: number (tier order), tier, what it trains."""
+    number = TIER_ORDER.index(tier_name) + 1
+    if tier_name == "cpu":
+        return f"Whetstone {number} - cpu - smoke test without a GPU (tiny random model)"
+    job = JOBS[tier_name]
+    trains = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tune"}[job.mode]
+    return f"Whetstone {number} - {tier_name} - {trains} r{job.lora_rank} at {job.resolution}px"
+
+
+def tier_of_template(stem: str) -> str:
+    return stem.split(" - ")[1]
 
 
 def workflow_path(tier_name: str) -> Path:
-    return WORKFLOWS_DIR / f"whetstone_{tier_name}.json"
+    return WORKFLOWS_DIR / f"{template_name(tier_name)}.json"
+
+
+def thumbnail_path(tier_name: str) -> Path:
+    return WORKFLOWS_DIR / f"{template_name(tier_name)}.jpg"
+
+
+def thumbnail_for(tier: Tier, job: Job, workflow: dict) -> bytes:
+    row = readme_row(tier, job)
+    lines = [
+        row["trains"],
+        f"micro-batch {row['micro-batch']}, {row['checkpoint depth']} checkpointed",
+        f"predicted peak {row['predicted peak']}",
+        f"throughput {row['throughput']}" if row["throughput"] != "—" else "CPU: tens of seconds per step",
+    ]
+    ascii_lines = [line.replace("²", "px").replace(" × ", " x ") for line in lines]  # the default font's glyphs
+    return thumbnail(workflow, tier.name, ascii_lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,7 +255,7 @@ def readme_row(tier: Tier, job: Job) -> dict[str, str]:
     speed = facts["throughput (predicted)"]
     return {
         "tier": tier.name,
-        "workflow": f"[{workflow_path(tier.name).name}](workflows/{workflow_path(tier.name).name})",
+        "workflow": f"[{workflow_path(tier.name).stem}]({WORKFLOWS_DIR.name}/{quote(workflow_path(tier.name).name)})",
         "trains": f"{trains} r{plan.lora_rank} at {plan.resolution[0]}², {_where(tier, plan)}",
         "micro-batch": f"{plan.micro_batch} × {plan.grad_accum} accum = {plan.global_batch}",
         "checkpoint depth": facts["checkpoint depth"],
@@ -234,8 +276,8 @@ def readme_section(tiers: dict[str, Tier]) -> str:
     header = ("tier", "workflow", *README_COLUMNS)
     rows = [readme_row(tiers[name], JOBS[name]) for name in TIER_ORDER]
     intro = (
-        "One workflow per GPU tier in `workflows/` (Workflow → Browse Templates → ComfyUI-Whetstone, or drag the file "
-        "into ComfyUI). Each packs `input/my_images` (CPU: `input/whetstone_smoke_images`), plans for its tier, trains, loads the LoRA into Z-Image-Base and "
+        "One workflow per GPU tier in `example_workflows/` (Workflow → Browse Templates → Extensions → "
+        "ComfyUI-Whetstone, or drag the file into ComfyUI), numbered in tier order, each with a thumbnail. Each packs `input/my_images` (CPU: `input/whetstone_smoke_images`), plans for its tier, trains, loads the LoRA into Z-Image-Base and "
         "samples one image; its note explains the choices. The numbers below are the planner's for the tier's "
         "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "
         f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak: none of these exact tier settings "
@@ -263,31 +305,44 @@ def readme_with_section(readme: str, section: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def outputs() -> dict[Path, str]:
+def outputs() -> dict[Path, str | bytes]:
     tiers = load_tiers()
     if set(tiers) != set(JOBS):
         raise ValueError(f"tiers {sorted(tiers)} and JOBS {sorted(JOBS)} differ: add a Job for every tier file")
-    files = {workflow_path(name): render(build_workflow(tiers[name], JOBS[name])) for name in TIER_ORDER}
+    files: dict[Path, str | bytes] = {}
+    for name in TIER_ORDER:
+        workflow = build_workflow(tiers[name], JOBS[name])
+        files[workflow_path(name)] = render(workflow)
+        files[thumbnail_path(name)] = thumbnail_for(tiers[name], JOBS[name], workflow)
     files[README] = readme_with_section(README.read_text(encoding="utf-8"), readme_section(tiers))
     return files
+
+
+def _current(path: Path, content: str | bytes) -> bool:
+    if not path.is_file():
+        return False
+    return path.read_bytes() == content if isinstance(content, bytes) else path.read_text(encoding="utf-8") == content
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only list files that are out of date; exit 1 if any")
     args = parser.parse_args(argv)
-    stale = []
-    for path, text in outputs().items():
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            continue
-        stale.append(path)
-        if not args.check:
+    files = outputs()
+    stale = [path for path, content in files.items() if not _current(path, content)]
+    leftovers = [p for p in WORKFLOWS_DIR.glob("*") if p.suffix in (".json", ".jpg") and p not in files]
+    if not args.check:
+        for path in stale:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-    verb = "out of date" if args.check else "written"
+            content = files[path]
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
+        for path in leftovers:
+            path.unlink()
     for path in stale:
-        print(f"{verb}: {path.relative_to(ROOT)}")
-    return 1 if args.check and stale else 0
+        print(f"{'out of date' if args.check else 'written'}: {path.relative_to(ROOT)}")
+    for path in leftovers:
+        print(f"{'not generated' if args.check else 'removed'}: {path.relative_to(ROOT)}")
+    return 1 if args.check and (stale or leftovers) else 0
 
 
 if __name__ == "__main__":

@@ -7,15 +7,32 @@ image; ``tools.make_workflows`` supplies the job, the step count and the note, a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 PACK_VERSION = "0.1.0"
 COMFY_VERSION = "0.8.0"
 
-BASE_MODEL = "z_image_base_bf16.safetensors"
+BASE_MODEL = "z_image_bf16.safetensors"  # Comfy-Org's name for Z-Image-Base in bf16
 TEXT_ENCODER = "qwen_3_4b.safetensors"
 VAE = "ae.safetensors"
 CLIP_TYPE = "lumina2"  # ComfyUI 0.8 loads Qwen3-4B as Z-Image's text encoder under this CLIPLoader type
+
+#: Where each model file comes from and the ComfyUI models folder it goes in: the loaders' ``properties.models``,
+#: which the frontend's missing-models dialog offers to download (``zModelFile``: name, url, directory). The text
+#: encoder and VAE URLs are those of ComfyUI's own Z-Image template (comfyui_workflow_templates, image_z_image_turbo);
+#: the Base diffusion model is Comfy-Org's repackaged Z-Image repository.
+MODEL_FILES = {
+    BASE_MODEL: (
+        "diffusion_models",
+        "https://huggingface.co/Comfy-Org/z_image/resolve/main/split_files/diffusion_models/z_image_bf16.safetensors",
+    ),
+    TEXT_ENCODER: (
+        "text_encoders",
+        "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors",
+    ),
+    VAE: ("vae", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors"),
+}
 
 
 @dataclass(frozen=True)
@@ -53,11 +70,12 @@ class Graph:
         self.nodes: list[dict] = []
         self.links: list[list] = []
 
-    def node(self, type_: str, pos, size, widgets, *, inputs=(), outputs=(), title=None, ours=False) -> dict:
+    def node(self, type_: str, size, widgets, *, inputs=(), outputs=(), title=None, ours=False) -> dict:
+        """A node of ``size`` (its largest: after a run has filled its text panels); ``layout`` places it."""
         node = {
             "id": len(self.nodes) + 1,
             "type": type_,
-            "pos": list(pos),
+            "pos": [0, 0],
             "size": list(size),
             "flags": {},
             "order": 0,
@@ -72,6 +90,13 @@ class Graph:
         }
         if title:
             node["title"] = title
+        models = [
+            {"name": value, "url": MODEL_FILES[value][1], "directory": MODEL_FILES[value][0]}
+            for value in widgets
+            if isinstance(value, str) and value in MODEL_FILES and type_ in MODEL_LOADERS
+        ]
+        if models:
+            node["properties"]["models"] = models
         self.nodes.append(node)
         return node
 
@@ -108,6 +133,10 @@ class Graph:
             node["order"] = done.index(node["id"])
 
 
+#: The core loaders whose file widget names a model in MODEL_FILES.
+MODEL_LOADERS = ("UNETLoader", "CLIPLoader", "VAELoader")
+
+
 def _properties(type_: str, ours: bool) -> dict:
     if type_ in ("Note", "MarkdownNote"):
         return {}
@@ -117,8 +146,59 @@ def _properties(type_: str, ours: bool) -> dict:
 
 
 def render(workflow: dict) -> str:
-    """The workflow file's text, as written to ``workflows/``."""
+    """The workflow file's text, as written to ``example_workflows/``."""
     return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sizes and layout: the frontend's geometry (litegraph), so that no node covers another, before or after a run
+
+TITLE_HEIGHT = 30  # litegraph draws the title bar above ``pos``
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 24  # a 20 px widget and its 4 px spacing
+GAP = 40
+CHAR_WIDTH = 6.1  # js/whetstone.js text panels: 10 px monospace
+TEXT_LINE_HEIGHT = 13
+TEXT_MAX_HEIGHT = 260  # the panel scrolls beyond this (js/whetstone.js TEXT_MAX_HEIGHT)
+DOM_MARGIN = 10
+CHART_HEIGHT = 190
+#: Lines that fill a text panel to its maximum height: what the layout reserves for reports whose length is not
+#: known here (pack and train); they wrap at the node's width (js/whetstone.js), so they never widen it.
+REPORT_LINES = 20
+#: The Load Trained LoRA report: one line, wrapped at the node's width.
+LORA_REPORT_LINES = 4
+#: Sockets a node may gain without moving its neighbours (room for one more input or output row).
+SPARE_SLOTS = 1
+
+
+def text_panel_height(lines: int) -> int:
+    """The text panel's height in js/whetstone.js ``textPanelHeight`` for a text of ``lines`` lines."""
+    return min(TEXT_MAX_HEIGHT, lines * TEXT_LINE_HEIGHT + 8 + 16) + 2 * DOM_MARGIN
+
+
+def text_panel_width(chars: int) -> int:
+    return math.ceil(chars * CHAR_WIDTH) + 8 + 16 + 2 * DOM_MARGIN
+
+
+def node_height(slots: int, widgets: int, panels: int = 0) -> int:
+    return (slots + SPARE_SLOTS) * SLOT_HEIGHT + widgets * WIDGET_HEIGHT + panels + 12
+
+
+def layout(columns: list[list[dict]], top: int = 0) -> None:
+    """Place columns left to right and their nodes top to bottom, ``GAP`` apart counting the title bars."""
+    x = 0
+    for column in columns:
+        y = top + TITLE_HEIGHT
+        for node in column:
+            node["pos"] = [x, y]
+            y += node["size"][1] + GAP + TITLE_HEIGHT
+        x += max(node["size"][0] for node in column) + GAP
+
+
+def rectangle(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node including its title bar."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,41 +225,57 @@ PIPELINE_LINKS = (
     ("vae", "VAE", "decode", "vae"),
     ("decode", "IMAGE", "save", "images"),
 )
+NOTE_SIZE = (520, 760)
 
 
-def tier_workflow(tier_name: str, target_batch: int, job: Job, steps: int, note: str) -> dict:
-    """The workflow for one tier: the note, then loaders, training and sampling nodes, linked."""
+def tier_workflow(tier_name: str, target_batch: int, job: Job, steps: int, note: str, plan_text: str) -> dict:
+    """The workflow for one tier: the note, then loaders, training and sampling nodes, linked and laid out.
+
+    ``plan_text`` is the Training Plan node's panel text for this tier: the node is sized so that it fits.
+    """
     run_name = f"my_lora_{tier_name}"
     g = Graph()
-    g.node("MarkdownNote", (0, -560), (760, 820), [note], title=f"About: {tier_name}")
+    note_node = g.node("MarkdownNote", NOTE_SIZE, [note], title=f"About: {tier_name}")
     nodes = _loader_nodes(g, job)
-    nodes |= _training_nodes(g, tier_name, target_batch, job, steps, run_name)
+    nodes |= _training_nodes(g, tier_name, target_batch, job, steps, run_name, plan_text)
     nodes |= _sampling_nodes(g, tier_name, job, run_name)
     for source, output, target, input_ in PIPELINE_LINKS:
         g.link(nodes[source], output, nodes[target], input_)
+    layout(
+        [
+            [note_node, nodes["unet"], nodes["clip"], nodes["vae"]],
+            [nodes["plan"], nodes["pack"]],
+            [nodes["train"], nodes["report"], nodes["preview"]],
+            [nodes["lora"], nodes["positive"], nodes["negative"], nodes["latent"]],
+            [nodes["sampler"], nodes["decode"], nodes["save"]],
+        ]
+    )
     return g.workflow()
 
 
 def _loader_nodes(g: Graph, job: Job) -> dict[str, dict]:
+    width = NOTE_SIZE[0]
     return {
-        "unet": g.node("UNETLoader", (0, 300), (360, 82), [job.model, "default"], outputs=[("MODEL", "MODEL")]),
+        "unet": g.node("UNETLoader", (width, node_height(1, 2)), [job.model, "default"], outputs=[("MODEL", "MODEL")]),
         "clip": g.node(
-            "CLIPLoader", (0, 420), (360, 106), [TEXT_ENCODER, CLIP_TYPE, "default"], outputs=[("CLIP", "CLIP")]
+            "CLIPLoader", (width, node_height(1, 3)), [TEXT_ENCODER, CLIP_TYPE, "default"], outputs=[("CLIP", "CLIP")]
         ),
-        "vae": g.node("VAELoader", (0, 570), (360, 58), [VAE], outputs=[("VAE", "VAE")]),
+        "vae": g.node("VAELoader", (width, node_height(1, 1)), [VAE], outputs=[("VAE", "VAE")]),
     }
 
 
-def _training_nodes(g: Graph, tier_name: str, target_batch: int, job: Job, steps: int, run_name: str) -> dict:
+def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, run_name: str, plan_text: str):
     """Pack Dataset, Training Plan (its widgets name the tier), Train, Training Report and its chart's preview."""
     pack_widgets = [job.image_folder, f"my_dataset_{job.resolution}", job.resolution, job.samples_per_shard]
     plan_widgets = [job.model, tier_name, job.mode, job.lora_rank, job.lora_targets, job.resolution, target_batch]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
+    lines = plan_text.split("\n")
+    plan_width = max(460, text_panel_width(max(map(len, lines))))
+    report_panel = text_panel_height(REPORT_LINES)
     return {
         "pack": g.node(
             "WhetstonePackDataset",
-            (420, 300),
-            (400, 270),
+            (plan_width, node_height(2, 7, report_panel)),
             [*pack_widgets, "skip", "empty", False],
             inputs=[("vae", "VAE"), ("clip", "CLIP")],
             outputs=[("dataset", "WHETSTONE_DATASET"), ("report", "STRING")],
@@ -187,8 +283,7 @@ def _training_nodes(g: Graph, tier_name: str, target_batch: int, job: Job, steps
         ),
         "plan": g.node(
             "WhetstoneTrainingPlan",
-            (420, -100),
-            (400, 330),
+            (plan_width, node_height(2, 11, text_panel_height(len(lines)))),
             [*plan_widgets, job.learning_rate, job.caption_tokens, "longest", True],
             inputs=[("hardware", "WHETSTONE_HARDWARE"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("plan", "WHETSTONE_PLAN"), ("table", "STRING")],
@@ -196,8 +291,7 @@ def _training_nodes(g: Graph, tier_name: str, target_batch: int, job: Job, steps
         ),
         "train": g.node(
             "WhetstoneTrain",
-            (880, 0),
-            (400, 330),
+            (460, node_height(3, 9, CHART_HEIGHT + report_panel)),
             train_widgets,
             inputs=[("plan", "WHETSTONE_PLAN"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("run", "WHETSTONE_RUN"), ("lora_name", "STRING"), ("report", "STRING")],
@@ -205,46 +299,48 @@ def _training_nodes(g: Graph, tier_name: str, target_batch: int, job: Job, steps
         ),
         "report": g.node(
             "WhetstoneTrainingReport",
-            (880, 400),
-            (400, 110),
+            (460, node_height(2, 2)),
             ["", job.smoothing],
             inputs=[("run", "WHETSTONE_RUN")],
             outputs=[("chart", "IMAGE"), ("summary", "STRING")],
             ours=True,
         ),
-        "preview": g.node("PreviewImage", (880, 560), (400, 360), [], inputs=[("images", "IMAGE")]),
+        "preview": g.node("PreviewImage", (460, 420), [], inputs=[("images", "IMAGE")]),
     }
 
 
 def _sampling_nodes(g: Graph, tier_name: str, job: Job, run_name: str) -> dict[str, dict]:
     """The trained LoRA on the base model, both prompts, the latent, KSampler, decode and save."""
+    lora_height = node_height(2, 2, text_panel_height(LORA_REPORT_LINES))
     return {
         "lora": g.node(
-            "WhetstoneLoadTrainedLoRA", (1340, 0), (380, 110), [f"{run_name}.safetensors", 1.0],
+            "WhetstoneLoadTrainedLoRA", (420, lora_height), [f"{run_name}.safetensors", 1.0],
             inputs=[("model", "MODEL"), ("run", "WHETSTONE_RUN")], outputs=[("model", "MODEL"), ("report", "STRING")],
             ours=True,
         ),
         "positive": g.node(
-            "CLIPTextEncode", (1340, 160), (380, 140), [job.prompt], inputs=[("clip", "CLIP")],
+            "CLIPTextEncode", (420, 160), [job.prompt], inputs=[("clip", "CLIP")],
             outputs=[("CONDITIONING", "CONDITIONING")], title="Positive prompt",
         ),
         "negative": g.node(
-            "CLIPTextEncode", (1340, 340), (380, 140), [job.negative], inputs=[("clip", "CLIP")],
+            "CLIPTextEncode", (420, 160), [job.negative], inputs=[("clip", "CLIP")],
             outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt",
         ),
         "latent": g.node(
-            "EmptySD3LatentImage", (1340, 520), (380, 106), [job.resolution, job.resolution, 1],
+            "EmptySD3LatentImage", (420, node_height(1, 3)), [job.resolution, job.resolution, 1],
             outputs=[("LATENT", "LATENT")],
         ),
         "sampler": g.node(
-            "KSampler", (1780, 0), (320, 262), [0, "fixed", job.sample_steps, job.cfg, "euler", "simple", 1.0],
+            "KSampler", (340, node_height(4, 7)), [0, "fixed", job.sample_steps, job.cfg, "euler", "simple", 1.0],
             inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")]
             + [("latent_image", "LATENT")],
             outputs=[("LATENT", "LATENT")],
         ),
         "decode": g.node(
-            "VAEDecode", (2160, 0), (220, 46), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+            "VAEDecode", (340, node_height(2, 0)), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
             outputs=[("IMAGE", "IMAGE")],
         ),
-        "save": g.node("SaveImage", (2160, 100), (480, 520), [f"whetstone/{tier_name}"], inputs=[("images", "IMAGE")]),
+        "save": g.node(
+            "SaveImage", (512, 580), [f"whetstone/{tier_name}"], inputs=[("images", "IMAGE")],
+        ),
     }  # fmt: skip

@@ -91,7 +91,7 @@ def test_train_node_shows_the_live_loss_chart(comfy_server, zimage_models, tmp_p
         seed = browser.evaluate(f"app.graph.getNodeById({train_id}).widgets.find((w) => w.name === 'seed').value")
         final = keep_artifact(browser.screenshot(tmp_path / "whetstone-train-chart-final.png"))
         print(f"final chart: {final} ({final_status!r})")
-    assert final_status.startswith("completed: completed at step 6 of 6"), final_status
+    assert final_status.startswith("completed at step 6 of 6; LoRA "), final_status
     assert final_report.startswith("completed"), final_report
     assert report_height >= 3 * 13, f"the report panel is {report_height} px high: its 3 lines are hidden"
     assert seed == 0

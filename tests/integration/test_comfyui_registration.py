@@ -38,3 +38,34 @@ def test_object_info_lists_every_node_with_tooltips(comfy_server):
 def test_web_extension_is_served(comfy_server):
     extensions = comfy_server.get_json("/extensions")
     assert any(path.endswith("/whetstone.js") and "ComfyUI-Whetstone" in path for path in extensions), extensions
+
+
+def test_templates_are_listed_in_tier_order_with_thumbnails(comfy_server):
+    """Workflow → Browse Templates: the frontend lists GET /workflow_templates and fetches <name>.json and .jpg."""
+    import urllib.parse
+    import urllib.request
+
+    from tools.make_workflows import TIER_ORDER, template_name
+
+    listed = comfy_server.get_json("/workflow_templates")["ComfyUI-Whetstone"]
+    expected = [template_name(tier) for tier in TIER_ORDER]
+    assert sorted(listed) == expected, listed  # the browser's alphabetical order is the tier order
+    for name in expected:
+        base = f"{comfy_server.url}/api/workflow_templates/ComfyUI-Whetstone/{urllib.parse.quote(name)}"
+        workflow = comfy_server.get_json(base.removeprefix(comfy_server.url) + ".json")
+        assert workflow["version"] == 0.4 and workflow["nodes"], name
+        with urllib.request.urlopen(base + ".jpg", timeout=30) as response:
+            assert response.headers["Content-Type"] == "image/jpeg" and response.read(3) == b"\xff\xd8\xff", name
+
+
+def test_run_history_route_answers(comfy_server):
+    import urllib.error
+    import urllib.request
+
+    assert comfy_server.get_json("/whetstone/run_history?run=never_ran")["points"] == []
+    try:
+        urllib.request.urlopen(f"{comfy_server.url}/whetstone/run_history?run=..%2F..%2Fetc", timeout=30)
+    except urllib.error.HTTPError as error:
+        assert error.code == 400 and "run" in error.read().decode()
+    else:
+        raise AssertionError("a path as run name was answered")

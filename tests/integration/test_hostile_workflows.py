@@ -66,8 +66,13 @@ def train_prompt(models, **overrides) -> dict:
     return {"pack": _pack(), "plan": plan_node(models["diffusion_models"]), "train": train}
 
 
+#: A file in the loras folder (made by the `hostile` fixture): Load Trained LoRA refuses a name not in the list at
+#: queue time, so the cases that test its other inputs need one that is.
+PLACEHOLDER_LORA = "hostile_placeholder.safetensors"
+
+
 def lora_prompt(models, **overrides) -> dict:
-    inputs = {"model": ["unet", 0], "lora_name": "", "strength": 1.0, **overrides}
+    inputs = {"model": ["unet", 0], "lora_name": PLACEHOLDER_LORA, "strength": 1.0, **overrides}
     return {
         "unet": {
             "class_type": "UNETLoader",
@@ -161,6 +166,9 @@ def hostile(comfy_server, zimage_models, tmp_path_factory):
     """Images to pack, a symlink out of the input folder, and the upstream nodes of Train executed once (cached)."""
     input_dir = comfy_server.base / "input"
     make_images(input_dir)
+    loras = comfy_server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    (loras / PLACEHOLDER_LORA).write_bytes(b"")
     outside = tmp_path_factory.mktemp("outside-the-roots")
     make_images(outside)
     link = input_dir / "escape_link"

@@ -1,4 +1,4 @@
-"""In a real ComfyUI 0.8 (opt-in: COMFYUI_PATH): the committed CPU smoke workflow, workflows/whetstone_cpu.json, runs
+"""In a real ComfyUI 0.8 (opt-in: COMFYUI_PATH): the committed CPU smoke workflow (example_workflows/Whetstone 1 - cpu ...), runs
 end to end (issue 7).
 
 The UI-format file is converted to an API prompt with tools/workflow_api.py against the server's own /object_info
@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 from integration.workflows import make_images
 from PIL import Image
 
 from tools import workflow_api
+from tools.make_workflows import workflow_path
 
 pytestmark = pytest.mark.comfyui
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "whetstone_cpu.json"
+WORKFLOW = workflow_path("cpu")
 IMAGE_FOLDER = "whetstone_smoke_images"  # the Pack Dataset node's image_folder in the committed file
 FIXTURE_TEXT_ENCODER = "WhetstoneTestSmallQwen3Loader"
 TRAIN_STEPS = 2

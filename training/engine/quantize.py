@@ -4,6 +4,7 @@ weights is freed as it goes. Embedders and the final layer (0.2 % of the weights
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -12,6 +13,16 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 QUANT_TYPE = "nf4"
+
+
+def qlora_unavailable() -> str | None:
+    """Why mode 'qlora' cannot run in this Python (bitsandbytes is not installed), or None; found without importing it."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return (
+            "mode 'qlora' needs bitsandbytes, which is not installed in this Python: pip install bitsandbytes "
+            "(with ComfyUI's python in ComfyUI), or use mode 'lora'"
+        )
+    return None
 
 
 def _bnb():

@@ -121,10 +121,10 @@ def discover(output_dir: str | os.PathLike | None = None, free_bytes_override=No
         gpus, link, nvlink_count, p2p = _nvml_gpus()
         source = "nvml"
     except (ImportError, OSError, RuntimeError) as error:  # pynvml missing, no driver, or NVML failed
-        notes.append(f"NVML unavailable ({type(error).__name__}: {error}); used torch.cuda")
-        logger.info("hardware discovery: %s", notes[-1])
         gpus, link, nvlink_count, p2p = _torch_gpus()
         source = "torch" if gpus else "none"
+        notes.append(_nvml_fallback_note(error, bool(gpus)))
+        logger.info("hardware discovery: %s", notes[-1])
     gpus = _apply_free_override(gpus, free_bytes_override, notes)
     profile = HardwareProfile(
         gpus=tuple(gpus),
@@ -139,6 +139,14 @@ def discover(output_dir: str | os.PathLike | None = None, free_bytes_override=No
     )
     logger.info("hardware: %s (source %s)", profile.describe(), profile.source)
     return profile
+
+
+def _nvml_fallback_note(error: Exception, torch_found_gpus: bool) -> str:
+    """Why NVML was not used, in words (no exception class names): on a machine without a GPU that is expected."""
+    cause = str(error).removeprefix("nvmlInit failed: ") or type(error).__name__
+    if torch_found_gpus:
+        return f"NVML unavailable ({cause}); GPUs read through torch.cuda, without link details"
+    return f"No NVIDIA GPU: NVML unavailable ({cause}) and torch sees no CUDA device, so training runs on the CPU"
 
 
 def _apply_free_override(gpus: list[GpuInfo], override, notes: list[str]) -> list[GpuInfo]:
