@@ -60,7 +60,7 @@ def test_comfy_node_pack_holds_what_the_pack_needs(clone):
         assert required in names, required
     for folder in RUNTIME_FOLDERS:
         assert any(n.startswith(folder) for n in names), folder
-    assert any(n.startswith("example_workflows/") and n.endswith(".json") for n in names)
+    assert any(n.startswith("workflows/") and n.endswith(".json") for n in names)
     assert not any(n.startswith(("tests/", "bench/", "tools/", ".ci/")) for n in names)
 
 

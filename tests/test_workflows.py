@@ -1,4 +1,4 @@
-"""The per-tier template workflows (example_workflows/*.json, *.jpg) and the README's tier table, checked without ComfyUI.
+"""The per-tier template workflows (workflows/*.json, *.jpg) and the README's tier table, checked without ComfyUI.
 
 Structure: schema-0.4 UI workflows as the frontend saves them. Node types: our pack's (imported as ComfyUI imports
 it) or ComfyUI core's, as pinned from ComfyUI 0.8's /object_info in tests/data/comfyui_object_info.json (rewrite it
@@ -31,7 +31,7 @@ from training.hardware.memory import GIB
 from training.hardware.plan import PlanRequest, make_plan
 from training.hardware.tiers import load_tiers, simulated_profile
 
-WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
 PINNED = json.loads((REPO_ROOT / "tests" / "data" / "comfyui_object_info.json").read_text(encoding="utf-8"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -320,7 +320,7 @@ def test_readme_table_matches_the_planner():
     assert set(rows) == set(TIERS)
     for tier_name, row in rows.items():
         path = workflow_path(tier_name)
-        assert f"(example_workflows/{quote(path.name)})" in row["workflow"]
+        assert f"(workflows/{quote(path.name)})" in row["workflow"]
         plan, widgets = planned(load(path), tier_name)
         config = model_config(widgets["model_name"])
         label = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}[plan.mode]

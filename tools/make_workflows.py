@@ -1,4 +1,4 @@
-"""Write the per-tier template workflows (``example_workflows/<title>.json`` and ``.jpg``) and the README's tier table.
+"""Write the per-tier template workflows (``workflows/<title>.json`` and ``.jpg``) and the README's tier table.
 
 Run from the repository root after a planner or tier change: ``python -m tools.make_workflows`` (``--check`` only
 reports files that are out of date). ComfyUI's template browser shows a custom pack's template by its file name (title
@@ -29,7 +29,9 @@ from .template_thumbnail import thumbnail
 from .workflow_graph import TEXT_ENCODER, VAE, Job, render, tier_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS_DIR = ROOT / "example_workflows"  # the folder name ComfyUI's template browser looks for first
+WORKFLOWS_DIR = (
+    ROOT / "workflows"
+)  # the prescribed top-level folder; ComfyUI serves "workflows" as a template folder too
 README = ROOT / "README.md"
 README_HEADING = "## Tier workflows"
 #: The smallest Z-Image ComfyUI's loaders recognise (dim 3840, one main block, two refiners of each kind), random
@@ -276,7 +278,7 @@ def readme_section(tiers: dict[str, Tier]) -> str:
     header = ("tier", "workflow", *README_COLUMNS)
     rows = [readme_row(tiers[name], JOBS[name]) for name in TIER_ORDER]
     intro = (
-        "One workflow per GPU tier in `example_workflows/` (Workflow → Browse Templates → Extensions → "
+        "One workflow per GPU tier in `workflows/` (Workflow → Browse Templates → Extensions → "
         "ComfyUI-Whetstone, or drag the file into ComfyUI), numbered in tier order, each with a thumbnail. Each packs `input/my_images` (CPU: `input/whetstone_smoke_images`), plans for its tier, trains, loads the LoRA into Z-Image-Base and "
         "samples one image; its note explains the choices. The numbers below are the planner's for the tier's "
         "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "

@@ -1,6 +1,6 @@
-"""Convert a UI-format workflow (example_workflows/*.json) to ComfyUI's API format, and optionally queue it.
+"""Convert a UI-format workflow (workflows/*.json) to ComfyUI's API format, and optionally queue it.
 
-``python -m tools.workflow_api "example_workflows/<name>.json" --server http://127.0.0.1:8188`` converts with the
+``python -m tools.workflow_api "workflows/<name>.json" --server http://127.0.0.1:8188`` converts with the
 server's ``/object_info`` (for widget names) and POSTs ``/prompt``; ComfyUI validates every node input before it
 queues, so a 400 answer lists what is wrong. Without ``--server`` it prints the API prompt (needs ``--object-info``).
 Frontend-only nodes (notes) are dropped; links become ``[source_id, slot]``.

@@ -146,7 +146,7 @@ def _properties(type_: str, ours: bool) -> dict:
 
 
 def render(workflow: dict) -> str:
-    """The workflow file's text, as written to ``example_workflows/``."""
+    """The workflow file's text, as written to ``workflows/``."""
     return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
 
 
