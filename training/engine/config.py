@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -32,6 +33,86 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The range a number field (or each element of a tuple field) must lie in; None: unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            if isinstance(self.low, int) and isinstance(self.high, int) and not (self.low_open or self.high_open):
+                return f" in {self.low}..{self.high:,}"
+            return f" in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f" {'>' if self.low_open else '>='} {self.low}"
+        return f" {'<' if self.high_open else '<='} {self.high}" if self.high is not None else ""
+
+
+def bounded(default, *, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field whose value `_validate` checks against these bounds (ge/gt below, le/lt above)."""
+    bounds = Bounds(
+        low=gt if gt is not None else ge,
+        high=lt if lt is not None else le,
+        low_open=gt is not None,
+        high_open=lt is not None,
+    )
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def _validate(section, where: str) -> None:
+    """Check every field against its annotation and bounds; ints become floats where a float is expected.
+
+    bool is not an int here (JSON ``true`` is no step count), and every float must be finite."""
+    hints = typing.get_type_hints(type(section))
+    for spec in dataclasses.fields(section):
+        key = f"{where}.{spec.name}" if where else spec.name
+        value = _typed(getattr(section, spec.name), hints[spec.name], key, spec.metadata.get("bounds"))
+        setattr(section, spec.name, value)
+
+
+def _typed(value, hint, key: str, bounds: Bounds | None):
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _typed(value, hint, key, bounds)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        many = len(args) == 2 and args[1] is Ellipsis
+        if not isinstance(value, (list, tuple)) or (not many and len(value) != len(args)):
+            raise ValueError(f"{key}: must be a list of {'' if many else f'{len(args)} '}values, got {value!r}")
+        kinds = [args[0]] * len(value) if many else list(args)
+        return tuple(_typed(item, kind, f"{key}[{i}]", bounds) for i, (kind, item) in enumerate(zip(kinds, value)))
+    if origin is dict or dataclasses.is_dataclass(hint):
+        _require(isinstance(value, origin or hint), f"{key}: must be an object, got {value!r}")
+        return value
+    if hint is bool:
+        _require(isinstance(value, bool), f"{key}: must be true or false, got {value!r}")
+    elif hint is str:
+        _require(isinstance(value, str), f"{key}: must be a string, got {value!r}")
+    elif hint is int:
+        expected = f"an integer{bounds.describe() if bounds else ''}"
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{key}: must be {expected}, got {value!r}")
+    elif hint is float:
+        expected = f"a finite number{bounds.describe() if bounds else ''}"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(number and math.isfinite(value), f"{key}: must be {expected}, got {value!r}")
+    if bounds is not None and hint in (int, float):
+        kind = "an integer" if hint is int else "a finite number"
+        _require(bounds.contains(value), f"{key}: must be {kind}{bounds.describe()}, got {value!r}")
+    return float(value) if hint is float else value
+
+
 @dataclass(kw_only=True)
 class ModelSection:
     weights: str | None = None  # .safetensors file, index.json or folder; None: random init (benchmarks, demo)
@@ -40,6 +121,7 @@ class ModelSection:
     attention_backend: str = "auto"  # the SDPA kernel the plan priced (see parallelize.attention_kernels)
 
     def __post_init__(self):
+        _validate(self, "model")
         _require(self.dtype in ("bf16", "fp32"), f"model.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
         _require(
             self.attention_backend in ATTENTION_CHOICES,
@@ -49,14 +131,13 @@ class ModelSection:
 
 @dataclass(kw_only=True)
 class LoraSection:
-    rank: int = 16
-    alpha: float | None = None
-    dropout: float = 0.0
+    rank: int = bounded(16, ge=1, le=1024)
+    alpha: float | None = bounded(None, gt=0)  # None: alpha = rank
+    dropout: float = bounded(0.0, ge=0, lt=1)
     targets: str = DEFAULT_TARGETS
 
     def __post_init__(self):
-        _require(1 <= self.rank <= 1024, f"lora.rank must be in 1..1024, got {self.rank!r}")
-        _require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        _validate(self, "lora")
         _require(self.targets in LORA_TARGETS, f"lora.targets must be one of {LORA_TARGETS}, got {self.targets!r}")
 
 
@@ -64,98 +145,80 @@ class LoraSection:
 class DataSection:
     shards: str = ""  # a shard-set folder holding manifest.json; "" only with synthetic=True
     synthetic: bool = False  # random cached inputs of `resolution` (benchmarks); no shards read
-    resolution: int = 512  # synthetic only
-    caption_tokens: int = 128  # synthetic only
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    caption_dropout: float = 0.1  # probability of training on the empty caption (for CFG)
-    max_caption_tokens: int = 0  # the caption length the plan counted memory for; 0: no limit
+    resolution: int = bounded(512, ge=16, le=8192)  # synthetic only
+    caption_tokens: int = bounded(128, ge=1, le=8192)  # synthetic only
+    num_workers: int = bounded(2, ge=0, le=256)
+    shuffle_buffer: int = bounded(1000, ge=1, le=10_000_000)  # 1: no shuffling within shards
+    caption_dropout: float = bounded(0.1, ge=0, le=1)  # probability of training on the empty caption (for CFG)
+    max_caption_tokens: int = bounded(0, ge=0, le=65_536)  # the caption length the plan counted memory for; 0: no limit
     caption_overflow: str = "refuse"  # a longer caption: "truncate" it (counted in the log) or "refuse" the run
 
     def __post_init__(self):
+        _validate(self, "data")
         _require(bool(self.shards) or self.synthetic, "data.shards is empty: give a shard-set folder (pack one first)")
         _require(
-            0.0 <= self.caption_dropout <= 1.0, f"data.caption_dropout must be in [0, 1], got {self.caption_dropout!r}"
-        )
-        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers!r}")
-        _require(
-            self.max_caption_tokens >= 0,
-            f"data.max_caption_tokens must be >= 0 (0: no limit), got {self.max_caption_tokens!r}",
+            self.resolution % 16 == 0, f"data.resolution: must be a positive multiple of 16, got {self.resolution!r}"
         )
         _require(
             self.caption_overflow in CAPTION_OVERFLOWS,
             f"data.caption_overflow must be one of {CAPTION_OVERFLOWS}, got {self.caption_overflow!r}",
-        )
-        _require(
-            self.resolution % 16 == 0 and self.resolution > 0,
-            f"data.resolution must be a positive multiple of 16, got {self.resolution!r}",
         )
 
 
 @dataclass(kw_only=True)
 class OptimSection:
     optimizer: str = "adamw"
-    lr: float = 1e-4  # the base rate; the plan scales it with world size
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = bounded(1e-4, gt=0, lt=1)  # the base rate; the plan scales it with world size
+    weight_decay: float = bounded(0.01, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0, lt=1)
+    warmup_steps: int = bounded(0, ge=0, le=10_000_000)
     schedule: str = "constant"
-    grad_clip: float = 1.0  # 0 disables clipping
+    grad_clip: float = bounded(1.0, ge=0)  # 0 disables clipping
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        _validate(self, "optim")
         _require(self.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _require(self.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _require(0 < self.lr < 1, f"optim.lr must be in (0, 1), got {self.lr!r}")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip!r}")
 
 
 @dataclass(kw_only=True)
 class ObjectiveSection:
     sigma_sampler: str = "shifted_uniform"
-    shift: float = 3.0  # ComfyUI's ZImage sampling shift
+    shift: float = bounded(3.0, gt=0)  # ComfyUI's ZImage sampling shift
     logit_mean: float = 0.0
-    logit_std: float = 1.0
+    logit_std: float = bounded(1.0, gt=0)
 
     def __post_init__(self):
+        _validate(self, "objective")
         _require(
             self.sigma_sampler in SIGMA_SAMPLERS,
             f"objective.sigma_sampler must be one of {SIGMA_SAMPLERS}, got {self.sigma_sampler!r}",
         )
-        _require(self.shift > 0, f"objective.shift must be > 0, got {self.shift!r}")
-        _require(self.logit_std > 0, f"objective.logit_std must be > 0, got {self.logit_std!r}")
 
 
 @dataclass(kw_only=True)
 class RunSection:
     output_dir: str  # the run folder: events, status, checkpoints
     lora_path: str = ""  # where the ComfyUI-ready LoRA goes; "" → <output_dir>/lora.safetensors
-    steps: int = 100
-    micro_batch: int = 1
-    grad_accum: int = 1
-    checkpoint_depth: int = 0  # main blocks with activation checkpointing, counted from the first
+    steps: int = bounded(100, ge=1, le=10_000_000)
+    micro_batch: int = bounded(1, ge=1, le=4096)
+    grad_accum: int = bounded(1, ge=1, le=4096)
+    checkpoint_depth: int = bounded(0, ge=0, le=1024)  # main blocks with activation checkpointing, from the first
     compile: bool = False
     fp8: bool = False
-    save_every: int = 0  # 0: only at the end
+    save_every: int = bounded(0, ge=0, le=10_000_000)  # 0: only at the end
     save_state: bool = True  # false: no resumable checkpoint (benchmarks, smoke runs); the LoRA file is still written
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
-    profile_steps: tuple[int, ...] = ()
-    nccl_timeout_s: int = 1800
+    profile_steps: tuple[int, ...] = bounded((), ge=0)
+    nccl_timeout_s: int = bounded(1800, ge=1)
     fsdp_cpu_offload: bool = False
     ddp_bf16_grads: bool = False  # LoRA/QLoRA on several GPUs: all-reduce gradients in bf16 (half the bytes)
 
     def __post_init__(self):
-        self.profile_steps = tuple(self.profile_steps)
+        _validate(self, "run")
         _require(bool(self.output_dir), "run.output_dir is empty: give the run folder")
-        _require(1 <= self.steps <= 10_000_000, f"run.steps must be in 1..10,000,000, got {self.steps!r}")
-        _require(1 <= self.micro_batch <= 4096, f"run.micro_batch must be in 1..4096, got {self.micro_batch!r}")
-        _require(1 <= self.grad_accum <= 4096, f"run.grad_accum must be in 1..4096, got {self.grad_accum!r}")
-        _require(self.checkpoint_depth >= 0, f"run.checkpoint_depth must be >= 0, got {self.checkpoint_depth!r}")
-        _require(self.save_every >= 0, f"run.save_every must be >= 0, got {self.save_every!r}")
-        _require(self.nccl_timeout_s > 0, f"run.nccl_timeout_s must be > 0, got {self.nccl_timeout_s!r}")
 
     @property
     def lora_file(self) -> Path:
@@ -188,6 +251,7 @@ class TrainConfig:
     plan: dict[str, Any] | None = None  # the TrainingPlan that chose micro-batch, depth, ...: kept for the record
 
     def __post_init__(self):
+        _validate(self, "")
         _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         _require(
             not (self.run.fp8 and self.mode == "qlora"),
