@@ -26,7 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def train_command(args: argparse.Namespace) -> int:
     """Exit code: 0 completed or stopped on request, 2 for a config or setup mistake (the message says what to fix)."""
     from .config import TrainConfig
-    from .trainer import run_training
+    from .trainer import TrainingDiverged, run_training
 
     try:
         config = TrainConfig.load(args.config)
@@ -35,6 +35,6 @@ def train_command(args: argparse.Namespace) -> int:
         return 2
     try:
         return run_training(config)
-    except ValueError as error:
+    except (ValueError, TrainingDiverged) as error:
         logger.error("training stopped: %s", error)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import resource
 import time
 from collections import deque
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"  # full fine-tuning's result, in the run folder
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm of a step was not finite: the run stops before that step is saved."""
+
+
 @dataclass(kw_only=True)
 class Trainer:
     config: TrainConfig
@@ -56,6 +61,7 @@ class Trainer:
     log: RunLog
     clock: StepClock
     step: int = 0  # optimizer steps done
+    saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
 
     @classmethod
@@ -114,7 +120,7 @@ class Trainer:
         if restored is None:
             return
         self.loader.load_state_dict(restored.loader_state)
-        self.step = restored.step
+        self.step = self.saved_step = restored.step
         logger.info("resuming at step %d of %d", restored.step, self.config.run.steps)
 
     def train(self, stop: GracefulStop) -> str:
@@ -126,6 +132,7 @@ class Trainer:
             with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
                 metrics = self.train_step(stop_requested=stop.requested)
             stopping = metrics.pop("stop_requested")  # any rank's request, agreed through the step's one collective
+            self._check_finite(metrics, step=self.step + 1)
             self.step += 1
             self.history.append(metrics)
             self.log.step({"step": self.step, **metrics})
@@ -137,6 +144,23 @@ class Trainer:
                 break
         self.checkpointer.wait()
         return "stopped" if self.step < run.steps else "completed"
+
+    def _check_finite(self, metrics: dict, *, step: int) -> None:
+        """Stop on a non-finite loss or gradient norm, before the step is logged or saved. Both are host floats already
+        (reduced over ranks, so every rank stops at the same step): the check costs no device sync."""
+        loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        kept = (
+            f"the LoRA and checkpoint of step {self.saved_step} are kept as they were"
+            if self.saved_step is not None
+            else "nothing was saved yet"
+        )
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (learning rate "
+            f"{metrics['lr']:.3g}); stopped without saving this step, {kept}. Lower optim.lr, keep optim.grad_clip "
+            "above 0, or look for broken samples in the data"
+        )
 
     def train_step(self, *, stop_requested: bool = False) -> dict:
         """One optimizer step. Its metrics and every rank's stop request travel in one all-reduce per step; the
@@ -212,6 +236,7 @@ class Trainer:
             save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)
         if self.lora is None and final:
             save_full_model(model, Path(self.config.run.output_dir) / MODEL_FILE, dist_info=self.dist_info)
+        self.saved_step = self.step
         if not self.config.run.save_state:
             return
         self.checkpointer.save(
