@@ -264,6 +264,6 @@ def test_cli_pack_and_inspect(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "5 samples in 3 shards" in summary and "80x48: 2" in summary
     assert summary.count("\nsample ") == 2 and "image=80x48 JPEG" in summary
-    assert _run_cli("pack", str(tmp_path / "in"), str(tmp_path / "in" / "x")) == 1
+    assert _run_cli("pack", str(tmp_path / "in"), str(tmp_path / "in" / "x")) == 2
     assert "inside input_dir" in capsys.readouterr().err
-    assert _run_cli("inspect", str(tmp_path / "nowhere")) == 1
+    assert _run_cli("inspect", str(tmp_path / "nowhere")) == 2

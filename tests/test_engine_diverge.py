@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 
 import torch
 from safetensors import safe_open
@@ -42,7 +41,7 @@ def diverging_config(run_dir) -> dict:
     return config
 
 
-def test_nan_loss_stops_at_its_step_keeps_the_last_good_lora_and_fails(tmp_path, monkeypatch, caplog):
+def test_nan_loss_stops_at_its_step_keeps_the_last_good_lora_and_fails(tmp_path, monkeypatch, capsys):
     reference = diverging_config(tmp_path / "reference")
     reference["run"]["steps"] = POISONED_STEP - 1
     assert run_training(TrainConfig.from_dict(copy.deepcopy(reference))) == 0
@@ -51,9 +50,10 @@ def test_nan_loss_stops_at_its_step_keeps_the_last_good_lora_and_fails(tmp_path,
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     poison_batches(monkeypatch, from_step=POISONED_STEP)
-    with caplog.at_level(logging.ERROR):
-        assert main(["train", "--config", str(path)]) == 2
-    assert f"diverged at step {POISONED_STEP}: loss nan" in caplog.text and "Lower optim.lr" in caplog.text
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error (train): training stopped: training diverged at step {POISONED_STEP}: loss nan" in err
+    assert "Lower optim.lr" in err
 
     run_dir = tmp_path / "run"
     status = read_status(run_dir)

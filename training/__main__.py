@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from .cli_support import Parser, run_command
+
 # command → (module with register(subparsers), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("training.data.cli", "pack an image folder into WebDataset shards"),
@@ -22,16 +24,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = Parser(prog="python -m training", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="(default: %(default)s)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command][0]).register(subparsers)
     else:
         for name, (_, help_text) in COMMANDS.items():
             subparsers.add_parser(name, help=help_text)
+    for subparser in subparsers.choices.values():  # also accepted after the command; SUPPRESS keeps the top one
+        subparser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help="as above")
     return parser
+
+
+def configure_logging(level: str) -> None:
+    rank = os.environ.get("RANK")  # set by torchrun: tell the ranks' interleaved lines apart
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        # peft imports bitsandbytes whenever it is installed, even for plain LoRA, and bitsandbytes' CPU backend then
+        # warns on every run that the optional `kernels` package is missing (its only message; shown under DEBUG).
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
-    rank = os.environ.get("RANK")  # set by torchrun: tell the ranks' interleaved lines apart
-    prefix = f"[rank {rank}] " if rank is not None else ""
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if not hasattr(args, "func"):
         parser.error(f"{args.command!r} needs its arguments: python -m training {args.command} --help")
-    return int(args.func(args) or 0)
+    return run_command(args.command, lambda: args.func(args), argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ PRESET = "tiny"
 
 @dataclass(kw_only=True)
 class DemoSettings:
-    output: Path = Path("whetstone-demo")
+    output: Path | None = None  # None: a new temporary folder (never the current directory, e.g. a checkout)
     steps: int = 100
     images: int = 24
     resolution: int = 128  # bucket area resolution²; the tiny model sees (128/16)² = 64 image tokens
@@ -38,7 +39,10 @@ class DemoSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.output = Path(self.output)
+        if self.output is not None:
+            self.output = Path(self.output)
+            if self.output.exists() and not self.output.is_dir():
+                raise ValueError(f"demo --output {self.output} is a file, not a folder: give a folder")
         if not 10 <= self.steps <= 10_000:
             raise ValueError(f"demo steps must be in 10..10000 (the loss needs a few dozen), got {self.steps!r}")
         if not 4 <= self.images <= len(COLOURS) * len(BACKGROUNDS) * len(SHAPES) * 4:
@@ -72,6 +76,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     started = time.monotonic()
     out = settings.output
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="whetstone-demo-"))
+        logger.info("demo output: %s (a new temporary folder; --output chooses one)", out)
     run_dir = out / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo always trains from scratch; the images and shards are reused

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from ..cli_support import int_in
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -17,9 +18,13 @@ def register(subparsers) -> argparse.ArgumentParser:
             "a loss plot and summary.json, and checks the LoRA file reloads and applies."
         ),
     )
-    parser.add_argument("--output", type=Path, default=Path("whetstone-demo"), help="output folder (reused)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (a few dozen show the loss falling)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output", type=Path, default=None, help="output folder, reused if given (default: a new temporary folder)"
+    )
+    parser.add_argument(
+        "--steps", type=int_in(10, 10_000), default=100, help="optimizer steps (a few dozen show the loss falling)"
+    )
+    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     parser.set_defaults(func=demo_command)
     return parser
 
@@ -27,12 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def demo_command(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
-    try:
-        settings = DemoSettings(output=args.output, steps=args.steps, seed=args.seed)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    result = run_demo(settings)
+    result = run_demo(DemoSettings(output=args.output, steps=args.steps, seed=args.seed))
     print(
         f"\nWhetstone demo finished in {result.seconds:.0f} s\n"
         f"  loss (smoothed): {result.first_loss:.4f} -> {result.last_loss:.4f}\n"

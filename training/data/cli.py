@@ -6,13 +6,13 @@ import argparse
 import io
 import json
 import logging
-import sys
 from itertools import islice
 from pathlib import Path
 
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from ..cli_support import float_in, int_in, pixels, user_error
 from .encoders import REPACK_HINT, missing_encodings
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .outcomes import report_kinds, summary_lines
@@ -33,31 +33,36 @@ def register(subparsers) -> None:
     pack.add_argument("input_dir", type=Path, help="folder of images (searched recursively) with captions")
     pack.add_argument("output_dir", type=Path, help="where shards, manifest.json and report.json go (not inside input)")
     pack.add_argument("--name", default="data", help="shard name prefix: <name>-000000.tar")
-    pack.add_argument("--samples-per-shard", type=int, default=1000, help="samples in each .tar shard")
-    pack.add_argument("--resolution", type=int, default=1024, help="bucket area is resolution²: 512, 768, 1024, ...")
-    pack.add_argument("--max-aspect-ratio", type=float, default=3.0, help="widest bucket shape (3.0: 3:1 and 1:3)")
+    pack.add_argument("--samples-per-shard", type=int_in(1), default=1000, help="samples in each .tar shard")
+    pack.add_argument("--resolution", type=pixels, default=1024, help="bucket area is resolution²: 512, 768, 1024, ...")
+    pack.add_argument(
+        "--max-aspect-ratio",
+        type=float_in(1, low_open=False),
+        default=3.0,
+        help="widest bucket shape (3.0: 3:1 and 1:3)",
+    )
     pack.add_argument("--too-small", choices=("skip", "upscale"), default="skip", help="images smaller than a bucket")
     pack.add_argument("--background", default="255,255,255", help="R,G,B composited under transparency")
     pack.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg", help="stored image format")
-    pack.add_argument("--image-quality", type=int, default=95, help="JPEG/WebP quality 1..100")
+    pack.add_argument("--image-quality", type=int_in(1, 100), default=95, help="JPEG/WebP quality 1..100")
     pack.add_argument("--metadata", type=Path, default=None, help="metadata.jsonl/.csv; none: one at the input root")
     pack.add_argument("--missing-caption", choices=("empty", "skip"), default="empty", help="images without a caption")
-    pack.add_argument("--max-caption-chars", type=int, default=4000, help="longer captions are cut")
+    pack.add_argument("--max-caption-chars", type=int_in(1), default=4000, help="longer captions are cut")
     pack.add_argument(
-        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="larger images are refused"
+        "--max-image-pixels", type=int_in(1), default=DEFAULT_MAX_IMAGE_PIXELS, help="larger images are refused"
     )
     pack.add_argument(
         "--follow-external-links",
         action="store_true",
         help="pack images, captions and folders that symbolic links lead to outside input_dir (off: reported only)",
     )
-    pack.add_argument("--threads", type=int, default=2, help="image decode threads")
+    pack.add_argument("--threads", type=int_in(1, 256), default=2, help="image decode threads")
     _add_encoder_arguments(pack)
     pack.set_defaults(func=run_pack)
 
     inspect = subparsers.add_parser("inspect", help="summarise a shard set: counts, buckets, a few decoded samples")
     inspect.add_argument("shards", type=Path, help="shard folder or its manifest.json")
-    inspect.add_argument("--samples", type=int, default=3, help="how many samples to decode and show")
+    inspect.add_argument("--samples", type=int_in(0), default=3, help="how many samples to decode and show")
     inspect.set_defaults(func=run_inspect)
 
 
@@ -83,7 +88,7 @@ def _add_encoder_arguments(pack) -> None:
         "--device", choices=("auto", "cuda", "cpu"), default="auto", help="where the encoders run (auto: GPU if any)"
     )
     encoders.add_argument(
-        "--encode-batch", type=int, default=1, help="samples per encoder call (e.g. 8 on a large GPU)"
+        "--encode-batch", type=int_in(1, 4096), default=1, help="samples per encoder call (e.g. 8 on a large GPU)"
     )
     encoders.add_argument(
         "--storage-dtype",
@@ -149,9 +154,8 @@ def run_pack(args: argparse.Namespace) -> int:
             result = pack_dataset(config, latent_encoder=latent_encoder, text_encoder=text_encoder, progress=progress)
         finally:
             progress.close()
-    except (ValueError, PackError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (ValueError, PackError) as error:
+        return user_error("pack", str(error))
     print(f"packed {result.samples} samples into {len(result.shards)} shards in {result.output_dir}")
     for bucket, count in sorted(result.buckets.items(), key=lambda item: -item[1]):
         print(f"  {bucket:>10}: {count}")
@@ -175,8 +179,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     try:
         shard_dir, manifest = load_manifest(args.shards)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return user_error("inspect", str(error))
     print(summarize(shard_dir, manifest, samples=args.samples))
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..cli_support import user_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,15 +28,30 @@ def register(subparsers) -> argparse.ArgumentParser:
 def train_command(args: argparse.Namespace) -> int:
     """Exit code: 0 completed or stopped on request, 2 for a config or setup mistake (the message says what to fix)."""
     from .config import TrainConfig
-    from .trainer import TrainingDiverged, run_training
 
     try:
         config = TrainConfig.load(args.config)
+        check_paths(config)
     except ValueError as error:
-        logger.error("%s", error)
-        return 2
+        return user_error("train", str(error))
+    from .trainer import TrainingDiverged, run_training  # torch: imported once the config is known to be good
+
     try:
         return run_training(config)
     except (ValueError, TrainingDiverged) as error:
-        logger.error("training stopped: %s", error)
-        return 2
+        return user_error("train", f"training stopped: {error}")
+
+
+def check_paths(config) -> None:
+    """What the config names on disk, checked before any rank starts (a ValueError naming the key and the fix)."""
+    output_dir = Path(config.run.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"run.output_dir {output_dir} is a file, not a folder: give a folder for the run")
+    lora_dir = config.run.lora_file.parent
+    if lora_dir.exists() and not lora_dir.is_dir():
+        raise ValueError(f"run.lora_path {config.run.lora_file}: {lora_dir} is a file, not a folder")
+    if config.model.weights and not Path(config.model.weights).exists():
+        raise ValueError(
+            f"model.weights {config.model.weights} does not exist: give the diffusion model's .safetensors file "
+            "(in ComfyUI: models/diffusion_models), or fix the path"
+        )

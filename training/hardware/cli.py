@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+from ..cli_support import float_in, int_in, pixels
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..vocabulary import LR_SCALINGS, MODES
@@ -33,11 +34,15 @@ def register(subparsers) -> argparse.ArgumentParser:
         default="z-image",
         help=f"a model preset ({', '.join(PRESETS)}; 'tiny' is the smoke model) or a .safetensors weights file",
     )
-    parser.add_argument("--resolution", type=int, nargs="+", default=[1024], help="side px, or width height")
-    parser.add_argument("--rank", type=int, default=DEFAULT_LORA_RANK, help="LoRA rank")
+    parser.add_argument("--resolution", type=pixels, nargs="+", default=[1024], help="side px, or width height")
+    parser.add_argument("--rank", type=int_in(1, 1024), default=DEFAULT_LORA_RANK, help="LoRA rank")
     parser.add_argument("--targets", choices=LORA_TARGETS, default=DEFAULT_TARGETS, help="LoRA target preset")
-    parser.add_argument("--batch", type=int, default=None, help="target global batch (default: the tier's)")
-    parser.add_argument("--caption-tokens", type=int, default=128, help="caption length in tokens (without --shards)")
+    parser.add_argument(
+        "--batch", type=int_in(1, 1_000_000), default=None, help="target global batch (default: the tier's)"
+    )
+    parser.add_argument(
+        "--caption-tokens", type=int_in(1, 8192), default=128, help="caption length in tokens (without --shards)"
+    )
     parser.add_argument(
         "--shards", type=Path, default=None, help="plan for this shard set's buckets and caption lengths"
     )
@@ -47,7 +52,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         default="longest",
         help="plan for the longest caption (longer ones refuse the run) or a percentile (longer ones are truncated)",
     )
-    parser.add_argument("--lr", type=float, default=1e-4, help="base learning rate for one GPU")
+    parser.add_argument("--lr", type=float_in(0, 1), default=1e-4, help="base learning rate for one GPU")
     parser.add_argument("--lr-scaling", choices=LR_SCALINGS, default="sqrt")
     parser.add_argument("--tier", default=None, help=f"plan for a simulated tier: {', '.join(sorted(load_tiers()))}")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
@@ -58,7 +63,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="RUN/config.json",
         help="also write the run config that follows the plan (needs --shards; train it with train --config)",
     )
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps, for --write-config")
+    parser.add_argument("--steps", type=int_in(1, 10_000_000), default=1000, help="optimizer steps, for --write-config")
     parser.set_defaults(func=run)
     return parser
 
@@ -87,9 +92,7 @@ def _plan(args: argparse.Namespace):
 
     tiers = load_tiers()
     if args.tier is not None and args.tier not in tiers:
-        raise ValueError(f"--tier {args.tier!r} is not one of {sorted(tiers)}")
-    if args.write_config is not None and args.shards is None:
-        raise ValueError("--write-config needs --shards: the run config names the shard set it trains on")
+        raise ValueError(f"--tier {args.tier!r} is not a known tier: choose one of {', '.join(sorted(tiers))}")
     if args.tier:
         tier, profile = tiers[args.tier], simulated_profile(tiers[args.tier])
     else:
