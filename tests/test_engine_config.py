@@ -34,7 +34,7 @@ NUMBERS = {
     "run.micro_batch": ("int", 1, 4096, False, False),
     "run.grad_accum": ("int", 1, 4096, False, False),
     "run.checkpoint_depth": ("int", 0, 1024, False, False),
-    "run.save_every": ("int", 0, 10_000_000, False, False),
+    "run.save_every": ("int?", 0, 10_000_000, False, False),
     "run.seed": ("int", 0, 2**32 - 1, False, False),
     "run.nccl_timeout_s": ("int", 1, None, False, False),
 }
@@ -67,7 +67,7 @@ def expected_ok(key: str, value) -> bool:
     if key in CHOICES:
         return value in CHOICES[key]
     kind, low, high, low_open, high_open = NUMBERS[key]
-    if kind == "float?" and value is None:
+    if kind.endswith("?") and value is None:
         return True
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -190,3 +190,11 @@ def test_integers_where_floats_go_become_floats():
     config = TrainConfig.from_dict({"run": {"output_dir": "x"}, "optim": {"weight_decay": 0, "grad_clip": 2}})
     assert type(config.optim.weight_decay) is float and type(config.optim.grad_clip) is float
     assert config.optim.grad_clip == 2.0
+
+
+@pytest.mark.parametrize(
+    ("steps", "save_every", "interval"),
+    [(40, None, 0), (100, None, 50), (1000, None, 100), (5000, None, 500), (1_000_000, None, 1000), (1000, 0, 0)],
+)
+def test_save_interval_defaults_to_a_tenth_of_the_run(steps, save_every, interval):
+    assert RunSection(output_dir="x", steps=steps, save_every=save_every).save_interval()[0] == interval

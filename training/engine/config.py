@@ -207,7 +207,7 @@ class RunSection:
     checkpoint_depth: int = bounded(0, ge=0, le=1024)  # main blocks with activation checkpointing, from the first
     compile: bool = False
     fp8: bool = False
-    save_every: int = bounded(0, ge=0, le=10_000_000)  # 0: only at the end
+    save_every: int | None = bounded(None, ge=0, le=10_000_000)  # 0: only at the end; None: see save_interval
     save_state: bool = True  # false: no resumable checkpoint (benchmarks, smoke runs); the LoRA file is still written
     seed: int = bounded(0, ge=0, le=2**32 - 1)
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
@@ -219,6 +219,17 @@ class RunSection:
     def __post_init__(self):
         _validate(self, "run")
         _require(bool(self.output_dir), "run.output_dir is empty: give the run folder")
+
+    def save_interval(self) -> tuple[int, str]:
+        """(steps between saves, 0: only at the end; the reason). Unset: every 10% of the run, 50..1000 steps apart,
+        so a crash loses at most a tenth of the run (and at most 1000 steps) for about ten saves; runs of 50 steps or
+        fewer (cheap to redo) save only at the end."""
+        if self.save_every is not None:
+            return self.save_every, f"run.save_every = {self.save_every}"
+        interval = min(max(-(-self.steps // 10), 50), 1000)
+        if interval >= self.steps:
+            return 0, f"run.save_every unset; {self.steps} steps are cheap to redo"
+        return interval, "run.save_every unset: every 10% of the steps, 50..1000 steps apart"
 
     @property
     def lora_file(self) -> Path:

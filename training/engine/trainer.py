@@ -31,6 +31,7 @@ from .failure import bind_run, plan_for_messages, record
 from .objective import FlowObjective
 from .optim import build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
+from .progress import Progress
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
 from .synthetic import SyntheticBatches, global_sample_indices
@@ -60,12 +61,13 @@ class Trainer:
     checkpointer: Checkpointer
     log: RunLog
     clock: StepClock
+    progress: Progress | None = None  # the terminal's progress line (rank 0)
     step: int = 0  # optimizer steps done
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
 
     @classmethod
-    def build(cls, config: TrainConfig, dist_info: DistInfo, log: RunLog) -> Trainer:
+    def build(cls, config: TrainConfig, dist_info: DistInfo, log: RunLog, progress: Progress | None = None) -> Trainer:
         captions = _caption_limit(config)  # a dataset the plan does not hold stops here, before the model loads
         model = build_model(config, dist_info)
         lora = apply_mode(model, config)
@@ -106,6 +108,7 @@ class Trainer:
             checkpointer=Checkpointer(run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size),
             log=log,
             clock=StepClock(device_waiter(dist_info.device)),
+            progress=progress,
         )
         trainer.resume()
         return trainer
@@ -126,8 +129,13 @@ class Trainer:
     def train(self, stop: GracefulStop) -> str:
         """Run until the configured step count or a stop request; returns 'completed' or 'stopped'."""
         run = self.config.run
+        save_every, reason = run.save_interval()
+        when = f"every {save_every} steps and at the end" if save_every else "at the end only"
+        logger.info("LoRA and checkpoint saves: %s (%s)", when, reason)
         if self.step >= run.steps:
             logger.info("the checkpoint is at step %d of %d: nothing left to train", self.step, run.steps)
+        elif self.progress is not None:
+            self.progress.phase("compiling (first step)" if run.compile else "first step")
         while self.step < run.steps:
             with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
                 metrics = self.train_step(stop_requested=stop.requested)
@@ -136,8 +144,12 @@ class Trainer:
             self.step += 1
             self.history.append(metrics)
             self.log.step({"step": self.step, **metrics})
+            if self.progress is not None:
+                self.progress.step(self.step, metrics)
             final = stopping or self.step == run.steps
-            if final or (run.save_every and self.step % run.save_every == 0):
+            if final or (save_every and self.step % save_every == 0):
+                if self.progress is not None:
+                    self.progress.phase("saving")
                 self.save(final=final)
             if stopping:
                 logger.warning("stopped at step %d on request (%s)", self.step, stop.signal_name or "another rank")
@@ -407,12 +419,14 @@ def run_training(config: TrainConfig) -> int:
     plan = plan_for_messages(config, n_layers=n_layers, world_size=dist_info.world_size)
     bind_run(config.run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size, plan=plan)
     log = RunLog(config.run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size)
+    progress = Progress(config.run.steps, rank=dist_info.rank)
     started = time.time()
     trainer: Trainer | None = None
     try:
         with GracefulStop() as stop:
             log.status("starting", f"{config.mode} on {dist_info.world_size} process(es)")
-            trainer = Trainer.build(config, dist_info, log)
+            progress.phase("loading weights" if config.model.weights else "building the model")
+            trainer = Trainer.build(config, dist_info, log, progress)
             log.status("running", f"step {trainer.step} of {config.run.steps}")
             state = trainer.train(stop)
         message = f"{state} at step {trainer.step} of {config.run.steps}"
@@ -421,6 +435,7 @@ def run_training(config: TrainConfig) -> int:
         logger.info("training %s", message)
         return 0
     finally:
+        progress.close()
         if trainer is not None:  # a background save must end before its process group goes (errors: train's wait)
             trainer.checkpointer.close(raise_error=False)
         log.close()
