@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import time
 
 from test_engine_runs import tiny_config
 
@@ -125,3 +126,18 @@ def test_a_run_reports_its_phases_and_steps(tmp_path, caplog):
     assert "building the model..." in text and "first step..." in text
     assert "step 1/3 (33%) | loss" in text and "step 3/3 (100%)" in text and "saving..." in text
     assert "LoRA and checkpoint saves: at the end only (run.save_every unset; 3 steps are cheap to redo)" in text
+
+
+def test_the_ticker_counts_a_silent_phase_up():
+    """Loading weights or compiling prints nothing for a while: the line still shows the seconds passing."""
+    clock, stream = Clock(), Terminal()
+    progress = Progress(10, stream=stream, clock=clock, tick_s=0.01)
+    try:
+        progress.phase("compiling (first step)")
+        clock.now += 42
+        deadline = time.monotonic() + 10
+        while "compiling (first step)… 42 s" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        progress.close()
+    assert "compiling (first step)… 42 s" in stream.getvalue()

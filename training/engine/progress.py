@@ -49,6 +49,7 @@ class Progress:
         self._first: tuple[int, float] | None = None  # (step, time) after the first step: ETA leaves compile out
         self._last_line = -float("inf")
         self._visible = False
+        self._log_pending = False  # a log line was just let through: the ticker waits one tick for it to be written
         self._stop = threading.Event()
         self._filters: list[tuple[logging.Handler, logging.Filter]] = []
         self._ticker = None
@@ -141,7 +142,10 @@ class Progress:
 
     def _tick(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            self._draw()
+            with self._lock:
+                skip, self._log_pending = self._log_pending, False
+            if not skip:
+                self._draw()
 
     def _hook_log_handlers(self) -> None:
         """A log line written to our stream first clears the bar (the next draw puts it back below the line)."""
@@ -153,6 +157,7 @@ class Progress:
                     if progress._visible:
                         progress.stream.write(CLEAR_LINE)
                         progress._visible = False
+                    progress._log_pending = True
                 return True
 
         for handler in logging.getLogger().handlers:
