@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -67,7 +68,6 @@ def full_disk_open(room: int, *, only: str = ""):
 @pytest.mark.parametrize(
     ("flags", "needles"),
     [
-        (["--tier", "nope"], ["--tier 'nope' is not a known tier", "1x24GB"]),
         (["--tier", "cpu", "--rank", "0"], ["--rank: 0 is out of range", "1..1024"]),
         (["--tier", "cpu", "--rank", "x"], ["--rank", "'x'"]),
         (["--tier", "cpu", "--batch", "0"], ["--batch: 0 is out of range"]),
@@ -81,6 +81,17 @@ def test_plan_flag_mistakes(flags, needles, capsys):
     code, err = run(["plan", *flags], capsys)
     assert code == 2
     assert_one_message(err, *needles)
+
+
+def test_plan_unknown_tier(capsys, caplog):
+    """The plan command reports its own mistakes through logging: one ERROR line, exit code 2, no traceback."""
+    with caplog.at_level(logging.ERROR):
+        code, err = run(["plan", "--tier", "nope"], capsys)
+    assert code == 2 and "Traceback" not in err + caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "plan: --tier 'nope' is not a known tier: choose one of "
+        "1x24GB, 1x80GB, 2xA10-24GB, 4xA100-40GB-SXM, 4xH100-80GB-NVLink4, 8xA100-80GB-NVSwitch, cpu"
+    ]
 
 
 def test_pack_into_a_file(tmp_path, capsys):
@@ -203,7 +214,7 @@ def test_demo_output_a_file_and_bad_steps(tmp_path, capsys):
 
 def test_demo_writes_outside_the_current_folder_by_default():
     """No --output: a new temporary folder (resolved in run_demo), never a folder in the checkout."""
-    from training.engine.demo import DemoSettings
+    from training.apps.demo import DemoSettings
 
     assert build_parser("demo").parse_args(["demo"]).output is None
     assert DemoSettings().output is None

@@ -130,6 +130,8 @@ def model_config(model: str) -> ZImageConfig:
 def _write_config(args: argparse.Namespace, plan) -> None:
     from ..engine.config import TrainConfig
 
+    if args.shards is None:
+        raise ValueError("--write-config needs --shards: the shard set the run trains on (pack one first)")
     model = {"preset": args.model} if args.model in PRESETS else {"weights": str(Path(args.model).resolve())}
     config = TrainConfig.from_plan(
         plan,
