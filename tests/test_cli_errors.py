@@ -22,13 +22,18 @@ from training.__main__ import build_parser, main
 from training.engine.events import read_status
 
 
-def run(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of ``python -m training <argv>``; argparse errors exit through SystemExit."""
+def run(argv: list[str], capsys, caplog=None) -> tuple[int, str]:
+    """(exit code, what stderr shows) of ``python -m training <argv>``; argparse errors exit through SystemExit.
+    With ``caplog``, ERROR log records count as stderr lines too (the CLI's logging writes them there)."""
     try:
         code = main(argv)
     except SystemExit as exit_:
         code = exit_.code
-    return code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    if caplog is not None:
+        err += "".join(f"{r.getMessage()}\n" for r in caplog.records if r.levelno >= logging.ERROR)
+        caplog.clear()
+    return code, err
 
 
 def assert_one_message(err: str, *needles: str) -> None:
@@ -146,24 +151,27 @@ def write_config(tmp_path: Path, config: dict) -> Path:
     return path
 
 
-def test_train_missing_weights_and_output_dir_a_file(tmp_path, capsys):
+def test_train_missing_weights_and_output_dir_a_file(tmp_path, capsys, caplog):
     config = tiny_config(tmp_path / "run", steps=1)
     config["model"]["weights"] = str(tmp_path / "missing.safetensors")
-    code, err = run(["train", "--config", str(write_config(tmp_path, config))], capsys)
+    with caplog.at_level(logging.ERROR):
+        code, err = run(["train", "--config", str(write_config(tmp_path, config))], capsys, caplog)
     assert code == 2
     assert_one_message(err, "model.weights", "missing.safetensors does not exist", "diffusion_models")
 
     (tmp_path / "afile").write_text("")
     config = tiny_config(tmp_path / "afile", steps=1)
-    code, err = run(["train", "--config", str(write_config(tmp_path, config))], capsys)
+    with caplog.at_level(logging.ERROR):
+        code, err = run(["train", "--config", str(write_config(tmp_path, config))], capsys, caplog)
     assert code == 2
     assert_one_message(err, "run.output_dir", "is a file, not a folder")
 
 
-def test_train_bad_config_value(tmp_path, capsys):
+def test_train_bad_config_value(tmp_path, capsys, caplog):
     config = tiny_config(tmp_path / "run", steps=1)
     config["optim"]["weight_decay"] = float("inf")
-    code, err = run(["train", "--config", str(write_config(tmp_path, config))], capsys)
+    with caplog.at_level(logging.ERROR):
+        code, err = run(["train", "--config", str(write_config(tmp_path, config))], capsys, caplog)
     assert code == 2
     assert_one_message(err, "optim.weight_decay: must be a finite number >= 0, got inf")
 

@@ -9,16 +9,18 @@ from training.__main__ import main
 from training.engine.events import read_status
 
 
-def test_missing_config_is_exit_code_2(tmp_path, capsys):
-    assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+def test_missing_config_is_exit_code_2(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
+    assert "does not exist" in caplog.text
 
 
-def test_unknown_key_is_exit_code_2(tmp_path, capsys):
+def test_unknown_key_is_exit_code_2(tmp_path, caplog):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"run": {"output_dir": str(tmp_path / "run"), "stepz": 3}}))
-    assert main(["train", "--config", str(path)]) == 2
-    assert "stepz" in capsys.readouterr().err
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--config", str(path)]) == 2
+    assert "stepz" in caplog.text
 
 
 def test_setup_mistake_fails_the_run_with_the_fix(tmp_path, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 
 import torch
 from safetensors import safe_open
@@ -41,7 +42,7 @@ def diverging_config(run_dir) -> dict:
     return config
 
 
-def test_nan_loss_stops_at_its_step_keeps_the_last_good_lora_and_fails(tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_at_its_step_keeps_the_last_good_lora_and_fails(tmp_path, monkeypatch, caplog):
     reference = diverging_config(tmp_path / "reference")
     reference["run"]["steps"] = POISONED_STEP - 1
     assert run_training(TrainConfig.from_dict(copy.deepcopy(reference))) == 0
@@ -50,9 +51,10 @@ def test_nan_loss_stops_at_its_step_keeps_the_last_good_lora_and_fails(tmp_path,
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     poison_batches(monkeypatch, from_step=POISONED_STEP)
-    assert main(["train", "--config", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert f"error (train): training stopped: training diverged at step {POISONED_STEP}: loss nan" in err
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--config", str(path)]) == 2
+    err = caplog.text
+    assert f"training stopped: training diverged at step {POISONED_STEP}: loss nan" in err
     assert "Lower optim.lr" in err
 
     run_dir = tmp_path / "run"

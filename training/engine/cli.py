@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_support import user_error
+from ..cli_support import USER_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +33,15 @@ def train_command(args: argparse.Namespace) -> int:
         config = TrainConfig.load(args.config)
         check_paths(config)
     except ValueError as error:
-        return user_error("train", str(error))
+        logger.error("%s", error)
+        return USER_ERROR
     from .trainer import TrainingDiverged, run_training  # torch: imported once the config is known to be good
 
     try:
         return run_training(config)
     except (ValueError, TrainingDiverged) as error:
-        return user_error("train", f"training stopped: {error}")
+        logger.error("training stopped: %s", error)
+        return USER_ERROR
 
 
 def check_paths(config) -> None:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from ..data.progress import format_duration
+
 logger = logging.getLogger(__name__)
 
 LOG_INTERVAL_S = 10.0  # without a terminal: a step line at most this often (and at the first and the last step)
@@ -165,15 +167,6 @@ class Progress:
                 log_filter = ClearBar()
                 handler.addFilter(log_filter)
                 self._filters.append((handler, log_filter))
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _can_encode(stream: TextIO, text: str) -> bool:
