@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from training.engine.config import DataSection, LoraSection, OptimSection, RunSection, TrainConfig
-from training.engine.events import read_events
 from training.engine.timing import window_rate
 from training.engine.trainer import run_training
 from training.model.config import PRESETS
 from training.model.flops import image_tokens_for, training_flops
+from training.run.events import read_events
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ours import OUR_CONFIGS, train_config  # noqa: E402
 
-from training.engine.events import read_events  # noqa: E402
 from training.engine.timing import window_rate  # noqa: E402
 from training.model.config import PRESETS  # noqa: E402
 from training.model.flops import image_tokens_for, training_flops  # noqa: E402
+from training.run.events import read_events  # noqa: E402
 
 RUNS = {
     "lora": OUR_CONFIGS["lora-512"],

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ours import OUR_CONFIGS, train_config  # noqa: E402
 
-from training.engine.events import read_events  # noqa: E402
 from training.engine.report import smooth  # noqa: E402
 from training.engine.timing import window_rate  # noqa: E402
+from training.run.events import read_events  # noqa: E402
 
 VARIANTS = {
     "plain": dataclasses.replace(OUR_CONFIGS["lora-512"], compile=False),

@@ -166,8 +166,8 @@ def engine_run(conf: Config, *, warmup: int, steps: int, probe: bool, cap_bytes:
     ``probe``, the probe's coefficients on the last main block. ``cap_bytes`` caps the allocator for the whole run.
     Everything is freed (trainer, process group, cache) before it returns; an OOM is reported, not raised."""
     from training.engine.distributed import init_distributed, shutdown_distributed
-    from training.engine.events import RunLog
     from training.engine.trainer import Trainer
+    from training.run.events import RunLog
 
     result: dict = {"leftover_gib": free_cuda() / GIB}
     total = torch.cuda.get_device_properties(0).total_memory

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ours import OUR_CONFIGS, train_config  # noqa: E402
 
 from training.engine.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from training.engine.events import RunLog  # noqa: E402
 from training.engine.trainer import Trainer  # noqa: E402
+from training.run.events import RunLog  # noqa: E402
 
 GROUPS = (  # first match wins
     ("attention", ("flash", "fmha", "attention", "cudnn")),

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..training.engine.events import read_events
 from ..training.engine.report import render_report
+from ..training.run.events import read_events, read_summary
 from . import paths
-from .run_process import SUMMARY_FILE, read_json_file
 from .validation import Int, Text, check_all, declare
 from .values import RUN_TYPE
 
@@ -38,7 +37,7 @@ def report_image(events: list[dict], window: int) -> torch.Tensor:
 
 
 def summarize_run(run_dir: Path, events: list[dict]) -> str:
-    summary = read_json_file(run_dir / SUMMARY_FILE) or {}
+    summary = read_summary(run_dir) or {}
     lines = [
         f"Run {run_dir.name}: {len(events)} steps logged" + (f", last step {events[-1]['step']}" if events else "")
     ]

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 from ..training.data.stats import read_dataset_stats
 from ..training.engine.config import TrainConfig
 from ..training.hardware.dataset_fit import check_plan_against_dataset
+from ..training.run.events import EVENTS_FILE, EventTail, read_summary
+from ..training.run.launch import CONFIG_FILE, RunProcess, TrainingFailed, failure_message, outcome, train_command
 from . import comfy_bridge, paths
-from .run_process import (
-    EVENTS_FILE,
-    STATUS_FILE,
-    EngineProcess,
-    EventTail,
-    TrainingFailed,
-    failure_message,
-    outcome,
-    read_json_file,
-    train_command,
-)
 from .validation import Choice, Float, Int, Text, Toggle, check_all
 from .values import DATASET_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
 
@@ -31,7 +21,6 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_EVENT = "whetstone.progress"
 POLL_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 600.0
-CONFIG_FILE = "config.json"
 
 WIDGETS = {
     "run_name": Text(
@@ -96,24 +85,6 @@ def stopping_text(step: int | None) -> str:
     return f"Stopping… finishing{at}, then saving the LoRA and a resumable checkpoint."
 
 
-def refuse_if_running(run_dir: Path) -> None:
-    """Two trainings in one run folder would corrupt it: refuse while the recorded process is alive."""
-    status = read_json_file(run_dir / STATUS_FILE) or {}
-    pid = status.get("pid")
-    if status.get("state") in ("starting", "running") and isinstance(pid, int) and _alive(pid):
-        raise ValueError(f"run {run_dir.name!r} is already training (pid {pid}); wait, stop it, or pick another name")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Progress:
     """Turns new step events into the node's progress bar and throttled websocket updates for the chart."""
 
@@ -157,7 +128,7 @@ class Progress:
         return (now - first_now) / (step - first_step) * (self.total_steps - step)
 
 
-def follow(process: EngineProcess, progress: Progress, poll_seconds: float = POLL_SECONDS) -> bool:
+def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_SECONDS) -> bool:
     """Poll the run until the child exits; returns True when the user interrupted (the child was asked to stop).
 
     Any exception here (including ComfyUI's interrupt raised by a progress update) stops the child politely first.
@@ -233,14 +204,17 @@ class Train:
         dataset_dir = paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values)
-        refuse_if_running(run_dir)
-        comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it back
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / CONFIG_FILE)
-        process = EngineProcess(run_dir, train_command(run_dir / CONFIG_FILE, plan.world_size), cwd=PACK_ROOT)
-        progress = Progress(unique_id, run_name, values["steps"])
-        progress.send("start", total_steps=values["steps"])
-        process.start()
+        process = RunProcess(run_dir, train_command(run_dir / CONFIG_FILE, plan.world_size), cwd=PACK_ROOT)
+        process.claim()  # refuses a folder that a live run holds, before anything in it is written
+        try:
+            comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
+            config.save(run_dir / CONFIG_FILE)
+            progress = Progress(unique_id, run_name, values["steps"])
+            progress.send("start", total_steps=values["steps"])
+            process.start()
+        except BaseException:
+            process.release()
+            raise
         interrupted = follow(process, progress)
         result = outcome(run_dir, process.wait(STOP_TIMEOUT_SECONDS))
         ended = finished_text(result.state, result.message, run_name, lora_path.name)
@@ -250,7 +224,7 @@ class Train:
             comfy_bridge.raise_if_interrupted()
         if result.state == "failed":
             raise TrainingFailed(failure_message(run_dir, result))
-        summary = read_json_file(run_dir / "summary.json") or {}
+        summary = read_summary(run_dir) or {}
         run = RunRef(
             run_dir=run_dir, lora_path=lora_path, lora_name=lora_path.name, state=result.state, summary=summary
         )

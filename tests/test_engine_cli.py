@@ -6,7 +6,7 @@ import json
 import logging
 
 from training.__main__ import main
-from training.engine.events import read_status
+from training.run.events import read_status
 
 
 def test_missing_config_is_exit_code_2(tmp_path, caplog):

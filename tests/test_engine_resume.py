@@ -14,8 +14,8 @@ import pytest
 from tests.test_engine_runs import assert_same_curve, tiny_config, train_in_process, train_subprocess
 from training.apps.demo import make_images, pack_images
 from training.engine.config import TrainConfig
-from training.engine.events import read_events, read_status
 from training.engine.trainer import run_training
+from training.run.events import read_events, read_status
 
 
 @pytest.fixture(scope="module")

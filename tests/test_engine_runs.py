@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from training.engine.config import TrainConfig
-from training.engine.events import read_events, read_status
 from training.engine.trainer import run_training
 from training.model.weights import load_transformer
+from training.run.events import read_events, read_status
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4

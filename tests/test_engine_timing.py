@@ -13,10 +13,10 @@ import pytest
 
 from training.engine import trainer as trainer_module
 from training.engine.config import TrainConfig
-from training.engine.events import read_events
 from training.engine.step_clock import StepClock
 from training.engine.timing import TimingMismatch, window_rate
 from training.engine.trainer import run_training
+from training.run.events import read_events
 
 DEVICE_TAIL_S = 0.15  # queued device work that finishes after the host has dispatched the step
 

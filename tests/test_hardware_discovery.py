@@ -126,7 +126,7 @@ def test_visible_handles_follow_cuda_visible_devices(monkeypatch, visible, expec
 
 def test_discovery_and_sampler_see_the_same_gpus(monkeypatch, tmp_path):
     """ComfyUI started on one device of four: the plan may use one GPU, and the run reports that one."""
-    from training.engine.events import GpuSampler
+    from training.run.events import GpuSampler
 
     nvml = fake_pynvml_with_uuids(4)
     nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=50)

@@ -14,13 +14,13 @@ from test_nodes_support import install_fake_comfy, pack_module
 from training.model.config import PRESETS
 from training.model.weights import save_weights
 from training.model.zimage import ZImageTransformer
+from training.run import events, launch
 
 hardware_node = pack_module("nodes.hardware_node")
 plan_node = pack_module("nodes.plan_node")
 train_node = pack_module("nodes.train_node")
 report_node = pack_module("nodes.report_node")
 pack_node = pack_module("nodes.pack_node")
-run_process = pack_module("nodes.run_process")
 
 
 @pytest.fixture
@@ -64,15 +64,15 @@ def test_plan_measured_without_hardware_says_what_to_link(comfy):
 
 
 def test_train_command_uses_torchrun_only_for_several_gpus(tmp_path):
-    single = run_process.train_command(tmp_path / "config.json", 1)
+    single = launch.train_command(tmp_path / "config.json", 1)
     assert single[:5] == [sys.executable, "-m", "training", "train", "--config"]
-    multi = run_process.train_command(tmp_path / "config.json", 4)
+    multi = launch.train_command(tmp_path / "config.json", 4)
     assert multi[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in multi and "4" in multi
 
 
 def test_event_tail_reads_only_complete_lines(tmp_path):
     path = tmp_path / "events.jsonl"
-    tail = run_process.EventTail(path)
+    tail = events.EventTail(path)
     assert tail.read_new() == []
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
     assert [e["step"] for e in tail.read_new()] == [1]
@@ -84,8 +84,8 @@ def test_event_tail_reads_only_complete_lines(tmp_path):
 def test_failure_message_carries_the_traceback_and_run_folder(tmp_path):
     (tmp_path / "error.txt").write_text("Traceback (most recent call last):\nValueError: boom\n")
     (tmp_path / "status.json").write_text(json.dumps({"state": "failed", "message": "boom"}))
-    result = run_process.outcome(tmp_path, 1)
-    message = run_process.failure_message(tmp_path, result)
+    result = launch.outcome(tmp_path, 1)
+    message = launch.failure_message(tmp_path, result)
     assert result.state == "failed" and "ValueError: boom" in message and str(tmp_path) in message
 
 

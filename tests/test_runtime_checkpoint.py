@@ -364,8 +364,8 @@ def test_two_ranks_gloo_async_resume(tmp_path):
 
 def _qlora_run(run_dir, steps: int) -> list[float]:
     from training.engine.config import DataSection, ModelSection, RunSection, TrainConfig
-    from training.engine.events import read_events
     from training.engine.trainer import run_training
+    from training.run.events import read_events
 
     config = TrainConfig(
         mode="qlora",

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from training.engine.checkpoint import Checkpointer
 from training.engine.checkpoint_files import CheckpointDamaged, CheckpointMismatch
 from training.engine.config import TrainConfig
-from training.engine.events import read_events, read_status
 from training.engine.trainer import run_training
+from training.run.events import read_events, read_status
 
 
 class _Planted:

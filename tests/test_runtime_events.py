@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-from training.engine.events import RunLog, maybe_profile, read_events, read_status
 from training.engine.signals import GracefulStop
+from training.run.events import RunLog, maybe_profile, read_events, read_status
 
 
 def test_step_lines_are_readable_live(tmp_path):

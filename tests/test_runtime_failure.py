@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine import failure
-from training.engine.events import read_status
+from training.run import failure, launch
+from training.run.events import read_status
 
 PLAN = {"mode": "lora", "micro_batch": 4, "grad_accum": 1, "checkpoint_depth": 30, "n_layers": 30, "resolution": 1024}
 
@@ -96,7 +96,7 @@ def test_settle_status_names_root_cause(tmp_path):
 
 
 def test_settle_status_keeps_honoured_stop_and_flags_silent_exit(tmp_path):
-    from training.engine.events import write_status
+    from training.run.events import write_status
 
     write_status(tmp_path, "stopped", "SIGTERM: saved at step 3")
     assert failure.settle_status(tmp_path, returncode=1)["state"] == "stopped"
@@ -134,10 +134,10 @@ def test_kill_one_rank_ends_job_with_clear_status(tmp_path):
     command = [torchrun, "--standalone", "--nproc-per-node", "2", "--max-restarts", "0", __file__, str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
-    returncode = failure.supervise(command, tmp_path, timeout_s=90, env=env)
+    returncode = launch.supervise(command, tmp_path, timeout_s=90, env=env)
     elapsed = time.monotonic() - started
     status = read_status(tmp_path)
-    log = (tmp_path / failure.LAUNCHER_LOG).read_text()
+    log = (tmp_path / launch.LOG_FILE).read_text()
     assert elapsed < 60, f"job took {elapsed:.0f} s to end:\n{log[-3000:]}"
     assert returncode != 0
     assert status["state"] == "failed", status
@@ -164,7 +164,7 @@ def test_kill_one_rank_of_real_training(tmp_path):
     command += ["train", "--config", str(tmp_path / "config.json")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     codes = []
-    thread = threading.Thread(target=lambda: codes.append(failure.supervise(command, tmp_path, timeout_s=150, env=env)))
+    thread = threading.Thread(target=lambda: codes.append(launch.supervise(command, tmp_path, timeout_s=150, env=env)))
     thread.start()
     victim = _wait_for_rank_after_first_step(tmp_path, rank=1, deadline=time.monotonic() + 90)
     killed = time.monotonic()
@@ -189,15 +189,15 @@ def _wait_for_rank_after_first_step(run_dir: Path, *, rank: int, deadline: float
                 except psutil.Error:
                     continue
         time.sleep(0.2)
-    log = (run_dir / failure.LAUNCHER_LOG).read_text() if (run_dir / failure.LAUNCHER_LOG).is_file() else ""
+    log = (run_dir / launch.LOG_FILE).read_text() if (run_dir / launch.LOG_FILE).is_file() else ""
     raise AssertionError(f"rank {rank} never logged a step:\n{log[-3000:]}")
 
 
 def _worker(run_dir: str) -> None:
     import torch.distributed as dist
 
-    from training.engine.events import RunLog
     from training.engine.signals import GracefulStop
+    from training.run.events import RunLog
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -13,8 +13,8 @@ import uuid
 import pytest
 from integration.workflows import make_images, train_prompt
 
-from training.engine.events import read_events
 from training.model.lora_file import load_lora_file
+from training.run.events import read_events
 
 pytestmark = pytest.mark.comfyui
 

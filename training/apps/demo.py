@@ -70,9 +70,9 @@ class DemoResult:
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run every stage; raise if the loss did not fall or the LoRA file does not reproduce the trained adapter."""
-    from ..engine.events import read_events, read_status
     from ..engine.report import loss_series, render_report, smooth
     from ..engine.trainer import run_training
+    from ..run.events import read_events, read_status
 
     started = time.monotonic()
     out = settings.output

@@ -21,6 +21,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--config", required=True, type=Path, help="the run's config.json (see TrainConfig)")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start N training processes (torchrun for N > 1) under the launcher the Train node uses: it holds the "
+        "run folder, forwards Ctrl+C as a polite stop and names a rank that dies; without it, train in this process",
+    )
     parser.set_defaults(func=train_command)
     return parser
 
@@ -38,6 +46,10 @@ def train_command(args: argparse.Namespace) -> int:
     from .trainer import TrainingDiverged, run_training  # torch: imported once the config is known to be good
 
     try:
+        if args.nproc_per_node is not None:
+            from ..run.launch import launch
+
+            return launch(args.config, Path(config.run.output_dir), args.nproc_per_node)
         return run_training(config)
     except (ValueError, TrainingDiverged) as error:
         logger.error("training stopped: %s", error)

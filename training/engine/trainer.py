@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import resource
@@ -21,13 +22,14 @@ from ..data.stats import read_dataset_stats
 from ..model.config import preset
 from ..model.lora import LoraSettings, lora_state_dict, set_lora_input_cast
 from ..model.lora_file import save_lora_file
+from ..run.events import RunLog, maybe_profile
+from ..run.failure import plan_for_messages, record
+from ..run.session import run_session
 from .build import apply_mode, build_model, compute_dtype, load_empty_caption
 from .captions import CaptionLimit
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
-from .events import RunLog, maybe_profile
-from .failure import bind_run, plan_for_messages, record
 from .objective import FlowObjective
 from .optim import build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
@@ -413,11 +415,25 @@ def peak_memory_gb(device: torch.device) -> float:
 def run_training(config: TrainConfig) -> int:
     """Train as this process's rank (torchrun) or as the only process; returns the exit code (0: completed/stopped).
 
-    A failure writes the rank's traceback and status 'failed' to the run folder (`failure.record`), then raises."""
+    The run's lifecycle (`training.run.session`): rank 0 holds the run folder (refusing one that another run holds,
+    `FolderBusy`), and a failure writes the rank's traceback and status 'failed' to the run folder, then raises."""
     dist_info = init_distributed(timeout_s=config.run.nccl_timeout_s)
-    n_layers = preset(config.model.preset).n_layers
-    plan = plan_for_messages(config, n_layers=n_layers, world_size=dist_info.world_size)
-    bind_run(config.run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size, plan=plan)
+    try:
+        n_layers = preset(config.model.preset).n_layers
+        plan = plan_for_messages(config, n_layers=n_layers, world_size=dist_info.world_size)
+        with run_session(
+            config.run.output_dir,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            plan=plan,
+            agree=functools.partial(_every_rank, dist_info.device),
+        ):
+            return _train(config, dist_info)
+    finally:
+        shutdown_distributed()
+
+
+def _train(config: TrainConfig, dist_info: DistInfo) -> int:
     log = RunLog(config.run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size)
     progress = Progress(config.run.steps, rank=dist_info.rank)
     started = time.time()
@@ -439,7 +455,11 @@ def run_training(config: TrainConfig) -> int:
         if trainer is not None:  # a background save must end before its process group goes (errors: train's wait)
             trainer.checkpointer.close(raise_error=False)
         log.close()
-        shutdown_distributed()
+
+
+def _every_rank(device: torch.device, ok: bool) -> bool:
+    """True when ``ok`` is True on every rank (a collective)."""
+    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=device)).item() == 0
 
 
 def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: str, wall_s: float) -> dict:

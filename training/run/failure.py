@@ -4,25 +4,28 @@ Three layers, each writing what only it knows:
 
 * `record` (on every rank's entry point, after `bind_run`): the rank's traceback goes to ``error-rank<r>.txt``; the
   first rank to fail also writes ``error.txt`` and status 'failed' with a one-line message (for CUDA OOM: the plan
-  that failed and the next plan that should fit). It wraps torch elastic's ``@record`` so torchrun's summary shows
-  the traceback too.
+  that failed and the next plan that should fit; for a full disk: which folder to free). Any ``BaseException`` counts
+  (torch's ``CheckpointException`` is not an ``Exception``). It wraps torch elastic's ``@record`` so torchrun's
+  summary shows the traceback too. `rotate_errors` moves an earlier attempt's tracebacks aside when a run starts.
 * torchrun (``--max-restarts 0``): when a rank dies, the agent sends SIGTERM to the others and SIGKILL 30 s later;
   a survivor blocked in a gloo collective gets an error as soon as the dead peer's socket closes.
-* the launcher (`supervise`, or `settle_status` after any ``torchrun`` subprocess): a rank killed by a signal writes
-  nothing, so the launcher, which sees the exit codes, makes the final status name the rank that failed first.
+* the launcher (`training.run.launch`, which calls `settle_status` after its child exits): a rank killed by a signal
+  writes nothing, so the launcher, which sees the exit codes, makes the final status name the rank that failed first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
 import re
 import signal
-import subprocess
 import tempfile
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ from .events import TERMINAL_STATES, read_status, write_status
 logger = logging.getLogger(__name__)
 
 ERROR_FILE = "error.txt"
-LAUNCHER_LOG = "launcher.log"
+RANK_ERROR_GLOB = "error-rank*.txt"
+PREVIOUS_PREFIX = "previous-"  # an earlier attempt's error files, moved aside by `rotate_errors`
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -62,44 +66,91 @@ def bind_run(run_dir: str | os.PathLike, *, rank: int, world_size: int, plan: di
     _context = RunContext(run_dir=Path(run_dir), rank=rank, world_size=world_size, plan=dict(plan or {}))
 
 
+def unbind_run() -> None:
+    """Forget the bound run (its entry point returned): a later failure in this process is not written there."""
+    global _context
+    _context = None
+
+
 def record(fn):
     """Decorator for entry points: failures are written to the bound run folder, then re-raised."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with recorded():
             return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            if _context is not None:
-                write_status(_context.run_dir, "stopped", "interrupted by a second signal: stopped without saving")
-            raise
-        except Exception as error:
-            if _context is not None:
-                write_failure(_context, error)
-            raise
 
     from torch.distributed.elastic.multiprocessing.errors import record as elastic_record
 
     return elastic_record(wrapper)
 
 
+@contextlib.contextmanager
+def recorded() -> Iterator[None]:
+    """Write any failure of the block to the bound run folder (if one is bound), then re-raise it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _context is not None:
+            write_status(_context.run_dir, "stopped", "interrupted by a second signal: stopped without saving")
+        raise
+    except SystemExit as exit_request:
+        if _context is not None and exit_request.code not in (0, None):
+            write_failure(_context, exit_request)
+        raise
+    except BaseException as error:  # CheckpointException and other non-Exception failures must be recorded too
+        if _context is not None:
+            write_failure(_context, error)
+        raise
+
+
 def write_failure(context: RunContext, error: BaseException) -> str:
-    """Write this rank's traceback; the first failing rank of the run also writes error.txt and the status."""
+    """Write this rank's traceback; the first failing rank of the run also writes error.txt and the status.
+
+    Best effort on a broken disk: a traceback that cannot be written is logged, and the status is still attempted
+    (`write_status` falls back to rewriting the file in place when the disk is full)."""
     text = "".join(traceback.format_exception(error))
     message = f"rank {context.rank}: {failure_message(error, context)}"
-    run_dir = context.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / f"error-rank{context.rank}.txt", text)
-    if _create_exclusive(run_dir / ERROR_FILE, f"{message}\n\n{text}"):
-        write_status(run_dir, "failed", message, rank=context.rank, plan=context.plan)
     logger.error("%s", message)
+    run_dir = context.run_dir
+    first = True
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / f"error-rank{context.rank}.txt", text)
+        first = _create_exclusive(run_dir / ERROR_FILE, f"{message}\n\n{text}")
+    except OSError as write_error:
+        logger.error("could not write the traceback to %s (%s); it follows here:\n%s", run_dir, write_error, text)
+    if first:
+        write_status(run_dir, "failed", message, rank=context.rank, plan=context.plan)
     return message
+
+
+def rotate_errors(run_dir: str | os.PathLike) -> list[Path]:
+    """Move an earlier attempt's error files to ``previous-<name>`` (replacing older ones), so that this attempt's
+    error.txt and status name this attempt's failure. Returns the moved files' new paths."""
+    run_dir = Path(run_dir)
+    moved = []
+    for path in [run_dir / ERROR_FILE, *sorted(run_dir.glob(RANK_ERROR_GLOB))]:
+        if path.is_file() and not path.is_symlink():
+            target = path.with_name(PREVIOUS_PREFIX + path.name)
+            os.replace(path, target)
+            moved.append(target)
+    if moved:
+        logger.info("moved the previous attempt's error files aside: %s", ", ".join(p.name for p in moved))
+    return moved
 
 
 def failure_message(error: BaseException, context: RunContext) -> str:
     oom = _find(error, torch.OutOfMemoryError)
     if oom is not None:
         return oom_message(oom, context.plan)
+    full = _find_errno(error, errno.ENOSPC)
+    if full is not None:
+        where = f" writing {full.filename}" if getattr(full, "filename", None) else ""
+        return (
+            f"the disk is full ({full.strerror or 'No space left on device'}{where}): free space on the drive of "
+            f"{context.run_dir}, then train again with resume on (the newest complete checkpoint is kept)"
+        )
     if _find(error, torch.distributed.DistError) is not None or re.search(r"gloo|NCCL|connection", str(error), re.I):
         return (
             f"a collective failed ({_first_line(error)}); another rank has probably died: "
@@ -201,25 +252,6 @@ def settle_status(run_dir: str | os.PathLike, *, returncode: int, launcher_outpu
     return write_status(run_dir, "failed", message, **extra)
 
 
-def supervise(command: list[str], run_dir: str | os.PathLike, *, timeout_s: float | None = None, env=None) -> int:
-    """Run a training command (``torchrun ...`` or ``python -m training train ...``), tee its output to
-    ``<run>/launcher.log``, then `settle_status`. Returns the command's exit code."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / LAUNCHER_LOG
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            returncode = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            returncode = process.wait(timeout=60)
-            logger.error("training command ran over %s s and was terminated", timeout_s)
-    tail = log_path.read_bytes()[-200_000:].decode("utf-8", errors="replace")
-    settle_status(run_dir, returncode=returncode, launcher_output=tail)
-    return returncode
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -227,6 +259,16 @@ def _find(error: BaseException | None, kind: type) -> BaseException | None:
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _find_errno(error: BaseException | None, number: int) -> OSError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno == number:
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

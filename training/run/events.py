@@ -1,7 +1,9 @@
 """What a run tells the world while it trains: ``events.jsonl``, ``status.json``, ``summary.json`` in the run folder.
 
 Only rank 0 writes. One JSON line per step, flushed at once, so the ComfyUI node (another process) can follow a run
-live with `read_events`. Status and summary are replaced atomically, so a reader never sees half a file. GPU
+live with `read_events` or `EventTail`. Status and summary are replaced atomically, so a reader never sees half a file;
+on a full disk, where no new file can be written, a status is rewritten in place instead (a run must never be left
+"running" because its final status could not be written). GPU
 utilisation, memory and power come from NVML, sampled by a background thread so a step never waits on the driver.
 
 Metric names the loop is expected to use (all optional except ``step``; the report reads them): ``loss``,
@@ -11,6 +13,7 @@ Metric names the loop is expected to use (all optional except ``step``; the repo
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -40,20 +43,90 @@ def write_status(run_dir: str | os.PathLike, state: str, message: str = "", **ex
     if state not in STATES:
         raise ValueError(f"status state must be one of {STATES}, got {state!r}")
     status = {"state": state, "message": message, "time": time.time(), "pid": os.getpid(), **extra}
-    write_json_atomic(Path(run_dir) / STATUS_FILE, _jsonable(status), sort_keys=True)
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        write_json_atomic(path, _jsonable(status), sort_keys=True)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _rewrite_in_place(path, json.dumps(_jsonable(status), sort_keys=True) + "\n", error)
     return status
 
 
-def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The run's status, or None before the run wrote one."""
-    path = Path(run_dir) / STATUS_FILE
+def _rewrite_in_place(path: Path, text: str, error: OSError) -> None:
+    """Best effort on a full disk: overwrite the existing status file's blocks (no new file, usually no new block)."""
+    logger.error("the disk is full (%s): rewriting %s in place", error.strerror, path)
+    data = text.encode("utf-8")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.pwrite(fd, data + b" " * max(0, os.fstat(fd).st_size - len(data)), 0)  # pad: no truncation window
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as second:
+        logger.error("could not write %s at all (%s): the run's final status is lost; free disk space", path, second)
+        raise error from second
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's status, or None before the run wrote one (or when the file is not a JSON object: logged)."""
+    return _read_json_object(Path(run_dir) / STATUS_FILE)
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's summary.json (written when it completed or stopped), or None."""
+    return _read_json_object(Path(run_dir) / SUMMARY_FILE)
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        logger.warning("%s is not valid JSON (%s); ignoring it", path, error)
+        return None
+    if not isinstance(data, dict):
+        logger.warning("%s holds a %s, not an object; ignoring it", path, type(data).__name__)
+        return None
+    return data
 
 
 # ---------------------------------------------------------------------------- events
+
+
+class EventTail:
+    """Reads the complete new lines of events.jsonl since the last call (a half-written last line waits)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self.bad_lines = 0
+
+    def read_new(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk.rfind(b"\n") + 1
+        self.offset += complete
+        events = []
+        for line in chunk[:complete].decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                self.bad_lines += 1
+                logger.warning("%s: skipping a line that is not JSON: %.80s", self.path, line)
+                continue
+            if isinstance(event, dict) and isinstance(event.get("step"), int):
+                events.append(event)
+        return events
 
 
 def read_events(run_dir: str | os.PathLike, *, resumed_history: bool = True) -> list[dict[str, Any]]:
@@ -149,8 +222,11 @@ class RunLog:
             self._board.close()
             self._board = None
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as error:  # a full disk: the step that failed raised already; do not mask it here
+                logger.error("could not flush %s: %s", self.run_dir / EVENTS_FILE, error)
 
     def __enter__(self) -> RunLog:
         return self
