@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..atomic import TEMP_SUFFIX, write_bytes_atomic, write_json_atomic
+from ..lock import FolderLock
 from .changes import describe_changes, pack_fingerprint, pack_identity, write_listing
 from .encoders import LatentEncoder, TextEncoder
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
@@ -191,7 +192,22 @@ class _Progress:
         }
 
 
-def pack_dataset(
+def pack_dataset(config: PackConfig, **options) -> PackResult:
+    """Pack config.input_dir into shards in config.output_dir, holding the output folder's lock throughout (another
+    pack into the same folder is refused with `FolderBusy`, naming the process that holds it)."""
+    try:
+        lock = FolderLock(config.output_dir, "pack").acquire()
+    except OSError as error:
+        raise PackError(
+            f"output folder {config.output_dir} is not writable ({error}); choose another output_dir"
+        ) from error
+    try:
+        return _pack_dataset(config, **options)
+    finally:
+        lock.release()
+
+
+def _pack_dataset(
     config: PackConfig,
     *,
     latent_encoder: LatentEncoder | None = None,
@@ -199,7 +215,7 @@ def pack_dataset(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> PackResult:
-    """Pack config.input_dir into shards in config.output_dir.
+    """Pack config.input_dir into shards in config.output_dir (the caller holds the folder's lock).
 
     progress(done, total) is called after every input file. When should_stop() returns True the shard in progress is
     discarded and PackInterrupted is raised; rerunning with the same settings resumes (see the module docstring).

@@ -4,7 +4,7 @@
   and the final status once the child has gone (`settle_status`);
 * `events`: what a run writes while it trains (events.jsonl, status.json, summary.json) and how a follower reads it;
 * `failure`: the traceback and one-line message a failing rank leaves, and the launcher's verdict on a dead rank;
-* `lock`: one exclusive lock per folder (a run folder, a pack's output folder), held for the process's life.
+* `session`: what an engine entry point does around training (hold the folder, clear old errors, record a failure).
 
 The engine (`training.engine`) only computes; it reports through `events` and `failure`. Nothing here imports the
 engine or ComfyUI.

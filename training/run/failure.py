@@ -156,7 +156,21 @@ def failure_message(error: BaseException, context: RunContext) -> str:
             f"a collective failed ({_first_line(error)}); another rank has probably died: "
             "see the launcher's report for which one"
         )
+    inner = _wrapped_failure(error)
+    if inner is not None:  # torch's CheckpointException: {rank: (exception, stack)}; its str() starts with rank ids
+        return f"{type(error).__name__} (the checkpoint could not be read or written): {type(inner).__name__}: " + (
+            _first_line(inner)
+        )
     return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _wrapped_failure(error: BaseException) -> BaseException | None:
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return None
+    first = next(iter(failures.values()))
+    inner = first[0] if isinstance(first, tuple) and first else first
+    return inner if isinstance(inner, BaseException) else None
 
 
 # ---------------------------------------------------------------------------- OOM

@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..lock import FolderLock
 from .events import read_status, write_status
 from .failure import ERROR_FILE, rotate_errors, settle_status
-from .lock import FolderLock
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..lock import FolderBusy, hold_folder
 from .failure import bind_run, recorded, rotate_errors, unbind_run
-from .lock import FolderBusy, hold_folder
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """One exclusive lock per folder: two trainings in one run folder, or two packs into one output, would destroy each
-other's files (in-flight checkpoints, temporary shards).
+other's files (in-flight checkpoints, temporary shards). Like `atomic`, this module imports nothing from the rest of
+``training``, so every part of it may use it.
 
 The lock is ``fcntl.flock`` on ``<folder>/.whetstone.lock``, so the kernel releases it when the holder exits in any way
 (``kill -9`` included): no stale lock to clean up. The file records the holder's PID for the message a refused
