@@ -50,8 +50,9 @@ def test_second_holder_is_refused_with_folder_and_pid_and_kill_releases(tmp_path
         kill9(child)
     with FolderLock(tmp_path / "run", "training") as lock:  # the kernel released the dead holder's lock
         assert read_holder(lock.path) == os.getpid()
-    with FolderLock(tmp_path / "run", "training"):  # and released again on exit
+    with FolderLock(tmp_path / "run", "training"):  # and released again on exit, leaving no file behind
         pass
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
 
 
 def test_a_lock_in_the_same_process_is_refused_too(tmp_path):

@@ -3,8 +3,8 @@ other's files (in-flight checkpoints, temporary shards). Like `atomic`, this mod
 ``training``, so every part of it may use it.
 
 The lock is ``fcntl.flock`` on ``<folder>/.whetstone.lock``, so the kernel releases it when the holder exits in any way
-(``kill -9`` included): no stale lock to clean up. The file records the holder's PID for the message a refused
-process shows.
+(``kill -9`` included): a file left by a killed holder is not a lock. The file records the holder's PID for the
+message a refused process shows, and is removed when its holder releases it (a finished pack leaves a clean folder).
 
 A launcher (the Train node, ``python -m training train --nproc-per-node N``) takes the run folder's lock before it
 writes anything, then starts the engine with the lock's descriptor inherited (so the lock outlives the launcher if
@@ -24,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".whetstone.lock"
+_ATTEMPTS = 20
 HOLDER_ENV = "WHETSTONE_LOCK_HOLDER"  # "<pid>:<folder>" of the launcher holding a folder's lock for its children
 
 
@@ -45,24 +46,33 @@ class FolderLock:
         if self.fd is not None:
             raise RuntimeError(f"{self.path} is already held by this FolderLock")
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FolderBusy(busy_message(self.folder, self.purpose)) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        _record_holder(fd, os.getpid())
-        logger.debug("locked %s for %s (pid %d)", self.folder, self.purpose, os.getpid())
-        return self
+        for _ in range(_ATTEMPTS):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FolderBusy(busy_message(self.folder, self.purpose)) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                self.fd = fd
+                _record_holder(fd, os.getpid())
+                logger.debug("locked %s for %s (pid %d)", self.folder, self.purpose, os.getpid())
+                return self
+            os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
+        raise FolderBusy(busy_message(self.folder, self.purpose))
 
     def release(self) -> None:
+        """Remove the lock file (while still holding it, so no one locks a removed file) and release the lock."""
         if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor of the open file releases the flock
-            self.fd = None
+            fd, self.fd = self.fd, None
+            try:
+                if _same_file(fd, self.path):
+                    self.path.unlink()
+            finally:
+                os.close(fd)  # closing the last descriptor of the open file releases the flock
 
     def child_env(self) -> dict[str, str]:
         """Environment entries telling a child process (and its torchrun workers) that this launcher holds the lock."""
@@ -131,6 +141,15 @@ def _is_locked(path: Path) -> bool:
     finally:
         os.close(fd)  # also drops the probe's lock if it got one
     return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _record_holder(fd: int, pid: int) -> None:
