@@ -146,3 +146,19 @@ def test_plan_reads_the_dataset_and_train_rechecks_a_typed_plan(comfy):
     assert not any(comfy.folders["whetstone_runs"].iterdir())
     p90 = plan_node.TrainingPlan().plan("tiny.safetensors", dataset=dataset, **settings | {"caption_length": "p90"})
     assert p90["result"][0].caption_overflow == "truncate"
+
+
+def test_train_refuses_a_run_folder_held_by_another_process(comfy):
+    """The node and the CLI share one lock: a folder a live training holds is refused before anything is written."""
+    from training.lock import FolderLock
+
+    plan = tiny_plan(comfy)
+    dataset = pack_module("nodes.values").DatasetRef(path=comfy.folders["whetstone_datasets"], samples=1, skipped=0)
+    run_dir = comfy.folders["whetstone_runs"] / "busy"
+    with FolderLock(run_dir, "training"):
+        (run_dir / "config.json").write_text("{}")
+        settings = defaults(train_node.WIDGETS, run_name="busy")
+        with pytest.raises(ValueError, match=r"busy is in use by process \d+"):
+            train_node.Train().train(plan, dataset, "tiny.safetensors", **settings)
+        assert (run_dir / "config.json").read_text() == "{}"
+        assert not (run_dir / "status.json").exists()
