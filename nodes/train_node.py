@@ -150,9 +150,8 @@ def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_S
             progress.update(events)
         return False
     except BaseException:
-        if process.running():
-            process.request_stop()
-            process.wait(STOP_TIMEOUT_SECONDS)
+        process.request_stop()  # a no-op once the child has exited; the wait settles its status and frees the folder
+        process.wait(STOP_TIMEOUT_SECONDS)
         raise
 
 

@@ -148,7 +148,8 @@ def test_kill_one_rank_ends_job_with_clear_status(tmp_path):
 
 @pytest.mark.slow
 def test_kill_one_rank_of_real_training(tmp_path):
-    """The same with the engine's `train` subcommand: rank 1 is killed from outside once a step was logged."""
+    """The same with the engine's `train` subcommand under the launcher users run (the Train node's, the CLI's
+    ``--nproc-per-node``): rank 1 is killed from outside once a step was logged."""
     import threading
 
     from training.engine.config import DataSection, ModelSection, RunSection, TrainConfig
@@ -159,9 +160,7 @@ def test_kill_one_rank_of_real_training(tmp_path):
         data=DataSection(synthetic=True, resolution=64, caption_tokens=16),
     )
     config.save(tmp_path / "config.json")
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    command = [torchrun, "--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "-m", "training"]
-    command += ["train", "--config", str(tmp_path / "config.json")]
+    command = launch.train_command(tmp_path / "config.json", 2)  # exactly what the Train node and the CLI launch
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     codes = []
     thread = threading.Thread(target=lambda: codes.append(launch.supervise(command, tmp_path, timeout_s=150, env=env)))
