@@ -138,6 +138,16 @@ def test_launcher_clears_the_previous_attempts_errors_before_starting(tmp_path):
     assert (tmp_path / "previous-error-rank1.txt").is_file()
 
 
+def test_a_linked_error_file_is_removed_not_followed(tmp_path):
+    (tmp_path / "elsewhere.txt").write_text("keep")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "error.txt").symlink_to(tmp_path / "elsewhere.txt")
+    assert failure.rotate_errors(tmp_path / "run") == []
+    failure.write_failure(failure.RunContext(run_dir=tmp_path / "run"), ValueError("this attempt"))
+    assert read_status(tmp_path / "run")["message"] == "rank 0: ValueError: this attempt"
+    assert (tmp_path / "elsewhere.txt").read_text() == "keep"
+
+
 # ---------------------------------------------------------------------------- a full disk
 
 
@@ -207,3 +217,13 @@ def test_status_that_cannot_be_written_at_all_raises(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.ERROR), pytest.raises(OSError) as raised:
         write_status(tmp_path, "failed", "x")
     assert raised.value.errno == errno.ENOSPC and "final status is lost" in caplog.text
+
+
+def test_launcher_refuses_a_linked_log_and_frees_the_folder(tmp_path):
+    (tmp_path / "elsewhere.txt").write_text("keep")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / launch.LOG_FILE).symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(ValueError, match="is a link"):
+        launch.supervise([sys.executable, "-c", "pass"], tmp_path / "run", timeout_s=60)
+    assert (tmp_path / "elsewhere.txt").read_text() == "keep"
+    assert not (tmp_path / "run" / ".whetstone.lock").exists()  # released

@@ -182,7 +182,8 @@ class RunLog:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / EVENTS_FILE
-        self._file = open(path, "a", encoding="utf-8")  # closed in close()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")  # closed in close(); a link there is refused, not followed
         if path.stat().st_size and not _ends_with_newline(path):
             self._file.write("\n")  # isolate a line cut off by a killed writer
         self._gpu = GpuSampler.start()

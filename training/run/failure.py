@@ -131,7 +131,10 @@ def rotate_errors(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     moved = []
     for path in [run_dir / ERROR_FILE, *sorted(run_dir.glob(RANK_ERROR_GLOB))]:
-        if path.is_file() and not path.is_symlink():
+        if path.is_symlink():  # not ours (a shared folder): never followed, and it would block this run's error.txt
+            logger.warning("removing the link %s (error files are never links)", path)
+            path.unlink()
+        elif path.is_file():
             target = path.with_name(PREVIOUS_PREFIX + path.name)
             os.replace(path, target)
             moved.append(target)

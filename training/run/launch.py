@@ -14,6 +14,7 @@ within the timeout is its process group killed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -84,7 +85,7 @@ class RunProcess:
             write_status(
                 self.run_dir, "starting", f"launching {Path(self.command[0]).name} {' '.join(self.command[1:6])}"
             )
-            self._log = open(self.run_dir / LOG_FILE, "ab")  # noqa: SIM115 (closed in wait/release)
+            self._log = open_append(self.run_dir / LOG_FILE)
             self._log_start = self._log.tell()
             logger.info("starting training: %s (cwd %s)", self.command, self.cwd)
             self.process = subprocess.Popen(  # noqa: S603 (an argument list, no shell)
@@ -109,6 +110,14 @@ class RunProcess:
         if self.running():
             logger.info("asking training (pid %d) to stop after this step", self.process.pid)
             self.process.send_signal(signal.SIGINT)
+
+    def exited_within(self, timeout_s: float | None) -> bool:
+        """Wait up to ``timeout_s`` for the child to exit (no settling, no kill); True if it has."""
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def wait(self, timeout_s: float | None) -> int:
         """Wait for exit; kill the process group if it outlives timeout_s; settle the status and release the folder.
@@ -144,16 +153,26 @@ class RunProcess:
         self._lock.release()
 
 
+def open_append(path: Path):
+    """``path`` opened for appending in binary; a link there is refused, never followed out of the run folder."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"{path} is a link; the files of a run folder are never links: remove it") from None
+    return os.fdopen(fd, "ab")
+
+
 def supervise(command: list[str], run_dir: str | os.PathLike, *, timeout_s: float | None = None, env=None) -> int:
     """Run a training command to its end under `RunProcess` (lock, log, final status). Past ``timeout_s`` it is
     asked to stop, and killed a minute later. Returns the command's exit code."""
     process = RunProcess(Path(run_dir), command, env=env)
     process.start()
     try:
-        process.process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        logger.error("training command ran over %s s: stopping it", timeout_s)
-        process.request_stop()
+        if not process.exited_within(timeout_s):
+            logger.error("training command ran over %s s: stopping it", timeout_s)
+            process.request_stop()
     finally:
         code = process.wait(60)
     return code
