@@ -227,3 +227,25 @@ def test_launcher_refuses_a_linked_log_and_frees_the_folder(tmp_path):
         launch.supervise([sys.executable, "-c", "pass"], tmp_path / "run", timeout_s=60)
     assert (tmp_path / "elsewhere.txt").read_text() == "keep"
     assert not (tmp_path / "run" / ".whetstone.lock").exists()  # released
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_cli_launcher_stops_the_run_politely(tmp_path):
+    """``train --nproc-per-node 1``: the launcher forwards SIGINT once; the engine saves and the status says stopped."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    path = write_config(tiny_config(run_dir, steps=1_000_000, save_every=0), tmp_path / "config.json")
+    command = [sys.executable, "-m", "training", "train", "--config", str(path), "--nproc-per-node", "1"]
+    launcher = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "events.jsonl").is_file() and (run_dir / "events.jsonl").read_text().strip()):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read().decode()[-3000:]
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=120)
+    status = read_status(run_dir)
+    assert launcher.returncode == 0, stderr.decode()[-3000:]
+    assert status["state"] == "stopped" and status["message"].startswith("stopped at step"), status
+    assert (run_dir / "lora.safetensors").is_file() and not (run_dir / ".whetstone.lock").exists()
