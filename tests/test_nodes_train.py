@@ -152,8 +152,12 @@ def test_train_refuses_a_run_folder_held_by_another_process(comfy):
     """The node and the CLI share one lock: a folder a live training holds is refused before anything is written."""
     from training.lock import FolderLock
 
+    make_images(comfy.folders["input"] / "photos", count=2)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="set", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
     plan = tiny_plan(comfy)
-    dataset = pack_module("nodes.values").DatasetRef(path=comfy.folders["whetstone_datasets"], samples=1, skipped=0)
     run_dir = comfy.folders["whetstone_runs"] / "busy"
     with FolderLock(run_dir, "training"):
         (run_dir / "config.json").write_text("{}")
