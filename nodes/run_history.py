@@ -11,7 +11,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..training.engine.events import EVENTS_FILE, STATUS_FILE, read_events, read_status
+from ..training.run.events import EVENTS_FILE, STATUS_FILE, read_events, read_status
 from . import paths
 
 logger = logging.getLogger(__name__)

@@ -8,15 +8,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Each layer may import the ones listed (the root modules atomic.py and vocabulary.py import nothing of ours).
+#: Each layer may import the ones listed (the root modules atomic.py, vocabulary.py, lock.py import nothing of ours).
 ALLOWED = {
     "atomic": set(),
     "vocabulary": set(),
+    "lock": set(),
     "model": {"atomic", "vocabulary"},
-    "data": {"atomic", "vocabulary"},
+    "data": {"atomic", "vocabulary", "lock"},
     "hardware": {"atomic", "vocabulary", "model", "data"},
-    "engine": {"atomic", "vocabulary", "model", "data", "hardware"},
-    "apps": {"atomic", "vocabulary", "model", "data", "hardware", "engine"},
+    "run": {"atomic", "vocabulary", "lock", "hardware"},
+    "engine": {"atomic", "vocabulary", "lock", "model", "data", "hardware", "run"},
+    "apps": {"atomic", "vocabulary", "lock", "model", "data", "hardware", "run", "engine"},
 }
 ENTRY_POINTS = {"cli.py", "__main__.py", "demo_cli.py"}
 
