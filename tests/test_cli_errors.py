@@ -19,7 +19,7 @@ import training.atomic as atomic_module
 import training.data.shards as shards_module
 from tests.data_fixtures import make_dataset
 from training.__main__ import build_parser, main
-from training.engine.events import read_status
+from training.run.events import read_status
 
 
 def run(argv: list[str], capsys, caplog=None) -> tuple[int, str]:

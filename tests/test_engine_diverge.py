@@ -15,8 +15,8 @@ import training.engine.trainer as trainer_module
 from training.__main__ import main
 from training.engine.checkpoint import Checkpointer
 from training.engine.config import TrainConfig
-from training.engine.events import read_events, read_status
 from training.engine.trainer import run_training
+from training.run.events import read_events, read_status
 
 POISONED_STEP = 3  # the first step whose batch is NaN (grad_accum 1: one batch per step)
 
