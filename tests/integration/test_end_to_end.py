@@ -24,7 +24,7 @@ def test_pack_plan_train_load_lora_and_sample(comfy_server, zimage_models):
 
     pack_report = outputs["pack"]["text"][0]
     assert "Packed 4 samples" in pack_report, pack_report
-    assert "micro_batch" in outputs["plan"]["text"][0]
+    assert "micro-batch per GPU" in outputs["plan"]["text"][0]  # the plan panel's human labels
     assert outputs["train"]["text"][0].startswith("completed"), outputs["train"]["text"][0]
 
     lora_report = outputs["lora_report"]["text"][0]
