@@ -89,6 +89,39 @@ def test_failure_message_carries_the_traceback_and_run_folder(tmp_path):
     assert result.state == "failed" and "ValueError: boom" in message and str(tmp_path) in message
 
 
+def test_failure_message_shows_the_traceback_once_below_one_line(tmp_path):
+    """torchrun, the failure record and the log repeat a rank's traceback: the user sees one headline, then it once."""
+    traceback_text = 'Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: CUDA error: boom\n'
+    (tmp_path / "error.txt").write_text(("[rank0] failed\n" + traceback_text) * 3)
+    (tmp_path / "status.json").write_text(json.dumps({"state": "failed", "message": "rank 0: CUDA error: boom"}))
+    message = launch.failure_message(tmp_path, launch.outcome(tmp_path, 1))
+    assert message.splitlines()[0] == "Training failed: rank 0: CUDA error: boom (exit code 1)"
+    assert message.count("Traceback (most recent call last)") == 1
+    assert message.rstrip().endswith("RuntimeError: CUDA error: boom")
+
+
+def test_a_users_mistake_is_one_message_without_a_traceback(tmp_path):
+    """Exit code 2 is a mistake in the config or data: the status names the fix; no traceback is shown."""
+    (tmp_path / "train.log").write_text(
+        "Traceback (most recent call last):\nValueError: mode 'qlora' needs bitsandbytes\n"
+    )
+    fix = "mode 'qlora' needs bitsandbytes; pip install bitsandbytes, or use mode 'lora'"
+    (tmp_path / "status.json").write_text(json.dumps({"state": "failed", "message": fix}))
+    message = launch.failure_message(tmp_path, launch.outcome(tmp_path, 2))
+    assert message.splitlines()[0] == f"Training failed: {fix} (exit code 2)"
+    assert "Traceback" not in message and "train.log" in message
+
+
+def test_a_mistake_refused_before_the_engine_started_shows_the_cli_message(tmp_path):
+    """The CLI can refuse a config before the engine writes a status: its one ERROR line is what the user sees."""
+    (tmp_path / "train.log").write_text(
+        "2026-12-01 INFO x: starting\n2026-12-01 ERROR training: model.weights: no file at /m.safetensors\n"
+    )
+    (tmp_path / "status.json").write_text(json.dumps({"state": "starting", "message": ""}))
+    message = launch.failure_message(tmp_path, launch.outcome(tmp_path, 2))
+    assert "model.weights: no file at /m.safetensors" in message and "Traceback" not in message
+
+
 def test_train_refuses_hostile_settings_before_writing(comfy):
     plan = tiny_plan(comfy)
     dataset = pack_module("nodes.values").DatasetRef(path=comfy.folders["whetstone_datasets"], samples=1, skipped=0)

@@ -209,14 +209,30 @@ def outcome(run_dir: Path, returncode: int | None) -> RunOutcome:
     )
 
 
+USER_MISTAKE_EXIT = 2  # the engine's exit code for a mistake in the config or the data (the message names the fix)
+TRACEBACK_START = "Traceback (most recent call last)"
+
+
 def failure_message(run_dir: Path, result: RunOutcome) -> str:
-    """The error shown to the user: what failed, the child's last traceback (or log tail), and where to look."""
-    traceback_text = tail_text(run_dir / ERROR_FILE) or tail_text(run_dir / LOG_FILE)
-    return (
-        f"Training failed (exit code {result.returncode}): {result.message}\n"
-        f"Run folder: {run_dir}\n"
-        f"--- last output of the training process ---\n{traceback_text.rstrip()}"
-    )
+    """The error shown to the user: one line saying what failed (and the fix), then the details below it.
+
+    A user's mistake (exit code 2) needs no traceback: the message names the input and the fix, and the log keeps
+    the rest. Otherwise the details are the child's last traceback, once (torchrun, the failure record and the log
+    repeat it), or the log's tail when there is none."""
+    headline = f"Training failed: {result.message} (exit code {result.returncode})"
+    if result.returncode == USER_MISTAKE_EXIT:
+        log_text = tail_text(run_dir / LOG_FILE)
+        said = [line for line in log_text.splitlines() if " ERROR " in line or line.startswith("error:")][-3:]
+        reported = "".join(f"\n{line}" for line in said if result.message not in line)
+        return f"{headline}{reported}\nRun folder: {run_dir}; the full log is {run_dir / LOG_FILE}"
+    details = last_traceback(tail_text(run_dir / ERROR_FILE) or tail_text(run_dir / LOG_FILE))
+    return f"{headline}\nRun folder: {run_dir}\n--- details: the training process's last traceback ---\n{details}"
+
+
+def last_traceback(text: str) -> str:
+    """The last Python traceback in ``text`` (a log may hold the same one several times), else ``text`` itself."""
+    start = text.rfind(TRACEBACK_START)
+    return (text[start:] if start >= 0 else text).rstrip()
 
 
 def tail_text(path: Path, chars: int = TAIL_CHARS) -> str:
