@@ -22,7 +22,7 @@ NUMBERS = {
     "data.num_workers": ("int", 0, 256, False, False),
     "data.shuffle_buffer": ("int", 1, 10_000_000, False, False),
     "data.caption_dropout": ("float", 0, 1, False, False),
-    "optim.lr": ("float", 0, 1, True, True),
+    "optim.lr": ("float", 0, 1, True, False),  # 1 allowed: Prodigy's usual lr
     "optim.weight_decay": ("float", 0, None, False, False),
     "optim.eps": ("float", 0, 1, True, True),
     "optim.warmup_steps": ("int", 0, 10_000_000, False, False),

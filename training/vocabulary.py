@@ -11,10 +11,14 @@ Parallelism = Literal["none", "ddp", "fsdp2"]
 AttentionBackend = Literal["flash", "efficient", "cudnn", "math"]
 LrScaling = Literal["sqrt", "linear", "none"]
 CaptionOverflow = Literal["truncate", "refuse"]
+#: "adamw" is the default of every mode; "adamw8bit" needs bitsandbytes, "prodigy" prodigyopt, "schedulefree_adamw"
+#: schedulefree (both optional); "adafactor" is torch's own.
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 PARALLELISMS: tuple[str, ...] = get_args(Parallelism)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 LR_SCALINGS: tuple[str, ...] = get_args(LrScaling)
 CAPTION_OVERFLOWS: tuple[str, ...] = get_args(CaptionOverflow)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")

@@ -18,10 +18,9 @@ from typing import Any
 
 from ..atomic import write_json_atomic
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ATTENTION_BACKENDS, CAPTION_OVERFLOWS, LORA_MODES, MODES, PARALLELISMS
+from ..vocabulary import ATTENTION_BACKENDS, CAPTION_OVERFLOWS, LORA_MODES, MODES, OPTIMIZERS, PARALLELISMS
 
 SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adamw", "adamw8bit")
 SIGMA_SAMPLERS = ("shifted_uniform", "logit_normal", "uniform")
 #: "auto": the engine's default for the mode (DDP for LoRA/QLoRA on several ranks, FSDP2 for full fine-tuning).
 PARALLEL_STRATEGIES = ("auto", *PARALLELISMS)
@@ -167,8 +166,11 @@ class DataSection:
 
 @dataclass(kw_only=True)
 class OptimSection:
+    """``optimizer``: one of ``training.vocabulary.OPTIMIZERS``; AdamW is the default of every mode (lora, qlora, full),
+    the optimizer the planner's measurements and the tier settings were made with."""
+
     optimizer: str = "adamw"
-    lr: float = bounded(1e-4, gt=0, lt=1)  # the base rate; the plan scales it with world size
+    lr: float = bounded(1e-4, gt=0, le=1)  # the base rate (Prodigy: a multiplier, usually 1); scaled with world size
     weight_decay: float = bounded(0.01, ge=0)
     betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
     eps: float = bounded(1e-8, gt=0, lt=1)
@@ -180,6 +182,11 @@ class OptimSection:
         _validate(self, "optim")
         _require(self.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _require(self.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(
+            self.optimizer != "schedulefree_adamw" or self.schedule == "constant",
+            f"optim.schedule {self.schedule!r} with optim.optimizer 'schedulefree_adamw': schedule-free AdamW replaces "
+            "the LR schedule (its average is the annealing); set optim.schedule to 'constant' (warmup_steps is kept)",
+        )
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from .feed import build_loader, caption_limit, checked, endless_epochs
 from .objective import FlowObjective
-from .optim import build_optimizer, build_scheduler, clip_gradients, trainable_parameters
+from .optim import averaged_weights, build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
 from .progress import Progress
 from .signals import GracefulStop
@@ -242,12 +242,13 @@ class Trainer:
         """The ComfyUI-ready LoRA (rank 0, atomic) and the full resumable state (every rank; in the background
         unless ``final``: the process exits right after a final save, so it gains nothing from async)."""
         model = unwrap(self.model)
-        if self.lora is not None and self.dist_info.is_main:
-            state = {clean_name(k): v for k, v in lora_state_dict(model).items()}
-            metadata = {"steps": str(self.step), "seed": str(self.config.run.seed), "mode": self.config.mode}
-            save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)
-        if self.lora is None and final:
-            save_full_model(model, Path(self.config.run.output_dir) / MODEL_FILE, dist_info=self.dist_info)
+        with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
+            if self.lora is not None and self.dist_info.is_main:
+                state = {clean_name(k): v for k, v in lora_state_dict(model).items()}
+                metadata = {"steps": str(self.step), "seed": str(self.config.run.seed), "mode": self.config.mode}
+                save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)
+            if self.lora is None and final:
+                save_full_model(model, Path(self.config.run.output_dir) / MODEL_FILE, dist_info=self.dist_info)
         self.saved_step = self.step
         if not self.config.run.save_state:
             return

@@ -42,6 +42,28 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 #: FSDP2 keeps this many unsharded blocks in flight: current + prefetched params (bf16), one block's bf16
 #: gradient and its fp32 reduce-scatter copy, expressed in bf16 block-weights.
 FSDP_IN_FLIGHT_BLOCK_WEIGHTS = 2 + 1 + 2
+#: Optimizer state values kept per trainable parameter, each the size of the parameter (fp32 here), after the first
+#: step: AdamW exp_avg + exp_avg_sq; 8-bit AdamW the same in one byte each; Prodigy exp_avg, exp_avg_sq, s and p0
+#: (p0 is one scalar for a tensor that starts at zero, LoRA B: 4 is exact for full fine-tuning and an upper bound,
+#: ~15 % high, for LoRA); schedule-free AdamW z and exp_avg_sq. Adafactor (None) is factored: see
+#: ``optimizer_state_values``.
+OPTIMIZER_STATE_VALUES: dict[str, float | None] = {
+    "adamw": 2.0,
+    "adamw8bit": 0.5,
+    "prodigy": 4.0,
+    "schedulefree_adamw": 2.0,
+    "adafactor": None,
+}
+
+
+def optimizer_state_values(optimizer: str, *, smallest_dim: int) -> float:
+    """State values per trainable parameter. Adafactor keeps a row and a column mean of the squared gradient per
+    matrix: (m + n) / (m n) <= 2 / min(m, n) values per parameter, ``smallest_dim`` being the LoRA rank, or the model
+    width for a full fine-tune (its 1-D norm weights keep one value each, but are few)."""
+    if optimizer not in OPTIMIZER_STATE_VALUES:
+        raise ValueError(f"optimizer {optimizer!r} has no state size; known: {sorted(OPTIMIZER_STATE_VALUES)}")
+    values = OPTIMIZER_STATE_VALUES[optimizer]
+    return 2 / smallest_dim if values is None else values
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -189,9 +211,11 @@ class MemoryModel:
         lora_targets: str = DEFAULT_TARGETS,
         cpu_offload: bool = False,
         trainable_params: int | None = None,
+        optimizer: str = "adamw",
     ) -> dict[str, int]:
-        """Weights, trainable parameters, gradients and AdamW states on one rank (gradients: see ``predict_peak``).
-        Full fine-tuning keeps an fp32 master copy, fp32 gradients and fp32 AdamW states, sharded under FSDP2;
+        """Weights, trainable parameters, gradients and optimizer states on one rank (gradients: see ``predict_peak``;
+        states: ``OPTIMIZER_STATE_VALUES``). Full fine-tuning keeps an fp32 master copy, fp32 gradients and fp32
+        optimizer states, sharded under FSDP2;
         FSDP2 adds the unsharded blocks in flight; CPU offload moves the sharded state to host memory."""
         cfg = self.model
         shards = world_size if parallelism == "fsdp2" else 1
@@ -203,7 +227,8 @@ class MemoryModel:
                 "weights": in_flight,
                 "trainable": trainable * per_param // shards,
                 "grads": trainable * per_param // shards,
-                "optimizer": trainable * 2 * per_param // shards,
+                "optimizer": int(trainable * optimizer_state_values(optimizer, smallest_dim=cfg.dim) * per_param)
+                // shards,
             }
         weights = self.base_weight_bytes(mode)
         trainable = lora_params(cfg, lora_rank, lora_targets) if trainable_params is None else trainable_params
@@ -212,7 +237,8 @@ class MemoryModel:
             "weights": (0 if cpu_offload else weights // shards) + in_flight,
             "trainable": trainable * per_param // shards,
             "grads": trainable * per_param // shards,
-            "optimizer": trainable * 2 * per_param // shards,
+            "optimizer": int(trainable * optimizer_state_values(optimizer, smallest_dim=lora_rank) * per_param)
+            // shards,
         }
 
     def base_weight_bytes(self, mode: str) -> int:
@@ -240,6 +266,7 @@ class MemoryModel:
         compiled: bool = False,
         attention_backend: str = "flash",
         trainable_params: int | None = None,
+        optimizer: str = "adamw",
     ) -> MemoryEstimate:
         """Peak ``max_memory_allocated`` of one rank. Tokens are per sample and already padded to 32.
 
@@ -259,6 +286,7 @@ class MemoryModel:
             lora_targets=lora_targets,
             cpu_offload=cpu_offload,
             trainable_params=trainable_params,
+            optimizer=optimizer,
         )
         grads = fixed.pop("grads")
         coef = self.coefficients(mode, lora_rank, compiled)
