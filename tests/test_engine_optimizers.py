@@ -176,3 +176,28 @@ def test_schedule_free_lora_file_holds_the_averaged_weights(tmp_path):
     assert all(v.abs().sum() > 0 for v in saved_b)
     trained_set = {tuple(v.flatten().tolist()) for v in trained_b}
     assert not any(tuple(v.float().flatten().tolist()) in trained_set for v in saved_b)
+
+
+def test_the_plan_prices_the_chosen_optimizer():
+    from training.hardware.fitting import Setting, estimate
+    from training.hardware.request import PlanRequest
+
+    peaks = {}
+    for name in ("adafactor", "adamw", "prodigy"):
+        request = PlanRequest(mode="lora", resolution=512, lora_rank=32, optimizer=name)
+        setting = Setting(world_size=1, parallelism="none", attention_backend="flash", compiled=False)
+        peaks[name] = estimate(request, setting, 1, 0, MemoryModel()).peak_bytes
+    adamw_state = MemoryModel().fixed_bytes("lora", 1, "none", 32)["optimizer"]
+    assert peaks["prodigy"] - peaks["adamw"] == adamw_state  # 4 state values per parameter vs AdamW's 2
+    # Adafactor: 2/rank values per parameter, 1/32 of AdamW's 2 at rank 32
+    assert peaks["adamw"] - peaks["adafactor"] == pytest.approx(adamw_state * 31 / 32, abs=4)
+    with pytest.raises(ValueError, match="PlanRequest.optimizer 'lion'"):
+        PlanRequest(mode="lora", resolution=512, optimizer="lion")
+
+
+def test_8bit_adamw_is_warned_against_on_base_naming_why(caplog):
+    pytest.importorskip("bitsandbytes")
+    param = nn.Parameter(torch.zeros(4096))
+    with caplog.at_level("WARNING", logger="training.engine.optim"):
+        build_optimizer([param], OptimSection(optimizer="adamw8bit"), device=CPU)
+    assert "degrade Z-Image-Base LoRAs" in caplog.text and "ai-toolkit#696" in caplog.text

@@ -27,6 +27,12 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def build_optimizer(params: list[nn.Parameter], optim: OptimSection, *, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer ``optim.optimizer`` names (the vocabulary is ``training.vocabulary.Optimizer``), in train mode."""
     count = sum(p.numel() for p in params)
+    if optim.optimizer in ("prodigy", "adafactor", "schedulefree_adamw") and any(_is_dtensor(p) for p in params):
+        raise ValueError(
+            f"optim.optimizer {optim.optimizer!r} is not supported on FSDP2-sharded (DTensor) parameters (its "
+            "per-tensor statistics would be per shard, and it is untested under FSDP2); use 'adamw' for mode 'full' "
+            "on several GPUs, or train on one GPU"
+        )
     builders = {
         "adamw": _adamw,
         "adamw8bit": _adamw8bit,

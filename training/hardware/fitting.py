@@ -80,6 +80,7 @@ def estimate(
         compiled=setting.compiled,
         attention_backend=setting.attention_backend,
         trainable_params=request.trainable_params,
+        optimizer=request.optimizer,
     )
 
 
@@ -198,6 +199,7 @@ def _offloaded_host_bytes(request: PlanRequest, setting: Setting, memory_model: 
         request.lora_rank,
         lora_targets=request.lora_targets,
         trainable_params=request.trainable_params,
+        optimizer=request.optimizer,
     )
     if request.mode == "full":
         return fixed["trainable"] + fixed["grads"] + fixed["optimizer"]

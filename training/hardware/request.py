@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..data.stats import DatasetStats
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ATTENTION_BACKENDS, LR_SCALINGS, MODES
+from ..vocabulary import ATTENTION_BACKENDS, LR_SCALINGS, MODES, OPTIMIZERS
 from .memory import GIB
 
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
@@ -39,6 +39,7 @@ class PlanRequest:
     trainable_params: int | None = None
     dataset: DatasetStats | None = None  # the shard set: its largest bucket and caption lengths replace the typed ones
     caption_percentile: float | None = None  # None: plan for the longest caption; 99: for p99, truncating longer ones
+    optimizer: str = "adamw"  # the run's optim.optimizer: its state is priced (memory.OPTIMIZER_STATE_VALUES)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,6 +58,8 @@ class PlanRequest:
             raise ValueError(f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {LORA_TARGETS}")
         if not self.lr_base > 0:
             raise ValueError(f"PlanRequest.lr_base must be > 0 (e.g. 1e-4), got {self.lr_base!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"PlanRequest.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.lr_scaling not in LR_SCALINGS:
             raise ValueError(f"PlanRequest.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
