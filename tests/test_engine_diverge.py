@@ -23,7 +23,7 @@ POISONED_STEP = 3  # the first step whose batch is NaN (grad_accum 1: one batch 
 
 def poison_batches(monkeypatch, *, from_step: int) -> None:
     """Latents of every batch from ``from_step`` on become NaN (a broken sample / an exploding model)."""
-    original = trainer_module._checked
+    original = trainer_module.checked  # the trainer's name for feed.checked: every batch passes through it
     seen = {"batches": 0}
 
     def poisoned(batch):
@@ -33,7 +33,7 @@ def poison_batches(monkeypatch, *, from_step: int) -> None:
             batch = dataclasses.replace(batch, latents=torch.full_like(batch.latents, float("nan")))
         return batch
 
-    monkeypatch.setattr(trainer_module, "_checked", poisoned)
+    monkeypatch.setattr(trainer_module, "checked", poisoned)
 
 
 def diverging_config(run_dir) -> dict:
