@@ -24,6 +24,7 @@ from pathlib import Path
 from test_engine_runs import REPO, assert_same_curve, tiny_config, train_in_process, write_config
 
 from training.run.events import read_events, read_status
+from training.run.multinode import rendezvous_id
 
 NODE_TIMEOUT_S = 240
 
@@ -34,13 +35,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def node_command(config_path: Path, node_rank: int, port: int) -> list[str]:
+def node_command(config_path: Path, node_rank: int, port: int, *, via_launch: bool = False) -> list[str]:
+    """Node ``node_rank``'s torchrun, written out; or ``python -m training launch --run`` (which must start the
+    same: the two kinds of node meet at one rendezvous)."""
+    if via_launch:
+        launch = [sys.executable, "-m", "training", "launch", "--nnodes", "2", "--nproc-per-node", "1"]
+        return [*launch, "--master", f"127.0.0.1:{port}", "--config", str(config_path), "--run", "--node-rank", "1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank)]
     rendezvous = ["--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
-    return [*torchrun, *rendezvous, "--max-restarts", "0", "-m", "training", "train", "--config", str(config_path)]
+    rendezvous += ["--rdzv_id", rendezvous_id(config_path), "--max-restarts", "0"]
+    return [*torchrun, *rendezvous, "-m", "training", "train", "--config", str(config_path)]
 
 
-def start_nodes(config: dict, logs: Path) -> list[subprocess.Popen]:
+def start_nodes(config: dict, logs: Path, *, second_via_launch: bool = False) -> list[subprocess.Popen]:
     path, port = write_config(config), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs.mkdir(parents=True, exist_ok=True)
@@ -49,7 +56,7 @@ def start_nodes(config: dict, logs: Path) -> list[subprocess.Popen]:
         with open(logs / f"node{node_rank}.log", "ab") as log:
             nodes.append(
                 subprocess.Popen(
-                    node_command(path, node_rank, port),
+                    node_command(path, node_rank, port, via_launch=second_via_launch and node_rank == 1),
                     cwd=REPO,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -100,22 +107,25 @@ def log_tails(logs: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log")))
 
 
-def train_two_nodes(config: dict, logs: Path) -> list[dict]:
-    codes = wait_nodes(start_nodes(config, logs), logs)
+def train_two_nodes(config: dict, logs: Path, *, second_via_launch: bool = False) -> list[dict]:
+    codes = wait_nodes(start_nodes(config, logs, second_via_launch=second_via_launch), logs)
     assert codes == [0, 0], log_tails(logs)
     return read_events(config["run"]["output_dir"])
 
 
 def test_two_nodes_match_one_process(tmp_path):
-    """One process with micro-batch 4 vs two nodes with micro-batch 2 each: the same 8 samples per step."""
+    """One process with micro-batch 4 vs two nodes with micro-batch 2 each: the same 8 samples per step. Node 1 is
+    started by ``python -m training launch --run``."""
     single = train_in_process(tiny_config(tmp_path / "one", micro_batch=4))
-    double = train_two_nodes(tiny_config(tmp_path / "two", micro_batch=2), tmp_path / "logs")
+    logs = tmp_path / "logs"
+    double = train_two_nodes(tiny_config(tmp_path / "two", micro_batch=2), logs, second_via_launch=True)
     assert_same_curve(double, single, rel=1e-5)
     assert read_status(tmp_path / "two")["state"] == "completed"
     assert (tmp_path / "two" / "lora.safetensors").is_file()
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert not (tmp_path / "two" / ".whetstone.lock").exists()  # rank 0 released the folder it held
+    assert "starting this node: " in (logs / "node1.log").read_text()
 
 
 def _wait_for(condition, nodes: list[subprocess.Popen], logs: Path, timeout_s: float = 180) -> None:
