@@ -69,6 +69,6 @@ def test_mistakes_exit_2_naming_the_flag(tmp_path, args, named):
     assert "Traceback" not in result.stderr
 
 
-def test_counts_below_one_are_refused_by_the_parser():
+def test_counts_below_one_are_refused():
     result = launch("--nnodes", "0", "--nproc-per-node", "1", "--master", "n:1", "--config", "c.json")
     assert result.returncode == 2 and "--nnodes" in result.stderr

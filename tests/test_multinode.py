@@ -158,6 +158,7 @@ def test_killing_one_node_ends_the_job_and_a_rerun_resumes_exactly(tmp_path):
     for pid in workers:  # node 1's worker went with its node (not left training without it)
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     ended_after_s = time.monotonic() - killed_at
+    print(f"the job ended {ended_after_s:.1f} s after node 1 was killed")  # the figure docs/scaling.md quotes
     assert ended_after_s < 60 and codes[0] != 0, (codes, log_tails(logs))
     assert read_status(tmp_path / "run")["state"] == "failed"
     first_attempt = {e["step"]: e for e in read_events(tmp_path / "run")}

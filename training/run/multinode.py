@@ -18,8 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli_support import int_in
-
 logger = logging.getLogger(__name__)
 
 MAX_PORT = 65535
@@ -69,14 +67,14 @@ def register(subparsers) -> argparse.ArgumentParser:
             "run this node's command (--node-rank R) as an argument list, without a shell. See docs/scaling.md."
         ),
     )
-    parser.add_argument("--nnodes", required=True, type=int_in(1), metavar="M", help="machines in the run")
-    parser.add_argument("--nproc-per-node", required=True, type=int_in(1), metavar="N", help="processes (GPUs) each")
+    parser.add_argument("--nnodes", required=True, type=int, metavar="M", help="machines in the run")
+    parser.add_argument("--nproc-per-node", required=True, type=int, metavar="N", help="processes (GPUs) each")
     parser.add_argument(
         "--master", required=True, metavar="HOST:PORT", help="the rendezvous: a node's address the others reach"
     )
     parser.add_argument("--config", required=True, type=Path, help="the run's config.json, at this path on every node")
     parser.add_argument("--run", action="store_true", help="run this node's command instead of printing them all")
-    parser.add_argument("--node-rank", type=int_in(0), metavar="R", help="this node's rank (with --run)")
+    parser.add_argument("--node-rank", type=int, metavar="R", help="this node's rank (with --run)")
     parser.add_argument(
         "--python", default=sys.executable, help="the Python of the training environment (default: %(default)s)"
     )
@@ -85,6 +83,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def launch_command(args: argparse.Namespace) -> int:
+    if args.nnodes < 1 or args.nproc_per_node < 1:
+        raise ValueError(f"--nnodes {args.nnodes} and --nproc-per-node {args.nproc_per_node} must both be at least 1")
     common = dict(config_path=args.config, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, master=args.master)
     if not args.run:
         if args.node_rank is not None:
