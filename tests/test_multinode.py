@@ -8,6 +8,7 @@ rendezvous, as two machines would (``--nnodes 2 --node_rank 0/1 --rdzv_backend c
   the killed attempt trained after its checkpoint come again bit for bit.
 
 Both nodes share one run folder (one machine); rank 0 alone holds its lock and writes events and status.
+A rank that does not see the folder rank 0 holds (per-node disks) makes every rank refuse to start.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_engine_runs import REPO, assert_same_curve, tiny_config, train_in_process, write_config
 
 from training.run.events import read_events, read_status
@@ -172,3 +174,24 @@ def test_killing_one_node_ends_the_job_and_a_rerun_resumes_exactly(tmp_path):
     again = [step for step in first_attempt if step > last_saved]  # trained before the kill, lost, trained again
     assert_same_curve([resumed[s - 1] for s in again], [first_attempt[s] for s in again], rel=0)
     assert "resuming at step" in (logs / "node0.log").read_text() + (logs / "node1.log").read_text()
+
+
+def test_a_rank_that_does_not_see_rank_0s_run_folder_refuses_on_every_rank(tmp_path):
+    """Per-node disks: rank 1's run folder (same path, another disk: here another folder) lacks rank 0's lock file.
+    ``agree`` stands for the all-reduce: it returns what the other rank would add to this rank's answer."""
+    from training.lock import FolderLock
+    from training.run.session import run_session
+
+    shared, other_disk = tmp_path / "shared", tmp_path / "node1-disk"
+    other_disk.mkdir()
+    with FolderLock(shared, "training"):  # rank 0 holds the shared folder
+        with run_session(shared, rank=1, world_size=2, agree=lambda ok: ok) as how:
+            assert how == "other rank"  # the folder rank 0 holds: fine
+        with pytest.raises(ValueError, match="is not one shared folder"):
+            with run_session(other_disk, rank=1, world_size=2, agree=lambda ok: ok):
+                pass
+    answers = iter([True, False])  # rank 0: the folder is free, then rank 1 does not see it
+    with pytest.raises(ValueError, match="run.output_dir .* is not one shared folder"):
+        with run_session(shared, rank=0, world_size=2, agree=lambda ok: ok and next(answers)):
+            pass
+    assert not (shared / ".whetstone.lock").exists()  # rank 0 let the folder go

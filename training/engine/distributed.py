@@ -85,7 +85,9 @@ def init_distributed(*, timeout_s: int) -> DistInfo:
         extra = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timeout, **extra)
         logger.info(
-            "joined process group: rank %d of %d, backend %s, timeout %d s", rank, world_size, backend, timeout_s
+            "joined process group: rank %d of %d (node %s of %s, local rank %d), backend %s, timeout %d s",
+            *(rank, world_size, os.environ.get("GROUP_RANK", "?"), os.environ.get("GROUP_WORLD_SIZE", "?")),
+            *(local_rank, backend, timeout_s),
         )
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
