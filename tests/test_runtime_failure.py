@@ -95,6 +95,43 @@ def test_settle_status_names_root_cause(tmp_path):
     assert status["exit_code"] == -9 and status["rank"] == 1
 
 
+_SURVIVOR_OBSERVED_FIRST = """
+Failures:
+[1]:
+  time      : 2026-12-01_23:50:02
+  host      : node7
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 11132)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 11132
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_23:50:01
+  host      : node7
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 11131)
+  error_file: /tmp/error.json
+  traceback : RuntimeError: Connection closed by peer
+"""
+
+
+def test_a_killed_rank_is_the_cause_even_when_torchrun_saw_the_survivor_fail_first(tmp_path):
+    """Regression (seen under load): rank 0 recorded its failed collective before torchrun noticed the SIGKILL of
+    rank 1, so torchrun named rank 0 the root cause; the status must still name the kill."""
+    failure.write_failure(failure.RunContext(run_dir=tmp_path, rank=0, world_size=2), RuntimeError("Connection closed"))
+    status = failure.settle_status(tmp_path, returncode=1, launcher_output=_SURVIVOR_OBSERVED_FIRST)
+    assert status["message"].startswith("rank 1 (pid 11132 on node7) was killed by SIGKILL"), status
+    assert status["rank"] == 1
+
+
+def test_a_rank_that_fails_on_its_own_stays_the_cause(tmp_path):
+    """A genuine error on rank 0 (not a collective) stays the cause, whatever torchrun did to the others after it."""
+    failure.write_failure(failure.RunContext(run_dir=tmp_path, rank=0, world_size=2), ValueError("bad batch"))
+    status = failure.settle_status(tmp_path, returncode=1, launcher_output=_SURVIVOR_OBSERVED_FIRST)
+    assert status["rank"] == 0 and "bad batch" in status["message"], status
+
+
 def test_settle_status_keeps_honoured_stop_and_flags_silent_exit(tmp_path):
     from training.run.events import write_status
 

@@ -37,6 +37,8 @@ from .events import TERMINAL_STATES, read_status, write_status
 
 logger = logging.getLogger(__name__)
 
+COLLECTIVE_FAILED = "a collective failed"  # a rank's failure that another rank's death explains
+
 ERROR_FILE = "error.txt"
 RANK_ERROR_GLOB = "error-rank*.txt"
 PREVIOUS_PREFIX = "previous-"  # an earlier attempt's error files, moved aside by `rotate_errors`
@@ -156,7 +158,7 @@ def failure_message(error: BaseException, context: RunContext) -> str:
         )
     if _find(error, torch.distributed.DistError) is not None or re.search(r"gloo|NCCL|connection", str(error), re.I):
         return (
-            f"a collective failed ({_first_line(error)}); another rank has probably died: "
+            f"{COLLECTIVE_FAILED} ({_first_line(error)}); another rank has probably died: "
             "see the launcher's report for which one"
         )
     inner = _wrapped_failure(error)
@@ -235,6 +237,19 @@ def parse_torchrun_failures(text: str) -> list[dict[str, Any]]:
     return failures
 
 
+def root_cause(failures: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any] | None:
+    """The failure that explains the others. torchrun names the first it observed; but when the recorded failure
+    is a rank's collective failing (a consequence) and another rank was killed by a signal, that kill is the cause:
+    the surviving rank can record its error before torchrun notices the killed one."""
+    if not failures:
+        return None
+    if status.get("state") == "failed" and COLLECTIVE_FAILED in status.get("message", ""):
+        killed = next((f for f in failures if f.get("signal") and f["rank"] != status.get("rank")), None)
+        if killed is not None:
+            return killed
+    return failures[0]
+
+
 def describe_exit(failure: dict[str, Any]) -> str:
     how = f"was killed by {failure['signal']}" if failure.get("signal") else f"exited with code {failure['exitcode']}"
     where = f" on {failure['host']}" if failure.get("host") else ""
@@ -253,7 +268,7 @@ def settle_status(run_dir: str | os.PathLike, *, returncode: int, launcher_outpu
             return status
         return write_status(run_dir, "failed", "the training process exited without reporting an outcome")
     failures = parse_torchrun_failures(launcher_output)
-    root = failures[0] if failures else None
+    root = root_cause(failures, status)
     if status["state"] == "failed" and (root is None or status.get("rank") == root["rank"]):
         return status  # the failing rank explained itself (its traceback is in error.txt)
     if status["state"] in ("stopped", "completed") and (root is None or root["signal"] in ("SIGTERM", "SIGINT")):
