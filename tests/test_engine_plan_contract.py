@@ -95,6 +95,7 @@ def test_attention_backend_reaches_sdpa():
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
     with attention_kernels("flash", torch.device("cpu")):
         assert not torch.backends.cuda.math_sdp_enabled()  # never the quadratic kernel unless planned
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # cuDNN's fused kernel (Hopper's fastest) is linear too
         q = torch.randn(2, 2, 8, 16)
         mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
         mask[0, ..., 5:] = False

@@ -222,22 +222,23 @@ def resolve_strategy(strategy: str, *, mode: str, world_size: int) -> str:
 
 
 def attention_kernels(backend: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Restrict SDPA to the kernel the plan priced: 'flash' allows memory-efficient attention as the fallback for
-    masked batches (flash takes no mask; both keep memory linear in the sequence), and never the quadratic 'math'
-    kernel unless it was planned. 'auto' leaves PyTorch's choice."""
+    """Restrict SDPA to the kernels the plan priced: 'flash' is the memory class of the fused kernels whose memory is
+    linear in the sequence (cuDNN's fused attention, which PyTorch prefers on Hopper and our profiles measured,
+    flash, and memory-efficient attention, the fallback for masked batches); PyTorch keeps its own order among them.
+    The quadratic 'math' kernel only when planned; 'auto' leaves PyTorch's choice."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if backend == "auto":
         return contextlib.nullcontext()
     kernels = {
-        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+        "flash": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION],
         "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
         "math": [SDPBackend.MATH],
     }[backend]
     if device.type != "cuda" and backend in ("efficient", "cudnn"):
         raise ValueError(f"model.attention_backend {backend!r} needs CUDA; this process runs on {device}: use 'auto'")
-    return sdpa_kernel(kernels, set_priority=True)
+    return sdpa_kernel(kernels)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
