@@ -101,7 +101,7 @@ class Trainer:
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, config.optim, total_steps=run.steps),
             loader=loader,
-            batches=captions.wrap(iter(loader) if isinstance(loader, SyntheticBatches) else endless_epochs(loader)),
+            batches=_limited(loader, captions, config),
             objective=_objective(config),
             empty_caption=empty_caption,
             lora=lora,
@@ -286,6 +286,16 @@ def save_full_model(model: nn.Module, path: Path, *, dist_info: DistInfo, dtype=
     if dist_info.is_main:
         save_weights(state, path, layout="comfy", metadata={"format": "whetstone.zimage-full"})
         logger.info("saved the fine-tuned transformer (%s) to %s", dtype, path)
+
+
+def _limited(loader, captions, config: TrainConfig) -> Iterator[Batch]:
+    """The batch stream under the planned caption length. Synthetic captions all have ``data.caption_tokens``
+    tokens and live on the device: checking each batch would cost a device sync per micro-step for nothing, so
+    they pass through the limit only when that fixed length exceeds it."""
+    if isinstance(loader, SyntheticBatches):
+        over = captions.max_tokens and config.data.caption_tokens > captions.max_tokens
+        return captions.wrap(iter(loader)) if over else iter(loader)
+    return captions.wrap(endless_epochs(loader))
 
 
 def _uses_autocast(config: TrainConfig, dist_info: DistInfo) -> bool:
