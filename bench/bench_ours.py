@@ -31,6 +31,7 @@ class OurConfig:
     checkpoint_depth: int = 0
     mode: str = "lora"  # lora | qlora | full
     fp8: bool = False
+    cudagraphs: bool = False  # an experiment (issue 12): inductor's CUDA graphs over every compiled block
 
 
 _BASE = OurConfig(batch=4, resolution=512)
@@ -43,6 +44,8 @@ OUR_CONFIGS = {
     "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
     "fp8-512": dataclasses.replace(_BASE, fp8=True),
     "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
+    "lora-512+cg": dataclasses.replace(_BASE, cudagraphs=True),
+    "fp8-512+cg": dataclasses.replace(_BASE, fp8=True, cudagraphs=True),
 }
 
 
@@ -74,6 +77,10 @@ def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
 
     The rate is images over the wall time of the window (checked against the engine's device-finished step times:
     `training.engine.timing.window_rate` raises when they differ by more than 3%)."""
+    if conf.cudagraphs:  # what torch.compile(mode="reduce-overhead") turns on; each item runs in its own process
+        from torch._inductor import config as inductor_config
+
+        inductor_config.triton.cudagraphs = True
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
         code = run_training(train_config(conf, run_dir, warmup + steps))
