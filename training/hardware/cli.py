@@ -55,6 +55,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float_in(0, 1), default=1e-4, help="base learning rate for one GPU")
     parser.add_argument("--lr-scaling", choices=LR_SCALINGS, default="sqrt")
     parser.add_argument("--tier", default=None, help=f"plan for a simulated tier: {', '.join(sorted(load_tiers()))}")
+    parser.add_argument(
+        "--nodes", type=int_in(1, 4096), default=None, help="machines of a multi-node run (default: the tier's, else 1)"
+    )
+    parser.add_argument(
+        "--inter-node-gbps",
+        type=float_in(0, 10_000),
+        default=None,
+        help="GB/s of each node's network interface (default: the tier's, else 12.5 = 100 Gb/s)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument(
         "--write-config",
@@ -111,6 +120,8 @@ def _plan(args: argparse.Namespace):
         model=model_config(args.model),
         dataset=None if args.shards is None else read_dataset_stats(args.shards),
         caption_percentile=CAPTION_LENGTHS[args.caption_length],
+        nodes=args.nodes,
+        inter_node_gbps=args.inter_node_gbps,
     )
     return make_plan(request, profile, tier=tier if args.tier else None)
 

@@ -33,6 +33,9 @@ DECISION_LABELS = {
     "resolution": "resolution",
     "caption_tokens": "caption tokens",
     "caption_overflow": "longer captions",
+    "nodes": "nodes",
+    "inter_node_gbps": "network per node",
+    "inter_node_s_per_step": "network time per step",
 }
 REASON_WIDTH = 56
 LABEL_WIDTH = max(map(len, DECISION_LABELS.values()))
@@ -43,8 +46,10 @@ def _value(name: str, value) -> str:
         return f"{value / GIB:.1f} GiB"
     if isinstance(value, bool):
         return "on" if value else "off"
-    if name == "nccl_timeout_s":
+    if name in ("nccl_timeout_s", "inter_node_s_per_step"):
         return f"{value} s"
+    if name == "inter_node_gbps":
+        return f"{value:g} GB/s"
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, list | tuple):

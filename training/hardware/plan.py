@@ -25,6 +25,7 @@ from .fitting import (
     least_memory_depth,
 )
 from .memory import GIB, MemoryModel, image_tokens_for, padded
+from .network import job_nodes, plan_network
 from .request import PlanRefused, PlanRequest
 from .tiers import Tier, nearest_tier
 
@@ -76,6 +77,7 @@ class TrainingPlan:
     caption_overflow: str = "refuse"  # a caption longer than caption_tokens: "truncate" it or "refuse" the run
     buckets: tuple[tuple[int, int], ...] = ()  # the dataset's (width, height) shapes planned for; () when typed
     device: str = "cuda"  # "cpu" when planned for a machine without GPUs
+    nodes: int = 1  # machines; world_size counts the ranks of all of them
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
@@ -92,6 +94,8 @@ class TrainingPlan:
             )
         if self.lr_scaling not in LR_SCALINGS:
             raise ValueError(f"TrainingPlan.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
+        if self.nodes < 1 or self.world_size % self.nodes:
+            raise ValueError(f"TrainingPlan: world_size {self.world_size} is not nodes {self.nodes} x GPUs per node")
 
     @property
     def headroom_bytes(self) -> int:
@@ -103,6 +107,8 @@ class TrainingPlan:
         name_width = max(len(r[0]) for r in rows)
         value_width = max(len(r[1]) for r in rows)
         where, unit = ("CPU", "process") if self.device == "cpu" else (f"{self.world_size} GPU(s)", "GPU")
+        if self.nodes > 1:
+            where += f" on {self.nodes} nodes"
         header = (
             f"Plan: {self.mode} on {where}, tier {self.tier}; predicted peak "
             f"{self.predicted_peak_bytes / GIB:.1f} GiB of {self.budget_bytes / GIB:.1f} GiB budget per {unit} "
@@ -203,6 +209,7 @@ def make_plan(
         f"reach the global batch {global_target} ({source})",
     )
     peak = estimate(request, setting, micro, depth, memory_model, grad_accum=accum)
+    nodes = plan_network(request, tier, setting, accum, decisions)
     return TrainingPlan(
         mode=request.mode,
         world_size=setting.world_size,
@@ -231,6 +238,7 @@ def make_plan(
         caption_overflow=request.caption_overflow,
         buckets=tuple(sorted(request.dataset.buckets)) if request.dataset else (),
         device="cuda" if profile.gpus else "cpu",
+        nodes=nodes,
     )
 
 
@@ -289,11 +297,18 @@ def _refuse(request, profile, setting, memory_model, budget, reason: str):
 
 def _setting(request, profile, tier, memory_model, decisions) -> Setting:
     gpus = profile.gpu_count
-    world = request.world_size or max(1, gpus)
-    if gpus and world > gpus:
-        raise ValueError(f"PlanRequest.world_size {world} exceeds the {gpus} GPU(s) found; use at most {gpus}")
+    per_node = request.world_size or max(1, gpus)
+    if gpus and per_node > gpus:
+        raise ValueError(f"PlanRequest.world_size {per_node} exceeds the {gpus} GPU(s) found; use at most {gpus}")
+    nodes = job_nodes(request, profile, tier)
     found = f"{gpus} GPU(s) visible" if gpus else "no GPU: one CPU process"
-    decisions.add("world_size", world, "requested" if request.world_size else found)
+    if nodes == 1:
+        world = decisions.add("world_size", per_node, "requested" if request.world_size else found)
+    else:
+        source = "requested" if request.nodes else f"tier {tier.name}"
+        decisions.add("nodes", nodes, f"{source}: every node runs the same plan; the run folder is shared")
+        per_node_why = "requested" if request.world_size else (f"{gpus} GPU(s) per node" if gpus else found)
+        world = decisions.add("world_size", per_node * nodes, f"{per_node_why} x {nodes} nodes")
     parallelism = _parallelism(request, profile, world, decisions)
     offload = decisions.add(
         "fsdp_cpu_offload", request.fsdp_cpu_offload, "requested" if request.fsdp_cpu_offload else "not needed"

@@ -17,7 +17,8 @@ PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
 class PlanRequest:
     """A training job to plan. ``resolution``: square side in px or (width, height), multiples of 16.
     None means "the tier's default" for ``target_global_batch``, ``compile``, ``attention_backend`` and
-    ``safety_margin``; ``world_size`` None uses every GPU; ``micro_batch`` / ``checkpoint_depth`` force a value
+    ``safety_margin``; ``world_size`` is the GPUs per node (None: every GPU found), ``nodes`` the machines (None: the
+    tier's, else 1), so the job has ``world_size x nodes`` ranks; ``micro_batch`` / ``checkpoint_depth`` force a value
     (the plan refuses if it does not fit). ``trainable_params``: a measured count overriding the analytic one."""
 
     mode: str
@@ -40,6 +41,8 @@ class PlanRequest:
     dataset: DatasetStats | None = None  # the shard set: its largest bucket and caption lengths replace the typed ones
     caption_percentile: float | None = None  # None: plan for the longest caption; 99: for p99, truncating longer ones
     optimizer: str = "adamw"  # the run's optim.optimizer: its state is priced (memory.OPTIMIZER_STATE_VALUES)
+    nodes: int | None = None  # machines of the job, each with ``world_size`` GPUs; None: the tier's (1 unless it says)
+    inter_node_gbps: float | None = None  # GB/s per node's network interface; None: the tier's or network's default
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -53,7 +56,11 @@ class PlanRequest:
                     f"{PIXELS_PER_TOKEN_SIDE} px (e.g. 512 or (768, 512))"
                 )
         self._check_positive("caption_tokens", "lora_rank")
-        self._check_positive_or_none("target_global_batch", "world_size", "micro_batch", "trainable_params")
+        self._check_positive_or_none("target_global_batch", "world_size", "micro_batch", "trainable_params", "nodes")
+        if self.inter_node_gbps is not None and (
+            isinstance(self.inter_node_gbps, bool) or not self.inter_node_gbps > 0
+        ):
+            raise ValueError(f"PlanRequest.inter_node_gbps must be > 0 GB/s (e.g. 12.5), got {self.inter_node_gbps!r}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {LORA_TARGETS}")
         if not self.lr_base > 0:

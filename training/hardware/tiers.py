@@ -49,6 +49,8 @@ class Tier:
     nccl_timeout_s: int
     lr_scaling: str
     safety_margin: float = 0.08
+    nodes: int = 1  # machines, each as described above (gpu_count per node)
+    inter_node_gbps: float | None = None  # GB/s per node's network interface; None: network.DEFAULT_INTER_NODE_GBPS
 
     def __post_init__(self) -> None:
         for name in ("gpu_name_patterns", "modes_allowed", "compute_capability"):
@@ -65,6 +67,9 @@ class Tier:
             (self.nccl_timeout_s > 0, "nccl_timeout_s must be > 0"),
             (self.lr_scaling in LR_SCALINGS, f"lr_scaling must be one of {LR_SCALINGS}"),
             (0 <= self.safety_margin < 0.5, "safety_margin must be in [0, 0.5)"),
+            (isinstance(self.nodes, int) and self.nodes >= 1, "nodes must be an integer >= 1"),
+            (self.nodes == 1 or self.gpu_count > 0, "a multi-node tier needs GPUs (gpu_count > 0)"),
+            (self.inter_node_gbps is None or self.inter_node_gbps > 0, "inter_node_gbps must be > 0 (GB/s)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,7 +112,7 @@ def tier(name: str) -> Tier:
 
 
 def simulated_profile(tier: Tier) -> HardwareProfile:
-    """The machine a tier describes, idle (free = total memory), for planning off-device and for tests."""
+    """One machine (node) of a tier, idle (free = total memory), for planning off-device and for tests."""
     gpus = tuple(
         GpuInfo(
             name=tier.gpu_name,
@@ -133,13 +138,14 @@ def simulated_profile(tier: Tier) -> HardwareProfile:
 
 def nearest_tier(profile: HardwareProfile, tiers: dict[str, Tier] | None = None) -> tuple[Tier, str]:
     """The tier closest to ``profile`` and a sentence saying why. Distance: GPU count and memory on a log scale,
-    compute capability, link kind; a tier that names the GPU wins ties."""
+    compute capability, link kind; a tier that names the GPU wins ties. Multi-node tiers are never chosen: one
+    machine cannot see the others, so planning for several nodes is always asked for (``--tier`` or ``--nodes``)."""
     tiers = tiers or load_tiers()
     if not profile.gpus:
         cpu = next(t for t in tiers.values() if t.gpu_count == 0)
         return cpu, f"no GPU found (source {profile.source}): CPU tier {cpu.name!r}"
     gpu_name = profile.gpus[0].name
-    scored = sorted((_distance(t, profile), t.name) for t in tiers.values() if t.gpu_count > 0)
+    scored = sorted((_distance(t, profile), t.name) for t in tiers.values() if t.gpu_count > 0 and t.nodes == 1)
     best = tiers[scored[0][1]]
     reason = _reason(best, profile, best.matches_gpu_name(gpu_name))
     logger.info("tier: %s", reason)
