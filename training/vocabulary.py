@@ -14,6 +14,17 @@ CaptionOverflow = Literal["truncate", "refuse"]
 #: "adamw" is the default of every mode; "adamw8bit" needs bitsandbytes, "prodigy" prodigyopt, "schedulefree_adamw"
 #: schedulefree (both optional); "adafactor" is torch's own.
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw"]
+#: Which Z-Image the weights are ("auto": from the weights file's name, see ``training.model.variants``).
+ModelVariantChoice = Literal["auto", "base", "turbo"]
+#: How a Turbo run keeps the distillation intact: "adapter" merges model.training_adapter into the frozen base,
+#: "dedistilled" says the weights already are (De-Turbo), "raw" trains the distilled weights as they are (warned).
+TurboTraining = Literal["adapter", "dedistilled", "raw"]
+#: σ ~ the training distribution (``training.engine.objective``; docs/training.md says where each comes from).
+SigmaSampler = Literal["shifted_uniform", "uniform", "logit_normal", "shifted_logit_normal", "mode", "cosmap"]
+#: The shift of the shifted samplers: "fixed" objective.shift, or from the image's token count ("flux", "sd3").
+ShiftRule = Literal["fixed", "flux", "sd3"]
+#: Per-sample loss weights w(σ) as diffusers' compute_loss_weighting_for_sd3 (+ the logit-normal density).
+LossWeighting = Literal["none", "sigma_sqrt", "cosmap", "logit_normal"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 PARALLELISMS: tuple[str, ...] = get_args(Parallelism)
@@ -21,4 +32,11 @@ ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 LR_SCALINGS: tuple[str, ...] = get_args(LrScaling)
 CAPTION_OVERFLOWS: tuple[str, ...] = get_args(CaptionOverflow)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+MODEL_VARIANT_CHOICES: tuple[str, ...] = get_args(ModelVariantChoice)
+MODEL_VARIANTS: tuple[str, ...] = MODEL_VARIANT_CHOICES[1:]  # what "auto" resolves to
+TURBO_TRAININGS: tuple[str, ...] = get_args(TurboTraining)
+SIGMA_SAMPLERS: tuple[str, ...] = get_args(SigmaSampler)
+SHIFTED_SAMPLERS: tuple[str, ...] = ("shifted_uniform", "shifted_logit_normal")
+SHIFT_RULES: tuple[str, ...] = get_args(ShiftRule)
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")

@@ -69,3 +69,7 @@ def check_paths(config) -> None:
             f"model.weights {config.model.weights} does not exist: give the diffusion model's .safetensors file "
             "(in ComfyUI: models/diffusion_models), or fix the path"
         )
+    from .variant_setup import check_adapter_path, run_variant
+
+    check_adapter_path(config)
+    run_variant(config)  # a Turbo run with nothing protecting its distillation stops here, naming the fixes

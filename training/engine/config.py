@@ -18,10 +18,23 @@ from typing import Any
 
 from ..atomic import write_json_atomic
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ATTENTION_BACKENDS, CAPTION_OVERFLOWS, LORA_MODES, MODES, OPTIMIZERS, PARALLELISMS
+from ..vocabulary import (
+    ATTENTION_BACKENDS,
+    CAPTION_OVERFLOWS,
+    LORA_MODES,
+    LOSS_WEIGHTINGS,
+    MODEL_VARIANT_CHOICES,
+    MODES,
+    OPTIMIZERS,
+    PARALLELISMS,
+    SHIFT_RULES,
+    SHIFTED_SAMPLERS,
+    SIGMA_SAMPLERS,
+    TURBO_TRAININGS,
+)
+from .variant_setup import check_variant_config
 
 SCHEDULES = ("constant", "cosine")
-SIGMA_SAMPLERS = ("shifted_uniform", "logit_normal", "uniform")
 #: "auto": the engine's default for the mode (DDP for LoRA/QLoRA on several ranks, FSDP2 for full fine-tuning).
 PARALLEL_STRATEGIES = ("auto", *PARALLELISMS)
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)  # "auto": PyTorch picks the SDPA kernel
@@ -118,10 +131,21 @@ class ModelSection:
     preset: str = "z-image"  # used only for random init; a weights file brings its own shape
     dtype: str = "bf16"
     attention_backend: str = "auto"  # the SDPA kernel the plan priced (see parallelize.attention_kernels)
+    variant: str = "auto"  # "base", "turbo", or "auto": from the weights file's name (training.model.variants)
+    training_adapter: str = ""  # Turbo: a de-distillation LoRA merged into the frozen base before training
+    turbo_training: str = "adapter"  # Turbo only: "adapter" (needs training_adapter), "dedistilled" or "raw"
 
     def __post_init__(self):
         _validate(self, "model")
         _require(self.dtype in ("bf16", "fp32"), f"model.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        _require(
+            self.variant in MODEL_VARIANT_CHOICES,
+            f"model.variant must be one of {MODEL_VARIANT_CHOICES}, got {self.variant!r}",
+        )
+        _require(
+            self.turbo_training in TURBO_TRAININGS,
+            f"model.turbo_training must be one of {TURBO_TRAININGS}, got {self.turbo_training!r}",
+        )
         _require(
             self.attention_backend in ATTENTION_CHOICES,
             f"model.attention_backend must be one of {ATTENTION_CHOICES}, got {self.attention_backend!r}",
@@ -191,16 +215,34 @@ class OptimSection:
 
 @dataclass(kw_only=True)
 class ObjectiveSection:
+    """σ sampling and loss weighting (``training.engine.objective``; docs/training.md justifies the defaults)."""
+
     sigma_sampler: str = "shifted_uniform"
-    shift: float = bounded(3.0, gt=0)  # ComfyUI's ZImage sampling shift
+    shift: float = bounded(3.0, gt=0)  # ComfyUI's ZImage sampling shift; with shift_rule "sd3": the shift at 1024²
+    shift_rule: str = "fixed"  # the shifted samplers' shift: "fixed", or from the image's token count
     logit_mean: float = 0.0
     logit_std: float = bounded(1.0, gt=0)
+    mode_scale: float = bounded(1.29, ge=-1.0, le=1.75)  # "mode" only (SD3's s; above ~1.75 it is not monotone)
+    loss_weighting: str = "none"
 
     def __post_init__(self):
         _validate(self, "objective")
         _require(
             self.sigma_sampler in SIGMA_SAMPLERS,
             f"objective.sigma_sampler must be one of {SIGMA_SAMPLERS}, got {self.sigma_sampler!r}",
+        )
+        _require(
+            self.shift_rule in SHIFT_RULES,
+            f"objective.shift_rule must be one of {SHIFT_RULES}, got {self.shift_rule!r}",
+        )
+        _require(
+            self.shift_rule == "fixed" or self.sigma_sampler in SHIFTED_SAMPLERS,
+            f"objective.shift_rule {self.shift_rule!r} shifts only {SHIFTED_SAMPLERS}; sigma_sampler "
+            f"{self.sigma_sampler!r} has no shift: set shift_rule to 'fixed' or pick a shifted sampler",
+        )
+        _require(
+            self.loss_weighting in LOSS_WEIGHTINGS,
+            f"objective.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}",
         )
 
 
@@ -276,6 +318,7 @@ class TrainConfig:
             "run.fp8 cannot be combined with mode 'qlora' (the base is already 4-bit): turn one off",
         )
         _check_parallel(self)
+        check_variant_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

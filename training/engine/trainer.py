@@ -35,6 +35,7 @@ from .progress import Progress
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
 from .synthetic import SyntheticBatches, global_sample_indices
+from .variant_setup import lora_metadata, prepare_variant
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Trainer:
     log: RunLog
     clock: StepClock
     progress: Progress | None = None  # the terminal's progress line (rank 0)
+    variant: str = "base"  # the Z-Image variant the LoRA is for (training.model.variants)
     step: int = 0  # optimizer steps done
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
@@ -70,6 +72,7 @@ class Trainer:
     def build(cls, config: TrainConfig, dist_info: DistInfo, log: RunLog, progress: Progress | None = None) -> Trainer:
         captions = caption_limit(config)  # a dataset the plan does not hold stops here, before the model loads
         model = build_model(config, dist_info)
+        variant = prepare_variant(model, config)  # Turbo: its de-distillation adapter merges before LoRA/QLoRA
         lora = apply_mode(model, config)
         if lora is not None and _uses_autocast(config, dist_info):
             count = set_lora_input_cast(model, False)
@@ -105,6 +108,7 @@ class Trainer:
             objective=_objective(config),
             empty_caption=empty_caption,
             lora=lora,
+            variant=variant,
             checkpointer=Checkpointer(run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size),
             log=log,
             clock=StepClock(device_waiter(dist_info.device)),
@@ -246,6 +250,7 @@ class Trainer:
             if self.lora is not None and self.dist_info.is_main:
                 state = {clean_name(k): v for k, v in lora_state_dict(model).items()}
                 metadata = {"steps": str(self.step), "seed": str(self.config.run.seed), "mode": self.config.mode}
+                metadata.update(lora_metadata(self.variant, self.config))
                 save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)
             if self.lora is None and final:
                 save_full_model(model, Path(self.config.run.output_dir) / MODEL_FILE, dist_info=self.dist_info)
@@ -316,8 +321,11 @@ def _objective(config: TrainConfig) -> FlowObjective:
     return FlowObjective(
         sampler=section.sigma_sampler,
         shift=section.shift,
+        shift_rule=section.shift_rule,
         logit_mean=section.logit_mean,
         logit_std=section.logit_std,
+        mode_scale=section.mode_scale,
+        loss_weighting=section.loss_weighting,
         caption_dropout=config.data.caption_dropout,
         seed=config.run.seed,
     )
