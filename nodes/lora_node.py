@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from ..training.model.variants import VARIANTS, mismatch_warning, read_lora_variant
 from . import comfy_bridge, paths
 from .lora_keys import match_keys
 from .validation import Float, check_all
 from .values import RUN_TYPE
+from .variant_inputs import MODEL_VARIANT, variant_value
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class LoadTrainedLoRA:
             },
             "optional": {
                 "run": (RUN_TYPE, {"tooltip": "A finished Train run: its LoRA is used instead of lora_name."}),
+                "model_variant": MODEL_VARIANT.declare(),
             },
         }
 
@@ -71,8 +74,9 @@ class LoadTrainedLoRA:
             )
         return True
 
-    def load(self, model, lora_name, strength, run=None):
+    def load(self, model, lora_name, strength, run=None, model_variant="auto"):
         strength = check_all(WIDGETS, {"strength": strength})["strength"]
+        applied_to = variant_value({"model_variant": model_variant})
         lora_path = self._lora_path(lora_name, run)
         state = comfy_bridge.load_lora_state_dict(lora_path)
         key_map = comfy_bridge.lora_key_map(model)
@@ -93,6 +97,7 @@ class LoadTrainedLoRA:
             )
         report = f"{lora_path.name}: {applied_count} weights patched at strength {strength:g}, 0 unmatched keys"
         logger.info(report)
+        report = _with_variant_check(report, lora_path, applied_to)
         return {"ui": {"text": [report]}, "result": (patched, report)}
 
     @staticmethod
@@ -103,3 +108,22 @@ class LoadTrainedLoRA:
         if not lora_name:
             raise ValueError("no LoRA chosen: pick one in lora_name or link a Train run")
         return comfy_bridge.full_path(comfy_bridge.LORAS_FOLDER, lora_name)
+
+
+def _with_variant_check(report: str, lora_path, applied_to: str) -> str:
+    """The report, with a warning first when the LoRA's recorded variant is not the model's (``model_variant``)."""
+    trained_for = read_lora_variant(lora_path)
+    if trained_for is None:
+        return report
+    if applied_to == "auto":
+        note = (
+            f"{lora_path.name} was trained on {VARIANTS[trained_for].title}; set model_variant to check that the "
+            "model is that variant (the weights cannot tell)"
+        )
+        logger.info(note)
+        return f"{report}\n{note}"
+    warning = mismatch_warning(trained_for, applied_to, lora_path.name)
+    if warning is None:
+        return f"{report}\ntrained on {VARIANTS[trained_for].title}, as the model"
+    logger.warning(warning)
+    return f"{warning}\n{report}"

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from ..training.data.stats import read_dataset_stats
 from ..training.engine.config import TrainConfig
+from ..training.engine.variant_setup import run_variant
 from ..training.hardware.dataset_fit import check_plan_against_dataset
 from ..training.run.events import EVENTS_FILE, EventTail, read_summary
 from ..training.run.launch import CONFIG_FILE, RunProcess, TrainingFailed, failure_message, outcome, train_command
-from . import comfy_bridge, paths
+from . import comfy_bridge, paths, variant_inputs
 from .validation import Choice, Float, Int, Text, Toggle, check_all
 from .values import DATASET_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
 
@@ -61,7 +62,7 @@ def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_
             "seed": values["seed"],
             "resume": values["resume"],
         },
-        model={"weights": str(model_path)},
+        model={"weights": str(model_path), **values.get("variant", {})},
         data={"shards": str(dataset_dir), "caption_dropout": values["caption_dropout"]},
         optim={"warmup_steps": values["warmup_steps"], "schedule": values["schedule"]},
     )
@@ -183,6 +184,7 @@ class Train:
                 "model_name": (models, {"tooltip": "The Z-Image diffusion model to train (the one planned for)."}),
                 **{name: widget.declare() for name, widget in WIDGETS.items()},
             },
+            "optional": variant_inputs.train_inputs(),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -196,13 +198,14 @@ class Train:
         return True
 
     def train(self, plan, dataset, model_name, unique_id=None, **settings):
-        values = check_all(WIDGETS, settings)
+        values = check_all(WIDGETS, settings) | {"variant": variant_inputs.model_settings(settings)}
         run_name = paths.check_name(values["run_name"], "run_name")
         run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
         lora_path = paths.new_child(paths.lora_roots(), f"{run_name}.safetensors", "run_name")
         dataset_dir = paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values)
+        run_variant(config)  # Turbo with nothing protecting its distillation: refused here, naming the fixes
         process = RunProcess(run_dir, train_command(run_dir / CONFIG_FILE, plan.world_size), cwd=PACK_ROOT)
         process.claim()  # refuses a folder that a live run holds, before anything in it is written
         try:

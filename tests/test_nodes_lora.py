@@ -113,3 +113,26 @@ def test_validate_inputs_refuses_paths_in_lora_name(name):
 def test_strength_outside_range_is_refused(comfy):
     with pytest.raises(ValueError, match="strength"):
         lora_node.LoadTrainedLoRA().load(FakeModel({}), "x.safetensors", 1e9)
+
+
+def test_node_warns_when_a_lora_meets_the_other_variant(comfy, caplog):
+    save_file(lora_tensors(), str(comfy.folders["loras"] / "base.safetensors"), metadata={"model_variant": "base"})
+    model = FakeModel({m: f"{m}.weight" for m in MODULES})
+    node = lora_node.LoadTrainedLoRA()
+    with caplog.at_level("WARNING"):
+        patched, report = node.load(model, "base.safetensors", 1.0, model_variant="turbo")["result"]
+    assert report.startswith("WARNING: base.safetensors was trained on Z-Image (Base) but is applied to Z-Image-Turbo")
+    assert "trained on Z-Image (Base)" in caplog.text and len(patched.patches) == 2  # warned, still applied
+    _, same = node.load(model, "base.safetensors", 1.0, model_variant="base")["result"]
+    assert "WARNING" not in same and "trained on Z-Image (Base), as the model" in same
+    _, unknown = node.load(model, "base.safetensors", 1.0)["result"]  # auto: the model's variant is not readable
+    assert "WARNING" not in unknown and "set model_variant to check" in unknown
+
+
+def test_node_says_nothing_of_variants_for_a_lora_without_the_record(comfy):
+    save_file(lora_tensors(), str(comfy.folders["loras"] / "other.safetensors"))
+    model = FakeModel({m: f"{m}.weight" for m in MODULES})
+    _, report = lora_node.LoadTrainedLoRA().load(model, "other.safetensors", 1.0, model_variant="turbo")["result"]
+    assert "WARNING" not in report and "trained on" not in report
+    with pytest.raises(ValueError, match="model_variant"):
+        lora_node.LoadTrainedLoRA().load(model, "other.safetensors", 1.0, model_variant="sdxl")

@@ -199,3 +199,29 @@ def test_train_refuses_a_run_folder_held_by_another_process(comfy):
             train_node.Train().train(plan, dataset, "tiny.safetensors", **settings)
         assert (run_dir / "config.json").read_text() == "{}"
         assert not (run_dir / "status.json").exists()
+
+
+def test_train_refuses_turbo_without_protection_and_passes_the_variant_to_the_config(comfy):
+    make_images(comfy.folders["input"] / "photos", count=2)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="set", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
+    plan = tiny_plan(comfy)
+    turbo = comfy.folders["diffusion_models"] / "tiny_turbo.safetensors"
+    turbo.write_bytes((comfy.folders["diffusion_models"] / "tiny.safetensors").read_bytes())
+    settings = defaults(train_node.WIDGETS, run_name="turbo")
+    with pytest.raises(ValueError, match="contains 'turbo'.*model.training_adapter"):
+        train_node.Train().train(plan, dataset, "tiny_turbo.safetensors", **settings)
+    with pytest.raises(ValueError, match="model.variant = 'turbo'"):  # explicit, whatever the file is called
+        train_node.Train().train(plan, dataset, "tiny.safetensors", model_variant="turbo", **settings)
+    assert not any(comfy.folders["whetstone_runs"].iterdir())
+    values = train_node.check_all(train_node.WIDGETS, settings) | {
+        "variant": pack_module("nodes.variant_inputs").model_settings({"turbo_training": "dedistilled"})
+    }
+    config = train_node.build_config(plan, dataset.path, turbo, comfy.root / "r", comfy.root / "l.safetensors", values)
+    assert (config.model.variant, config.model.turbo_training, config.model.training_adapter) == (
+        "auto",
+        "dedistilled",
+        "",
+    )

@@ -269,6 +269,7 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
     pack_widgets = [job.image_folder, f"my_dataset_{job.resolution}", job.resolution, job.samples_per_shard]
     plan_widgets = [job.model, tier_name, job.mode, job.lora_rank, job.lora_targets, job.resolution, target_batch]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
+    train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
     lines = plan_text.split("\n")
     plan_width = max(460, text_panel_width(max(map(len, lines))))
     report_panel = text_panel_height(REPORT_LINES)
@@ -314,7 +315,7 @@ def _sampling_nodes(g: Graph, tier_name: str, job: Job, run_name: str) -> dict[s
     lora_height = node_height(2, 2, text_panel_height(LORA_REPORT_LINES))
     return {
         "lora": g.node(
-            "WhetstoneLoadTrainedLoRA", (420, lora_height), [f"{run_name}.safetensors", 1.0],
+            "WhetstoneLoadTrainedLoRA", (420, lora_height), [f"{run_name}.safetensors", 1.0, "auto"],
             inputs=[("model", "MODEL"), ("run", "WHETSTONE_RUN")], outputs=[("model", "MODEL"), ("report", "STRING")],
             ours=True,
         ),
