@@ -194,3 +194,32 @@ def test_cli_plans_the_smoke_model_for_a_shard_set_and_writes_its_config(tmp_pat
     assert config.run.output_dir == str(config_path.parent.resolve()) and config.plan["lora_rank"] == 4
     assert cli_main(["plan", "--tier", "cpu", "--model", "nope.safetensors"]) == 2
     assert cli_main(["plan", "--tier", "cpu", "--write-config", str(config_path)]) == 2  # names the missing --shards
+
+
+def test_cli_writes_the_variant_and_recipe_flags_into_the_config(tmp_path):
+    from tests.data_fixtures import make_dataset
+    from training.data.encoders import TestLatentEncoder, TestTextEncoder
+    from training.data.pack import PackConfig, pack_dataset
+    from training.engine.config import TrainConfig
+
+    make_dataset(tmp_path / "in", 2)
+    pack_dataset(PackConfig(input_dir=tmp_path / "in", output_dir=tmp_path / "shards", resolution=64),
+                 latent_encoder=TestLatentEncoder(), text_encoder=TestTextEncoder())  # fmt: skip
+    config_path = tmp_path / "run" / "config.json"
+    argv = ["plan", "--tier", "cpu", "--model", "tiny", "--shards", str(tmp_path / "shards"), "--rank", "4"]
+    recipe = ["--model-variant", "turbo", "--turbo-training", "dedistilled", "--sigma-sampler", "shifted_logit_normal"]
+    recipe += ["--shift-rule", "flux", "--loss-weighting", "cosmap", "--logit-std", "0.8"]
+    assert cli_main([*argv, *recipe, "--write-config", str(config_path)]) == 0
+    config = TrainConfig.load(config_path)
+    assert (config.model.variant, config.model.turbo_training) == ("turbo", "dedistilled")
+    objective = config.objective
+    assert (objective.sigma_sampler, objective.shift_rule, objective.loss_weighting) == (
+        "shifted_logit_normal",
+        "flux",
+        "cosmap",
+    )
+    assert objective.logit_std == 0.8 and objective.shift == 3.0  # unset flags keep the defaults
+    bad = [*argv, "--sigma-sampler", "cosmap", "--shift-rule", "flux", "--write-config", str(tmp_path / "x" / "c.json")]
+    assert cli_main(bad) == 2  # the config's own check: cosmap has no shift
+    with pytest.raises(SystemExit):
+        cli_main([*argv, "--loss-weighting", "min_snr"])

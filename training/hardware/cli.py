@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ..cli_support import float_in, int_in, pixels
+from ..engine.recipe_flags import add_recipe_flags, recipe_sections
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..vocabulary import LR_SCALINGS, MODES
@@ -73,6 +74,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="also write the run config that follows the plan (needs --shards; train it with train --config)",
     )
     parser.add_argument("--steps", type=int_in(1, 10_000_000), default=1000, help="optimizer steps, for --write-config")
+    add_recipe_flags(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -144,10 +146,12 @@ def _write_config(args: argparse.Namespace, plan) -> None:
     if args.shards is None:
         raise ValueError("--write-config needs --shards: the shard set the run trains on (pack one first)")
     model = {"preset": args.model} if args.model in PRESETS else {"weights": str(Path(args.model).resolve())}
+    recipe = recipe_sections(args)
     config = TrainConfig.from_plan(
         plan,
         run={"output_dir": str(args.write_config.resolve().parent), "steps": args.steps},
-        model=model,
+        model=model | recipe["model"],
+        objective=recipe["objective"],
         data={"shards": str(args.shards.resolve())},
     )
     config.save(args.write_config)
