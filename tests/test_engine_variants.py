@@ -60,6 +60,9 @@ def test_a_turbo_run_without_protection_is_refused_naming_the_fixes(tmp_path):
     for fix in ("model.training_adapter", "zimage_turbo_training_adapter", "De-Turbo", "'dedistilled'", "'raw'"):
         assert fix in str(refusal.value)
     assert "DiffSynth#1251" in str(refusal.value) and "musubi#769" in str(refusal.value)
+    with pytest.raises(ValueError) as full:  # a full fine-tune cannot use the adapter: not offered
+        run_variant(config(tmp_path, "full", variant="turbo"))
+    assert "training_adapter" not in str(full.value) and "'dedistilled'" in str(full.value)
     assert run_variant(config(tmp_path, variant="turbo", turbo_training="raw"))[0] == "turbo"
     assert run_variant(config(tmp_path, variant="turbo", turbo_training="dedistilled"))[0] == "turbo"
 

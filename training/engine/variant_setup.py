@@ -53,12 +53,17 @@ def run_variant(config) -> tuple[str, str]:
     variant, reason = resolve_variant(config.model.variant, config.model.weights)
     model = config.model
     if variant == "turbo" and model.turbo_training == "adapter" and not model.training_adapter:
+        adapter = (
+            f"set model.training_adapter to {TURBO_ADAPTER_HINT} (merged into the frozen base for the run, left "
+            "out of the LoRA, as ai-toolkit does); "
+            if config.mode in LORA_MODES
+            else ""
+        )
         raise ValueError(
-            f"model.variant: this run trains Z-Image-Turbo ({reason}), and {_TURBO_DAMAGE}. Do one of: set "
-            f"model.training_adapter to {TURBO_ADAPTER_HINT} (merged into the frozen base for the run, left out of "
-            f"the LoRA, as ai-toolkit does); train on {DE_TURBO_HINT} with model.turbo_training 'dedistilled'; "
-            "train Z-Image (Base) instead (model.variant 'base' if these weights are Base); or, knowing the "
-            "result will likely need more steps and CFG, set model.turbo_training to 'raw'"
+            f"model.variant: this run trains Z-Image-Turbo ({reason}), and {_TURBO_DAMAGE}. Do one of: {adapter}"
+            f"train on {DE_TURBO_HINT} with model.turbo_training 'dedistilled'; train Z-Image (Base) instead "
+            "(model.variant 'base' if these weights are Base); or, knowing the result will likely need more steps "
+            "and CFG, set model.turbo_training to 'raw'"
         )
     if variant == "base" and model.training_adapter:
         raise ValueError(
