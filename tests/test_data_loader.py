@@ -132,6 +132,7 @@ def test_even_batches_gives_every_rank_the_same_step_count(many_shards):
         ("encoded", 0, 1, 2),
         ("encoded", 2, 2, 1),
         ("many", 1, 2, 4),
+        ("many", 2, 1, 3),  # two workers, stopped after an odd batch: the DataLoader's turns restart at worker 0
         ("many", 0, 1, -1),
         ("encoded", 2, 2, -1),
     ],

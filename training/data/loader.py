@@ -236,15 +236,19 @@ class ShardLoader:
         """Exact number of batches `rank` (default: this loader's rank) yields this epoch without even_batches."""
         if self.layout == "samples":
             return len(self._global_micro_batches())
-        total = 0
-        for shards in self._worker_shards(self.rank if rank is None else rank):
+        return sum(self._worker_batch_counts(self.rank if rank is None else rank))
+
+    def _worker_batch_counts(self, rank: int) -> list[int]:
+        """Batches each DataLoader worker of `rank` makes this epoch in the whole-shard layout."""
+        counts = []
+        for shards in self._worker_shards(rank):
             per_bucket: dict[str, int] = {}
             for shard in shards:
                 for bucket, count in self._bucket_counts[shard].items():
                     per_bucket[bucket] = per_bucket.get(bucket, 0) + count
             rounding = math.floor if self.drop_last else math.ceil
-            total += sum(rounding(count / self.batch_size) for count in per_bucket.values())
-        return total
+            counts.append(sum(rounding(count / self.batch_size) for count in per_bucket.values()))
+        return counts
 
     @property
     def steps_per_epoch(self) -> int:
@@ -295,7 +299,10 @@ class ShardLoader:
             **extra,
         )
         limit = self.steps_per_epoch if self.even_batches else None
-        for batch in loader:
+        batches = iter(loader)
+        if self.layout == "shards" and self.num_workers > 1:
+            batches = _in_order(batches, self._remaining_order())
+        for batch in batches:
             if limit is not None and self.batches_consumed >= limit:
                 break
             if self.image_decode == "defer":
@@ -304,6 +311,16 @@ class ShardLoader:
             self._samples_consumed += len(batch)
             yield batch
         self.set_epoch(self.epoch + 1)
+
+    def _remaining_order(self) -> list[tuple[int, int]]:
+        """(index, worker) of this epoch's remaining batches in an uninterrupted pass's order.
+
+        A DataLoader takes one batch from each worker in turn (skipping exhausted ones), so an uninterrupted epoch
+        is ordered by (index, worker). A restored loader's DataLoader starts its turns at worker 0 whatever was
+        consumed, so its batches are put back in this order (at most one per worker is held back).
+        """
+        counts = self._worker_batch_counts(self.rank)
+        return sorted((index, worker) for worker, n in enumerate(counts) for index in range(self._consumed[worker], n))
 
     # ---- resumable position
 
@@ -346,6 +363,20 @@ class ShardLoader:
         else:
             self._consumed = [int(state["batches_consumed"])]
         self._samples_consumed = state["samples_consumed"]
+
+
+def _in_order(batches: Iterator[Batch], order: list[tuple[int, int]]) -> Iterator[Batch]:
+    """`batches` in `order` of (index, worker), holding back those that arrive early."""
+    held: dict[tuple[int, int], Batch] = {}
+    expected = iter(order)
+    wanted = next(expected, None)
+    for batch in batches:
+        held[(batch.index, batch.worker)] = batch
+        while wanted in held:
+            yield held.pop(wanted)
+            wanted = next(expected, None)
+    if held or wanted is not None:
+        raise RuntimeError(f"the shard workers made batches {sorted(held)} but batch {wanted} was expected next")
 
 
 def _keep_freed_memory(worker_id: int) -> None:
