@@ -37,8 +37,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batches import Batch, collate, decode_images_nvjpeg, nvjpeg_available
+from .remote import RemoteShardSet, RetryPolicy, open_shard_set
 from .sample_order import SampleSpan, global_micro_batches, index_samples, rank_slice, read_spans
-from .shards import load_manifest, read_samples
+from .shards import iter_tar_members, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class _StreamPlan:
     drop_last: bool
     seed_prefix: str
     decode_images: str  # "cpu", or "defer" to hand raw bytes to the main process (nvJPEG)
+    remote: RemoteShardSet | None = None  # shards fetched into shard_dir (the set's local view) as they are read
 
 
 class _WorkerStream(IterableDataset):
@@ -70,8 +72,7 @@ class _WorkerStream(IterableDataset):
         worker = 0 if info is None else info.id
         plan = self.plan
         rng = random.Random(f"{plan.seed_prefix}:{worker}")
-        paths = [plan.shard_dir / name for name in plan.shards_per_worker[worker]]
-        samples = _buffer_shuffle(read_samples(paths), plan.shuffle_buffer, rng)
+        samples = _buffer_shuffle(_shard_samples(plan, plan.shards_per_worker[worker]), plan.shuffle_buffer, rng)
         for index, group in enumerate(_bucket_groups(samples, plan.batch_size, plan.drop_last)):
             if index >= plan.skip_per_worker[worker]:
                 yield collate(
@@ -104,6 +105,18 @@ class _SampleBatches(IterableDataset):
             yield collate(
                 samples, worker=worker, index=index, decode_images=plan.decode_images, shared=info is not None
             )
+
+
+def _shard_samples(plan: _StreamPlan, names: tuple[str, ...]) -> Iterator[dict]:
+    """The samples of whole shards in order; a remote set's shards are fetched (verified) first, released after."""
+    from webdataset.tariterators import group_by_keys
+
+    for name in names:
+        if plan.remote is None:
+            yield from group_by_keys(iter_tar_members(plan.shard_dir / name))
+            continue
+        yield from group_by_keys(iter_tar_members(plan.remote.local_path(name)))
+        plan.remote.release(name)
 
 
 def _buffer_shuffle(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -152,8 +165,15 @@ class ShardLoader:
         pin_memory: bool | None = None,
         image_decode: str = "auto",
         prefetch_factor: int = 4,
+        cache_dir: str | Path | None = None,
+        retry: RetryPolicy | None = None,
+        storage_options: dict | None = None,
     ) -> None:
-        self.shard_dir, self.manifest = load_manifest(Path(source))
+        self.remote = open_shard_set(source, cache_dir=cache_dir, retry=retry, storage_options=storage_options)
+        if self.remote is None:
+            self.shard_dir, self.manifest = load_manifest(Path(source))
+        else:
+            self.shard_dir, self.manifest = self.remote.folder, self.remote.manifest
         _check_arguments(batch_size, rank, world_size, num_workers, shuffle_buffer, image_decode)
         self.shards = sorted(shard["name"] for shard in self.manifest["shards"])
         self._bucket_counts = {s["name"]: s["buckets"] for s in self.manifest["shards"]}
@@ -163,6 +183,8 @@ class ShardLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.image_decode = self._resolve_image_decode(image_decode)
         self.layout = self._choose_layout()
+        if self.remote is not None and self.layout == "samples":
+            self.remote.fetch_all(self.shards)  # every rank reads from every shard: fetch them all once
         self._spans = index_samples(self.shard_dir, self.shards) if self.layout == "samples" else []
         self.samples = sum(sum(counts.values()) for counts in self._bucket_counts.values())
         if self.layout == "samples" and len(self._spans) != self.samples:
@@ -284,6 +306,7 @@ class ShardLoader:
             drop_last=self.drop_last,
             seed_prefix=f"samples:{self.seed}:{self.epoch}:{self.rank}",
             decode_images=decode,
+            remote=self.remote,
         )
         return _WorkerStream(plan)
 

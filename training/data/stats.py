@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .remote import is_url, read_remote_manifest
 from .shards import ShardInfo, load_manifest
 
 CAPTION_TOKENS_KEY = "caption_tokens"
@@ -105,7 +106,9 @@ class DatasetStats:
 
 
 def read_dataset_stats(source: str | os.PathLike) -> DatasetStats:
-    """The statistics of a shard folder (or its manifest.json)."""
+    """The statistics of a shard folder (or its manifest.json), or of a set at a URL (only its manifest is read)."""
+    if is_url(source):
+        return DatasetStats.from_manifest(read_remote_manifest(source), source)
     folder, manifest = load_manifest(Path(source))
     return DatasetStats.from_manifest(manifest, str(folder))
 

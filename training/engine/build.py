@@ -111,13 +111,14 @@ def apply_mode(model: ZImageTransformer, config: TrainConfig) -> LoraSettings | 
     return settings
 
 
-def load_empty_caption(config: TrainConfig, device: torch.device) -> torch.Tensor | None:
-    """The features of "" for caption dropout: from ``<shards>/empty_caption.safetensors`` (None if dropout is off)."""
+def load_empty_caption(config: TrainConfig, device: torch.device, folder: Path | None = None) -> torch.Tensor | None:
+    """The features of "" for caption dropout: from ``<shards>/empty_caption.safetensors`` (None if dropout is off);
+    `folder`: where the set's files are (a remote set's local view) when not data.shards."""
     if config.data.caption_dropout == 0 or config.data.synthetic:
         return None
     from safetensors.torch import load_file
 
-    path = Path(config.data.shards) / EMPTY_CAPTION_NAME
+    path = Path(config.data.shards if folder is None else folder) / EMPTY_CAPTION_NAME
     if not path.is_file():
         raise ValueError(
             f"data.caption_dropout={config.data.caption_dropout} needs the text encoder's features of the empty "

@@ -166,7 +166,9 @@ class LoraSection:
 
 @dataclass(kw_only=True)
 class DataSection:
-    shards: str = ""  # a shard-set folder holding manifest.json; "" only with synthetic=True
+    shards: str = ""  # a shard-set folder holding manifest.json, or its URL (s3://, https://, ...); "": synthetic
+    #: A remote set's local cache folder (shards kept, verified, across runs); "": each shard streamed and removed.
+    shard_cache: str = ""
     synthetic: bool = False  # random cached inputs of `resolution` (benchmarks); no shards read
     resolution: int = bounded(512, ge=16, le=8192)  # synthetic only
     caption_tokens: int = bounded(128, ge=1, le=8192)  # synthetic only

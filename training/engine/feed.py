@@ -36,16 +36,19 @@ def build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
         )
         return synthetic, synthetic.empty_caption()
     from ..data.loader import ShardLoader
+    from ..data.remote import open_shard_set
     from ..data.shards import MANIFEST_NAME, read_json
 
-    manifest_path = Path(data.shards) / MANIFEST_NAME
+    remote = open_shard_set(data.shards, cache_dir=data.shard_cache or None)  # None: a local folder
+    folder = Path(data.shards) if remote is None else remote.folder
+    manifest_path = folder / MANIFEST_NAME
     contents = read_json(manifest_path).get("contents") if manifest_path.is_file() else None
     if isinstance(contents, dict):  # raw-image shards: say so before the empty-caption check, which names no fix
         require_encoded(contents, data.shards)
-    empty_caption = load_empty_caption(config, dist_info.device)
-    _check_enough_data(config, dist_info.world_size)
+    empty_caption = load_empty_caption(config, dist_info.device, folder)
+    _check_enough_data(config, dist_info.world_size, folder)
     loader = ShardLoader(
-        data.shards,
+        data.shards if remote is None else remote,
         batch_size=run.micro_batch,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
@@ -82,13 +85,13 @@ def endless_epochs(loader) -> Iterator[Batch]:
             raise RuntimeError(f"the shard loader yielded no batch in epoch {loader.epoch - 1} from its start")
 
 
-def _check_enough_data(config: TrainConfig, world_size: int) -> None:
+def _check_enough_data(config: TrainConfig, world_size: int, folder: Path) -> None:
     """Refuse, before training, a shard set smaller than one global batch, naming the numbers."""
     from ..data.shards import load_manifest
 
     run = config.run
     global_batch = run.micro_batch * run.grad_accum * world_size
-    folder, manifest = load_manifest(Path(config.data.shards))
+    folder, manifest = load_manifest(folder)
     samples = manifest.get("samples")
     if not isinstance(samples, int) or isinstance(samples, bool):
         raise ValueError(f"{folder} has a manifest whose 'samples' is {samples!r}, not a count; repack it")
