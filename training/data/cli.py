@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from ..cli_support import float_in, int_in, pixels, user_error
+from .distributed_pack import pack_distributed, torchrun_group
 from .encoders import REPACK_HINT, missing_encodings
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .outcomes import report_kinds, summary_lines
@@ -149,13 +150,21 @@ def run_pack(args: argparse.Namespace) -> int:
             storage_dtype=args.storage_dtype,
         )
         latent_encoder, text_encoder = _encoders(args)
-        progress = ProgressDisplay("pack", "img")
-        try:
-            result = pack_dataset(config, latent_encoder=latent_encoder, text_encoder=text_encoder, progress=progress)
-        finally:
-            progress.close()
+        with torchrun_group() as group:  # under torchrun with several ranks: a distributed pack
+            progress = ProgressDisplay("pack" if group is None else "pack (rank 0's share)", "img")
+            encoders = {"latent_encoder": latent_encoder, "text_encoder": text_encoder}
+            try:
+                if group is None:
+                    result = pack_dataset(config, **encoders, progress=progress)
+                else:
+                    shown = progress if group.rank == 0 else None
+                    result = pack_distributed(config, group=group, **encoders, progress=shown)
+            finally:
+                progress.close()
     except (ValueError, PackError) as error:
         return user_error("pack", str(error))
+    if result is None:  # a distributed pack's other ranks: rank 0 reports
+        return 0
     print(f"packed {result.samples} samples into {len(result.shards)} shards in {result.output_dir}")
     for bucket, count in sorted(result.buckets.items(), key=lambda item: -item[1]):
         print(f"  {bucket:>10}: {count}")
