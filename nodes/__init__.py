@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import comfy_bridge, run_history
 from .hardware_node import HardwareProfile
 from .lora_node import LoadTrainedLoRA
+from .multinode import MultiNode
 from .pack_node import PackDataset
 from .plan_node import TrainingPlan
 from .report_node import TrainingReport
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "WhetstoneTrain": Train,
     "WhetstoneLoadTrainedLoRA": LoadTrainedLoRA,
     "WhetstoneTrainingReport": TrainingReport,
+    "WhetstoneMultiNode": MultiNode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WhetstoneTrain": "Train (Whetstone)",
     "WhetstoneLoadTrainedLoRA": "Load Trained LoRA (Whetstone)",
     "WhetstoneTrainingReport": "Training Report (Whetstone)",
+    "WhetstoneMultiNode": "Multi-Node Run (Whetstone)",
 }
 
 

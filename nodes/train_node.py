@@ -12,9 +12,9 @@ from ..training.engine.variant_setup import run_variant
 from ..training.hardware.dataset_fit import check_plan_against_dataset
 from ..training.run.events import EVENTS_FILE, EventTail, read_summary
 from ..training.run.launch import CONFIG_FILE, RunProcess, TrainingFailed, failure_message, outcome, train_command
-from . import comfy_bridge, paths, variant_inputs
+from . import comfy_bridge, multinode, paths, variant_inputs
 from .validation import Choice, Float, Int, Text, Toggle, check_all
-from .values import DATASET_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
+from .values import DATASET_TYPE, MACHINES_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,13 @@ class Train:
                 "model_name": (models, {"tooltip": "The Z-Image diffusion model to train (the one planned for)."}),
                 **{name: widget.declare() for name, widget in WIDGETS.items()},
             },
-            "optional": variant_inputs.train_inputs(),
+            "optional": {
+                **variant_inputs.train_inputs(),
+                "machines": (
+                    MACHINES_TYPE,
+                    {"tooltip": "From Multi-Node Run: train on several machines (none: this one)."},
+                ),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -198,6 +204,7 @@ class Train:
         return True
 
     def train(self, plan, dataset, model_name, unique_id=None, **settings):
+        several = settings.pop("machines", None)  # from Multi-Node Run (optional)
         values = check_all(WIDGETS, settings) | {"variant": variant_inputs.model_settings(settings)}
         run_name = paths.check_name(values["run_name"], "run_name")
         run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
@@ -206,13 +213,18 @@ class Train:
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values)
         run_variant(config)  # Turbo with nothing protecting its distillation: refused here, naming the fixes
-        process = RunProcess(run_dir, train_command(run_dir / CONFIG_FILE, plan.world_size), cwd=PACK_ROOT)
+        machines = multinode.plan_multinode(several, run_dir / CONFIG_FILE, plan.world_size, PACK_ROOT)
+        config = multinode.across_nodes(config, machines)
+        command = train_command(run_dir / CONFIG_FILE, plan.world_size) if machines is None else machines.this_node
+        process = RunProcess(run_dir, command, cwd=PACK_ROOT, lock_for_child=machines is None)
         process.claim()  # refuses a folder that a live run holds, before anything in it is written
         try:
             comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
             config.save(run_dir / CONFIG_FILE)
             progress = Progress(unique_id, run_name, values["steps"])
             progress.send("start", total_steps=values["steps"])
+            if machines is not None:
+                progress.send("nodes", commands=machines.others, text=multinode.announce(machines, run_dir))
             process.start()
         except BaseException:
             process.release()
@@ -231,4 +243,6 @@ class Train:
             run_dir=run_dir, lora_path=lora_path, lora_name=lora_path.name, state=result.state, summary=summary
         )
         report = f"{ended}\nrun folder: {run_dir}\nLoRA: {lora_path}"
+        if machines is not None:
+            report += f"\nnodes: {machines.nodes} (the others' commands: {run_dir / multinode.OTHER_NODES_FILE})"
         return {"ui": {"text": [report]}, "result": (run, lora_path.name, report)}

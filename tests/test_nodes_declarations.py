@@ -18,6 +18,7 @@ EXPECTED_NODES = {
     "WhetstoneTrain",
     "WhetstoneLoadTrainedLoRA",
     "WhetstoneTrainingReport",
+    "WhetstoneMultiNode",
 }
 HIDDEN_INPUTS = {"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT"}
 

@@ -63,8 +63,13 @@ class RunProcess:
     ``claim()`` (called by ``start()`` if not before) takes the folder: call it before writing the config into a
     folder that may belong to a live run. Raises `lock.FolderBusy` when another process holds it."""
 
-    def __init__(self, run_dir: Path, command: list[str], *, cwd: Path | None = None, env=None) -> None:
+    def __init__(
+        self, run_dir: Path, command: list[str], *, cwd: Path | None = None, env=None, lock_for_child: bool = True
+    ) -> None:
+        """``lock_for_child=False`` (a multi-node run): the folder's lock is held until the child starts, then let
+        go, for the engine's global rank 0 to take on whichever node torchrun's rendezvous puts it."""
         self.run_dir = Path(run_dir)
+        self.lock_for_child = lock_for_child
         self.command = list(command)
         self.cwd = cwd
         self.env = dict(os.environ if env is None else env)
@@ -88,15 +93,19 @@ class RunProcess:
             self._log = open_append(self.run_dir / LOG_FILE)
             self._log_start = self._log.tell()
             logger.info("starting training: %s (cwd %s)", self.command, self.cwd)
+            inherited = {"env": {**self.env, **self._lock.child_env()}, "pass_fds": (self._lock.fd,)}
+            if not self.lock_for_child:
+                self._lock.release()
+                inherited = {"env": self.env}
+                logger.info("the run folder's lock goes to the engine's rank 0, on whichever node it runs")
             self.process = subprocess.Popen(  # noqa: S603 (an argument list, no shell)
                 self.command,
                 cwd=self.cwd,
-                env={**self.env, **self._lock.child_env()},
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                pass_fds=(self._lock.fd,),  # the lock outlives this launcher while the child runs
+                **inherited,  # pass_fds: the lock outlives this launcher while the child runs
             )
         except BaseException:
             self.release()
