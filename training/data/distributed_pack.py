@@ -5,8 +5,10 @@ samples_per_shard; rank r encodes blocks r, r + N, ... on its own device (the en
 single-process pack) into parts (see pack_parts.py). When every rank is done, the accepted samples of all blocks,
 in input order, are cut into shards of samples_per_shard exactly as one process cuts them, shard k written by rank
 k mod N; rank 0 then writes report.json and manifest.json through the single-process pack's own finalisation. So
-the shards, manifest and report are byte-identical to a single-process pack of the folder whenever each sample's
-encoding does not depend on the other samples of its encoder batch (always with encode_batch 1, the default).
+the shards, manifest and report are byte-identical to a single-process pack of the folder whenever every rank's
+encoders compute what the single process's compute: each sample's encoding must not depend on the other samples
+of its encoder batch (always so with encode_batch 1, the default), and on CPU the thread count must match (torchrun
+gives its workers OMP_NUM_THREADS=1, and a convolution summed over other threads rounds differently).
 
 Every phase ends with all ranks agreeing: a rank that fails or is stopped makes every rank raise (PackInterrupted
 or PackError naming the rank), so none waits for it. An interrupted pack resumes: rerun the same command, with any
