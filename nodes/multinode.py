@@ -77,6 +77,26 @@ def check_machines(values: dict) -> Machines:
     return Machines(nodes=checked["nodes"], master_address=checked["master_address"])
 
 
+def gpus_per_node(plan, machines: Machines | None) -> int:
+    """The processes each machine starts: the plan's GPUs per node, once the plan and the machines agree on how many
+    machines there are (a plan for one machine is per node: the global batch grows with the machines, logged)."""
+    planned = getattr(plan, "nodes", 1)
+    machines_count = 1 if machines is None else machines.nodes
+    if planned > 1 and machines_count != planned:
+        raise SettingRefused(
+            f"the plan is for {planned} machines ({plan.world_size} GPUs) but Train gets {machines_count}: wire a "
+            f"Multi-Node Run node with nodes={planned} into Train's machines input, or plan for "
+            f"{machines_count} machine(s)"
+        )
+    if planned == 1 and machines_count > 1:
+        logger.info(
+            "the plan is for one machine: each of the %d machines runs it, so the global batch is %d x the plan's",
+            machines_count,
+            machines_count,
+        )
+    return plan.world_size // planned
+
+
 def plan_multinode(
     machines: Machines | None, config_path: Path, nproc_per_node: int, repo: Path
 ) -> MultiNodeRun | None:

@@ -213,7 +213,8 @@ class Train:
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values)
         run_variant(config)  # Turbo with nothing protecting its distillation: refused here, naming the fixes
-        machines = multinode.plan_multinode(several, run_dir / CONFIG_FILE, plan.world_size, PACK_ROOT)
+        per_node = multinode.gpus_per_node(plan, several)
+        machines = multinode.plan_multinode(several, run_dir / CONFIG_FILE, per_node, PACK_ROOT)
         config = multinode.across_nodes(config, machines)
         command = train_command(run_dir / CONFIG_FILE, plan.world_size) if machines is None else machines.this_node
         process = RunProcess(run_dir, command, cwd=PACK_ROOT, lock_for_child=machines is None)

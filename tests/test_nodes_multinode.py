@@ -50,6 +50,20 @@ def test_node_zero_runs_the_launch_helpers_command_and_prints_the_others(tmp_pat
     assert multinode.plan_multinode(None, tmp_path, 2, tmp_path) is None
 
 
+def test_the_plan_and_the_machines_must_agree_on_the_machine_count():
+    from types import SimpleNamespace
+
+    two_nodes = SimpleNamespace(nodes=2, world_size=16)
+    assert multinode.gpus_per_node(two_nodes, multinode.Machines(nodes=2, master_address="h:1")) == 8
+    with pytest.raises(ValueError, match=r"the plan is for 2 machines \(16 GPUs\) but Train gets 1: .* nodes=2"):
+        multinode.gpus_per_node(two_nodes, None)
+    with pytest.raises(ValueError, match="the plan is for 2 machines .* but Train gets 3"):
+        multinode.gpus_per_node(two_nodes, multinode.Machines(nodes=3, master_address="h:1"))
+    one_node = SimpleNamespace(nodes=1, world_size=4)
+    assert multinode.gpus_per_node(one_node, multinode.Machines(nodes=3, master_address="h:1")) == 4
+    assert multinode.gpus_per_node(one_node, None) == 4
+
+
 @pytest.mark.slow
 def test_train_node_is_node_zero_and_the_printed_command_joins_it(comfy, monkeypatch):  # noqa: F811
     monkeypatch.setattr(train_node, "STOP_TIMEOUT_SECONDS", 10.0)
