@@ -82,8 +82,11 @@ def _pack(block: nn.Module, *, pin: bool, poison: bool) -> _Packed:
     tensors = _frozen_tensors(block)
     offsets, total = [], 0
     for tensor in tensors:
-        if not tensor.is_floating_point():
-            raise ValueError(f"block swap moves floating-point tensors; this block holds a {tensor.dtype} tensor")
+        if not tensor.is_floating_point() or not tensor.is_contiguous():
+            raise ValueError(
+                f"block swap moves contiguous floating-point tensors; this block holds a {tensor.dtype} tensor of "
+                f"strides {tensor.stride()}"
+            )
         offsets.append(total)
         total += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
     host = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
