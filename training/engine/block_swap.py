@@ -178,7 +178,8 @@ class BlockSwap:
                     self.side.wait_event(self.free[slot])
                 start = self._mark(self.side)
                 flat[: packed.nbytes].copy_(packed.host, non_blocking=True)
-                self.ready[slot] = self.side.record_event()
+                self.ready[slot] = torch.cuda.Event(enable_timing=self.measure)  # elapsed_time needs timing on both
+                self.ready[slot].record(self.side)
                 if start is not None:
                     self.stats.events.append(("copy", start, self.ready[slot]))
         else:
