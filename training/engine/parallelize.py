@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from .block_swap import apply_block_swap, place_on_device
 from .distributed import DistInfo
 
 logger = logging.getLogger(__name__)
@@ -200,8 +201,6 @@ def parallelize(
         convert_to_fp8_storage(model.blocks(), compute_dtype=param_dtype, device=dist_info.device)
     if checkpoint_depth:
         apply_activation_checkpointing(model, checkpoint_depth)
-    from .block_swap import apply_block_swap, place_on_device
-
     if swap_blocks:
         if compile:
             raise ValueError("run.swap_blocks with run.compile: set run.compile to false (the hooks would be traced)")
