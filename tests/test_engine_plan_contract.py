@@ -84,8 +84,9 @@ def test_strategies_the_engine_does_not_run_are_refused():
 def test_lora_refusals_offer_only_what_the_engine_runs():
     from training.hardware.plan import PlanRefused
 
+    bf16_only = PlanRequest(mode="lora", resolution=2048, base_storage="bf16", swap_blocks=0)
     with pytest.raises(PlanRefused) as refusal:
-        make_plan(PlanRequest(mode="lora", resolution=2048), simulated_profile(TIERS["2xA10-24GB"]))
+        make_plan(bf16_only, simulated_profile(TIERS["2xA10-24GB"]))
     assert all("FSDP2" not in a.description for a in refusal.value.alternatives)
     assert any(a.changes == {"mode": "qlora"} for a in refusal.value.alternatives)
 

@@ -287,6 +287,13 @@ def test_note_shows_the_plan_the_planner_makes(path):
         "gradient accumulation": str(plan.grad_accum),
         "global batch": str(plan.global_batch),
         "checkpoint depth": f"{plan.checkpoint_depth} of {config.n_layers} blocks",
+        "frozen base": {"bf16": "bf16", "fp8": "FP8 (e4m3, upcast per layer)"}[plan.base_storage]
+        if plan.mode == "lora"
+        else "NF4",
+        "block swap": "off"
+        if not plan.swap_blocks
+        else f"{plan.swap_blocks} of {config.n_layers + 2 * config.n_refiner_layers} blocks in host memory, "
+        f"{plan.swap_bytes_per_step / GIB:.1f} GiB over PCIe per step",
         "predicted peak": f"{plan.predicted_peak_bytes / GIB:.1f} GiB",
         "budget": f"{plan.budget_bytes / GIB:.1f} GiB",
         "compile": "on" if plan.compile else "off",
@@ -416,7 +423,7 @@ def test_template_names_are_titles_in_tier_order():
     stems = [path.stem for path in workflow_files()]
     assert [tier_of_template(stem) for stem in stems] == list(TIER_ORDER), "sorted by name = tier order"
     for number, stem in enumerate(stems, start=1):
-        assert stem.startswith(f"Whetstone {number} - ")
+        assert stem.startswith(f"Whetstone {number:02d} - ")  # two digits: ten tiers still sort by name
         assert not set(stem) & set("#?%&/\\"), f"{stem!r} would break the template URL"
 
 

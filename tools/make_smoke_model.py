@@ -2,7 +2,7 @@
 
 ``python -m tools.make_smoke_model <ComfyUI>/models/diffusion_models`` writes ``z_image_smoke_bf16.safetensors``
 (about 1.7 GiB): dim 3840 (ComfyUI detects Z-Image by it), one main block, two refiners of each kind. The CPU smoke
-workflow (workflows/Whetstone 1 - cpu ...) plans, trains and samples it; its images are noise.
+workflow (workflows/Whetstone 01 - cpu ...) plans, trains and samples it; its images are noise.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ SMOKE_CONFIG = PRESETS["z-image"].replace(n_layers=1)
 
 #: Dense bf16 tensor-core peak per GPU (TFLOP/s) by tier, for the predicted throughput only.
 PEAK_TFLOPS = {
+    # RTX 4060 / 4070 / 4080: the 4090's 165 scaled by SM count and boost clock (24, 46 and 76 of its 128 SMs)
+    "1x8GB": 30.2,
+    "1x12GB": 58.5,
+    "1x16GB": 97.4,
     "1x24GB": 165.0,  # RTX 4090
     "1x80GB": 989.0,  # H100 SXM
     "2xA10-24GB": 125.0,
@@ -53,6 +57,9 @@ RECOMPUTE_SHARE = 1 / 3  # a checkpointed block runs its forward again: +1/3 of 
 
 
 JOBS = {
+    "1x8GB": Job(lora_rank=16, resolution=512),
+    "1x12GB": Job(lora_rank=16),
+    "1x16GB": Job(),
     "1x24GB": Job(),
     "1x80GB": Job(),
     "2xA10-24GB": Job(),
@@ -128,6 +135,8 @@ def plan_facts(plan: TrainingPlan, tier_name: str, job: Job) -> dict[str, str]:
         "gradient accumulation": str(plan.grad_accum),
         "global batch": str(plan.global_batch),
         "checkpoint depth": f"{plan.checkpoint_depth} of {config.n_layers} blocks",
+        "frozen base": base_storage_words(plan),
+        "block swap": block_swap_words(plan, config),
         "predicted peak": f"{plan.predicted_peak_bytes / GIB:.1f} GiB",
         "budget": f"{plan.budget_bytes / GIB:.1f} GiB",
         "compile": "on" if plan.compile else "off",
@@ -136,6 +145,22 @@ def plan_facts(plan: TrainingPlan, tier_name: str, job: Job) -> dict[str, str]:
         "learning rate": f"{plan.lr:.3g}",
         "throughput (predicted)": "—" if speed is None else f"{speed:.2f} img/s",
     }
+
+
+def base_storage_words(plan: TrainingPlan) -> str:
+    if plan.mode == "full":
+        return "trains (fp32 master)"
+    return {"bf16": "bf16", "fp8": "FP8 (e4m3, upcast per layer)"}[plan.base_storage] if plan.mode == "lora" else "NF4"
+
+
+def block_swap_words(plan: TrainingPlan, config: ZImageConfig) -> str:
+    if not plan.swap_blocks:
+        return "off"
+    blocks = config.n_layers + 2 * config.n_refiner_layers
+    return (
+        f"{plan.swap_blocks} of {blocks} blocks in host memory, "
+        f"{plan.swap_bytes_per_step / GIB:.1f} GiB over PCIe per step"
+    )
 
 
 def _describe(job: Job) -> str:
@@ -213,10 +238,10 @@ def template_name(tier_name: str) -> str:
     """The template's file stem, which ComfyUI shows as its title: number (tier order), tier, what it trains."""
     number = TIER_ORDER.index(tier_name) + 1
     if tier_name == "cpu":
-        return f"Whetstone {number} - cpu - smoke test without a GPU (tiny random model)"
+        return f"Whetstone {number:02d} - cpu - smoke test without a GPU (tiny random model)"
     job = JOBS[tier_name]
     trains = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tune"}[job.mode]
-    return f"Whetstone {number} - {tier_name} - {trains} r{job.lora_rank} at {job.resolution}px"
+    return f"Whetstone {number:02d} - {tier_name} - {trains} r{job.lora_rank} at {job.resolution}px"
 
 
 def tier_of_template(stem: str) -> str:
@@ -246,7 +271,18 @@ def thumbnail_for(tier: Tier, job: Job, workflow: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------------------------------
 # the README table
 
-TIER_ORDER = ("cpu", "1x24GB", "1x80GB", "2xA10-24GB", "4xA100-40GB-SXM", "4xH100-80GB-NVLink4", "8xA100-80GB-NVSwitch")
+TIER_ORDER = (
+    "cpu",
+    "1x8GB",
+    "1x12GB",
+    "1x16GB",
+    "1x24GB",
+    "1x80GB",
+    "2xA10-24GB",
+    "4xA100-40GB-SXM",
+    "4xH100-80GB-NVLink4",
+    "8xA100-80GB-NVSwitch",
+)
 README_COLUMNS = ("trains", "micro-batch", "checkpoint depth", "predicted peak", "throughput")
 
 
@@ -258,7 +294,7 @@ def readme_row(tier: Tier, job: Job) -> dict[str, str]:
     return {
         "tier": tier.name,
         "workflow": f"[{workflow_path(tier.name).stem}]({WORKFLOWS_DIR.name}/{quote(workflow_path(tier.name).name)})",
-        "trains": f"{trains} r{plan.lora_rank} at {plan.resolution[0]}², {_where(tier, plan)}",
+        "trains": f"{trains} r{plan.lora_rank} at {plan.resolution[0]}², {_where(tier, plan)}{_levers(plan)}",
         "micro-batch": f"{plan.micro_batch} × {plan.grad_accum} accum = {plan.global_batch}",
         "checkpoint depth": facts["checkpoint depth"],
         "predicted peak": f"{facts['predicted peak']} of {facts['budget']}",
@@ -274,6 +310,12 @@ def _where(tier: Tier, plan: TrainingPlan) -> str:
     return f"{plan.parallelism.upper()} on {plan.world_size} GPUs"
 
 
+def _levers(plan: TrainingPlan) -> str:
+    words = ["FP8 base"] if plan.base_storage == "fp8" else []
+    words += [f"{plan.swap_blocks} blocks swapped"] if plan.swap_blocks else []
+    return "".join(f", {word}" for word in words)
+
+
 def readme_section(tiers: dict[str, Tier]) -> str:
     header = ("tier", "workflow", *README_COLUMNS)
     rows = [readme_row(tiers[name], JOBS[name]) for name in TIER_ORDER]
@@ -284,7 +326,10 @@ def readme_section(tiers: dict[str, Tier]) -> str:
         "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "
         f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak: none of these exact tier settings "
         "has run yet (no A10/A100 here, no 4- or 8-GPU host lent); what was measured (LoRA r128 on H100 and 2xH200, "
-        "QLoRA, FP8, full fine-tune) is in `docs/benchmarks.md`. Regenerate with `python -m tools.make_workflows`."
+        "QLoRA, FP8, full fine-tune) is in `docs/benchmarks.md`. The 8, 12 and 16 GB tiers use the small-card levers "
+        "(FP8 base storage, block swap, full checkpointing, micro-batch 1 with accumulation; their predicted throughput "
+        "leaves out the PCIe copies); `bench/bench_small_cards.py` runs their plans on an H200 capped to 8, 12 and "
+        "16 GiB (`docs/benchmarks.md`). Regenerate with `python -m tools.make_workflows`."
     )
     lines = [
         README_HEADING,

@@ -14,6 +14,8 @@ CaptionOverflow = Literal["truncate", "refuse"]
 #: "adamw" is the default of every mode; "adamw8bit" needs bitsandbytes, "prodigy" prodigyopt, "schedulefree_adamw"
 #: schedulefree (both optional); "adafactor" is torch's own.
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw"]
+#: How the frozen base of adapter training is stored: bf16 (model.dtype), or e4m3 with a scale per row (1 byte/weight).
+BaseStorage = Literal["bf16", "fp8"]
 #: Which Z-Image the weights are ("auto": from the weights file's name, see ``training.model.variants``).
 ModelVariantChoice = Literal["auto", "base", "turbo"]
 #: How a Turbo run keeps the distillation intact: "adapter" merges model.training_adapter into the frozen base,
@@ -39,4 +41,5 @@ SIGMA_SAMPLERS: tuple[str, ...] = get_args(SigmaSampler)
 SHIFTED_SAMPLERS: tuple[str, ...] = ("shifted_uniform", "shifted_logit_normal")
 SHIFT_RULES: tuple[str, ...] = get_args(ShiftRule)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
+BASE_STORAGES: tuple[str, ...] = get_args(BaseStorage)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")

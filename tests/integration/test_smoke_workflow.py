@@ -1,4 +1,4 @@
-"""In a real ComfyUI 0.8 (opt-in: COMFYUI_PATH): the committed CPU smoke workflow (workflows/Whetstone 1 - cpu ...), runs
+"""In a real ComfyUI 0.8 (opt-in: COMFYUI_PATH): the committed CPU smoke workflow (workflows/Whetstone 01 - cpu ...), runs
 end to end (issue 7).
 
 The UI-format file is converted to an API prompt with tools/workflow_api.py against the server's own /object_info

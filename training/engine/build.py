@@ -63,9 +63,19 @@ def random_model(model_config: ZImageConfig, *, dtype: torch.dtype, device: torc
     return model
 
 
+def build_device(config: TrainConfig, dist_info: DistInfo) -> tuple[torch.device, str]:
+    """Where the model is built: on the host when FP8 storage or block swap will shrink it (the device would not
+    hold the bf16 base; ``parallelize`` places it), else on the training device."""
+    run = config.run
+    if dist_info.device.type == "cuda" and (run.fp8_base or run.swap_blocks):
+        return torch.device("cpu"), "built on the host: FP8 storage / block swap place it on the device block by block"
+    return dist_info.device, "built on the training device"
+
+
 def build_model(config: TrainConfig, dist_info: DistInfo) -> ZImageTransformer:
     dtype, reason = storage_dtype(config)
-    device = dist_info.device
+    device, where = build_device(config, dist_info)
+    reason = f"{reason}; {where}"
     if config.model.weights:
         from ..model.weights import load_transformer
 

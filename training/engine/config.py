@@ -258,6 +258,8 @@ class RunSection:
     checkpoint_depth: int = bounded(0, ge=0, le=1024)  # main blocks with activation checkpointing, from the first
     compile: bool = False
     fp8: bool = False
+    fp8_base: bool = False  # LoRA: store the frozen block linears in e4m3 (1 byte/weight), upcast per layer
+    swap_blocks: int = bounded(0, ge=0, le=1024)  # LoRA: first main blocks kept in pinned host memory, streamed in
     save_every: int | None = bounded(None, ge=0, le=10_000_000)  # 0: only at the end; None: see save_interval
     save_state: bool = True  # false: no resumable checkpoint (benchmarks, smoke runs); the LoRA file is still written
     seed: int = bounded(0, ge=0, le=2**32 - 1)
@@ -321,6 +323,7 @@ class TrainConfig:
         )
         _check_parallel(self)
         check_variant_config(self)
+        _check_small_card_levers(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,7 +369,16 @@ class TrainConfig:
 
 #: The config keys a plan decides, per section (``plan_values`` fills them).
 PLAN_DECIDES: dict[str, tuple[str, ...]] = {
-    "run": ("micro_batch", "grad_accum", "checkpoint_depth", "compile", "nccl_timeout_s", "fsdp_cpu_offload"),
+    "run": (
+        "micro_batch",
+        "grad_accum",
+        "checkpoint_depth",
+        "compile",
+        "nccl_timeout_s",
+        "fsdp_cpu_offload",
+        "fp8_base",
+        "swap_blocks",
+    ),
     "model": ("dtype", "attention_backend"),
     "lora": ("rank", "targets"),
     "data": ("max_caption_tokens", "caption_overflow"),
@@ -385,6 +397,8 @@ def plan_values(plan) -> dict[str, dict[str, Any]]:
             "compile": plan.compile,
             "nccl_timeout_s": plan.nccl_timeout_s,
             "fsdp_cpu_offload": plan.fsdp_cpu_offload,
+            "fp8_base": getattr(plan, "base_storage", "bf16") == "fp8",
+            "swap_blocks": getattr(plan, "swap_blocks", 0),
         },
         "model": {"dtype": plan.precision, "attention_backend": plan.attention_backend},
         "lora": {"rank": plan.lora_rank, "targets": plan.lora_targets} if plan.mode in LORA_MODES else {},
@@ -409,6 +423,29 @@ def _check_parallel(config: TrainConfig) -> None:
     _require(
         not (config.run.fsdp_cpu_offload and config.mode in LORA_MODES),
         f"run.fsdp_cpu_offload is for mode 'full' (FSDP2); mode {config.mode!r} does not shard: set it to false",
+    )
+
+
+def _check_small_card_levers(config: TrainConfig) -> None:
+    """FP8 base storage and block swap are levers of LoRA on a bf16/fp8 base (``hardware.levers`` plans them)."""
+    run = config.run
+    _require(
+        not ((run.fp8_base or run.swap_blocks) and config.mode != "lora"),
+        f"run.fp8_base / run.swap_blocks are for mode 'lora'; mode {config.mode!r} keeps its own base: turn them off",
+    )
+    _require(
+        not (run.fp8_base and run.fp8),
+        "run.fp8_base (e4m3 storage, upcast per layer) and run.fp8 (FP8 matmuls) convert the same layers: choose one",
+    )
+    _require(
+        not run.swap_blocks or run.swap_blocks <= run.checkpoint_depth,
+        f"run.swap_blocks={run.swap_blocks} needs run.checkpoint_depth >= {run.swap_blocks}: swapped blocks are "
+        "checkpointed (their weights are reloaded for the backward, not kept)",
+    )
+    _require(
+        not (run.swap_blocks and run.compile),
+        "run.swap_blocks with run.compile: block swap's hooks run between the blocks, which torch.compile would "
+        "trace; set run.compile to false",
     )
 
 

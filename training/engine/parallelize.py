@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from .block_swap import apply_block_swap, place_on_device
 from .distributed import DistInfo
 
 logger = logging.getLogger(__name__)
@@ -184,13 +185,28 @@ def parallelize(
     cpu_offload: bool,
     ddp_bf16_grads: bool = False,
     strategy: str = "auto",
+    fp8_base: bool = False,
+    swap_blocks: int = 0,
+    measure_swap: bool = False,
 ) -> nn.Module:
-    """Apply FP8, checkpointing, compile and data parallelism (``strategy``: the config's ``parallel.strategy``, as
-    the plan decided it); returns the module to call for the forward pass."""
+    """Apply FP8, checkpointing, block swap, compile and data parallelism (``strategy``: the config's
+    ``parallel.strategy``, as the plan decided it); returns the module to call for the forward pass. A model built
+    on the host (small-card levers, ``build.build_device``) reaches the device here: FP8 storage one block at a time,
+    the swapped blocks never."""
     if fp8:
         apply_fp8(model, mode=mode, device=dist_info.device)
+    if fp8_base:
+        from .fp8_storage import convert_to_fp8_storage
+
+        convert_to_fp8_storage(model.blocks(), compute_dtype=param_dtype, device=dist_info.device)
     if checkpoint_depth:
         apply_activation_checkpointing(model, checkpoint_depth)
+    if swap_blocks:
+        if compile:
+            raise ValueError("run.swap_blocks with run.compile: set run.compile to false (the hooks would be traced)")
+        apply_block_swap(model, swap_blocks, dist_info.device, measure=measure_swap)
+    else:
+        place_on_device(model, dist_info.device)
     if compile:
         apply_compile(model)
     strategy = resolve_strategy(strategy, mode=mode, world_size=dist_info.world_size)

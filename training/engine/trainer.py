@@ -69,9 +69,17 @@ class Trainer:
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
 
     @classmethod
-    def build(cls, config: TrainConfig, dist_info: DistInfo, log: RunLog, progress: Progress | None = None) -> Trainer:
+    def build(
+        cls,
+        config: TrainConfig,
+        dist_info: DistInfo,
+        log: RunLog,
+        progress: Progress | None = None,
+        model: nn.Module | None = None,
+    ) -> Trainer:
+        """``model``: one already built from ``config.model`` (a benchmark reuses one random init), else built here."""
         captions = caption_limit(config)  # a dataset the plan does not hold stops here, before the model loads
-        model = build_model(config, dist_info)
+        model = build_model(config, dist_info) if model is None else model
         variant = prepare_variant(model, config)  # Turbo: its de-distillation adapter merges before LoRA/QLoRA
         lora = apply_mode(model, config)
         if lora is not None and _uses_autocast(config, dist_info):
@@ -91,6 +99,8 @@ class Trainer:
             cpu_offload=run.fsdp_cpu_offload,
             ddp_bf16_grads=run.ddp_bf16_grads,
             strategy=config.parallel.strategy,
+            fp8_base=run.fp8_base,
+            swap_blocks=run.swap_blocks,
         )
         params = trainable_parameters(model)
         logger.info("precision: %s", _precision(config, dist_info))

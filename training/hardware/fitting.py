@@ -24,6 +24,8 @@ class Setting:
     attention_backend: str
     compiled: bool
     cpu_offload: bool = False
+    base_storage: str = "bf16"  # adapter modes: "fp8" stores the frozen block linears in e4m3 (``levers``)
+    swap_blocks: int = 0  # main blocks streamed from pinned host memory (block swap); they are checkpointed
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -81,13 +83,15 @@ def estimate(
         attention_backend=setting.attention_backend,
         trainable_params=request.trainable_params,
         optimizer=request.optimizer,
+        base_storage=setting.base_storage,
+        swap_blocks=setting.swap_blocks,
     )
 
 
 def least_memory_depth(request: PlanRequest, setting: Setting, memory_model: MemoryModel) -> int:
     """The depth with the lowest peak (checkpointing the very last block saves nothing: its recompute follows
-    its forward at once)."""
-    depths = range(request.model.n_layers + 1)
+    its forward at once). Swapped blocks are always checkpointed: the depth starts at their count."""
+    depths = range(setting.swap_blocks, request.model.n_layers + 1)
     return min(depths, key=lambda d: (estimate(request, setting, 1, d, memory_model).peak_bytes, -d))
 
 
@@ -110,8 +114,9 @@ def largest_fitting_batch(request, setting, depth, memory_model, budget) -> int:
 
 
 def fewest_checkpointed_blocks(request, setting, micro_batch, memory_model, budget) -> int | None:
-    """Fewest main blocks, counted from the first, to checkpoint so ``micro_batch`` fits; None if none does."""
-    for depth in range(request.model.n_layers + 1):
+    """Fewest main blocks, counted from the first, to checkpoint so ``micro_batch`` fits; None if none does (at
+    least the swapped blocks, which are the first ones)."""
+    for depth in range(setting.swap_blocks, request.model.n_layers + 1):
         if fits(request, setting, micro_batch, depth, memory_model, budget):
             return depth
     return None
@@ -133,8 +138,9 @@ def alternatives(
     found: list[Alternative] = []
     for mode in ("qlora", "lora"):
         if mode != request.mode:
-            other = dataclasses.replace(request, mode=mode, fsdp_cpu_offload=False)
-            _add(found, f"mode {mode}", {"mode": mode}, other, _lora_setting(setting), memory_model, budget)
+            other = dataclasses.replace(request, mode=mode, fsdp_cpu_offload=False, base_storage=None, swap_blocks=None)
+            lighter = _with_levers(other, profile, _lora_setting(setting), memory_model, budget)
+            _add(found, f"mode {mode}{_lever_words(lighter)}", {"mode": mode}, other, lighter, memory_model, budget)
     if request.mode == "full":
         _add_sharding(found, request, profile, setting, memory_model, budget)
     for side in LOWER_RESOLUTIONS:
@@ -176,9 +182,28 @@ def _add(found, description, changes, request, setting, memory_model, budget) ->
     return True
 
 
+class _Unlogged(list):
+    def add(self, name, value, reason):
+        self.append((name, value, reason))
+        return value
+
+
+def _with_levers(request, profile, setting, memory_model, budget) -> Setting:
+    """Mode lora's setting with the small-card levers the plan would choose (``levers``); others unchanged."""
+    from .levers import choose_levers
+
+    return choose_levers(request, profile, setting, memory_model, budget, _Unlogged())
+
+
+def _lever_words(setting: Setting) -> str:
+    words = ["FP8 base"] if setting.base_storage == "fp8" else []
+    words += [f"{setting.swap_blocks} blocks swapped"] if setting.swap_blocks else []
+    return f" ({', '.join(words)})" if words else ""
+
+
 def _lora_setting(setting: Setting) -> Setting:
     parallelism = "ddp" if setting.world_size > 1 else "none"
-    return dataclasses.replace(setting, parallelism=parallelism, cpu_offload=False)
+    return dataclasses.replace(setting, parallelism=parallelism, cpu_offload=False, base_storage="bf16", swap_blocks=0)
 
 
 def _gpus_for_fsdp(request, setting, memory_model, budget, most: int = 64) -> int | None:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_TARGETS, lora_param_count, target_preset
-from ..vocabulary import ATTENTION_BACKENDS, LORA_MODES, MODES, PARALLELISMS
+from ..vocabulary import ATTENTION_BACKENDS, BASE_STORAGES, LORA_MODES, MODES, PARALLELISMS
+from .offload import SWAP_SLOTS, frozen_block_bytes, stored_linear_bytes
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -212,11 +213,15 @@ class MemoryModel:
         cpu_offload: bool = False,
         trainable_params: int | None = None,
         optimizer: str = "adamw",
+        base_storage: str = "bf16",
+        swap_blocks: int = 0,
     ) -> dict[str, int]:
         """Weights, trainable parameters, gradients and optimizer states on one rank (gradients: see ``predict_peak``;
         states: ``OPTIMIZER_STATE_VALUES``). Full fine-tuning keeps an fp32 master copy, fp32 gradients and fp32
         optimizer states, sharded under FSDP2;
-        FSDP2 adds the unsharded blocks in flight; CPU offload moves the sharded state to host memory."""
+        FSDP2 adds the unsharded blocks in flight; CPU offload moves the sharded state to host memory.
+        Adapter modes: ``base_storage`` "fp8" stores the block linears in e4m3 (``engine.fp8_storage``);
+        ``swap_blocks`` main blocks live in host memory and stream through ``SWAP_SLOTS`` device slots."""
         cfg = self.model
         shards = world_size if parallelism == "fsdp2" else 1
         in_flight = FSDP_IN_FLIGHT_BLOCK_WEIGHTS * cfg.block_params(True) * BF16 if parallelism == "fsdp2" else 0
@@ -230,7 +235,9 @@ class MemoryModel:
                 "optimizer": int(trainable * optimizer_state_values(optimizer, smallest_dim=cfg.dim) * per_param)
                 // shards,
             }
-        weights = self.base_weight_bytes(mode)
+        weights = self.base_weight_bytes(mode, base_storage)
+        if swap_blocks:
+            weights -= (swap_blocks - SWAP_SLOTS) * frozen_block_bytes(cfg, base_storage)
         trainable = lora_params(cfg, lora_rank, lora_targets) if trainable_params is None else trainable_params
         per_param = self.lora_param_bytes
         return {
@@ -241,12 +248,17 @@ class MemoryModel:
             // shards,
         }
 
-    def base_weight_bytes(self, mode: str) -> int:
-        """The frozen base in bf16, or with the block Linears in NF4 for QLoRA as ``training.engine.quantize`` does
-        (norms, embedders and the final layer stay bf16)."""
+    def base_weight_bytes(self, mode: str, base_storage: str = "bf16") -> int:
+        """The frozen base in bf16, or with the block Linears in NF4 for QLoRA as ``training.engine.quantize`` does,
+        or in e4m3 with a float32 scale per row (``base_storage`` "fp8", ``training.engine.fp8_storage``); norms,
+        embedders and the final layer stay bf16."""
+        if base_storage not in BASE_STORAGES:
+            raise ValueError(f"base_storage {base_storage!r} is not one of {BASE_STORAGES}")
         total, linears = self.model.total_params(), block_linear_params(self.model)
         if mode == "qlora":
             return int((total - linears) * BF16 + linears * self.nf4_bytes_per_param)
+        if base_storage == "fp8":
+            return (total - linears) * BF16 + stored_linear_bytes(self.model, "fp8")
         return total * BF16
 
     def predict_peak(
@@ -267,6 +279,8 @@ class MemoryModel:
         attention_backend: str = "flash",
         trainable_params: int | None = None,
         optimizer: str = "adamw",
+        base_storage: str = "bf16",
+        swap_blocks: int = 0,
     ) -> MemoryEstimate:
         """Peak ``max_memory_allocated`` of one rank. Tokens are per sample and already padded to 32.
 
@@ -276,7 +290,7 @@ class MemoryModel:
         activations drain, and only the part alive at the peak is counted.
         """
         cfg = self.model
-        self._validate(mode, micro_batch, image_tokens, caption_tokens, checkpoint_depth, world_size)
+        self._validate(mode, micro_batch, image_tokens, caption_tokens, checkpoint_depth, world_size, swap_blocks)
         parallelism = _default_parallelism(mode, world_size, parallelism)
         fixed = self.fixed_bytes(
             mode,
@@ -287,6 +301,8 @@ class MemoryModel:
             cpu_offload=cpu_offload,
             trainable_params=trainable_params,
             optimizer=optimizer,
+            base_storage=base_storage,
+            swap_blocks=swap_blocks,
         )
         grads = fixed.pop("grads")
         coef = self.coefficients(mode, lora_rank, compiled)
@@ -302,7 +318,7 @@ class MemoryModel:
         forward = kept - (per_block if depth == cfg.n_layers else 0) + coef.forward_extra * tokens
         phase, activations = ("backward", backward) if backward >= forward else ("forward", forward)
         breakdown = {**fixed, "grads": int(grads_at_peak), "activations": int(activations)}
-        if mode == "qlora":  # the dequantised bf16 weight of the widest Linear exists while it runs
+        if mode == "qlora" or base_storage == "fp8":  # the dequantised bf16 weight of the widest Linear, while it runs
             breakdown["dequantized"] = 3 * cfg.dim * cfg.dim * BF16
         return MemoryEstimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, phase=phase)
 
@@ -321,7 +337,7 @@ class MemoryModel:
             return 0.0
         return float(micro_batch * self.model.n_heads * image_tokens**2 * BF16)  # the softmax output, bf16
 
-    def _validate(self, mode, micro_batch, image_tokens, caption_tokens, depth, world_size) -> None:
+    def _validate(self, mode, micro_batch, image_tokens, caption_tokens, depth, world_size, swap_blocks=0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if micro_batch < 1:
@@ -332,6 +348,13 @@ class MemoryModel:
             raise ValueError(f"checkpoint_depth {depth} must be in 0..{self.model.n_layers}")
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if swap_blocks and not SWAP_SLOTS < swap_blocks <= depth:
+            raise ValueError(
+                f"swap_blocks {swap_blocks} must be 0 or in {SWAP_SLOTS + 1}..checkpoint_depth {depth}: swapped blocks "
+                f"are checkpointed, and {SWAP_SLOTS} or fewer would all fit in the device slots"
+            )
+        if swap_blocks and mode not in ("lora",):
+            raise ValueError(f"swap_blocks is for mode 'lora' (bf16 or fp8 base), not {mode!r}")
 
 
 def _default_parallelism(mode: str, world_size: int, parallelism: str | None) -> str:

@@ -36,6 +36,8 @@ DECISION_LABELS = {
     "nodes": "nodes",
     "inter_node_gbps": "network per node",
     "inter_node_s_per_step": "network time per step",
+    "base_storage": "frozen base",
+    "swap_blocks": "swapped blocks",
 }
 REASON_WIDTH = 56
 LABEL_WIDTH = max(map(len, DECISION_LABELS.values()))

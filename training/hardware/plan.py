@@ -24,10 +24,12 @@ from .fitting import (
     largest_fitting_batch,
     least_memory_depth,
 )
+from .levers import choose_levers
 from .memory import GIB, MemoryModel, image_tokens_for, padded
 from .network import job_nodes, plan_network
+from .offload import swap_bytes_per_micro_step
 from .request import PlanRefused, PlanRequest
-from .tiers import Tier, nearest_tier
+from .tiers import Tier, load_tiers, nearest_tier, simulated_profile
 
 __all__ = [
     "PlanRefused",
@@ -78,6 +80,9 @@ class TrainingPlan:
     buckets: tuple[tuple[int, int], ...] = ()  # the dataset's (width, height) shapes planned for; () when typed
     device: str = "cuda"  # "cpu" when planned for a machine without GPUs
     nodes: int = 1  # machines; world_size counts the ranks of all of them
+    base_storage: str = "bf16"  # lora: "fp8" stores the frozen block linears in e4m3 (training.hardware.levers)
+    swap_blocks: int = 0  # main blocks streamed from pinned host memory (block swap), always checkpointed
+    swap_bytes_per_step: int = 0  # host-to-device bytes block swap copies per optimizer step (predicted)
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
@@ -160,6 +165,7 @@ def maximum_batch_size(
     request = fit_request_to_dataset(request, _Decisions())
     setting = _setting(request, profile, tier, memory_model, _Decisions())
     budget = budget_bytes(profile, _margin(request, tier), memory_model)
+    setting = choose_levers(request, profile, setting, memory_model, budget, _Decisions())
     return largest_fitting_batch(request, setting, checkpoint_depth, memory_model, budget)
 
 
@@ -172,6 +178,7 @@ def checkpoint_depth_for(
     request = fit_request_to_dataset(request, _Decisions())
     setting = _setting(request, profile, tier, memory_model, _Decisions())
     budget = budget_bytes(profile, _margin(request, tier), memory_model)
+    setting = choose_levers(request, profile, setting, memory_model, budget, _Decisions())
     return fewest_checkpointed_blocks(request, setting, micro_batch, memory_model, budget)
 
 
@@ -185,7 +192,47 @@ def make_plan(
     tier: Tier | None = None,
     memory_model: MemoryModel | None = None,
 ) -> TrainingPlan:
-    """Decide everything, or raise ``PlanRefused`` listing the alternatives that would fit."""
+    """Decide everything, or raise ``PlanRefused`` listing the alternatives that would fit (and, for a full
+    fine-tune, the smallest tier that trains it)."""
+    try:
+        return _make_plan(request, profile, tier, memory_model)
+    except PlanRefused as refused:
+        if request.mode != "full":
+            raise
+        model = memory_model or MemoryModel(model=request.model)
+        state = sum(model.fixed_bytes("full", 1, "fsdp2", 0, optimizer=request.optimizer).values())
+        why = (
+            f"a full fine-tune keeps float32 weights, gradients and {request.optimizer} states ({state / GIB:.0f} GiB "
+            "on one GPU before activations; no fused-backward optimizer step or per-layer offload exists yet)"
+        )
+        smallest = smallest_tier_for(request, memory_model)
+        reason = f"{refused.reason}; {why}; {smallest}"
+        raise PlanRefused(refused.request, reason, refused.alternatives, refused.budget_bytes) from None
+
+
+def smallest_tier_for(request: PlanRequest, memory_model: MemoryModel | None = None) -> str:
+    """A sentence naming the tier with the least GPU memory in all on which ``request`` plans, or saying none does."""
+    tiers = sorted(load_tiers().values(), key=lambda t: (t.gpu_count * t.gpu_memory_mib, t.gpu_count))
+    for candidate in tiers:
+        if not candidate.gpu_count:
+            continue
+        try:
+            plan = _make_plan(
+                dataclasses.replace(request, world_size=None), simulated_profile(candidate), candidate, memory_model
+            )
+        except PlanRefused:
+            continue
+        return (
+            f"the smallest tier that trains it is {candidate.name} ({candidate.gpu_count} x "
+            f"{candidate.gpu_memory_bytes / GIB:.0f} GiB, {plan.parallelism}, predicted peak "
+            f"{plan.predicted_peak_bytes / GIB:.1f} GiB per GPU)"
+        )
+    return "no tier trains it"
+
+
+def _make_plan(
+    request: PlanRequest, profile: HardwareProfile, tier: Tier | None, memory_model: MemoryModel | None
+) -> TrainingPlan:
     memory_model = memory_model or MemoryModel(model=request.model)
     decisions = _Decisions()
     if tier is None:
@@ -202,6 +249,7 @@ def make_plan(
     source = "requested" if request.target_global_batch else f"tier {tier.name} default"
     global_target = request.target_global_batch or tier.target_global_batch
     request = dataclasses.replace(request, target_global_batch=global_target)
+    setting = choose_levers(request, profile, setting, memory_model, budget, decisions)
     micro, depth = _size(request, profile, setting, memory_model, budget, decisions)
     accum = decisions.add(
         "grad_accum",
@@ -210,6 +258,7 @@ def make_plan(
     )
     peak = estimate(request, setting, micro, depth, memory_model, grad_accum=accum)
     nodes = plan_network(request, tier, setting, accum, decisions)
+    swap_bytes = accum * swap_bytes_per_micro_step(request.model, setting.base_storage, setting.swap_blocks)
     return TrainingPlan(
         mode=request.mode,
         world_size=setting.world_size,
@@ -239,6 +288,9 @@ def make_plan(
         buckets=tuple(sorted(request.dataset.buckets)) if request.dataset else (),
         device="cuda" if profile.gpus else "cpu",
         nodes=nodes,
+        base_storage=setting.base_storage,
+        swap_blocks=setting.swap_blocks,
+        swap_bytes_per_step=swap_bytes,
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..data.stats import DatasetStats
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ATTENTION_BACKENDS, LR_SCALINGS, MODES, OPTIMIZERS
+from ..vocabulary import ATTENTION_BACKENDS, BASE_STORAGES, LR_SCALINGS, MODES, OPTIMIZERS
 from .memory import GIB
 
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
@@ -43,6 +43,8 @@ class PlanRequest:
     optimizer: str = "adamw"  # the run's optim.optimizer: its state is priced (memory.OPTIMIZER_STATE_VALUES)
     nodes: int | None = None  # machines of the job, each with ``world_size`` GPUs; None: the tier's (1 unless it says)
     inter_node_gbps: float | None = None  # GB/s per node's network interface; None: the tier's or network's default
+    base_storage: str | None = None  # mode lora: force "bf16" or "fp8" storage of the frozen base (None: planned)
+    swap_blocks: int | None = None  # mode lora: force the number of main blocks swapped from host memory
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -88,6 +90,16 @@ class PlanRequest:
             raise ValueError(
                 f"PlanRequest.caption_percentile {self.caption_percentile!r} must be in [50, 100] (e.g. 99) or None"
             )
+        if self.base_storage is not None and self.base_storage not in BASE_STORAGES:
+            raise ValueError(f"PlanRequest.base_storage {self.base_storage!r} is not one of {BASE_STORAGES} or None")
+        if (self.base_storage is not None or self.swap_blocks) and self.mode != "lora":
+            raise ValueError(
+                f"PlanRequest.base_storage / swap_blocks are levers of mode 'lora'; mode {self.mode!r} has its own base"
+            )
+        if self.swap_blocks is not None and (
+            isinstance(self.swap_blocks, bool) or not isinstance(self.swap_blocks, int) or self.swap_blocks < 0
+        ):
+            raise ValueError(f"PlanRequest.swap_blocks must be an integer >= 0 or None, got {self.swap_blocks!r}")
         if self.safety_margin is not None and not 0 <= self.safety_margin < 0.5:
             raise ValueError(f"PlanRequest.safety_margin {self.safety_margin!r} must be in [0, 0.5), e.g. 0.08")
 
