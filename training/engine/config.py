@@ -249,6 +249,27 @@ class ObjectiveSection:
 
 
 @dataclass(kw_only=True)
+class PreviewSection:
+    """Preview images while training (`training.engine.preview`): ComfyUI's KSampler settings (euler, simple)."""
+
+    features: str = ""  # the encoded prompts (`preview.save_prompt_features`); "": no previews
+    every: int = bounded(0, ge=0, le=10_000_000)  # steps between previews; 0: at the end only
+    at_start: bool = True  # also before the first step (the base model, for comparison); not again on a resume
+    seed: int = bounded(0, ge=0, le=2**64 - 1)
+    steps: int = bounded(8, ge=1, le=1000)
+    cfg: float = bounded(1.0, gt=0, le=100)  # ComfyUI's cfg: 1 is no guidance (then no negative prompt runs)
+    shift: float = bounded(3.0, gt=0, le=100)  # ComfyUI's Z-Image sampling shift (ModelSamplingAuraFlow to change)
+    width: int = bounded(512, ge=16, le=4096)
+    height: int = bounded(512, ge=16, le=4096)
+
+    def __post_init__(self):
+        _validate(self, "preview")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _require(value % 16 == 0, f"preview.{name}: must be a multiple of 16 (VAE 8 x patch 2), got {value!r}")
+
+
+@dataclass(kw_only=True)
 class RunSection:
     output_dir: str  # the run folder: events, status, checkpoints
     lora_path: str = ""  # where the ComfyUI-ready LoRA goes; "" → <output_dir>/lora.safetensors
@@ -312,6 +333,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    preview: PreviewSection = field(default_factory=PreviewSection)
     plan: dict[str, Any] | None = None  # the TrainingPlan that chose micro-batch, depth, ...: kept for the record
 
     def __post_init__(self):
@@ -339,7 +361,7 @@ class TrainConfig:
         the plan decides is an error naming it: the plan is the contract, not a default."""
         decided = plan_values(plan)
         for section, given in sections.items():
-            if section not in PLAN_DECIDES and section not in ("objective",):
+            if section not in PLAN_DECIDES and section not in ("objective", "preview"):
                 raise ValueError(f"TrainConfig.from_plan: unknown section {section!r}; use {sorted(PLAN_DECIDES)}")
             clash = sorted(set(given) & set(PLAN_DECIDES.get(section, ())))
             if clash:

@@ -31,6 +31,7 @@ from .feed import build_loader, caption_limit, checked, endless_epochs
 from .objective import FlowObjective
 from .optim import averaged_weights, build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
+from .preview import Previewer, build_previewer
 from .progress import Progress
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
@@ -64,6 +65,7 @@ class Trainer:
     clock: StepClock
     progress: Progress | None = None  # the terminal's progress line (rank 0)
     variant: str = "base"  # the Z-Image variant the LoRA is for (training.model.variants)
+    previewer: Previewer | None = None  # preview images at the configured steps (`preview`)
     step: int = 0  # optimizer steps done
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
@@ -124,6 +126,14 @@ class Trainer:
             clock=StepClock(device_waiter(dist_info.device)),
             progress=progress,
         )
+        trainer.previewer = build_previewer(
+            config,
+            rank=dist_info.rank,
+            device=dist_info.device,
+            feature_dim=model.config.cap_feat_dim,
+            empty_caption=empty_caption,
+            forward_context=trainer._autocast,
+        )
         trainer.resume()
         return trainer
 
@@ -150,6 +160,8 @@ class Trainer:
             logger.info("the checkpoint is at step %d of %d: nothing left to train", self.step, run.steps)
         elif self.progress is not None:
             self.progress.phase("compiling (first step)" if run.compile else "first step")
+        if self.step == 0:
+            self._preview()
         while self.step < run.steps:
             with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
                 metrics = self.train_step(stop_requested=stop.requested)
@@ -160,6 +172,7 @@ class Trainer:
             self.log.step({"step": self.step, **metrics})
             if self.progress is not None:
                 self.progress.step(self.step, metrics)
+            self._preview()
             final = stopping or self.step == run.steps
             if final or (save_every and self.step % save_every == 0):
                 if self.progress is not None:
@@ -170,6 +183,15 @@ class Trainer:
                 break
         self.checkpointer.wait()
         return "stopped" if self.step < run.steps else "completed"
+
+    def _preview(self) -> None:
+        """Previews after ``self.step`` steps when due; the step clock restarts after them (their time is theirs)."""
+        if self.previewer is None or not self.previewer.schedule.due(self.step):
+            return
+        if self.progress is not None:
+            self.progress.phase("previews")
+        self.previewer.sample(self.step, unwrap(self.model))
+        self.clock.reset()
 
     def _check_finite(self, metrics: dict, *, step: int) -> None:
         """Stop on a non-finite loss or gradient norm, before the step is logged or saved. Both are host floats already
