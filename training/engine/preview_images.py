@@ -1,0 +1,87 @@
+"""Preview latents -> PNGs and a grid (steps down, prompts across), for the CLI, the Train node and the report.
+
+Decoding takes any ``decode`` function from DiT-format latents [B, 16, h, w] to pixels [B, 3, H, W] in 0..1: the CLI
+passes `training.model.flux_vae.FluxVAE.decode` of the VAE file, the node the wired ComfyUI VAE's weights in the same
+decoder. PNGs are written atomically as ``previews/step_0000100_p000.png`` beside the latents; a preview already
+decoded is not decoded again.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..atomic import write_bytes_atomic
+from .preview import PREVIEW_DIR, read_preview, read_preview_events
+
+logger = logging.getLogger(__name__)
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+GRID_CELL = 192  # pixels per preview in the grid (longest side)
+LABEL_WIDTH = 70
+HEADER_HEIGHT = 22
+
+
+def image_path(run_dir: str | os.PathLike, step: int, prompt: int) -> Path:
+    return Path(run_dir) / PREVIEW_DIR / f"step_{step:07d}_p{prompt:03d}.png"
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """[3, H, W] in 0..1 -> an RGB PIL image (rounded as ComfyUI's SaveImage: clip(255·x))."""
+    array = np.clip(255.0 * pixels.movedim(0, -1).float().cpu().numpy(), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def decode_new_previews(run_dir: str | os.PathLike, decode: Decoder) -> list[tuple[dict, list[Path]]]:
+    """PNGs for every preview event whose images are not there yet; returns (event, its PNG paths) for those."""
+    written = []
+    for event in read_preview_events(run_dir):
+        count = len(event.get("prompts", []))
+        paths = [image_path(run_dir, event["step"], i) for i in range(count)]
+        if paths and all(p.is_file() for p in paths):
+            continue
+        latents = read_preview(run_dir, event)
+        pixels = decode(torch.stack(latents))
+        for path, image in zip(paths, pixels, strict=True):
+            buffer = io.BytesIO()
+            to_image(image).save(buffer, format="PNG")
+            write_bytes_atomic(path, buffer.getvalue())
+        logger.info("decoded the previews of step %d (%d images)", event["step"], len(paths))
+        written.append((event, paths))
+    return written
+
+
+def preview_grid(run_dir: str | os.PathLike, *, max_rows: int = 8) -> Image.Image | None:
+    """The decoded previews as one image: a row per preview step (the latest ``max_rows``), a column per prompt.
+    None when no preview has been decoded yet."""
+    rows = []
+    for event in read_preview_events(run_dir):
+        paths = [image_path(run_dir, event["step"], i) for i in range(len(event.get("prompts", [])))]
+        if paths and all(p.is_file() and not p.is_symlink() for p in paths):
+            rows.append((event, paths))
+    if not rows:
+        return None
+    rows = rows[-max_rows:]
+    columns = max(len(paths) for _, paths in rows)
+    width, height = rows[0][0].get("width", 1), rows[0][0].get("height", 1)
+    scale = GRID_CELL / max(width, height)
+    cell = (max(1, round(width * scale)), max(1, round(height * scale)))
+    grid = Image.new("RGB", (LABEL_WIDTH + columns * cell[0], HEADER_HEIGHT + len(rows) * cell[1]), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for column, prompt in enumerate(rows[-1][0].get("prompts", [])):
+        draw.text((LABEL_WIDTH + column * cell[0] + 4, 4), str(prompt)[:28], fill=(40, 40, 40), font=font)
+    for row, (event, paths) in enumerate(rows):
+        top = HEADER_HEIGHT + row * cell[1]
+        draw.text((4, top + cell[1] // 2 - 6), f"step {event['step']}", fill=(40, 40, 40), font=font)
+        for column, path in enumerate(paths):
+            with Image.open(path) as image:
+                grid.paste(image.convert("RGB").resize(cell), (LABEL_WIDTH + column * cell[0], top))
+    return grid
