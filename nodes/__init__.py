@@ -8,6 +8,7 @@ from .lora_node import LoadTrainedLoRA
 from .multinode import MultiNode
 from .pack_node import PackDataset
 from .plan_node import TrainingPlan
+from .previews import PreviewSettings
 from .report_node import TrainingReport
 from .train_node import Train
 
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "WhetstoneLoadTrainedLoRA": LoadTrainedLoRA,
     "WhetstoneTrainingReport": TrainingReport,
     "WhetstoneMultiNode": MultiNode,
+    "WhetstonePreviewSettings": PreviewSettings,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -29,6 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WhetstoneLoadTrainedLoRA": "Load Trained LoRA (Whetstone)",
     "WhetstoneTrainingReport": "Training Report (Whetstone)",
     "WhetstoneMultiNode": "Multi-Node Run (Whetstone)",
+    "WhetstonePreviewSettings": "Preview Settings (Whetstone)",
 }
 
 

@@ -71,6 +71,10 @@ def output_directory() -> Path:
     return Path(_folder_paths().get_output_directory())
 
 
+def temp_directory() -> Path:
+    return Path(_folder_paths().get_temp_directory())
+
+
 def list_files(folder_name: str) -> list[str]:
     """ComfyUI's file list for a folder name (used for combo inputs); [] outside ComfyUI."""
     if not comfyui_present():

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ..training.engine.preview_images import preview_grid
 from ..training.engine.report import render_report
 from ..training.run.events import read_events, read_summary
 from . import paths
@@ -29,9 +31,16 @@ def ema_weight(window: int) -> float:
     return 1.0 - 2.0 / (window + 1)
 
 
-def report_image(events: list[dict], window: int) -> torch.Tensor:
-    """The engine's run report (loss, σ buckets, throughput, memory) as a ComfyUI IMAGE [1, H, W, 3] in 0..1."""
+def report_image(events: list[dict], window: int, run_dir: Path | None = None) -> torch.Tensor:
+    """The engine's run report (loss, σ buckets, throughput, memory) as a ComfyUI IMAGE [1, H, W, 3] in 0..1, with
+    the run's decoded previews below it as a grid (a row per preview step, a column per prompt) when it has any."""
     image = render_report(events, size=(1000, 620), smoothing=ema_weight(window))
+    grid = preview_grid(run_dir) if run_dir is not None else None
+    if grid is not None:
+        combined = Image.new("RGB", (max(image.width, grid.width), image.height + grid.height), (255, 255, 255))
+        combined.paste(image.convert("RGB"), (0, 0))
+        combined.paste(grid, (0, image.height))
+        image = combined
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array)[None]
 
@@ -53,7 +62,8 @@ def summarize_run(run_dir: Path, events: list[dict]) -> str:
 class TrainingReport:
     DESCRIPTION = (
         "Draws a training run as an image for Preview Image or Save Image: the loss with its smoothed curve, loss "
-        "per noise-level (σ) bucket, images per second and memory, plus a text summary."
+        "per noise-level (σ) bucket, images per second and memory, the grid of the previews below (when the run "
+        "made previews: a row per preview step, a column per prompt), plus a text summary."
     )
     CATEGORY = "Whetstone"
     FUNCTION = "report"
@@ -80,4 +90,4 @@ class TrainingReport:
             name = paths.check_name(values["run_name"], "run_name")
             run_dir = paths.confine(name, paths.run_roots(), "run_name", must_exist=True)
         events = read_events(run_dir)
-        return (report_image(events, values["smoothing"]), summarize_run(run_dir, events))
+        return (report_image(events, values["smoothing"], run_dir), summarize_run(run_dir, events))

@@ -12,7 +12,7 @@ from ..training.engine.variant_setup import run_variant
 from ..training.hardware.dataset_fit import check_plan_against_dataset
 from ..training.run.events import EVENTS_FILE, EventTail, read_summary
 from ..training.run.launch import CONFIG_FILE, RunProcess, TrainingFailed, failure_message, outcome, train_command
-from . import comfy_bridge, multinode, paths, variant_inputs
+from . import comfy_bridge, multinode, paths, previews, variant_inputs
 from .validation import Choice, Float, Int, Text, Toggle, check_all
 from .values import DATASET_TYPE, MACHINES_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
 
@@ -48,7 +48,9 @@ WIDGETS = {
 }
 
 
-def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_path: Path, values: dict):
+def build_config(
+    plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_path: Path, values: dict, preview: dict | None = None
+):
     """The engine's TrainConfig: the plan's decisions (``TrainConfig.from_plan``) and the node's settings, after the
     plan is checked against the shard set (a bucket or caption it did not count refuses, with the numbers)."""
     check_plan_against_dataset(plan, read_dataset_stats(dataset_dir))
@@ -65,6 +67,7 @@ def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_
         model={"weights": str(model_path), **values.get("variant", {})},
         data={"shards": str(dataset_dir), "caption_dropout": values["caption_dropout"]},
         optim={"warmup_steps": values["warmup_steps"], "schedule": values["schedule"]},
+        preview=preview or {},
     )
 
 
@@ -129,7 +132,7 @@ class Progress:
         return (now - first_now) / (step - first_step) * (self.total_steps - step)
 
 
-def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_SECONDS) -> bool:
+def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_SECONDS, watcher=None) -> bool:
     """Poll the run until the child exits; returns True when the user interrupted (the child was asked to stop).
 
     Any exception here (including ComfyUI's interrupt raised by a progress update) stops the child politely first.
@@ -145,10 +148,14 @@ def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_S
             events = tail.read_new()
             if events:
                 progress.update(events)
+            if watcher is not None:
+                watcher.poll()
             time.sleep(poll_seconds)
         events = tail.read_new()
         if events:
             progress.update(events)
+        if watcher is not None:
+            watcher.poll()
         return False
     except BaseException:
         process.request_stop()  # a no-op once the child has exited; the wait settles its status and frees the folder
@@ -190,6 +197,10 @@ class Train:
                     MACHINES_TYPE,
                     {"tooltip": "From Multi-Node Run: train on several machines (none: this one)."},
                 ),
+                "preview_settings": (
+                    previews.PREVIEWS_TYPE,
+                    {"tooltip": "From Preview Settings: prompts to sample while training, shown in this node."},
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -203,7 +214,7 @@ class Train:
             return str(error)
         return True
 
-    def train(self, plan, dataset, model_name, unique_id=None, **settings):
+    def train(self, plan, dataset, model_name, unique_id=None, preview_settings=None, **settings):
         several = settings.pop("machines", None)  # from Multi-Node Run (optional)
         values = check_all(WIDGETS, settings) | {"variant": variant_inputs.model_settings(settings)}
         run_name = paths.check_name(values["run_name"], "run_name")
@@ -211,7 +222,8 @@ class Train:
         lora_path = paths.new_child(paths.lora_roots(), f"{run_name}.safetensors", "run_name")
         dataset_dir = paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
-        config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values)
+        preview = previews.preview_section(run_dir, preview_settings.values) if preview_settings else None
+        config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values, preview)
         run_variant(config)  # Turbo with nothing protecting its distillation: refused here, naming the fixes
         per_node = multinode.gpus_per_node(plan, several)
         machines = multinode.plan_multinode(several, run_dir / CONFIG_FILE, per_node, PACK_ROOT)
@@ -221,6 +233,8 @@ class Train:
         process.claim()  # refuses a folder that a live run holds, before anything in it is written
         try:
             comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
+            if preview_settings is not None:
+                previews.write_prompts(preview_settings.prompts, run_dir)
             config.save(run_dir / CONFIG_FILE)
             progress = Progress(unique_id, run_name, values["steps"])
             progress.send("start", total_steps=values["steps"])
@@ -230,7 +244,10 @@ class Train:
         except BaseException:
             process.release()
             raise
-        interrupted = follow(process, progress)
+        watcher = None
+        if preview_settings is not None:
+            watcher = previews.PreviewWatcher(run_dir, run_name, unique_id, preview_settings.decode)
+        interrupted = follow(process, progress, watcher=watcher)
         result = outcome(run_dir, process.wait(STOP_TIMEOUT_SECONDS))
         ended = finished_text(result.state, result.message, run_name, lora_path.name)
         progress.send("end", state=result.state, message=ended)

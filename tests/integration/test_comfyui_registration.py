@@ -14,6 +14,7 @@ EXPECTED_NODES = {
     "WhetstoneTrain",
     "WhetstoneLoadTrainedLoRA",
     "WhetstoneTrainingReport",
+    "WhetstonePreviewSettings",
 }
 
 
