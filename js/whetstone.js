@@ -1,5 +1,6 @@
 // Whetstone's frontend: a live loss chart and status line on the Train node (from "whetstone.progress" websocket
-// events), and the text a node returns in its `ui` (plan table, pack report, hardware summary) shown inside the node.
+// events), a strip of its latest preview images with a slider over the steps ("whetstone.preview"), and the text a
+// node returns in its `ui` (plan table, pack report, hardware summary) shown inside the node.
 // Uses only documented hooks: beforeRegisterNodeDef (for our own node types), nodeCreated, api events.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -195,6 +196,69 @@ async function loadHistory(node, keepStatus = false) {
   node.setDirtyCanvas?.(true, false);
 }
 
+// Previews ("whetstone.preview": images the Train node decoded into ComfyUI's temp folder): a strip of the prompts'
+// images at one preview step, the latest by default, and a slider over the steps seen so far.
+const MAX_PREVIEW_STEPS = 200;
+
+function addPreviewPanel(node) {
+  const box = document.createElement("div");
+  box.className = "whetstone-previews";
+  Object.assign(box.style, {
+    display: "none", fontSize: "11px", fontFamily: "monospace", color: "var(--input-text, #ddd)",
+  });
+  const label = document.createElement("div");
+  const slider = document.createElement("input");
+  slider.type = "range";
+  slider.min = "0";
+  slider.max = "0";
+  slider.style.width = "100%";
+  const strip = document.createElement("div");
+  Object.assign(strip.style, { display: "flex", gap: "4px", overflowX: "auto" });
+  box.append(label, slider, strip);
+  const height = () => (node.whetstonePreviews?.steps.length ? 200 : 2 * DOM_WIDGET_MARGIN);
+  addPanel(node, "whetstone_previews", box, height);
+  const previews = { box, label, slider, strip, steps: [], run: null, follow: true };
+  slider.addEventListener("input", () => {
+    previews.follow = Number(slider.value) === previews.steps.length - 1;
+    showPreviewStep(previews, Number(slider.value));
+  });
+  node.whetstonePreviews = previews;
+}
+
+function showPreviewStep(previews, index) {
+  const entry = previews.steps[index];
+  if (!entry) return;
+  previews.label.textContent = `previews at step ${entry.step} (${index + 1}/${previews.steps.length})`;
+  previews.strip.replaceChildren(...entry.images.map((image, i) => {
+    const img = document.createElement("img");
+    const query = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder, type: image.type });
+    img.src = api.apiURL(`/view?${query}`);
+    img.title = entry.prompts?.[i] ?? "";
+    img.className = "whetstone-preview-image";
+    Object.assign(img.style, { height: "150px", objectFit: "contain", borderRadius: "3px" });
+    return img;
+  }));
+}
+
+function onPreview(event) {
+  const detail = event.detail || {};
+  const node = app.graph?.getNodeById?.(detail.node);
+  const previews = node?.whetstonePreviews;
+  if (!previews || !Array.isArray(detail.images)) return;
+  if (previews.run !== detail.run) {
+    previews.steps = [];
+    previews.run = detail.run;
+    previews.follow = true;
+  }
+  previews.steps.push({ step: detail.step, prompts: detail.prompts, images: detail.images });
+  if (previews.steps.length > MAX_PREVIEW_STEPS) previews.steps.shift();
+  previews.box.style.display = "block";
+  previews.slider.max = String(previews.steps.length - 1);
+  if (previews.follow) previews.slider.value = previews.slider.max;
+  showPreviewStep(previews, Number(previews.slider.value));
+  fitNodeToContent(node);
+}
+
 function trainNodes() {
   return (app.graph?._nodes ?? []).filter((node) => node.type === TRAIN_NODE);
 }
@@ -204,6 +268,7 @@ app.registerExtension({
 
   async setup() {
     api.addEventListener("whetstone.progress", onProgress);
+    api.addEventListener("whetstone.preview", onPreview);
     api.addEventListener("reconnected", () => trainNodes().forEach(loadHistory));
   },
 
@@ -216,7 +281,10 @@ app.registerExtension({
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
-      if (nodeData.name === TRAIN_NODE) addChartPanel(this);
+      if (nodeData.name === TRAIN_NODE) {
+        addChartPanel(this);
+        addPreviewPanel(this);
+      }
       addTextPanel(this, !TABLE_NODES.has(nodeData.name));
       return result;
     };

@@ -20,7 +20,7 @@ ALLOWED = {
     "engine": {"atomic", "vocabulary", "lock", "model", "data", "hardware", "run"},
     "apps": {"atomic", "vocabulary", "lock", "model", "data", "hardware", "run", "engine"},
 }
-ENTRY_POINTS = {"cli.py", "__main__.py", "demo_cli.py"}
+ENTRY_POINTS = {"cli.py", "__main__.py", "demo_cli.py", "preview_cli.py"}
 
 
 def imported_layers(path: Path) -> set[str]:
