@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import pytest
 import torch
@@ -193,3 +194,14 @@ def test_cfg_without_any_negative_is_refused_and_the_empty_caption_fills_in(tmp_
         )
         is None
     )  # LoRA on several ranks: rank 0 samples
+
+
+def test_preview_events_of_a_resumed_run_replace_the_lost_ones(tmp_path):
+    lines = [
+        {"step": s, "file": f"step_{s:07d}.safetensors", "prompts": ["a"], "n": i} for i, s in enumerate((0, 2, 4, 2))
+    ]
+    text = "\n".join(json.dumps(line) for line in lines) + '\n{"step": 6, "file": "../../etc/passwd"}\n{"step": 8, "fi'
+    (tmp_path / "previews.jsonl").write_text(text)
+    assert [(e["step"], e["n"]) for e in read_preview_events(tmp_path)] == [(0, 0), (2, 3)]
+    with pytest.raises(PreviewError, match="not step_NNNNNNN"):
+        read_preview(tmp_path, {"file": "../../etc/passwd"})

@@ -195,7 +195,8 @@ def _append_line(path: Path, line: str) -> None:
 
 
 def read_preview_events(run_dir: str | os.PathLike) -> list[dict]:
-    """The run's preview events, oldest first (lines that are not preview events are skipped)."""
+    """The run's preview events, oldest first (lines that are not preview events are skipped). After a resume from an
+    earlier checkpoint the steps sampled again replace the lost run's (as `read_events` does for step events)."""
     path = Path(run_dir) / PREVIEW_EVENTS
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -212,6 +213,8 @@ def read_preview_events(run_dir: str | os.PathLike) -> list[dict]:
             and isinstance(event.get("step"), int)
             and _PREVIEW_FILE.match(str(event.get("file")))
         ):
+            while events and events[-1]["step"] >= event["step"]:  # a resumed run sampled these steps again
+                events.pop()
             events.append(event)
     return events
 

@@ -45,8 +45,9 @@ def decode_new_previews(run_dir: str | os.PathLike, decode: Decoder) -> list[tup
     for event in read_preview_events(run_dir):
         count = len(event.get("prompts", []))
         paths = [image_path(run_dir, event["step"], i) for i in range(count)]
-        if paths and all(p.is_file() for p in paths):
-            continue
+        latents_time = (Path(run_dir) / PREVIEW_DIR / event["file"]).stat().st_mtime
+        if paths and all(p.is_file() and p.stat().st_mtime >= latents_time for p in paths):
+            continue  # decoded already (and not sampled again since, as a resumed run does)
         latents = read_preview(run_dir, event)
         pixels = decode(torch.stack(latents))
         for path, image in zip(paths, pixels, strict=True):
