@@ -5,6 +5,7 @@ with the wired VAE. The screenshot is kept (see the "Whetstone integration artif
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from integration.browser import Browser, chromium_path
@@ -17,6 +18,14 @@ RUN = "browser_previews"
 STEPS = 4
 TIMEOUT_S = 600
 PROMPTS = "a red square on a blue background\na green circle"
+
+#: Scroll the canvas to the Train node (loadApiJson lays the graph out wider than the window).
+SHOW_NODE = """(() => {
+  const node = app.graph.getNodeById(%d);
+  app.canvas.centerOnNode(node);
+  app.canvas.setDirty(true, true);
+  return true;
+})()"""
 
 #: The strip's images that the browser loaded and decoded (naturalWidth > 0) at the step on show.
 LOADED_IMAGES = """(() => {
@@ -70,12 +79,16 @@ def test_train_node_shows_previews_mid_run(comfy_server, zimage_models, tmp_path
         label = browser.evaluate(f"{node}.whetstonePreviews.label.textContent")
         steps_seen = browser.evaluate(f"{node}.whetstonePreviews.steps.map((s) => s.step)")
         running = comfy_server.get_json("/queue")["queue_running"]
+        browser.evaluate(SHOW_NODE % train_id)
+        time.sleep(1.0)  # a frame to redraw
         shot = keep_artifact(browser.screenshot(tmp_path / "whetstone-train-previews-live.png"))
         print(f"previews mid-run: {shot} ({label!r}, steps {steps_seen}, queue running: {bool(running)})")
         assert steps_seen[:2] == [0, 2], steps_seen
         assert label.startswith(f"previews at step {steps_seen[-1]}"), label
         wait_until_idle(comfy_server, TIMEOUT_S)
         final_steps = browser.evaluate(f"{node}.whetstonePreviews.steps.map((s) => s.step)")
+        browser.evaluate(SHOW_NODE % train_id)
+        time.sleep(1.0)
         final = keep_artifact(browser.screenshot(tmp_path / "whetstone-train-previews-final.png"))
         print(f"previews at the end: {final} (steps {final_steps})")
     assert final_steps == [0, 2, 4], final_steps
