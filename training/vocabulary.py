@@ -14,6 +14,9 @@ CaptionOverflow = Literal["truncate", "refuse"]
 #: "adamw" is the default of every mode; "adamw8bit" needs bitsandbytes, "prodigy" prodigyopt, "schedulefree_adamw"
 #: schedulefree (both optional); "adafactor" is torch's own.
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw"]
+#: What trains on the frozen base (``training.model.adapters``): LoRA; DoRA (LoRA plus a learned magnitude per output
+#: row); LoKr (a Kronecker product of two small factors); LoHa (a Hadamard product of two low-rank products).
+AdapterType = Literal["lora", "dora", "lokr", "loha"]
 #: Which Z-Image the weights are ("auto": from the weights file's name, see ``training.model.variants``).
 ModelVariantChoice = Literal["auto", "base", "turbo"]
 #: How a Turbo run keeps the distillation intact: "adapter" merges model.training_adapter into the frozen base,
@@ -39,4 +42,5 @@ SIGMA_SAMPLERS: tuple[str, ...] = get_args(SigmaSampler)
 SHIFTED_SAMPLERS: tuple[str, ...] = ("shifted_uniform", "shifted_logit_normal")
 SHIFT_RULES: tuple[str, ...] = get_args(ShiftRule)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
+ADAPTER_TYPES: tuple[str, ...] = get_args(AdapterType)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")
