@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic
-from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
+from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS, qlora_unsupported
 from ..vocabulary import (
+    ADAPTER_TYPES,
     ATTENTION_BACKENDS,
     CAPTION_OVERFLOWS,
     LORA_MODES,
@@ -158,10 +159,12 @@ class LoraSection:
     alpha: float | None = bounded(None, gt=0)  # None: alpha = rank
     dropout: float = bounded(0.0, ge=0, lt=1)
     targets: str = DEFAULT_TARGETS
+    adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES: lora, dora, lokr, loha
 
     def __post_init__(self):
         _validate(self, "lora")
         _require(self.targets in LORA_TARGETS, f"lora.targets must be one of {LORA_TARGETS}, got {self.targets!r}")
+        _require(self.adapter in ADAPTER_TYPES, f"lora.adapter must be one of {ADAPTER_TYPES}, got {self.adapter!r}")
 
 
 @dataclass(kw_only=True)
@@ -317,6 +320,8 @@ class TrainConfig:
             not (self.run.fp8 and self.mode == "qlora"),
             "run.fp8 cannot be combined with mode 'qlora' (the base is already 4-bit): turn one off",
         )
+        unsupported = qlora_unsupported(self.lora.adapter) if self.mode == "qlora" else None
+        _require(unsupported is None, f"lora.adapter: {unsupported}")
         _check_parallel(self)
         check_variant_config(self)
 

@@ -105,7 +105,20 @@ def group_file(tensors: dict[str, torch.Tensor], adapter: str, prefixes, origin:
         raise ValueError(
             f"{origin}: {len(unknown)} keys are not {adapter} tensors under {list(prefixes)}: {sorted(unknown)[:5]}"
         )
+    for module, parts in modules.items():
+        _check_complete(adapter, module, parts, origin)
     return modules
+
+
+def _check_complete(adapter: str, module: str, parts: dict[str, torch.Tensor], origin: str) -> None:
+    has = set(parts)
+    if adapter == "lokr":
+        complete = "lokr_w1" in has and ("lokr_w2" in has) != ({"lokr_w2_a", "lokr_w2_b"} <= has)
+        needs = "lokr_w1 and either lokr_w2 or lokr_w2_a + lokr_w2_b"
+    else:
+        complete, needs = set(FILE_KINDS[adapter]) <= has, " + ".join(FILE_KINDS[adapter])
+    if not complete:
+        raise ValueError(f"{origin}: {adapter} module {module!r} has {sorted(has)}; it needs {needs}")
 
 
 def _rank_of(adapter: str, parts: dict[str, torch.Tensor]) -> int | None:

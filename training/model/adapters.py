@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..vocabulary import ADAPTER_TYPES
-from .targets import lokr_shapes
+from .targets import lokr_shapes, qlora_unsupported  # noqa: F401  (re-exported: the rule lives torch-free)
 
 ADAPTER = "default"
 #: The tensor names each type trains, as peft names them under ``<module>.<kind>.default``.
@@ -36,20 +36,6 @@ DORA_SCALE = "dora_scale"
 COMFY_NORM_EPS = torch.finfo(torch.float32).eps
 
 
-def qlora_unsupported(adapter: str) -> str | None:
-    """Why ``adapter`` cannot train on the NF4 base of mode 'qlora', or None. peft 0.21's LoKr and LoHa reshape
-    their delta weight to ``base_layer.weight.shape``, which for a bitsandbytes ``Linear4bit`` is the packed 4-bit
-    storage ([out·in/2, 1]), so the first forward fails (RuntimeError: shape '[6144, 1]' is invalid …);
-    tests/test_adapters.py checks that this is still so. LoRA and DoRA dequantize the base and work."""
-    if adapter in ("lokr", "loha"):
-        return (
-            f"adapter {adapter!r} cannot train on mode 'qlora': peft's {adapter.upper()} layers build their delta "
-            "in the base weight's shape, which for a 4-bit (bitsandbytes NF4) base is its packed storage, so the "
-            "forward fails. Use mode 'lora' (bf16 base) with this adapter, or adapter 'lora' / 'dora' with 'qlora'"
-        )
-    return None
-
-
 def peft_config(adapter: str, *, rank: int, alpha: float, dropout: float, names: list[str]):
     """The peft config that builds ``adapter`` on the modules ``names`` (full names: matched exactly)."""
     if adapter in ("lora", "dora"):
@@ -66,12 +52,13 @@ def peft_config(adapter: str, *, rank: int, alpha: float, dropout: float, names:
     if adapter == "lokr":
         from peft import LoKrConfig
 
-        # module_dropout is LyCORIS' dropout (skips the whole adapter of a layer for a step); rank dropout stays off
-        return LoKrConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+        # peft's LoKr/LoHa have no input dropout: rank dropout (rows of the delta) stands in for it. Not module
+        # dropout, which skips a layer's adapter for a step and so leaves its parameters unused under DDP.
+        return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=names)
     if adapter == "loha":
         from peft import LoHaConfig
 
-        return LoHaConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+        return LoHaConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=names)
     raise ValueError(f"unknown adapter type {adapter!r}; choose one of {list(ADAPTER_TYPES)}")
 
 

@@ -160,3 +160,17 @@ def adapter_param_count(config: ZImageConfig, rank: int, targets: str, adapter: 
             per_block = sum(adapter_linear_params(*shapes[m], rank, adapter) for m in preset.modules if m in shapes)
             total += count * per_block
     return total
+
+
+def qlora_unsupported(adapter: str) -> str | None:
+    """Why ``adapter`` cannot train on the NF4 base of mode 'qlora', or None. peft 0.21's LoKr and LoHa reshape
+    their delta weight to ``base_layer.weight.shape``, which for a bitsandbytes ``Linear4bit`` is the packed 4-bit
+    storage ([out·in/2, 1]), so the first forward fails (RuntimeError: shape '[6144, 1]' is invalid …);
+    tests/test_adapters.py checks that this is still so (torch-free here: the config validates with it). LoRA and DoRA dequantize the base and work."""
+    if adapter in ("lokr", "loha"):
+        return (
+            f"adapter {adapter!r} cannot train on mode 'qlora': peft's {adapter.upper()} layers build their delta "
+            "in the base weight's shape, which for a 4-bit (bitsandbytes NF4) base is its packed storage, so the "
+            "forward fails. Use mode 'lora' (bf16 base) with this adapter, or adapter 'lora' / 'dora' with 'qlora'"
+        )
+    return None
