@@ -371,7 +371,7 @@ class TrainConfig:
 PLAN_DECIDES: dict[str, tuple[str, ...]] = {
     "run": ("micro_batch", "grad_accum", "checkpoint_depth", "compile", "nccl_timeout_s", "fsdp_cpu_offload"),
     "model": ("dtype", "attention_backend"),
-    "lora": ("rank", "targets"),
+    "lora": ("rank", "targets", "adapter"),
     "data": ("max_caption_tokens", "caption_overflow"),
     "optim": ("lr",),
     "parallel": ("strategy",),
@@ -390,7 +390,9 @@ def plan_values(plan) -> dict[str, dict[str, Any]]:
             "fsdp_cpu_offload": plan.fsdp_cpu_offload,
         },
         "model": {"dtype": plan.precision, "attention_backend": plan.attention_backend},
-        "lora": {"rank": plan.lora_rank, "targets": plan.lora_targets} if plan.mode in LORA_MODES else {},
+        "lora": {"rank": plan.lora_rank, "targets": plan.lora_targets, "adapter": getattr(plan, "adapter", "lora")}
+        if plan.mode in LORA_MODES
+        else {},
         "data": {"max_caption_tokens": plan.caption_tokens, "caption_overflow": plan.caption_overflow},
         "optim": {"lr": plan.lr},
         "parallel": {"strategy": plan.parallelism},

@@ -81,6 +81,7 @@ def estimate(
         attention_backend=setting.attention_backend,
         trainable_params=request.trainable_params,
         optimizer=request.optimizer,
+        adapter=request.adapter,
     )
 
 
@@ -200,6 +201,7 @@ def _offloaded_host_bytes(request: PlanRequest, setting: Setting, memory_model: 
         lora_targets=request.lora_targets,
         trainable_params=request.trainable_params,
         optimizer=request.optimizer,
+        adapter=request.adapter,
     )
     if request.mode == "full":
         return fixed["trainable"] + fixed["grads"] + fixed["optimizer"]

@@ -78,6 +78,7 @@ class TrainingPlan:
     buckets: tuple[tuple[int, int], ...] = ()  # the dataset's (width, height) shapes planned for; () when typed
     device: str = "cuda"  # "cpu" when planned for a machine without GPUs
     nodes: int = 1  # machines; world_size counts the ranks of all of them
+    adapter: str = "lora"  # the adapter type priced (training.vocabulary.ADAPTER_TYPES); LoRA modes only
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
@@ -239,6 +240,7 @@ def make_plan(
         buckets=tuple(sorted(request.dataset.buckets)) if request.dataset else (),
         device="cuda" if profile.gpus else "cpu",
         nodes=nodes,
+        adapter=request.adapter,
     )
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from ..data.stats import DatasetStats
 from ..model.config import PRESETS, ZImageConfig
-from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ATTENTION_BACKENDS, LR_SCALINGS, MODES, OPTIMIZERS
+from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS, qlora_unsupported
+from ..vocabulary import ADAPTER_TYPES, ATTENTION_BACKENDS, LR_SCALINGS, MODES, OPTIMIZERS
 from .memory import GIB
 
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
@@ -43,6 +43,7 @@ class PlanRequest:
     optimizer: str = "adamw"  # the run's optim.optimizer: its state is priced (memory.OPTIMIZER_STATE_VALUES)
     nodes: int | None = None  # machines of the job, each with ``world_size`` GPUs; None: the tier's (1 unless it says)
     inter_node_gbps: float | None = None  # GB/s per node's network interface; None: the tier's or network's default
+    adapter: str = "lora"  # the run's lora.adapter (LoRA modes): priced by memory.adapter_extra and adapter_memory
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +66,10 @@ class PlanRequest:
             raise ValueError(f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {LORA_TARGETS}")
         if not self.lr_base > 0:
             raise ValueError(f"PlanRequest.lr_base must be > 0 (e.g. 1e-4), got {self.lr_base!r}")
+        if self.adapter not in ADAPTER_TYPES:
+            raise ValueError(f"PlanRequest.adapter {self.adapter!r} is not one of {ADAPTER_TYPES}")
+        if self.mode == "qlora" and qlora_unsupported(self.adapter):
+            raise ValueError(f"PlanRequest.adapter: {qlora_unsupported(self.adapter)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"PlanRequest.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.lr_scaling not in LR_SCALINGS:
