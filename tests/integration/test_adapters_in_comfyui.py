@@ -21,7 +21,7 @@ pytestmark = pytest.mark.comfyui
 
 #: float32 on both sides; measured: 0 for LoRA, LoKr and LoHa (the same operations), 2.1e-7 for DoRA.
 TOLERANCE = 1e-6
-TIMEOUT_S = 1500  # 4 adapter types on two shared CPU cores: ~10 min measured
+TIMEOUT_S = 2700  # 4 adapter types on two shared CPU cores: 10 min measured alone, 25+ min under load
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
