@@ -32,6 +32,7 @@ class OurConfig:
     mode: str = "lora"  # lora | qlora | full
     fp8: bool = False
     cudagraphs: bool = False  # an experiment (issue 12): inductor's CUDA graphs over every compiled block
+    adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES (lora modes)
 
 
 _BASE = OurConfig(batch=4, resolution=512)
@@ -46,6 +47,11 @@ OUR_CONFIGS = {
     "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
     "lora-512+cg": dataclasses.replace(_BASE, cudagraphs=True),
     "fp8-512+cg": dataclasses.replace(_BASE, fp8=True, cudagraphs=True),
+    # issue 17: each adapter type against LoRA at 512² bs4 r32, eager (bench/bench_adapters.py runs these four)
+    **{
+        f"{adapter}-512-r32": dataclasses.replace(_BASE, rank=32, compile=False, adapter=adapter)
+        for adapter in ("lora", "dora", "lokr", "loha")
+    },
 }
 
 
@@ -64,7 +70,7 @@ def train_config(conf: OurConfig, output_dir: str, steps: int, *, grad_accum: in
             resume=False,
             save_state=False,
         ),
-        lora=LoraSection(rank=conf.rank, targets=conf.targets),
+        lora=LoraSection(rank=conf.rank, targets=conf.targets, adapter=conf.adapter),
         data=DataSection(
             synthetic=True, resolution=conf.resolution, caption_tokens=conf.caption_tokens, caption_dropout=0.0
         ),

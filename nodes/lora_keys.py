@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-#: Tensor-name endings of the adapters ComfyUI's weight_adapter and load_lora consume (LoRA, LoCon, DoRA, diff, set).
+#: Tensor-name endings of the adapters ComfyUI's weight_adapter and load_lora consume (LoRA, LoCon, DoRA, LoKr, LoHa,
+#: diff, set).
 TENSOR_ENDINGS = (
     ".lora_A.weight",
     ".lora_B.weight",
@@ -27,6 +28,19 @@ TENSOR_ENDINGS = (
     ".diff",
     ".diff_b",
     ".set_weight",
+    ".lokr_w1",
+    ".lokr_w2",
+    ".lokr_w1_a",
+    ".lokr_w1_b",
+    ".lokr_w2_a",
+    ".lokr_w2_b",
+    ".lokr_t2",
+    ".hada_w1_a",
+    ".hada_w1_b",
+    ".hada_w2_a",
+    ".hada_w2_b",
+    ".hada_t1",
+    ".hada_t2",
     ".w_norm",
     ".b_norm",
 )

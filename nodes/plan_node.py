@@ -12,7 +12,7 @@ from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
-from ..training.vocabulary import MODES
+from ..training.vocabulary import ADAPTER_TYPES, MODES
 from . import comfy_bridge, paths
 from .validation import Choice, Float, Int, Toggle, check_all
 from .values import DATASET_TYPE, HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
@@ -37,6 +37,11 @@ WIDGETS = {
         DEFAULT_LORA_RANK, 1, 1024, "LoRA rank: capacity of the adapter (16-64 for styles and characters)."
     ),
     "lora_targets": Choice(LORA_TARGETS, "Which layers get LoRA adapters.", default=DEFAULT_TARGETS),
+    "adapter": Choice(
+        ADAPTER_TYPES,
+        "Adapter type (lora/qlora modes): LoRA; DoRA (LoRA + a learned magnitude per row); LoKr (Kronecker, far "
+        "fewer parameters); LoHa (Hadamard, twice LoRA's). QLoRA takes LoRA or DoRA. Each is priced by the plan.",
+    ),
     "resolution": Int(1024, 256, 4096, "Training resolution (square side in pixels, as packed).", step=16),
     "target_batch": Int(0, 0, 4096, "Global batch per optimizer step; 0 uses the tier's default."),
     "learning_rate": Float(1e-4, 1e-7, 1e-2, "Base learning rate; the plan scales it with the number of GPUs.", 1e-6),
@@ -102,6 +107,7 @@ class TrainingPlan:
             caption_tokens=values["caption_tokens"],
             lora_rank=values["lora_rank"],
             lora_targets=values["lora_targets"],
+            adapter=values["adapter"],
             target_global_batch=values["target_batch"] or None,
             lr_base=values["learning_rate"],
             model=model_config,

@@ -42,6 +42,7 @@ class Job:
     mode: str = "lora"
     lora_rank: int = 32
     lora_targets: str = "attention+ffn"
+    adapter: str = "lora"
     resolution: int = 1024
     learning_rate: float = 1e-4
     caption_tokens: int = 128
@@ -267,7 +268,16 @@ def _loader_nodes(g: Graph, job: Job) -> dict[str, dict]:
 def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, run_name: str, plan_text: str):
     """Pack Dataset, Training Plan (its widgets name the tier), Train, Training Report and its chart's preview."""
     pack_widgets = [job.image_folder, f"my_dataset_{job.resolution}", job.resolution, job.samples_per_shard]
-    plan_widgets = [job.model, tier_name, job.mode, job.lora_rank, job.lora_targets, job.resolution, target_batch]
+    plan_widgets = [
+        job.model,
+        tier_name,
+        job.mode,
+        job.lora_rank,
+        job.lora_targets,
+        job.adapter,
+        job.resolution,
+        target_batch,
+    ]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
     train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
     lines = plan_text.split("\n")
@@ -284,7 +294,7 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
         ),
         "plan": g.node(
             "WhetstoneTrainingPlan",
-            (plan_width, node_height(2, 11, text_panel_height(len(lines)))),
+            (plan_width, node_height(2, len(plan_widgets) + 4, text_panel_height(len(lines)))),
             [*plan_widgets, job.learning_rate, job.caption_tokens, "longest", True],
             inputs=[("hardware", "WHETSTONE_HARDWARE"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("plan", "WHETSTONE_PLAN"), ("table", "STRING")],

@@ -16,6 +16,9 @@ CaptionOverflow = Literal["truncate", "refuse"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw"]
 #: How the frozen base of adapter training is stored: bf16 (model.dtype), or e4m3 with a scale per row (1 byte/weight).
 BaseStorage = Literal["bf16", "fp8"]
+#: What trains on the frozen base (``training.model.adapters``): LoRA; DoRA (LoRA plus a learned magnitude per output
+#: row); LoKr (a Kronecker product of two small factors); LoHa (a Hadamard product of two low-rank products).
+AdapterType = Literal["lora", "dora", "lokr", "loha"]
 #: Which Z-Image the weights are ("auto": from the weights file's name, see ``training.model.variants``).
 ModelVariantChoice = Literal["auto", "base", "turbo"]
 #: How a Turbo run keeps the distillation intact: "adapter" merges model.training_adapter into the frozen base,
@@ -42,4 +45,5 @@ SHIFTED_SAMPLERS: tuple[str, ...] = ("shifted_uniform", "shifted_logit_normal")
 SHIFT_RULES: tuple[str, ...] = get_args(ShiftRule)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 BASE_STORAGES: tuple[str, ...] = get_args(BaseStorage)
+ADAPTER_TYPES: tuple[str, ...] = get_args(AdapterType)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")

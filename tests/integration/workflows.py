@@ -31,6 +31,7 @@ def plan_node(model: str, **overrides) -> dict:
         "mode": "lora",
         "lora_rank": 4,
         "lora_targets": "attention+ffn",
+        "adapter": "lora",
         "resolution": RESOLUTION,
         "target_batch": 1,
         "learning_rate": 1e-4,

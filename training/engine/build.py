@@ -98,13 +98,20 @@ def build_model(config: TrainConfig, dist_info: DistInfo) -> ZImageTransformer:
 
 def lora_settings(config: TrainConfig) -> LoraSettings:
     section = config.lora
-    return LoraSettings(rank=section.rank, alpha=section.alpha, dropout=section.dropout, targets=section.targets)
+    return LoraSettings(
+        rank=section.rank,
+        alpha=section.alpha,
+        dropout=section.dropout,
+        targets=section.targets,
+        adapter=section.adapter,
+    )
 
 
 def apply_mode(model: ZImageTransformer, config: TrainConfig) -> LoraSettings | None:
-    """QLoRA: NF4 block linears, then LoRA; LoRA: LoRA on the frozen base; full: every parameter trains.
+    """QLoRA: NF4 block linears, then the adapter (``lora.adapter``: LoRA, DoRA, LoKr or LoHa); LoRA: the adapter on
+    the frozen base; full: every parameter trains.
 
-    LoRA weights are float32 whatever the base dtype (the optimizer updates them in full precision)."""
+    Adapter weights are float32 whatever the base dtype (the optimizer updates them in full precision)."""
     model.train()
     if config.mode == "full":
         for param in model.parameters():

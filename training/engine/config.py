@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic
-from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
+from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS, qlora_unsupported
 from ..vocabulary import (
+    ADAPTER_TYPES,
     ATTENTION_BACKENDS,
     CAPTION_OVERFLOWS,
     LORA_MODES,
@@ -158,10 +159,12 @@ class LoraSection:
     alpha: float | None = bounded(None, gt=0)  # None: alpha = rank
     dropout: float = bounded(0.0, ge=0, lt=1)
     targets: str = DEFAULT_TARGETS
+    adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES: lora, dora, lokr, loha
 
     def __post_init__(self):
         _validate(self, "lora")
         _require(self.targets in LORA_TARGETS, f"lora.targets must be one of {LORA_TARGETS}, got {self.targets!r}")
+        _require(self.adapter in ADAPTER_TYPES, f"lora.adapter must be one of {ADAPTER_TYPES}, got {self.adapter!r}")
 
 
 @dataclass(kw_only=True)
@@ -343,6 +346,8 @@ class TrainConfig:
             not (self.run.fp8 and self.mode == "qlora"),
             "run.fp8 cannot be combined with mode 'qlora' (the base is already 4-bit): turn one off",
         )
+        unsupported = qlora_unsupported(self.lora.adapter) if self.mode == "qlora" else None
+        _require(unsupported is None, f"lora.adapter: {unsupported}")
         _check_parallel(self)
         check_variant_config(self)
         _check_small_card_levers(self)
@@ -402,7 +407,7 @@ PLAN_DECIDES: dict[str, tuple[str, ...]] = {
         "swap_blocks",
     ),
     "model": ("dtype", "attention_backend"),
-    "lora": ("rank", "targets"),
+    "lora": ("rank", "targets", "adapter"),
     "data": ("max_caption_tokens", "caption_overflow"),
     "optim": ("lr",),
     "parallel": ("strategy",),
@@ -423,7 +428,9 @@ def plan_values(plan) -> dict[str, dict[str, Any]]:
             "swap_blocks": getattr(plan, "swap_blocks", 0),
         },
         "model": {"dtype": plan.precision, "attention_backend": plan.attention_backend},
-        "lora": {"rank": plan.lora_rank, "targets": plan.lora_targets} if plan.mode in LORA_MODES else {},
+        "lora": {"rank": plan.lora_rank, "targets": plan.lora_targets, "adapter": getattr(plan, "adapter", "lora")}
+        if plan.mode in LORA_MODES
+        else {},
         "data": {"max_caption_tokens": plan.caption_tokens, "caption_overflow": plan.caption_overflow},
         "optim": {"lr": plan.lr},
         "parallel": {"strategy": plan.parallelism},

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.batches import Batch
 from ..model.config import preset
-from ..model.lora import LoraSettings, lora_state_dict, set_lora_input_cast
+from ..model.lora import LoraSettings, adapter_file_state, set_lora_input_cast
 from ..model.lora_file import save_lora_file
 from ..run.events import RunLog, maybe_profile
 from ..run.failure import plan_for_messages, record
@@ -280,7 +280,7 @@ class Trainer:
         model = unwrap(self.model)
         with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
             if self.lora is not None and self.dist_info.is_main:
-                state = {clean_name(k): v for k, v in lora_state_dict(model).items()}
+                state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
                 metadata = {"steps": str(self.step), "seed": str(self.config.run.seed), "mode": self.config.mode}
                 metadata.update(lora_metadata(self.variant, self.config))
                 save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)

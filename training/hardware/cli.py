@@ -13,7 +13,7 @@ from ..cli_support import float_in, int_in, pixels
 from ..engine.recipe_flags import add_recipe_flags, recipe_sections
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import LR_SCALINGS, MODES
+from ..vocabulary import ADAPTER_TYPES, LR_SCALINGS, MODES
 from .discovery import discover
 from .plan import PlanRefused, PlanRequest, make_plan
 from .tiers import load_tiers, nearest_tier, simulated_profile
@@ -38,6 +38,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=pixels, nargs="+", default=[1024], help="side px, or width height")
     parser.add_argument("--rank", type=int_in(1, 1024), default=DEFAULT_LORA_RANK, help="LoRA rank")
     parser.add_argument("--targets", choices=LORA_TARGETS, default=DEFAULT_TARGETS, help="LoRA target preset")
+    parser.add_argument(
+        "--adapter",
+        choices=ADAPTER_TYPES,
+        default="lora",
+        help="adapter type for lora/qlora: lora, dora, lokr or loha (qlora: lora or dora); its memory is priced",
+    )
     parser.add_argument(
         "--batch", type=int_in(1, 1_000_000), default=None, help="target global batch (default: the tier's)"
     )
@@ -116,6 +122,7 @@ def _plan(args: argparse.Namespace):
         caption_tokens=args.caption_tokens,
         lora_rank=args.rank,
         lora_targets=args.targets,
+        adapter=args.adapter,
         target_global_batch=args.batch,
         lr_base=args.lr,
         lr_scaling=args.lr_scaling,

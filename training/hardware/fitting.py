@@ -85,6 +85,7 @@ def estimate(
         optimizer=request.optimizer,
         base_storage=setting.base_storage,
         swap_blocks=setting.swap_blocks,
+        adapter=request.adapter,
     )
 
 
@@ -225,6 +226,7 @@ def _offloaded_host_bytes(request: PlanRequest, setting: Setting, memory_model: 
         lora_targets=request.lora_targets,
         trainable_params=request.trainable_params,
         optimizer=request.optimizer,
+        adapter=request.adapter,
     )
     if request.mode == "full":
         return fixed["trainable"] + fixed["grads"] + fixed["optimizer"]

@@ -29,8 +29,9 @@ import math
 from dataclasses import dataclass, field
 
 from ..model.config import PRESETS, ZImageConfig
-from ..model.targets import DEFAULT_TARGETS, lora_param_count, target_preset
+from ..model.targets import DEFAULT_TARGETS, adapter_param_count, lora_param_count, target_preset
 from ..vocabulary import ATTENTION_BACKENDS, BASE_STORAGES, LORA_MODES, MODES, PARALLELISMS
+from .adapter_memory import adapter_terms
 from .offload import SWAP_SLOTS, frozen_block_bytes, stored_linear_bytes
 
 GIB = 1 << 30
@@ -215,6 +216,7 @@ class MemoryModel:
         optimizer: str = "adamw",
         base_storage: str = "bf16",
         swap_blocks: int = 0,
+        adapter: str = "lora",
     ) -> dict[str, int]:
         """Weights, trainable parameters, gradients and optimizer states on one rank (gradients: see ``predict_peak``;
         states: ``OPTIMIZER_STATE_VALUES``). Full fine-tuning keeps an fp32 master copy, fp32 gradients and fp32
@@ -238,7 +240,10 @@ class MemoryModel:
         weights = self.base_weight_bytes(mode, base_storage)
         if swap_blocks:
             weights -= (swap_blocks - SWAP_SLOTS) * frozen_block_bytes(cfg, base_storage)
-        trainable = lora_params(cfg, lora_rank, lora_targets) if trainable_params is None else trainable_params
+        if trainable_params is None:
+            trainable = adapter_param_count(cfg, lora_rank, lora_targets, adapter)
+        else:
+            trainable = trainable_params
         per_param = self.lora_param_bytes
         return {
             "weights": (0 if cpu_offload else weights // shards) + in_flight,
@@ -281,6 +286,7 @@ class MemoryModel:
         optimizer: str = "adamw",
         base_storage: str = "bf16",
         swap_blocks: int = 0,
+        adapter: str = "lora",
     ) -> MemoryEstimate:
         """Peak ``max_memory_allocated`` of one rank. Tokens are per sample and already padded to 32.
 
@@ -303,24 +309,34 @@ class MemoryModel:
             optimizer=optimizer,
             base_storage=base_storage,
             swap_blocks=swap_blocks,
+            adapter=adapter,
         )
         grads = fixed.pop("grads")
         coef = self.coefficients(mode, lora_rank, compiled)
+        extra = self.adapter_extra(mode, adapter, lora_rank, lora_targets)
         tokens = micro_batch * (image_tokens + caption_tokens)
-        per_block = coef.block * tokens + self._attention_quadratic(attention_backend, micro_batch, image_tokens)
+        block_tokens = (coef.block + extra.per_token_block) * tokens + extra.per_block
+        per_block = block_tokens + self._attention_quadratic(attention_backend, micro_batch, image_tokens)
         depth = checkpoint_depth
         kept = max(cfg.n_layers - depth, 1) * per_block + depth * coef.checkpointed * tokens + coef.shared * tokens
         if mode == "full" or target_preset(lora_targets).trains_refiners:
-            kept += cfg.n_refiner_layers * coef.block * tokens  # noise refiner on image, context on caption tokens
+            kept += cfg.n_refiner_layers * block_tokens  # noise refiner on image, context on caption tokens
         persistent_grads = parallelism == "ddp" or grad_accum > 1
         grads_at_peak = grads if persistent_grads else self._grads_at_peak(grads, depth, coef.checkpointed * tokens)
-        backward = kept + coef.backward_extra * tokens
-        forward = kept - (per_block if depth == cfg.n_layers else 0) + coef.forward_extra * tokens
+        backward = kept + coef.backward_extra * tokens + extra.transient
+        forward = kept - (per_block if depth == cfg.n_layers else 0) + coef.forward_extra * tokens + extra.transient
         phase, activations = ("backward", backward) if backward >= forward else ("forward", forward)
         breakdown = {**fixed, "grads": int(grads_at_peak), "activations": int(activations)}
         if mode == "qlora" or base_storage == "fp8":  # the dequantised bf16 weight of the widest Linear, while it runs
             breakdown["dequantized"] = 3 * cfg.dim * cfg.dim * BF16
         return MemoryEstimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, phase=phase)
+
+    def adapter_extra(self, mode: str, adapter: str, lora_rank: int, lora_targets: str):
+        """What DoRA, LoKr or LoHa add to LoRA's activations (``adapter_memory``); nothing for a full fine-tune."""
+        output_bytes = FP32 if self.lora_input_fp32 else BF16
+        return adapter_terms(
+            self.model, adapter if mode in LORA_MODES else "lora", lora_rank, lora_targets, output_bytes
+        )
 
     def _grads_at_peak(self, grads: int, depth: int, checkpoint_input_bytes: float) -> float:
         """One block's gradients at the last non-checkpointed block; with every main block checkpointed, the

@@ -83,6 +83,7 @@ class TrainingPlan:
     base_storage: str = "bf16"  # lora: "fp8" stores the frozen block linears in e4m3 (training.hardware.levers)
     swap_blocks: int = 0  # main blocks streamed from pinned host memory (block swap), always checkpointed
     swap_bytes_per_step: int = 0  # host-to-device bytes block swap copies per optimizer step (predicted)
+    adapter: str = "lora"  # the adapter type priced (training.vocabulary.ADAPTER_TYPES); LoRA modes only
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
@@ -291,6 +292,7 @@ def _make_plan(
         base_storage=setting.base_storage,
         swap_blocks=setting.swap_blocks,
         swap_bytes_per_step=swap_bytes,
+        adapter=request.adapter,
     )
 
 

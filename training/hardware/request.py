@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from ..data.stats import DatasetStats
 from ..model.config import PRESETS, ZImageConfig
-from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ATTENTION_BACKENDS, BASE_STORAGES, LR_SCALINGS, MODES, OPTIMIZERS
+from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS, qlora_unsupported
+from ..vocabulary import ADAPTER_TYPES, ATTENTION_BACKENDS, BASE_STORAGES, LR_SCALINGS, MODES, OPTIMIZERS
 from .memory import GIB
 
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
@@ -45,6 +45,7 @@ class PlanRequest:
     inter_node_gbps: float | None = None  # GB/s per node's network interface; None: the tier's or network's default
     base_storage: str | None = None  # mode lora: force "bf16" or "fp8" storage of the frozen base (None: planned)
     swap_blocks: int | None = None  # mode lora: force the number of main blocks swapped from host memory
+    adapter: str = "lora"  # the run's lora.adapter (LoRA modes): priced by memory.adapter_extra and adapter_memory
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,6 +68,10 @@ class PlanRequest:
             raise ValueError(f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {LORA_TARGETS}")
         if not self.lr_base > 0:
             raise ValueError(f"PlanRequest.lr_base must be > 0 (e.g. 1e-4), got {self.lr_base!r}")
+        if self.adapter not in ADAPTER_TYPES:
+            raise ValueError(f"PlanRequest.adapter {self.adapter!r} is not one of {ADAPTER_TYPES}")
+        if self.mode == "qlora" and qlora_unsupported(self.adapter):
+            raise ValueError(f"PlanRequest.adapter: {qlora_unsupported(self.adapter)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"PlanRequest.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.lr_scaling not in LR_SCALINGS:

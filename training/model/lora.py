@@ -1,8 +1,10 @@
-"""LoRA on the Z-Image transformer through peft: target presets, attach, state in our names, merge.
+"""LoRA (and DoRA, LoKr, LoHa) on the Z-Image transformer through peft: target presets, attach, state in our names,
+merge.
 
 peft wraps each targeted ``nn.Linear`` in place (``layers.0.attention.qkv`` becomes a ``lora.Linear`` holding
 ``base_layer``, ``lora_A.default`` and ``lora_B.default``), so the model stays a ``ZImageTransformer``. The fused
 ``attention.qkv`` gets one LoRA (A [r, dim], B [3·dim, r]); the file format splits it into to_q/to_k/to_v.
+``LoraSettings.adapter`` picks the type; ``training.model.adapters`` holds what differs between types.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..vocabulary import ADAPTER_TYPES
+from . import adapters
+from .adapters import ADAPTER, DORA_SCALE
+from .adapters import PEFT_PARAM as _PEFT_PARAM
 from .targets import DEFAULT_TARGETS, TARGET_PRESETS, target_preset
 
 logger = logging.getLogger(__name__)
-
-ADAPTER = "default"
-_PEFT_PARAM = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_[AB])\.default\.weight$")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -28,6 +31,7 @@ class LoraSettings:
     alpha: float | None = None  # None: alpha = rank, i.e. scale 1
     dropout: float = 0.0
     targets: str = DEFAULT_TARGETS
+    adapter: str = "lora"  # one of training.vocabulary.ADAPTER_TYPES
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -38,6 +42,8 @@ class LoraSettings:
             raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout!r}")
         if self.targets not in TARGET_PRESETS:
             raise ValueError(f"LoraSettings.targets must be one of {list(TARGET_PRESETS)}, got {self.targets!r}")
+        if self.adapter not in ADAPTER_TYPES:
+            raise ValueError(f"LoraSettings.adapter must be one of {list(ADAPTER_TYPES)}, got {self.adapter!r}")
 
     @property
     def effective_alpha(self) -> float:
@@ -62,10 +68,10 @@ def target_module_names(model: nn.Module, targets: str) -> list[str]:
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module name → peft LoRA layer, for every LoRA-wrapped module of ``model``."""
-    from peft.tuners.lora import LoraLayer
+    """Module name → peft adapter layer (LoRA, DoRA, LoKr or LoHa), for every wrapped module of ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
 def set_lora_input_cast(model: nn.Module, enabled: bool) -> int:
@@ -82,17 +88,23 @@ def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype 
     """Wrap the preset's modules with LoRA in place; freeze every base parameter. Returns ``model``.
 
     LoRA weights take the base weights' dtype unless ``dtype`` is given (e.g. float32 adapters on a bf16 base)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; merge_lora() them or build a fresh model first")
     names = target_module_names(model, settings.targets)
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.effective_alpha,
-        lora_dropout=settings.dropout,
-        target_modules=names,  # full names: matched exactly (peft also accepts '.'-suffixes, none collide here)
-        bias="none",
+    if settings.adapter == "lokr":
+        for name in names:
+            if name.endswith(".attention.qkv"):
+                linear = model.get_submodule(name)
+                adapters.check_lokr_qkv_slices(linear.in_features, linear.out_features, settings.rank, name)
+    # full names: matched exactly (peft also accepts '.'-suffixes, none collide here)
+    config = adapters.peft_config(
+        settings.adapter,
+        rank=settings.rank,
+        alpha=settings.effective_alpha,
+        dropout=settings.dropout,
+        names=names,
     )
     injected = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     assert injected is model, "peft must wrap modules in place"
@@ -106,7 +118,8 @@ def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype 
         if dtype is not None:
             param.data = param.data.to(dtype)
     logger.info(
-        "LoRA %r: rank %d, alpha %g, dropout %g on %d modules, %d trainable parameters",
+        "%s %r: rank %d, alpha %g, dropout %g on %d modules, %d trainable parameters",
+        settings.adapter,
         settings.targets,
         settings.rank,
         settings.effective_alpha,
@@ -118,7 +131,8 @@ def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype 
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA weights under our names (``layers.0.attention.qkv.lora_A.weight``), detached copies."""
+    """Adapter weights under our names (``layers.0.attention.qkv.lora_A.weight``, ``….lokr_w1.weight``), detached
+    copies: what trains, for resuming and for ``load_lora_state_dict``."""
     state = {}
     for name, param in model.named_parameters():
         match = _PEFT_PARAM.match(name)
@@ -129,8 +143,45 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_file_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``save_lora_file`` writes: ``lora_state_dict`` with each DoRA magnitude replaced by the ``dora_scale``
+    ComfyUI rebuilds the merged weight from (``adapters.comfy_dora_scale``: it depends on the base weights)."""
+    state = lora_state_dict(model)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            if adapters.layer_adapter_type(layer) == "dora":
+                del state[f"{name}.lora_magnitude_vector.weight"]
+                state[f"{name}.{DORA_SCALE}.weight"] = adapters.comfy_dora_scale(layer)
+    return state
+
+
+def _dora_scales_to_magnitudes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file state's ``dora_scale`` entries as the peft magnitudes of ``model`` (whose base must be the file's)."""
+    suffix = f".{DORA_SCALE}.weight"
+    if not any(key.endswith(suffix) for key in state):
+        return state
+    converted = dict(state)
+    for key in [k for k in state if k.endswith(suffix)]:
+        module = key.removesuffix(suffix)
+        a, b = state.get(f"{module}.lora_A.weight"), state.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"DoRA state has {key} without {module}.lora_A.weight and .lora_B.weight")
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"DoRA state key {key} names no module of the model (different targets?)") from None
+        if adapters.layer_adapter_type(layer) != "dora":
+            raise ValueError(f"DoRA state key {key}: the model's {module} is not a DoRA layer; attach adapter 'dora'")
+        del converted[key]
+        converted[f"{module}.lora_magnitude_vector.weight"] = adapters.dora_magnitude_from_scale(
+            layer, a, b, state[key]
+        )
+    return converted
+
+
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy LoRA weights (our names) into an attached model. Strict: keys and shapes must match exactly."""
+    """Copy adapter weights (our names) into an attached model. Strict: keys and shapes must match exactly. A DoRA
+    file's ``dora_scale`` becomes the magnitude again from the model's base weights (they must be the trained base)."""
     params = {
         f"{m['module']}.{m['kind']}.weight": param
         for name, param in model.named_parameters()
@@ -138,11 +189,13 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     }
     if not params:
         raise ValueError("the model has no LoRA layers; call attach_lora() with the same settings first")
+    state = _dora_scales_to_magnitudes(model, state)
     missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:
         raise ValueError(
             f"LoRA state does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected keys); "
-            f"missing: {missing[:5]}, unexpected: {unexpected[:5]}. Attach with the targets the LoRA was trained with."
+            f"missing: {missing[:5]}, unexpected: {unexpected[:5]}. Attach with the adapter type and targets the "
+            "LoRA was trained with."
         )
     for key, param in params.items():
         if tuple(state[key].shape) != tuple(param.shape):
@@ -156,17 +209,15 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA delta (scale · B @ A, computed in float32) into its base weight and unwrap the layer."""
+    """Fold every adapter into its base weight (``adapters.merged_weight``, float32 math) and unwrap the layer."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to merge")
     with torch.no_grad():
         for name, layer in layers.items():
             base = layer.get_base_layer()
-            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-            delta = layer.scaling[ADAPTER] * (b.float() @ a.float())
-            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            base.weight.copy_(adapters.merged_weight(layer).to(base.weight.dtype))
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, base)
-    logger.info("merged LoRA into %d modules", len(layers))
+    logger.info("merged %d adapter layers into their base weights", len(layers))
     return model

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import adapter_file
 from .layouts import comfy_name, diffusers_names
 from .lora import LoraSettings
 from .safetensors_io import write_safetensors
@@ -28,7 +29,17 @@ FORMAT_VERSION = "1"
 FILE_PREFIX = "diffusion_model."
 ACCEPTED_PREFIXES = ("diffusion_model.", "transformer.")
 SAVE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-RESERVED_METADATA = ("format", "format_version", "base_model", "rank", "alpha", "dropout", "targets", "dtype")
+RESERVED_METADATA = (
+    "format",
+    "format_version",
+    "base_model",
+    "adapter",
+    "rank",
+    "alpha",
+    "dropout",
+    "targets",
+    "dtype",
+)
 
 # Key endings ComfyUI accepts for plain LoRA tensors → "down" (A), "up" (B) or "alpha".
 _ENDINGS = {
@@ -81,6 +92,8 @@ def _split_state(state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[t
 
 
 def _file_tensors(state: dict[str, torch.Tensor], settings: LoraSettings, dtype: torch.dtype) -> dict:
+    if settings.adapter != "lora":
+        return adapter_file.file_tensors(state, settings, dtype, FILE_PREFIX)
     tensors = {}
     alpha = torch.tensor(settings.effective_alpha, dtype=torch.float32)
     for module, (a, b) in _split_state(state, settings.rank).items():
@@ -106,6 +119,7 @@ def _file_metadata(settings: LoraSettings, dtype: torch.dtype, extra: dict[str, 
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "base_model": "Z-Image",
+        "adapter": settings.adapter,
         "rank": str(settings.rank),
         "alpha": repr(settings.effective_alpha),
         "dropout": repr(settings.dropout),
@@ -123,7 +137,8 @@ def save_lora_file(
     metadata: dict[str, str] | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> None:
-    """Write ``state`` (our names, from ``lora_state_dict``) atomically as a ComfyUI-loadable LoRA file.
+    """Write ``state`` (our names, from ``lora.adapter_file_state``) atomically as a ComfyUI-loadable adapter file
+    (LoRA here; DoRA, LoKr and LoHa in ``adapter_file``'s form, by ``settings.adapter``).
 
     ``metadata`` adds str→str header entries such as ``{"steps": "1200", "dataset_hash": "…"}``."""
     if dtype not in SAVE_DTYPES:
@@ -213,7 +228,11 @@ def merge_lora_file_into(
     """Add ``strength`` × a ComfyUI-style Z-Image LoRA file to the model's weights (float32 math, cast back).
 
     Returns the number of file keys that match no model weight; with ``strict`` any such key raises instead."""
-    deltas = comfy_deltas(path)
+    tensors, _, origin = _read(path)
+    adapter = adapter_file.detect_adapter(tensors)
+    if adapter != "lora":
+        return _merge_adapter_file(model, tensors, adapter, strength, strict=strict, origin=origin)
+    deltas = comfy_deltas(tensors)
     params = dict(model.named_parameters())
     missing = [rows for name, rows in deltas.items() if _model_weight(params, name) is None]
     unmatched = sorted(key for rows in missing for row in rows for key in row.keys)
@@ -232,6 +251,29 @@ def merge_lora_file_into(
     if unmatched:
         logger.warning("%s: %d LoRA keys not loaded: %s", os.fspath(path), len(unmatched), unmatched[:5])
     logger.info("merged LoRA %s at strength %g into %d weights", os.fspath(path), strength, len(deltas))
+    return len(unmatched)
+
+
+def _merge_adapter_file(model, tensors: dict, adapter: str, strength: float, *, strict: bool, origin: str) -> int:
+    """A DoRA/LoKr/LoHa file patched into the model's weights per file module, as ComfyUI 0.8 does (float32)."""
+    params = dict(model.named_parameters())
+    modules = adapter_file.group_file(tensors, adapter, ACCEPTED_PREFIXES, origin)
+    unmatched = []
+    with torch.no_grad():
+        for module, parts in modules.items():
+            name, third = comfy_name(f"{module}.weight")
+            weight = _model_weight(params, name)
+            if weight is None:
+                unmatched.append(module)
+                continue
+            rows = weight.shape[0] // 3 if third is not None else weight.shape[0]
+            target = weight.narrow(0, (third or 0) * rows, rows)
+            target.copy_(adapter_file.comfy_patch(target.float(), adapter, parts, strength).to(weight.dtype))
+    if unmatched and strict:
+        raise ValueError(f"{origin}: {len(unmatched)} {adapter} modules match no weight of the model: {unmatched[:5]}")
+    if unmatched:
+        logger.warning("%s: %d %s modules not loaded: %s", origin, len(unmatched), adapter, unmatched[:5])
+    logger.info("merged %s %s at strength %g into %d weights", adapter, origin, strength, len(modules))
     return len(unmatched)
 
 
@@ -269,8 +311,13 @@ def _fuse(module: str, parts: list[tuple[int | None, dict]], origin: str) -> tup
 
 
 def load_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Read a LoRA file back into our names (fused qkv reassembled) with the settings it was trained with."""
+    """Read a LoRA (or DoRA/LoKr/LoHa) file back into our names (fused qkv reassembled) with the settings it was
+    trained with. A DoRA file's state holds ``dora_scale``: ``load_lora_state_dict`` turns it back into the magnitude
+    from the base the model carries."""
     tensors, metadata, origin = _read(path)
+    adapter = adapter_file.detect_adapter(tensors)
+    if adapter != "lora":
+        return _load_adapter_file(tensors, metadata, adapter, origin)
     grouped: dict[str, list[tuple[int | None, dict]]] = defaultdict(list)
     for module, parts in _group_modules(tensors, origin).items():
         target, third = comfy_name(f"{module}.weight")
@@ -293,4 +340,29 @@ def load_lora_file(path: str | os.PathLike) -> LoraFile:
         targets = infer_targets(list(grouped))
     dropout = float(metadata.get("dropout", 0.0))
     settings = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+    return LoraFile(state=state, settings=settings, metadata=dict(metadata))
+
+
+def _load_adapter_file(tensors: dict, metadata: dict[str, str], adapter: str, origin: str) -> LoraFile:
+    modules = adapter_file.group_file(tensors, adapter, ACCEPTED_PREFIXES, origin)
+    state, ranks, alphas = adapter_file.fuse_file(modules, adapter, metadata, origin)
+    rank = int(metadata["rank"]) if "rank" in metadata else None
+    alpha = float(metadata["alpha"]) if "alpha" in metadata else None
+    ranks.discard(None)
+    alphas.discard(None)
+    if rank is None and len(ranks) == 1:
+        rank = ranks.pop()
+    if rank is None or (ranks and ranks != {rank}):
+        raise ValueError(f"{origin}: {adapter} modules have ranks {sorted(ranks)} (metadata rank: {rank}); one needed")
+    if alpha is None:
+        alpha = alphas.pop() if len(alphas) == 1 else float(rank)
+    elif alphas and alphas != {alpha}:
+        raise ValueError(f"{origin}: metadata alpha {alpha} but the tensors carry alphas {sorted(alphas)}")
+    targets = metadata.get("targets")
+    if targets not in TARGET_PRESETS:
+        targets = infer_targets(sorted({key.rsplit(".", 2)[0] for key in state}))
+    dropout = float(metadata.get("dropout", 0.0))
+    settings = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, targets=targets, adapter=adapter)
+    if adapter == "lokr":
+        adapter_file.unfold_lokr_scale(state, settings.scale)
     return LoraFile(state=state, settings=settings, metadata=dict(metadata))

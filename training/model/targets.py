@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from ..vocabulary import ADAPTER_TYPES
 from .config import ZImageConfig
 
 LoraTargets = Literal["attention", "attention+ffn", "attention+ffn+refiners", "all"]
@@ -107,3 +108,69 @@ def _covers(preset: TargetPreset, module: str) -> bool:
     group, _, rest = module.partition(".")
     _, _, linear = rest.partition(".")
     return group in preset.block_groups and linear in preset.modules
+
+
+def kronecker_factors(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m·n = dimension and m <= n, as peft's and LyCORIS' LoKr split a width (``factor`` -1: the pair
+    closest to a square). Kept here torch-free so the planner prices exactly the shapes peft creates."""
+    if factor > 0 and dimension % factor == 0 and dimension >= factor**2:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    factor = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return min(m, n), max(m, n)
+
+
+def lokr_shapes(in_features: int, out_features: int, rank: int) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """LoKr of one linear as peft builds it (``decompose_both`` off, factor -1): w1 [out_l, in_m] (always a full
+    matrix), w2 [out_k, in_n], and whether w2 is rank-decomposed into w2_a [out_k, r] @ w2_b [r, in_n]."""
+    out_l, out_k = kronecker_factors(out_features)
+    in_m, in_n = kronecker_factors(in_features)
+    return (out_l, in_m), (out_k, in_n), rank < max(out_k, in_n) / 2
+
+
+def adapter_linear_params(in_features: int, out_features: int, rank: int, adapter: str) -> int:
+    """Trainable parameters one adapter type adds to one linear (peft's shapes)."""
+    if adapter == "lora":
+        return rank * (in_features + out_features)
+    if adapter == "dora":  # LoRA plus one magnitude per output row
+        return rank * (in_features + out_features) + out_features
+    if adapter == "loha":  # two LoRA-shaped pairs, multiplied elementwise
+        return 2 * rank * (in_features + out_features)
+    if adapter == "lokr":
+        (out_l, in_m), (out_k, in_n), decomposed = lokr_shapes(in_features, out_features, rank)
+        return out_l * in_m + (rank * (out_k + in_n) if decomposed else out_k * in_n)
+    raise ValueError(f"unknown adapter type {adapter!r}; choose one of {list(ADAPTER_TYPES)}")
+
+
+def adapter_param_count(config: ZImageConfig, rank: int, targets: str, adapter: str = "lora") -> int:
+    """Trainable parameters of a preset for one adapter type, over every targeted linear of every block."""
+    preset = target_preset(targets)
+    total = 0
+    for group, (count, modulated) in block_groups(config).items():
+        if group in preset.block_groups:
+            shapes = linear_shapes(config, modulated)
+            per_block = sum(adapter_linear_params(*shapes[m], rank, adapter) for m in preset.modules if m in shapes)
+            total += count * per_block
+    return total
+
+
+def qlora_unsupported(adapter: str) -> str | None:
+    """Why ``adapter`` cannot train on the NF4 base of mode 'qlora', or None. peft 0.21's LoKr and LoHa reshape
+    their delta weight to ``base_layer.weight.shape``, which for a bitsandbytes ``Linear4bit`` is the packed 4-bit
+    storage ([out·in/2, 1]), so the first forward fails (RuntimeError: shape '[6144, 1]' is invalid …);
+    tests/test_adapters.py checks that this is still so (torch-free here: the config validates with it). LoRA and DoRA dequantize the base and work."""
+    if adapter in ("lokr", "loha"):
+        return (
+            f"adapter {adapter!r} cannot train on mode 'qlora': peft's {adapter.upper()} layers build their delta "
+            "in the base weight's shape, which for a 4-bit (bitsandbytes NF4) base is its packed storage, so the "
+            "forward fails. Use mode 'lora' (bf16 base) with this adapter, or adapter 'lora' / 'dora' with 'qlora'"
+        )
+    return None
