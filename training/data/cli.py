@@ -35,7 +35,13 @@ def register(subparsers) -> None:
     pack.add_argument("output_dir", type=Path, help="where shards, manifest.json and report.json go (not inside input)")
     pack.add_argument("--name", default="data", help="shard name prefix: <name>-000000.tar")
     pack.add_argument("--samples-per-shard", type=int_in(1), default=1000, help="samples in each .tar shard")
-    pack.add_argument("--resolution", type=pixels, default=1024, help="bucket area is resolution²: 512, 768, 1024, ...")
+    pack.add_argument(
+        "--resolution",
+        type=_resolutions,
+        default=1024,
+        help="bucket area is resolution²: 512, 768, 1024, ...; several (512,768,1024) store each image at every "
+        "resolution it covers, aspect-bucketed per resolution, in one shard set",
+    )
     pack.add_argument(
         "--max-aspect-ratio",
         type=float_in(1, low_open=False),
@@ -118,6 +124,12 @@ def _encoders(args: argparse.Namespace):
     return latent_encoder, text_encoder
 
 
+def _resolutions(text: str) -> int | tuple[int, ...]:
+    """An argparse type: one side in px, or several separated by commas (512,768,1024)."""
+    sides = tuple(pixels(part.strip()) for part in text.split(","))
+    return sides[0] if len(sides) == 1 else sides
+
+
 def _parse_background(text: str) -> tuple[int, int, int]:
     try:
         red, green, blue = (int(part) for part in text.split(","))
@@ -166,6 +178,9 @@ def run_pack(args: argparse.Namespace) -> int:
     if result is None:  # a distributed pack's other ranks: rank 0 reports
         return 0
     print(f"packed {result.samples} samples into {len(result.shards)} shards in {result.output_dir}")
+    if len(result.resolutions) > 1:
+        for resolution, buckets in result.resolutions.items():
+            print(f"  {resolution} px: {sum(buckets.values())} samples in {len(buckets)} buckets")
     for bucket, count in sorted(result.buckets.items(), key=lambda item: -item[1]):
         print(f"  {bucket:>10}: {count}")
     skipped, noted = report_kinds(read_json(result.report_path))

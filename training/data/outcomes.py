@@ -46,6 +46,11 @@ NOTE_KINDS: dict[str, Kind] = {
     "caption_decoding": Kind("with a caption that is not UTF-8 or had NUL bytes (decoded anyway)", None, ""),
     "caption_truncated": Kind("with a caption cut to max_caption_chars", None, ""),
     "animated": Kind("animated: the first frame was used", None, ""),
+    "fewer_sizes": Kind(
+        "too small for the larger pack resolutions: kept only at the sizes they cover",
+        ("too_small", "upscale"),
+        "to keep them at every size",
+    ),
     "ignored_file": Kind("other files ignored (not images or captions)", None, ""),
     "hidden": Kind("hidden entries ignored (names starting with '.')", None, ""),
     "linked_folder": Kind("links to folders searched elsewhere (their images are packed once)", None, ""),

@@ -41,7 +41,7 @@ from .shards import (
     read_json,
     shard_is_intact,
 )
-from .stats import manifest_statistics
+from .stats import RESOLUTIONS_KEY, manifest_statistics, resolution_counts
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class PackResult:
     buckets: dict[str, int]
     #: Shards found complete and kept from an earlier, interrupted run.
     reused_shards: int = 0
+    #: Pack resolution (string key) -> bucket -> samples (one entry for a single-resolution pack).
+    resolutions: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,8 @@ class _Progress:
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[_Record] = field(default_factory=list)
     notes: list[_Record] = field(default_factory=list)
+    #: Multi-resolution packs: (input index, path, the resolutions it was stored at), for the report.
+    kept: list[tuple[int, str, list[int]]] = field(default_factory=list)
 
     @property
     def next_input(self) -> int:
@@ -97,6 +101,7 @@ class _Progress:
             "shards": [s.to_json() for s in self.shards],
             "skipped": [dataclasses.asdict(r) for r in self.skipped],
             "notes": [dataclasses.asdict(r) for r in self.notes],
+            "kept": [list(entry) for entry in self.kept],
         }
 
 
@@ -222,6 +227,7 @@ def _resume_state(config: PackConfig, fingerprint: str, identity: dict, inputs) 
     state = _Progress(fingerprint=fingerprint, shards=recorded[:intact])
     state.skipped = [_Record(**r) for r in saved["skipped"] if r["index"] < state.next_input]
     state.notes = [_Record(**r) for r in saved["notes"] if r["index"] < state.next_input]
+    state.kept = [(i, path, sizes) for i, path, sizes in saved.get("kept", []) if i < state.next_input]
     logger.info("resuming pack in %s: keeping %d of %d shards", config.output_dir, intact, len(recorded))
     return state
 
@@ -234,16 +240,21 @@ def _prepared_stream(pool: ThreadPoolExecutor, window: int, builder, inputs: lis
 
 
 def _pack_remaining(config, inputs, state: _Progress, builder, progress, should_stop) -> None:
+    """Packs inputs from state.next_input on. A shard closes after the input that fills it, so the sizes of one
+    image never straddle two shards (a resumed pack restarts at an input) and a multi-resolution shard may hold up
+    to (resolutions - 1) samples more than samples_per_shard."""
     writer: ShardWriter | None = None
     pending: list[tuple[int, object]] = []  # (input index, Prepared) waiting for one batched encoder call
 
     def flush() -> None:
         nonlocal writer
-        for (index, _), sample in zip(pending, builder.build_batch([prepared for _, prepared in pending])):
+        samples = builder.build_batch([prepared for _, prepared in pending])
+        for position, ((index, _), sample) in enumerate(zip(pending, samples)):
             if writer is None:
                 writer = ShardWriter(path=config.output_dir / f"{config.name}-{len(state.shards):06d}.tar")
             writer.add(sample)
-            if writer.samples == config.samples_per_shard:
+            last_of_input = position + 1 == len(pending) or pending[position + 1][0] != index
+            if writer.samples >= config.samples_per_shard and last_of_input:
                 _complete_shard(config, state, writer, end_input=index + 1)
                 writer = None
         pending.clear()
@@ -262,9 +273,9 @@ def _pack_remaining(config, inputs, state: _Progress, builder, progress, should_
                 if isinstance(outcome, Skip):
                     state.skipped.append(_Record(index, relative, outcome.reason, outcome.kind))
                 else:
-                    state.notes.extend(_Record(index, relative, note, kind) for kind, note in outcome.notes)
-                    pending.append((index, outcome))
-                    if len(pending) == config.encode_batch:
+                    _record_sizes(config, state, index, relative, outcome)
+                    pending.extend((index, prepared) for prepared in outcome)
+                    if len(pending) >= config.encode_batch:
                         flush()
                 progress(index + 1, len(inputs))
             flush()
@@ -274,6 +285,22 @@ def _pack_remaining(config, inputs, state: _Progress, builder, progress, should_
     finally:
         if writer is not None:
             writer.abort()
+
+
+def _record_sizes(config: PackConfig, state: _Progress, index: int, relative: str, prepared: list) -> None:
+    """The input's notes (once, from its first size) and, in a multi-resolution pack, the sizes it was kept at."""
+    state.notes.extend(_Record(index, relative, note, kind) for kind, note in prepared[0].notes)
+    if not config.multi_resolution:
+        return
+    sizes = [p.resolution for p in prepared]
+    state.kept.append((index, relative, sizes))
+    missing = [r for r in config.resolutions if r not in sizes]
+    if missing:
+        message = (
+            f"kept at {', '.join(map(str, sizes))} px only: smaller than its bucket at "
+            f"{', '.join(map(str, missing))} px"
+        )
+        state.notes.append(_Record(index, relative, message, "fewer_sizes"))
 
 
 def _complete_shard(config: PackConfig, state: _Progress, writer: ShardWriter, *, end_input: int) -> None:
@@ -290,6 +317,8 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
         "skipped": [{"path": r.path, "reason": r.message, "kind": r.kind} for r in state.skipped],
         "notes": [{"path": r.path, "note": r.message, "kind": r.kind} for r in state.notes],
     }
+    if config.multi_resolution:
+        report |= _sizes_report(config, state)
     write_json_atomic(report_path, report, ensure_ascii=False)
     if samples == 0:
         (config.output_dir / STATE_NAME).unlink(missing_ok=True)
@@ -309,6 +338,7 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
         "samples": samples,
         "skipped": len(state.skipped),
         "buckets": dict(sorted(buckets.items())),
+        RESOLUTIONS_KEY: resolution_counts(config.resolutions, state.shards),
         **manifest_statistics(state.shards),
         "contents": builder.describe(),
         "settings": config.output_settings(),
@@ -323,6 +353,15 @@ def _finalize(config: PackConfig, state: _Progress, builder: SampleBuilder, reus
     return _result(config, manifest, state.shards, reused=reused)
 
 
+def _sizes_report(config: PackConfig, state: _Progress) -> dict:
+    """report.json's record of the sizes: images stored per resolution, and every image with its resolutions."""
+    per_resolution = {str(r): sum(r in sizes for _, _, sizes in state.kept) for r in config.resolutions}
+    return {
+        "images_per_resolution": per_resolution,
+        "sizes": [{"path": path, "resolutions": sizes} for _, path, sizes in state.kept],
+    }
+
+
 def _result(config: PackConfig, manifest: dict, shards: list[ShardInfo], *, reused: int) -> PackResult:
     return PackResult(
         output_dir=config.output_dir,
@@ -333,4 +372,5 @@ def _result(config: PackConfig, manifest: dict, shards: list[ShardInfo], *, reus
         shards=shards,
         buckets=manifest["buckets"],
         reused_shards=reused,
+        resolutions=manifest.get(RESOLUTIONS_KEY, {}),
     )

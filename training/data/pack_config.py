@@ -19,8 +19,9 @@ class PackConfig:
     output_dir: Path
     name: str = "data"
     samples_per_shard: int = 1000
-    #: Bucket area is resolution² (512, 768, 1024 or any multiple of 16).
-    resolution: int = 1024
+    #: Bucket area is resolution² (512, 768, 1024 or any multiple of 16). Several (e.g. (512, 1024)): every image is
+    #: stored once per resolution it covers (too_small decides the others), each aspect-bucketed at that resolution.
+    resolution: int | tuple[int, ...] = 1024
     max_aspect_ratio: float = 3.0
     #: Images that would need upscaling to cover their bucket: dropped ("skip") or upscaled with bicubic ("upscale").
     too_small: Literal["skip", "upscale"] = "skip"
@@ -50,6 +51,7 @@ class PackConfig:
         self.metadata_file = Path(self.metadata_file) if self.metadata_file is not None else None
         self.background = tuple(self.background)
         self.sidecar_extensions = tuple(self.sidecar_extensions)
+        self.resolution = _normalized_resolution(self.resolution)
         self._check_choices()
         self._check_numbers()
         if not self.input_dir.is_dir():
@@ -80,14 +82,27 @@ class PackConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"PackConfig.{name}={value!r} must be a positive integer")
-        if self.resolution % 16 or self.resolution < 64:
-            raise ValueError(f"PackConfig.resolution={self.resolution} must be a multiple of 16 and >= 64, e.g. 1024")
+        for resolution in self.resolutions:
+            if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution % 16 or resolution < 64:
+                raise ValueError(
+                    f"PackConfig.resolution={self.resolution!r}: {resolution!r} must be a multiple of 16 and >= 64, "
+                    "e.g. 1024 or (512, 768, 1024)"
+                )
         if self.max_aspect_ratio < 1.0:
             raise ValueError(f"PackConfig.max_aspect_ratio={self.max_aspect_ratio} must be >= 1.0, e.g. 3.0")
         if len(self.background) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.background):
             raise ValueError(f"PackConfig.background={self.background!r} must be three ints in 0..255, e.g. (0, 0, 0)")
         if not 1 <= self.image_quality <= 100:
             raise ValueError(f"PackConfig.image_quality={self.image_quality} must be in 1..100 (95 is a good default)")
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """The pack's resolutions, ascending (one for a single-resolution pack)."""
+        return self.resolution if isinstance(self.resolution, tuple) else (self.resolution,)
+
+    @property
+    def multi_resolution(self) -> bool:
+        return len(self.resolutions) > 1
 
     def output_settings(self) -> dict:
         """Settings as JSON values, without those that cannot change the output bytes (output_dir, num_threads)."""
@@ -100,3 +115,16 @@ class PackConfig:
                 str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
             )
         return settings
+
+
+def _normalized_resolution(value) -> int | tuple[int, ...]:
+    """An int stays an int; a list or tuple becomes an ascending tuple without repeats, and one of a single value
+    that value (so a one-resolution pack keeps the settings, fingerprint and bytes of a pack made before lists)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("PackConfig.resolution=() is empty; give one resolution or several, e.g. (512, 1024)")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"PackConfig.resolution={value!r} must hold integers, e.g. (512, 768, 1024)")
+        unique = tuple(sorted(set(value)))
+        return unique[0] if len(unique) == 1 else unique
+    return value

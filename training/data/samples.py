@@ -29,6 +29,9 @@ class Prepared:
     fitted: FittedImage
     image_bytes: bytes | None
     pixels: torch.Tensor | None  # [3, H, W] float in [0, 1], only when a latent encoder will need it
+    #: The pack resolution this sample is stored at; None in a single-resolution pack (whose keys and metadata
+    #: stay as they always were).
+    resolution: int | None = None
 
     @property
     def notes(self) -> tuple[tuple[str, str], ...]:
@@ -38,7 +41,8 @@ class Prepared:
 
 @dataclass(kw_only=True)
 class SampleBuilder:
-    buckets: list[Bucket]
+    #: resolution -> its aspect buckets, ascending; more than one entry makes a multi-resolution pack.
+    bucket_sets: dict[int, list[Bucket]]
     captions: CaptionIndex
     upscale: bool
     background: tuple[int, int, int]
@@ -70,7 +74,10 @@ class SampleBuilder:
             follow_external_links=config.follow_external_links,
         )
         return cls(
-            buckets=make_buckets(config.resolution, max_aspect_ratio=config.max_aspect_ratio),
+            bucket_sets={
+                resolution: make_buckets(resolution, max_aspect_ratio=config.max_aspect_ratio)
+                for resolution in config.resolutions
+            },
             captions=captions,
             upscale=config.too_small == "upscale",
             background=config.background,
@@ -84,8 +91,14 @@ class SampleBuilder:
             follow_external_links=config.follow_external_links,
         )
 
-    def prepare(self, item: InputFile) -> Prepared | Skip:
-        """The decoded, fitted sample, or why it is skipped. Thread-safe (no encoder calls)."""
+    @property
+    def multi_resolution(self) -> bool:
+        return len(self.bucket_sets) > 1
+
+    def prepare(self, item: InputFile) -> list[Prepared] | Skip:
+        """The decoded sample fitted at every pack resolution it covers (ascending), or why it is skipped.
+        Thread-safe (no encoder calls). An image too small for some resolutions is kept at the others; one too
+        small for all is skipped with the smallest resolution's reason."""
         escape = self._escaping_target(item.path)
         if escape is not None:
             shown = printable_name(str(escape))
@@ -93,20 +106,36 @@ class SampleBuilder:
             return Skip(item.relative, reason, "link_outside")
         try:
             caption = self.captions.caption_for(item.path, item.relative)
-            fitted = fit_image_file(
-                item.path,
-                self.buckets,
-                upscale=self.upscale,
-                background=self.background,
-                max_image_pixels=self.max_image_pixels,
-            )
-        except (CaptionRejected, ImageRejected) as rejection:
+        except CaptionRejected as rejection:
             return Skip(item.relative, str(rejection), rejection.kind)
+        prepared, too_small = [], None
+        for resolution, buckets in self.bucket_sets.items():
+            try:
+                fitted = fit_image_file(
+                    item.path,
+                    buckets,
+                    upscale=self.upscale,
+                    background=self.background,
+                    max_image_pixels=self.max_image_pixels,
+                )
+            except ImageRejected as rejection:
+                if rejection.kind != "too_small":
+                    return Skip(item.relative, str(rejection), rejection.kind)
+                too_small = too_small or rejection
+                continue
+            prepared.append(self._prepared(item, caption, fitted, resolution if self.multi_resolution else None))
+        if not prepared:
+            return Skip(item.relative, str(too_small), too_small.kind)
+        return prepared
+
+    def _prepared(self, item: InputFile, caption: Caption, fitted: FittedImage, resolution: int | None) -> Prepared:
         image_bytes = encode_image(fitted.image, self.image_format, self.image_quality) if self.image_format else None
         pixels = None
         if self.latent_encoder is not None:
             pixels = torch.from_numpy(np.array(fitted.image)).permute(2, 0, 1).float().div_(255.0)
-        return Prepared(item=item, caption=caption, fitted=fitted, image_bytes=image_bytes, pixels=pixels)
+        return Prepared(
+            item=item, caption=caption, fitted=fitted, image_bytes=image_bytes, pixels=pixels, resolution=resolution
+        )
 
     def _escaping_target(self, path: Path) -> Path | None:
         if self.real_root is None or self.follow_external_links:
@@ -148,6 +177,10 @@ class SampleBuilder:
             "original_size": list(prepared.fitted.original_size),
             "caption_source": prepared.caption.source,
         }
+        key = prepared.item.key
+        if prepared.resolution is not None:
+            meta["resolution"] = prepared.resolution
+            key = f"{key}_r{prepared.resolution}"  # one sample per stored size; keys stay dot-free
         members = [("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))]
         if tensors:
             members.append((TENSORS_EXTENSION, safetensors_bytes(tensors)))
@@ -155,7 +188,11 @@ class SampleBuilder:
         if prepared.image_bytes is not None:
             members.append((self.image_format, prepared.image_bytes))
         return ShardSample(
-            key=prepared.item.key, members=tuple(members), bucket=bucket.name, caption_tokens=caption_tokens
+            key=key,
+            members=tuple(members),
+            bucket=bucket.name,
+            caption_tokens=caption_tokens,
+            resolution=prepared.resolution,
         )
 
     def _encode_latents(self, pixels: list[torch.Tensor], bucket: Bucket) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ class ShardSample:
     members: tuple[tuple[str, bytes], ...]
     bucket: str
     caption_tokens: int | None = None  # tokens of the encoded caption features (None: no text encoder)
+    resolution: int | None = None  # the pack resolution of a multi-resolution pack's sample
 
 
 @dataclass(kw_only=True)
@@ -43,8 +44,11 @@ class ShardInfo:
     caption_tokens: dict[str, int] = field(default_factory=dict)
     #: Index into the sorted input list just past this shard's last input (used to resume a pack).
     end_input: int = 0
+    #: Multi-resolution packs: resolution (as a string key) -> bucket -> samples; empty for one resolution.
+    resolutions: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
+        extra = {"resolutions": _sorted_resolutions(self.resolutions)} if self.resolutions else {}
         return {
             "name": self.name,
             "samples": self.samples,
@@ -53,11 +57,15 @@ class ShardInfo:
             "buckets": dict(sorted(self.buckets.items())),
             "caption_tokens": dict(sorted(self.caption_tokens.items(), key=lambda item: int(item[0]))),
             "end_input": self.end_input,
-        }
+        } | extra
 
     @classmethod
     def from_json(cls, data: dict) -> ShardInfo:
         return cls(**data)
+
+
+def _sorted_resolutions(resolutions: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {r: dict(sorted(resolutions[r].items())) for r in sorted(resolutions, key=int)}
 
 
 class _HashingFile(io.RawIOBase):
@@ -93,6 +101,7 @@ class ShardWriter:
     _tar: tarfile.TarFile = field(init=False)
     _buckets: dict[str, int] = field(init=False, default_factory=dict)
     _caption_tokens: dict[str, int] = field(init=False, default_factory=dict)
+    _resolutions: dict[str, dict[str, int]] = field(init=False, default_factory=dict)
     _samples: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -119,6 +128,9 @@ class ShardWriter:
         if sample.caption_tokens is not None:
             tokens = str(sample.caption_tokens)
             self._caption_tokens[tokens] = self._caption_tokens.get(tokens, 0) + 1
+        if sample.resolution is not None:
+            per_bucket = self._resolutions.setdefault(str(sample.resolution), {})
+            per_bucket[sample.bucket] = per_bucket.get(sample.bucket, 0) + 1
         self._samples += 1
 
     def finish(self, *, end_input: int) -> ShardInfo:
@@ -136,6 +148,7 @@ class ShardWriter:
             buckets=self._buckets,
             caption_tokens=self._caption_tokens,
             end_input=end_input,
+            resolutions=self._resolutions,
         )
 
     def abort(self) -> None:

@@ -7,6 +7,7 @@ callers fall back to typed values, saying so."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from .remote import is_url, read_remote_manifest
 from .shards import ShardInfo, load_manifest
 
 CAPTION_TOKENS_KEY = "caption_tokens"
+#: The manifest's samples per (pack resolution, bucket): {"512": {"512x512": n, ...}, "1024": {...}}.
+RESOLUTIONS_KEY = "resolutions"
 SUMMARY_PERCENTILES = (50, 90, 95, 99)
 _BUCKET_NAME = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 _MAX_TOKENS = 1 << 20
@@ -59,6 +62,45 @@ def manifest_statistics(shards: list[ShardInfo]) -> dict:
     return {CAPTION_TOKENS_KEY: caption_token_summary(histogram)} if histogram else {}
 
 
+def resolution_counts(resolutions: tuple[int, ...], shards: list[ShardInfo]) -> dict[str, dict[str, int]]:
+    """The manifest's ``resolutions`` section from the shards' counts (one resolution: all of its buckets)."""
+    totals: dict[str, dict[str, int]] = {}
+    for shard in shards:
+        per_resolution = shard.resolutions or {str(resolutions[0]): shard.buckets}
+        for resolution, buckets in per_resolution.items():
+            section = totals.setdefault(resolution, {})
+            for name, count in buckets.items():
+                section[name] = section.get(name, 0) + count
+    return {r: dict(sorted(totals[r].items())) for r in sorted(totals, key=int)}
+
+
+def resolution_buckets(manifest: dict, where: str) -> dict[int, dict[str, int]]:
+    """Pack resolution -> bucket name -> samples, validated. A manifest written before multi-resolution packs has
+    no such section: its one resolution is ``settings.resolution`` and its buckets are all of them ({} when even
+    that is missing: the pack resolution is then unknown, which only a resolution schedule needs)."""
+    section = manifest.get(RESOLUTIONS_KEY)
+    if section is None:
+        settings = manifest.get("settings")
+        resolution = settings.get("resolution") if isinstance(settings, dict) else None
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+            return {}
+        return {resolution: dict(manifest.get("buckets") or {})}
+    if not isinstance(section, dict) or not section:
+        raise ValueError(f"{where}: '{RESOLUTIONS_KEY}' must be an object of resolution: {{bucket: samples}}; repack")
+    result: dict[int, dict[str, int]] = {}
+    for resolution, buckets in section.items():
+        if not str(resolution).isdigit() or not isinstance(buckets, dict):
+            raise ValueError(f"{where}: resolution {resolution!r} is not px: {{bucket: samples}}; repack the folder")
+        for name, count in buckets.items():
+            if not _BUCKET_NAME.match(str(name)) or not _count(count):
+                raise ValueError(f"{where}: {resolution} px bucket {name!r}: {count!r} is not 'WxH': samples; repack")
+        result[int(resolution)] = dict(buckets)
+    names = [name for buckets in result.values() for name in buckets]
+    if len(names) != len(set(names)):
+        raise ValueError(f"{where}: a bucket is listed under two resolutions in '{RESOLUTIONS_KEY}'; repack the folder")
+    return result
+
+
 @dataclass(kw_only=True, frozen=True)
 class DatasetStats:
     """A shard set's shapes and caption lengths. ``buckets``: (width, height) px -> samples; ``caption_histogram``:
@@ -69,6 +111,8 @@ class DatasetStats:
     samples: int
     buckets: dict[tuple[int, int], int]
     caption_histogram: dict[int, int] | None = None
+    #: Pack resolution -> its buckets' (width, height) -> samples ({} when built by hand without them).
+    resolutions: dict[int, dict[tuple[int, int], int]] = dataclasses.field(default_factory=dict)
 
     @property
     def caption_tokens_max(self) -> int | None:
@@ -102,7 +146,19 @@ class DatasetStats:
         samples = manifest.get("samples")
         if not _count(samples) or samples != sum(buckets.values()):
             raise ValueError(f"{where}: 'samples' {samples!r} does not equal the bucket counts; repack the folder")
-        return cls(path=path, samples=samples, buckets=buckets, caption_histogram=_histogram(manifest, where, samples))
+        per_resolution = {
+            resolution: {_shape(name): count for name, count in names.items()}
+            for resolution, names in resolution_buckets(manifest, where).items()
+        }
+        if per_resolution and sum(sum(b.values()) for b in per_resolution.values()) != samples:
+            raise ValueError(f"{where}: '{RESOLUTIONS_KEY}' does not count the {samples} samples; repack the folder")
+        return cls(
+            path=path,
+            samples=samples,
+            buckets=buckets,
+            caption_histogram=_histogram(manifest, where, samples),
+            resolutions=per_resolution,
+        )
 
 
 def read_dataset_stats(source: str | os.PathLike) -> DatasetStats:
@@ -111,6 +167,11 @@ def read_dataset_stats(source: str | os.PathLike) -> DatasetStats:
         return DatasetStats.from_manifest(read_remote_manifest(source), source)
     folder, manifest = load_manifest(Path(source))
     return DatasetStats.from_manifest(manifest, str(folder))
+
+
+def _shape(name: str) -> tuple[int, int]:
+    width, height = name.split("x")
+    return int(width), int(height)
 
 
 def _count(value) -> bool:
