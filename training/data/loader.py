@@ -61,6 +61,7 @@ class _StreamPlan:
     seed_prefix: str
     decode_images: str  # "cpu", or "defer" to hand raw bytes to the main process (nvJPEG)
     remote: RemoteShardSet | None = None  # shards fetched into shard_dir (the set's local view) as they are read
+    buckets: frozenset[str] | None = None  # read only these buckets' samples (one resolution of a multi-res set)
 
 
 class _WorkerStream(IterableDataset):
@@ -72,7 +73,10 @@ class _WorkerStream(IterableDataset):
         worker = 0 if info is None else info.id
         plan = self.plan
         rng = random.Random(f"{plan.seed_prefix}:{worker}")
-        samples = _buffer_shuffle(_shard_samples(plan, plan.shards_per_worker[worker]), plan.shuffle_buffer, rng)
+        samples = _shard_samples(plan, plan.shards_per_worker[worker])
+        if plan.buckets is not None:
+            samples = (s for s in samples if json.loads(s["json"])["bucket"] in plan.buckets)
+        samples = _buffer_shuffle(samples, plan.shuffle_buffer, rng)
         for index, group in enumerate(_bucket_groups(samples, plan.batch_size, plan.drop_last)):
             if index >= plan.skip_per_worker[worker]:
                 yield collate(
@@ -168,15 +172,21 @@ class ShardLoader:
         cache_dir: str | Path | None = None,
         retry: RetryPolicy | None = None,
         storage_options: dict | None = None,
+        buckets: frozenset[str] | None = None,
     ) -> None:
+        """``buckets``: yield only these buckets' samples (one resolution of a multi-resolution set); None: all."""
         self.remote = open_shard_set(source, cache_dir=cache_dir, retry=retry, storage_options=storage_options)
         if self.remote is None:
             self.shard_dir, self.manifest = load_manifest(Path(source))
         else:
             self.shard_dir, self.manifest = self.remote.folder, self.remote.manifest
         _check_arguments(batch_size, rank, world_size, num_workers, shuffle_buffer, image_decode)
+        self.buckets = None if buckets is None else frozenset(buckets)
         self.shards = sorted(shard["name"] for shard in self.manifest["shards"])
-        self._bucket_counts = {s["name"]: s["buckets"] for s in self.manifest["shards"]}
+        self._bucket_counts = {
+            s["name"]: {b: n for b, n in s["buckets"].items() if self.buckets is None or b in self.buckets}
+            for s in self.manifest["shards"]
+        }
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.drop_last, self.even_batches, self.prefetch_factor = drop_last, even_batches, prefetch_factor
@@ -186,6 +196,8 @@ class ShardLoader:
         if self.remote is not None and self.layout == "samples":
             self.remote.fetch_all(self.shards)  # every rank reads from every shard: fetch them all once
         self._spans = index_samples(self.shard_dir, self.shards) if self.layout == "samples" else []
+        if self.buckets is not None:
+            self._spans = [span for span in self._spans if span.bucket in self.buckets]
         self.samples = sum(sum(counts.values()) for counts in self._bucket_counts.values())
         if self.layout == "samples" and len(self._spans) != self.samples:
             raise ValueError(
@@ -307,6 +319,7 @@ class ShardLoader:
             seed_prefix=f"samples:{self.seed}:{self.epoch}:{self.rank}",
             decode_images=decode,
             remote=self.remote,
+            buckets=self.buckets,
         )
         return _WorkerStream(plan)
 

@@ -33,6 +33,7 @@ from ..vocabulary import (
     SIGMA_SAMPLERS,
     TURBO_TRAININGS,
 )
+from .resolution_schedule import ResolutionSection
 from .variant_setup import check_variant_config
 
 SCHEDULES = ("constant", "cosine")
@@ -337,6 +338,7 @@ class TrainConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     preview: PreviewSection = field(default_factory=PreviewSection)
+    resolutions: ResolutionSection = field(default_factory=ResolutionSection)  # multi-resolution schedule
     plan: dict[str, Any] | None = None  # the TrainingPlan that chose micro-batch, depth, ...: kept for the record
 
     def __post_init__(self):
@@ -351,6 +353,8 @@ class TrainConfig:
         _check_parallel(self)
         check_variant_config(self)
         _check_small_card_levers(self)
+        for resolution in self.resolutions.resolutions:
+            self.resolutions.sizes(resolution, self.run)  # every resolution keeps the effective batch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,7 +370,7 @@ class TrainConfig:
         the plan decides is an error naming it: the plan is the contract, not a default."""
         decided = plan_values(plan)
         for section, given in sections.items():
-            if section not in PLAN_DECIDES and section not in ("objective", "preview"):
+            if section not in PLAN_DECIDES and section not in ("objective", "preview", "resolutions"):
                 raise ValueError(f"TrainConfig.from_plan: unknown section {section!r}; use {sorted(PLAN_DECIDES)}")
             clash = sorted(set(given) & set(PLAN_DECIDES.get(section, ())))
             if clash:

@@ -20,7 +20,12 @@ from .synthetic import SyntheticBatches
 
 
 def build_loader(config: TrainConfig, dist_info: DistInfo, model: nn.Module):
-    """(loader, empty-caption features): synthetic batches made on the device, or the shard loader."""
+    """(loader, empty-caption features): synthetic batches made on the device, or the shard loader; with a
+    resolution schedule, one of either per resolution (``shapes.ResolutionStreams``)."""
+    if config.resolutions.active:
+        from .resolution_feed import build_resolution_streams
+
+        return build_resolution_streams(config, dist_info, model)
     run, data = config.run, config.data
     if data.synthetic:
         synthetic = SyntheticBatches(

@@ -33,6 +33,7 @@ from .optim import averaged_weights, build_optimizer, build_scheduler, clip_grad
 from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
 from .preview import Previewer, build_previewer
 from .progress import Progress
+from .shapes import FixedShape, ResolutionStreams, batch_shape, shape_summary
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
 from .synthetic import SyntheticBatches, global_sample_indices
@@ -63,6 +64,7 @@ class Trainer:
     checkpointer: Checkpointer
     log: RunLog
     clock: StepClock
+    shapes: FixedShape | ResolutionStreams | None = None  # each step's resolution, micro-batch and stream
     progress: Progress | None = None  # the terminal's progress line (rank 0)
     variant: str = "base"  # the Z-Image variant the LoRA is for (training.model.variants)
     previewer: Previewer | None = None  # preview images at the configured steps (`preview`)
@@ -108,6 +110,12 @@ class Trainer:
         logger.info("precision: %s", _precision(config, dist_info))
         optimizer = build_optimizer(params, config.optim, device=dist_info.device)
         loader, empty_caption = build_loader(config, dist_info, model)
+        objective = _objective(config)
+        batches = None if isinstance(loader, ResolutionStreams) else _limited(loader, captions, config)
+        if isinstance(loader, ResolutionStreams):
+            shapes = loader.bind(lambda stream: _limited(stream, captions, config), objective)
+        else:
+            shapes = FixedShape(run, batches, objective)
         trainer = cls(
             config=config,
             dist_info=dist_info,
@@ -116,14 +124,15 @@ class Trainer:
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, config.optim, total_steps=run.steps),
             loader=loader,
-            batches=_limited(loader, captions, config),
-            objective=_objective(config),
+            batches=batches,
+            objective=objective,
             empty_caption=empty_caption,
             lora=lora,
             variant=variant,
             checkpointer=Checkpointer(run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size),
             log=log,
             clock=StepClock(device_waiter(dist_info.device)),
+            shapes=shapes,
             progress=progress,
         )
         trainer.previewer = build_previewer(
@@ -216,10 +225,13 @@ class Trainer:
         run = self.config.run
         self.clock.start()
         torch.manual_seed(run.seed + 1_000_003 * self.step + self.dist_info.rank)  # LoRA dropout, per step
+        shape = self.shapes.at(self.step)
         n_buckets = self.objective.n_buckets
         stats = torch.zeros(4 + 2 * n_buckets, dtype=torch.float64, device=self.dist_info.device)
-        for micro in range(run.grad_accum):
-            output, waited = self._micro_step(micro)
+        sizes = []
+        for micro in range(shape.grad_accum):
+            output, waited, size = self._micro_step(micro, shape)
+            sizes.append(size)
             stats[0] += output.per_sample.double().sum()
             stats[1] += output.per_sample.numel()
             stats[2] += waited
@@ -234,7 +246,15 @@ class Trainer:
         elapsed = self.clock.lap()  # after the device has finished the step (and the all-reduce)
         values = stats.tolist()
         loss_sum, samples, waited = values[:3]
-        return {
+        by_shape = {}
+        if shape.resolution is not None:  # a resolution schedule: what this step trained, for the per-shape reports
+            by_shape = {
+                "resolution": shape.resolution,
+                "shape": batch_shape(sizes),
+                "micro_batch": shape.micro_batch,
+                "loss_by_resolution": {str(shape.resolution): loss_sum / samples},
+            }
+        return by_shape | {
             "loss": loss_sum / samples,
             "loss_sigma": self.objective.bucket_means(stats[3 : 3 + 2 * n_buckets].view(2, -1)),
             "grad_norm": float(grad_norm),
@@ -246,25 +266,25 @@ class Trainer:
             "stop_requested": values[-1] > 0,
         }
 
-    def _micro_step(self, micro: int):
-        """Forward and backward of one micro-batch; returns the loss output and the seconds spent waiting for data."""
-        run = self.config.run
+    def _micro_step(self, micro: int, shape):
+        """Forward and backward of one micro-batch of the step's ``shape``; returns the loss output, the seconds
+        spent waiting for data and the batch's image size."""
         started = time.perf_counter()
-        batch = checked(next(self.batches)).to(self.dist_info.device, non_blocking=True)
+        batch = checked(next(shape.batches)).to(self.dist_info.device, non_blocking=True)
         waited = time.perf_counter() - started
         indices = global_sample_indices(
             self.step,
             micro,
             rank=self.dist_info.rank,
             world_size=self.dist_info.world_size,
-            micro_batch=run.micro_batch,
-            grad_accum=run.grad_accum,
+            micro_batch=shape.micro_batch,
+            grad_accum=shape.grad_accum,
         )[: len(batch)]
-        with gradient_sync(self.model, sync=micro == run.grad_accum - 1):
+        with gradient_sync(self.model, sync=micro == shape.grad_accum - 1):
             with self._autocast():
-                output = self.objective.loss(self.model, batch, indices, self.empty_caption)
-            (output.loss / run.grad_accum).backward()
-        return output, waited
+                output = shape.objective.loss(self.model, batch, indices, self.empty_caption)
+            (output.loss / shape.grad_accum).backward()
+        return output, waited, tuple(batch.size)
 
     def _autocast(self) -> contextlib.ExitStack:
         """bf16 autocast on CUDA, and the SDPA kernel the plan priced (``model.attention_backend``)."""
@@ -436,7 +456,7 @@ def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: 
         "img_per_s": _window_rate(list(trainer.history)[1:] or list(trainer.history)),
         "data_wait": _mean([m["data_wait"] for m in list(trainer.history)[1:] or trainer.history]),
         "config": config.to_dict(),
-    }
+    } | (shape_summary(list(trainer.history)) if config.resolutions.active else {})
 
 
 def _window_rate(history: list[dict]) -> float | None:
