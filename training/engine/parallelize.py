@@ -43,26 +43,26 @@ def clean_name(name: str) -> str:
     return name.replace(CHECKPOINT_PREFIX, "")
 
 
-def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
+def apply_compile(model: nn.Module, *, backend: str = "inductor", image_shapes: int = 1) -> None:
     """``torch.compile`` each transformer block in place (names and state-dict keys stay unchanged).
 
-    Every block shares one code object, so dynamo's per-code recompile limit (8) covers all of them: refiner and main
+    Every block shares one code object, so dynamo's per-code recompile limit covers all of them: refiner and main
     blocks, grad and no-grad inputs, and each token count (image buckets, caption lengths) need graphs of their own.
+    ``image_shapes``: how many image shapes the run trains; the limits follow it (``compile_bounds``).
     """
-    import torch._dynamo
+    from .compile_bounds import apply_limits, compile_bounds
 
-    config = torch._dynamo.config
-    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    limit = max(getattr(config, limit_name), COMPILE_RECOMPILE_LIMIT)
-    setattr(config, limit_name, limit)
+    bounds = compile_bounds(image_shapes, COMPILE_RECOMPILE_LIMIT)
+    apply_limits(bounds)
     blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
+    options = {} if bounds.dynamic is None else {"dynamic": bounds.dynamic}
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, **options)
     logger.info(
         "torch.compile: %d blocks compiled one by one, up to %d graphs (block kinds x token counts); the first steps "
         "of each new shape are slow while they compile",
         len(blocks),
-        limit,
+        bounds.recompile_limit,
     )
 
 
@@ -188,6 +188,7 @@ def parallelize(
     fp8_base: bool = False,
     swap_blocks: int = 0,
     measure_swap: bool = False,
+    image_shapes: int = 1,
 ) -> nn.Module:
     """Apply FP8, checkpointing, block swap, compile and data parallelism (``strategy``: the config's
     ``parallel.strategy``, as the plan decided it); returns the module to call for the forward pass. A model built
@@ -208,7 +209,7 @@ def parallelize(
     else:
         place_on_device(model, dist_info.device)
     if compile:
-        apply_compile(model)
+        apply_compile(model, image_shapes=image_shapes)
     strategy = resolve_strategy(strategy, mode=mode, world_size=dist_info.world_size)
     if strategy == "fsdp2":
         apply_fsdp(model, dist_info, param_dtype=param_dtype, cpu_offload=cpu_offload)

@@ -25,6 +25,7 @@ from ..run.failure import plan_for_messages, record
 from ..run.session import run_session
 from .build import apply_mode, build_model, compute_dtype
 from .checkpoint import Checkpointer
+from .compile_bounds import image_shape_count
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from .feed import build_loader, caption_limit, checked, endless_epochs
@@ -105,6 +106,7 @@ class Trainer:
             strategy=config.parallel.strategy,
             fp8_base=run.fp8_base,
             swap_blocks=run.swap_blocks,
+            image_shapes=image_shape_count(config) if run.compile else 1,
         )
         params = trainable_parameters(model)
         logger.info("precision: %s", _precision(config, dist_info))
