@@ -83,16 +83,25 @@ def test_sigma_shift_scales_with_the_side_as_sd3_prescribes():
     torch.testing.assert_close(shift_sigma(shift_sigma(u, 0.5), 3.0), shift_sigma(u, 1.5))
 
 
-def test_loader_restricted_to_one_resolution_yields_only_its_buckets(tmp_path):
-    make_dataset(tmp_path / "in", 6, sizes=((144, 96), (96, 144), (192, 192)))
-    config = PackConfig(input_dir=tmp_path / "in", output_dir=tmp_path / "out", resolution=(64, 128), store_image=True)
+@pytest.mark.parametrize(("samples_per_shard", "layout"), [(1000, "samples"), (1, "shards")])
+def test_loader_restricted_to_one_resolution_yields_only_its_buckets(tmp_path, samples_per_shard, layout):
+    make_dataset(tmp_path / "in", 9, sizes=((144, 96), (96, 144), (192, 192)))
+    config = PackConfig(
+        input_dir=tmp_path / "in",
+        output_dir=tmp_path / "out",
+        resolution=(64, 128),
+        store_image=True,
+        samples_per_shard=samples_per_shard,
+    )
     result = pack_dataset(config)
     for resolution, buckets in result.resolutions.items():
         loader = ShardLoader(result.output_dir, batch_size=2, num_workers=0, buckets=frozenset(buckets))
+        assert loader.layout == layout
         seen = [batch for batch in loader]
         assert {f"{b.size[0]}x{b.size[1]}" for b in seen} == set(buckets), resolution
         assert sum(len(b) for b in seen) == sum(buckets.values()) == loader.samples
-        assert all(len(set(key.rsplit("_r", 1)[1] for key in b.keys)) == 1 for b in seen)
+        assert len(seen) == loader.num_batches()
+        assert all({key.rsplit("_r", 1)[1] for key in b.keys} == {resolution} for b in seen)
 
 
 def test_compile_bounds_follow_the_image_shapes():

@@ -36,6 +36,7 @@ class FixedShape:
 
     def __init__(self, run, batches: Iterator[Batch], objective: FlowObjective) -> None:
         self._shape = StepShape(None, run.micro_batch, run.grad_accum, batches, objective)
+        self.batches = batches
 
     def at(self, step: int) -> StepShape:
         return self._shape
@@ -43,6 +44,8 @@ class FixedShape:
 
 class ResolutionStreams:
     """One loader per scheduled resolution; ``state_dict`` / ``load_state_dict`` cover all of them."""
+
+    batches = None  # one stream per resolution, in each step's StepShape
 
     def __init__(self, section: ResolutionSection, loaders: dict[int, object], *, run) -> None:
         self.section, self.loaders, self.run = section, loaders, run
@@ -85,6 +88,25 @@ class ResolutionStreams:
             )
         for resolution, loader in self.loaders.items():
             loader.load_state_dict(saved[str(resolution)])
+
+
+def step_shapes(loader, run, objective: FlowObjective, make_batches: Callable[[object], Iterator[Batch]]):
+    """The run's shapes: a bound ``ResolutionStreams`` for a resolution schedule, else one ``FixedShape``."""
+    if isinstance(loader, ResolutionStreams):
+        return loader.bind(make_batches, objective)
+    return FixedShape(run, make_batches(loader), objective)
+
+
+def shape_metrics(shape: StepShape, sizes: list[tuple[int, int]], loss: float) -> dict:
+    """A scheduled step's event keys: its resolution, image shape, micro-batch and loss under its resolution."""
+    if shape.resolution is None:
+        return {}
+    return {
+        "resolution": shape.resolution,
+        "shape": batch_shape(sizes),
+        "micro_batch": shape.micro_batch,
+        "loss_by_resolution": {str(shape.resolution): loss},
+    }
 
 
 def batch_shape(sizes: list[tuple[int, int]]) -> str:

@@ -34,7 +34,7 @@ from .optim import averaged_weights, build_optimizer, build_scheduler, clip_grad
 from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
 from .preview import Previewer, build_previewer
 from .progress import Progress
-from .shapes import FixedShape, ResolutionStreams, batch_shape, shape_summary
+from .shapes import FixedShape, ResolutionStreams, shape_metrics, shape_summary, step_shapes
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
 from .synthetic import SyntheticBatches, global_sample_indices
@@ -113,11 +113,7 @@ class Trainer:
         optimizer = build_optimizer(params, config.optim, device=dist_info.device)
         loader, empty_caption = build_loader(config, dist_info, model)
         objective = _objective(config)
-        batches = None if isinstance(loader, ResolutionStreams) else _limited(loader, captions, config)
-        if isinstance(loader, ResolutionStreams):
-            shapes = loader.bind(lambda stream: _limited(stream, captions, config), objective)
-        else:
-            shapes = FixedShape(run, batches, objective)
+        shapes = step_shapes(loader, run, objective, lambda stream: _limited(stream, captions, config))
         trainer = cls(
             config=config,
             dist_info=dist_info,
@@ -126,7 +122,7 @@ class Trainer:
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, config.optim, total_steps=run.steps),
             loader=loader,
-            batches=batches,
+            batches=shapes.batches,
             objective=objective,
             empty_caption=empty_caption,
             lora=lora,
@@ -248,15 +244,7 @@ class Trainer:
         elapsed = self.clock.lap()  # after the device has finished the step (and the all-reduce)
         values = stats.tolist()
         loss_sum, samples, waited = values[:3]
-        by_shape = {}
-        if shape.resolution is not None:  # a resolution schedule: what this step trained, for the per-shape reports
-            by_shape = {
-                "resolution": shape.resolution,
-                "shape": batch_shape(sizes),
-                "micro_batch": shape.micro_batch,
-                "loss_by_resolution": {str(shape.resolution): loss_sum / samples},
-            }
-        return by_shape | {
+        return shape_metrics(shape, sizes, loss_sum / samples) | {
             "loss": loss_sum / samples,
             "loss_sigma": self.objective.bucket_means(stats[3 : 3 + 2 * n_buckets].view(2, -1)),
             "grad_norm": float(grad_norm),
