@@ -48,6 +48,10 @@ def test_mix_draws_each_step_from_the_weights_as_a_function_of_seed_and_step():
         ({"schedule": "progressive", "stages": [[512, 0.6], [1024, 0.5]]}, r"stages\[1\]: the fraction 0.5"),
         ({"schedule": "none", "micro_batch": {"512": 2}}, "need a resolutions.schedule"),
         ({"schedule": "linear"}, "resolutions.schedule must be one of"),
+        (
+            {"schedule": "mix", "weights": {"512": 1}, "micro_batch": {"768": 2}},
+            r"micro_batch names 768 px, which the schedule does not train \(512\)",
+        ),
         ({"schedule": "mix", "weights": {"512": 1}, "shift_rule": "log"}, "resolutions.shift_rule"),
     ],
 )

@@ -67,6 +67,13 @@ class ResolutionSection:
                 _positive_int(value, f"resolutions.{name}[{key!r}]")
         if self.schedule == "none" and (self.micro_batch or self.grad_accum):
             raise ValueError("resolutions.micro_batch/grad_accum need a resolutions.schedule ('mix' or 'progressive')")
+        for name in ("micro_batch", "grad_accum"):
+            stray = sorted(set(getattr(self, name)) - {str(r) for r in self.resolutions}, key=int)
+            if stray and self.active:
+                raise ValueError(
+                    f"resolutions.{name} names {', '.join(stray)} px, which the schedule does not train "
+                    f"({', '.join(map(str, self.resolutions))}): remove them or add them to the schedule"
+                )
 
     def _check_weights(self) -> None:
         if not isinstance(self.weights, dict):
