@@ -53,6 +53,12 @@ class ResolutionStreams:
 
     def bind(self, make_batches: Callable[[object], Iterator[Batch]], objective: FlowObjective) -> ResolutionStreams:
         """Each loader's endless batch stream (``make_batches``) and each resolution's objective (its σ shift)."""
+        if self.section.shift_rule != "constant" and getattr(objective, "shift_rule", "fixed") != "fixed":
+            raise ValueError(
+                f"resolutions.shift_rule {self.section.shift_rule!r} and objective.shift_rule "
+                f"{objective.shift_rule!r} would both scale the σ shift by resolution: keep one (the objective's "
+                "follows each batch's token count, the resolutions section each pack resolution)"
+            )
         for resolution, loader in self.loaders.items():
             micro, accum = self.section.sizes(resolution, self.run)
             shift = resolution_shift(
