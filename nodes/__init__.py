@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from . import comfy_bridge, run_history
+import functools
+
+from . import comfy_bridge, jobs_api, run_history
 from .hardware_node import HardwareProfile
 from .lora_node import LoadTrainedLoRA
 from .multinode import MultiNode
@@ -10,6 +12,7 @@ from .pack_node import PackDataset
 from .plan_node import TrainingPlan
 from .report_node import TrainingReport
 from .train_node import Train
+from .wait_node import WaitForRun
 
 NODE_CLASS_MAPPINGS = {
     "WhetstonePackDataset": PackDataset,
@@ -19,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
     "WhetstoneLoadTrainedLoRA": LoadTrainedLoRA,
     "WhetstoneTrainingReport": TrainingReport,
     "WhetstoneMultiNode": MultiNode,
+    "WhetstoneWaitForRun": WaitForRun,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -29,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WhetstoneLoadTrainedLoRA": "Load Trained LoRA (Whetstone)",
     "WhetstoneTrainingReport": "Training Report (Whetstone)",
     "WhetstoneMultiNode": "Multi-Node Run (Whetstone)",
+    "WhetstoneWaitForRun": "Wait for Run (Whetstone)",
 }
 
 
@@ -36,3 +41,8 @@ def register_with_comfyui() -> None:
     """Register the whetstone_datasets / whetstone_runs folders and the chart's history route; no-op outside ComfyUI."""
     comfy_bridge.register_folders()
     comfy_bridge.add_get_route(run_history.ROUTE, run_history.respond)
+    for method, action in (("GET", "list"), ("GET", "report"), ("POST", "stop"), ("POST", "resume")):
+        path = jobs_api.ROUTE if action == "list" else f"{jobs_api.ROUTE}/{action}"
+        comfy_bridge.add_route(method, path, functools.partial(jobs_api.respond, action))
+    if comfy_bridge.comfyui_present():
+        jobs_api.resume_scheduling()  # jobs queued or running before a restart go on

@@ -12,7 +12,7 @@ from ..training.engine.variant_setup import run_variant
 from ..training.hardware.dataset_fit import check_plan_against_dataset
 from ..training.run.events import EVENTS_FILE, EventTail, read_summary
 from ..training.run.launch import CONFIG_FILE, RunProcess, TrainingFailed, failure_message, outcome, train_command
-from . import comfy_bridge, multinode, paths, variant_inputs
+from . import background, comfy_bridge, multinode, paths, variant_inputs
 from .validation import Choice, Float, Int, Text, Toggle, check_all
 from .values import DATASET_TYPE, MACHINES_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
 
@@ -190,6 +190,7 @@ class Train:
                     MACHINES_TYPE,
                     {"tooltip": "From Multi-Node Run: train on several machines (none: this one)."},
                 ),
+                **{name: widget.declare() for name, widget in background.WIDGETS.items()},
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -204,7 +205,10 @@ class Train:
         return True
 
     def train(self, plan, dataset, model_name, unique_id=None, **settings):
+        options = background.options({name: settings.pop(name) for name in background.WIDGETS if name in settings})
         several = settings.pop("machines", None)  # from Multi-Node Run (optional)
+        if options.background and several is not None:
+            raise ValueError("background is for runs on this machine: turn it off, or unlink Multi-Node Run")
         values = check_all(WIDGETS, settings) | {"variant": variant_inputs.model_settings(settings)}
         run_name = paths.check_name(values["run_name"], "run_name")
         run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
@@ -219,6 +223,8 @@ class Train:
         command = train_command(run_dir / CONFIG_FILE, plan.world_size) if machines is None else machines.this_node
         process = RunProcess(run_dir, command, cwd=PACK_ROOT, lock_for_child=machines is None)
         process.claim()  # refuses a folder that a live run holds, before anything in it is written
+        if options.background:
+            return background.submit(process, config, plan, options, lora_path)
         try:
             comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
             config.save(run_dir / CONFIG_FILE)

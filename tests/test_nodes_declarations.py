@@ -19,6 +19,7 @@ EXPECTED_NODES = {
     "WhetstoneLoadTrainedLoRA",
     "WhetstoneTrainingReport",
     "WhetstoneMultiNode",
+    "WhetstoneWaitForRun",
 }
 HIDDEN_INPUTS = {"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT"}
 

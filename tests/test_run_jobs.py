@@ -141,6 +141,8 @@ def test_state_comes_from_status_and_the_lock_not_from_a_pid(tmp_path):
         assert jobs.verified_pid(tmp_path, holder) == child.pid
         reused = JobRecord(run="r", launched_at=2.0, pid=child.pid, pid_start=holder.pid_start + 1)
         assert jobs.verified_pid(tmp_path, reused) is None, "a reused pid has another start time"
+        write_status(run_dir, "stopped", "stopped at step 4 of 9")
+        assert jobs.job_state(run_dir, launched)[0] == "stopping", "final only once the process let the folder go"
     finally:
         child.kill()
         child.wait()

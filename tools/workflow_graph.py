@@ -270,6 +270,7 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
     plan_widgets = [job.model, tier_name, job.mode, job.lora_rank, job.lora_targets, job.resolution, target_batch]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
     train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
+    train_widgets += [False, "auto"]  # background, gpus (optional)
     lines = plan_text.split("\n")
     plan_width = max(460, text_panel_width(max(map(len, lines))))
     report_panel = text_panel_height(REPORT_LINES)
@@ -292,7 +293,7 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
         ),
         "train": g.node(
             "WhetstoneTrain",
-            (460, node_height(3, 9, CHART_HEIGHT + report_panel)),
+            (460, node_height(3, len(train_widgets), CHART_HEIGHT + report_panel)),
             train_widgets,
             inputs=[("plan", "WHETSTONE_PLAN"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("run", "WHETSTONE_RUN"), ("lora_name", "STRING"), ("report", "STRING")],

@@ -323,9 +323,10 @@ def job_state(run_dir: Path, record: JobRecord | None) -> tuple[str, str]:
     state = status.get("state") if isinstance(status.get("state"), str) else ""
     message = status.get("message") if isinstance(status.get("message"), str) else ""
     if folder_locked(run_dir):
-        if state in TERMINAL_STATES:
-            return state, message  # written; the process is exiting
-        if record is not None and record.stop_requested_at is not None:
+        stop_asked = record is not None and record.stop_requested_at is not None
+        if state in TERMINAL_STATES:  # written, and the process is exiting: final once the folder is free
+            return ("stopping" if state == "stopped" or stop_asked else "running"), message
+        if stop_asked:
             return "stopping", "finishing the step, then saving the LoRA and a checkpoint"
         return (state if state in ("starting", "running") else "starting"), message
     if state in TERMINAL_STATES:

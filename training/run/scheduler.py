@@ -91,7 +91,7 @@ class Scheduler:
             records[:] = [r for r in records if r.run != run] + [record]
         logger.info("queued job %s (%s)", run, describe_request(record))
         self.tick()
-        return record
+        return find(self.store.read(), run) or record
 
     def stop(self, run: str) -> str:
         """Save and stop: a queued job leaves the queue; a running one gets the one polite SIGINT the engine turns
