@@ -233,6 +233,19 @@ def test_background_train_then_wait_then_stop_and_resume_through_the_route(comfy
     assert steps == sorted(steps) and len(steps) == len(set(steps)), f"resumed after {stopped_at}, not from 0"
 
 
+def test_plan_for_a_gpu_subset_skips_gpus_other_jobs_hold(comfy):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    save_weights(ZImageTransformer(PRESETS["tiny"]), comfy.folders["diffusion_models"] / "tiny.safetensors")
+    settings = defaults(plan_node.WIDGETS, tier="4xA100-40GB-SXM", resolution=512, lora_rank=16)
+    whole = plan_node.TrainingPlan().plan("tiny.safetensors", **settings)["result"][0]
+    half = plan_node.TrainingPlan().plan("tiny.safetensors", gpu_count=2, **settings)["result"][0]
+    assert whole.world_size == 4 and half.world_size == 2
+    assert half.global_batch % 2 == 0 and half.lr <= whole.lr, "the lr scales with the GPUs planned for"
+    with pytest.raises(ValueError, match="gpu_count=8"):
+        plan_node.TrainingPlan().plan("tiny.safetensors", gpu_count=8, **settings)
+
+
 def test_wait_gives_up_on_interrupt_and_reports_a_failed_run(comfy):
     run_dir = runs(comfy) / "w"
     run_dir.mkdir()

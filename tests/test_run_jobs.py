@@ -110,6 +110,24 @@ def test_gpu_ids_text_and_the_childs_visible_devices():
         jobs.child_visible_devices((2,), "2,3")
 
 
+def test_subset_profile_plans_for_free_gpus_first():
+    from training.hardware.discovery import GpuInfo, HardwareProfile
+
+    def gpu(free_gib):
+        return GpuInfo(
+            name="H100", total_bytes=80 << 30, free_bytes=free_gib << 30, compute_capability=(9, 0), fp8=True
+        )
+
+    machine = HardwareProfile(gpus=(gpu(10), gpu(78), gpu(12), gpu(77)), link="nvlink", cpu_cores=8)
+    profile, chosen, reason = jobs.subset_profile(machine, 2, held={0, 2})
+    assert chosen == (1, 3) and [g.free_bytes >> 30 for g in profile.gpus] == [78, 77] and "held: [0, 2]" in reason
+    profile, chosen, reason = jobs.subset_profile(machine, 3, held={0, 2})
+    assert chosen == (1, 3, 0) and [g.free_bytes >> 30 for g in profile.gpus] == [78, 77, 78], "busy: as when freed"
+    assert "[0] are held by other jobs" in reason
+    with pytest.raises(ValueError, match="gpu_count=5"):
+        jobs.subset_profile(machine, 5)
+
+
 # ---------------------------------------------------------------------------- state and liveness
 
 

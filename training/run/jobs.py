@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_json_atomic
+from ..hardware.discovery import HardwareProfile
 from ..lock import LOCK_FILE, FolderBusy, FolderLock, folder_locked
 from .events import TERMINAL_STATES, read_status
 
@@ -240,6 +241,34 @@ def check_request(gpu_count: int, gpu_ids: Sequence[int] | None, machine: Sequen
             f"the job needs {gpu_count} GPU(s) but this machine has {len(machine)}: plan for fewer (Training Plan "
             "gpu_count)"
         )
+
+
+def subset_profile(
+    profile: HardwareProfile, count: int, held: set[int] = frozenset()
+) -> tuple[HardwareProfile, tuple[int, ...], str]:
+    """The machine as a job of ``count`` GPUs sees it, for its plan: the first ``count`` GPUs no job of ours holds
+    (their measured free memory). When fewer are free the job will queue for GPUs that are busy now: those count
+    with the free memory of the freest GPU of the same model, the memory they will have once their job ends.
+    Returns (profile, the GPUs planned for, the reason)."""
+    if not 1 <= count <= profile.gpu_count:
+        raise ValueError(f"gpu_count={count} must be within 1..{profile.gpu_count} (the GPUs of this machine)")
+    free = [i for i in range(profile.gpu_count) if i not in held]
+    chosen = (free + [i for i in range(profile.gpu_count) if i in held])[:count]
+    gpus = []
+    for index in chosen:
+        gpu = profile.gpus[index]
+        if index in held:
+            same = [g.free_bytes for g in profile.gpus if g.name == gpu.name]
+            gpu = dataclasses.replace(gpu, free_bytes=max(same))
+        gpus.append(gpu)
+    busy = sorted(set(chosen) & set(held))
+    reason = f"{count} of {profile.gpu_count} GPUs: {list(chosen)}" + (
+        f" ({busy} are held by other jobs now: planned with the free memory they will have, the job waits for them)"
+        if busy
+        else (f", none held by another job (held: {sorted(held)})" if held else "")
+    )
+    logger.info("plan for %s", reason)
+    return dataclasses.replace(profile, gpus=tuple(gpus)), tuple(chosen), reason
 
 
 def child_visible_devices(assigned: Sequence[int], parent: str | None) -> str:
