@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 from . import comfy_bridge, jobs_api, run_history
 from .hardware_node import HardwareProfile
@@ -13,6 +14,8 @@ from .plan_node import TrainingPlan
 from .report_node import TrainingReport
 from .train_node import Train
 from .wait_node import WaitForRun
+
+logger = logging.getLogger(__name__)
 
 NODE_CLASS_MAPPINGS = {
     "WhetstonePackDataset": PackDataset,
@@ -45,4 +48,7 @@ def register_with_comfyui() -> None:
         path = jobs_api.ROUTE if action == "list" else f"{jobs_api.ROUTE}/{action}"
         comfy_bridge.add_route(method, path, functools.partial(jobs_api.respond, action))
     if comfy_bridge.comfyui_present():
-        jobs_api.resume_scheduling()  # jobs queued or running before a restart go on
+        try:
+            jobs_api.resume_scheduling()  # jobs queued or running before a restart go on
+        except Exception:  # the nodes must still load; the jobs panel's first request starts the scheduler
+            logger.exception("could not resume the background jobs at start; opening the Jobs panel retries")

@@ -41,6 +41,7 @@ EVENTS_TAIL_BYTES = 256 << 10  # the newest events only: a long run's file is te
 SPARK_POINTS = 64
 MAX_TEXT_CHARS = 300
 MAX_LISTED = 200
+MAX_EXACT_INT = 2**53
 GPUS_ENV = "WHETSTONE_JOB_GPUS"  # "0,1": the GPUs this ComfyUI's jobs may use (default: every visible GPU)
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,9 +158,16 @@ def recent_events(run_dir: Path) -> list[dict]:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(event, dict) and isinstance(event.get("step"), int) and not isinstance(event["step"], bool):
+        if isinstance(event, dict) and whole(event.get("step")) is not None:
             events.append(event)
     return events
+
+
+def whole(value) -> int | None:
+    """A step count as the browser can hold it exactly (a JSON number below 2**53), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_EXACT_INT:
+        return None
+    return value
 
 
 def number(value) -> float | None:
@@ -217,7 +225,7 @@ def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
         return None
     config = read_object(run_dir / CONFIG_FILE)
     run = config.get("run") if isinstance(config.get("run"), dict) else {}
-    total = run.get("steps") if isinstance(run.get("steps"), int) and not isinstance(run.get("steps"), bool) else None
+    total = whole(run.get("steps"))
     events = recent_events(run_dir)
     last = events[-1] if events else {}
     gpus = list(record.assigned) if record and record.launched else list(record.gpu_ids or ()) if record else []

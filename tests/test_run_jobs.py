@@ -299,3 +299,16 @@ def test_submit_refuses_a_running_run_and_stop_of_an_unknown_one(tmp_path):
         scheduler.stop("nope")
     with pytest.raises(ValueError, match="needs 2 GPU"):
         scheduler.submit("big", gpu_count=2, gpu_ids=None, world_size=2)
+
+
+def test_a_stop_waits_until_the_engine_can_honour_it(tmp_path):
+    """A SIGINT before the engine installed its stop handler would kill it unsaved: the launcher's own 'starting'
+    status (its PID) does not count; the engine's 'starting' or 'running' does."""
+    record = JobRecord(run="r", launched_at=1.0, pid=4242, launcher_pid=os.getpid())
+    assert not jobs.ready_for_stop(tmp_path, record), "no status yet"
+    write_status(tmp_path, "starting", "launching python -m training")  # written by this (launcher) process
+    assert not jobs.ready_for_stop(tmp_path, record)
+    write_status(tmp_path, "starting", "lora on 1 process(es)", pid=4242)
+    assert jobs.ready_for_stop(tmp_path, record)
+    write_status(tmp_path, "running", "step 0 of 9")
+    assert jobs.ready_for_stop(tmp_path, record)
