@@ -8,6 +8,7 @@ import time
 
 from ..training.run.jobs import JobStore, find, job_state
 from . import comfy_bridge, paths
+from .jobs_api import describe_job
 from .validation import Choice, Int, check_all, declare
 from .values import RUN_TYPE, RunRef
 
@@ -64,15 +65,21 @@ class WaitForRun:
         record = find(store.read(), run_dir.name)
         since = record.queued_at if record is not None else 0.0
         deadline = time.monotonic() + 60 * values["timeout_minutes"] if values["timeout_minutes"] else None
-        bar = comfy_bridge.progress_bar(100)
+        bar = None
         while True:
-            state, message = job_state(run_dir, find(store.read(), run_dir.name))
+            record = find(store.read(), run_dir.name)
+            state, message = job_state(run_dir, record)
             if state in ENDED or (values["until"] == "lora" and fresh_lora(run, since)):
                 break
             comfy_bridge.raise_if_interrupted()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_dir.name} is still {state} after {values['timeout_minutes']} minute(s)")
-            bar.update_absolute(0, 100)
+            job = describe_job(run_dir, record) or {}
+            if job.get("total_steps"):
+                bar = bar or comfy_bridge.progress_bar(job["total_steps"])
+                bar.update_absolute(
+                    min(job["step"] or 0, job["total_steps"]), job["total_steps"]
+                )  # also a Cancel point
             time.sleep(POLL_SECONDS)
         if state == "failed":
             raise RuntimeError(f"run {run_dir.name} failed: {message}\nRun folder: {run_dir}")

@@ -312,3 +312,17 @@ def test_a_stop_waits_until_the_engine_can_honour_it(tmp_path):
     assert jobs.ready_for_stop(tmp_path, record)
     write_status(tmp_path, "running", "step 0 of 9")
     assert jobs.ready_for_stop(tmp_path, record)
+
+
+def test_a_run_folder_that_cannot_start_fails_its_job_and_does_not_block_the_queue(tmp_path):
+    root = tmp_path / "runs"
+    (root / "broken").mkdir(parents=True)
+    (root / "broken" / "train.log").symlink_to(tmp_path / "elsewhere.log")
+    scheduler = Scheduler(root, machine_gpus=[0], command_for=lambda config, world: ["true"])
+    scheduler.submit("broken", gpu_count=1, gpu_ids=None, world_size=1)
+    scheduler.submit("next", gpu_count=1, gpu_ids=None, world_size=1)
+    status = read_status(root / "broken")
+    assert status["state"] == "failed" and "train.log is a link" in status["message"]
+    assert not (tmp_path / "elsewhere.log").exists()
+    assert {r.run: r.assigned for r in scheduler.store.read()}["next"] == (0,), "the next job started"
+    wait_until(lambda: not scheduler.processes, "the fake job to end", scheduler=scheduler)

@@ -183,6 +183,8 @@ class Scheduler:
             held |= set(gpus)
 
     def _launch(self, record: JobRecord, gpus: tuple[int, ...]) -> bool:
+        """Start the job's child on ``gpus``; False when the run folder is busy (the job waits). A folder that cannot
+        start a run fails the job (status 'failed', saying why) so that it does not block the queue."""
         run_dir = self.root / record.run
         env = {**self.env, "CUDA_DEVICE_ORDER": self.env.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
         env["CUDA_VISIBLE_DEVICES"] = child_visible_devices(gpus, self.env.get("CUDA_VISIBLE_DEVICES"))
@@ -193,6 +195,12 @@ class Scheduler:
         except FolderBusy as error:
             logger.warning("job %s waits: %s", record.run, error)
             return False
+        except (OSError, ValueError) as error:  # a broken run folder (a link for train.log, no disk space)
+            message = f"could not start: {error}"
+            logger.error("job %s %s", record.run, message)
+            record.launched_at = time.time()  # done with: it no longer blocks the queue; resume queues it again
+            write_status(run_dir, "failed", message)
+            return True
         record.assigned = gpus
         record.launched_at = time.time()
         record.pid = process.process.pid
