@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from . import comfy_bridge, run_history
+import functools
+import logging
+
+from . import comfy_bridge, jobs_api, run_history
 from .hardware_node import HardwareProfile
 from .lora_node import LoadTrainedLoRA
 from .multinode import MultiNode
@@ -11,6 +14,9 @@ from .plan_node import TrainingPlan
 from .previews import PreviewSettings
 from .report_node import TrainingReport
 from .train_node import Train
+from .wait_node import WaitForRun
+
+logger = logging.getLogger(__name__)
 
 NODE_CLASS_MAPPINGS = {
     "WhetstonePackDataset": PackDataset,
@@ -21,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "WhetstoneTrainingReport": TrainingReport,
     "WhetstoneMultiNode": MultiNode,
     "WhetstonePreviewSettings": PreviewSettings,
+    "WhetstoneWaitForRun": WaitForRun,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,6 +39,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WhetstoneTrainingReport": "Training Report (Whetstone)",
     "WhetstoneMultiNode": "Multi-Node Run (Whetstone)",
     "WhetstonePreviewSettings": "Preview Settings (Whetstone)",
+    "WhetstoneWaitForRun": "Wait for Run (Whetstone)",
 }
 
 
@@ -39,3 +47,11 @@ def register_with_comfyui() -> None:
     """Register the whetstone_datasets / whetstone_runs folders and the chart's history route; no-op outside ComfyUI."""
     comfy_bridge.register_folders()
     comfy_bridge.add_get_route(run_history.ROUTE, run_history.respond)
+    for method, action in (("GET", "list"), ("GET", "report"), ("POST", "stop"), ("POST", "resume")):
+        path = jobs_api.ROUTE if action == "list" else f"{jobs_api.ROUTE}/{action}"
+        comfy_bridge.add_route(method, path, functools.partial(jobs_api.respond, action))
+    if comfy_bridge.comfyui_present():
+        try:
+            jobs_api.resume_scheduling()  # jobs queued or running before a restart go on
+        except Exception:  # the nodes must still load; the jobs panel's first request starts the scheduler
+            logger.exception("could not resume the background jobs at start; opening the Jobs panel retries")

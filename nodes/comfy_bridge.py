@@ -147,6 +147,24 @@ def add_get_route(path: str, respond) -> None:
     PromptServer.instance.routes.get(path)(handler)
 
 
+def add_route(method: str, path: str, respond, *, max_body_bytes: int = 4096) -> None:
+    """Serve ``method path``: ``respond(query, body) -> (status, JSON-able or PNG bytes)``; the body (POST) is read
+    up to ``max_body_bytes`` + 1 bytes, so an oversized one arrives oversized and is refused, never read whole."""
+    if not comfyui_present():
+        return
+    from aiohttp import web
+    from server import PromptServer
+
+    async def handler(request):
+        body = await request.content.read(max_body_bytes + 1) if request.method == "POST" else None
+        status, payload = respond(dict(request.rel_url.query), body)
+        if isinstance(payload, bytes):
+            return web.Response(body=payload, status=status, content_type="image/png")
+        return web.json_response(payload, status=status)
+
+    getattr(PromptServer.instance.routes, method.lower())(path)(handler)
+
+
 def unload_models() -> None:
     """Unload every model ComfyUI holds and empty the CUDA cache, so a plan measures free VRAM for training."""
     if not comfyui_present():

@@ -12,6 +12,7 @@ from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
+from ..training.run.jobs import JobStore, held_gpus, subset_profile
 from ..training.vocabulary import ADAPTER_TYPES, MODES
 from . import comfy_bridge, paths
 from .validation import Choice, Float, Int, Toggle, check_all
@@ -59,6 +60,17 @@ WIDGETS = {
 }
 
 
+SHARING = {
+    "gpu_count": Int(
+        0,
+        0,
+        1024,
+        "0: plan for every GPU of the machine (or tier). N: plan for N of them, for a background job that shares the "
+        "machine with others (Train's background and gpus); the plan measures N GPUs no other job holds.",
+    ),
+}
+
+
 class TrainingPlan:
     DESCRIPTION = (
         "Decides how to train on the chosen hardware: micro-batch, gradient accumulation, activation-checkpoint "
@@ -81,6 +93,7 @@ class TrainingPlan:
                 **{name: widget.declare() for name, widget in WIDGETS.items()},
             },
             "optional": {
+                **{name: widget.declare() for name, widget in SHARING.items()},
                 "hardware": (HARDWARE_TYPE, {"tooltip": "From Hardware Profile; needed with 'measured'."}),
                 "dataset": (
                     DATASET_TYPE,
@@ -97,10 +110,16 @@ class TrainingPlan:
         return True
 
     def plan(self, model_name, hardware=None, dataset=None, **settings):
+        sharing = check_all(SHARING, {name: settings.pop(name, w.default) for name, w in SHARING.items()})
         values = check_all(WIDGETS, settings)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         model_config = infer_config({key: shape for key, (_, shape) in read_header(model_path).items()})
         profile, tier = self._hardware(values, hardware)
+        if sharing["gpu_count"] and sharing["gpu_count"] != profile.gpu_count:
+            runs_root = comfy_bridge.folder_roots(comfy_bridge.RUNS_FOLDER)[0]
+            held = held_gpus(runs_root, JobStore(runs_root).read()) if runs_root.is_dir() else set()
+            profile, _, _ = subset_profile(profile, sharing["gpu_count"], held)
+            tier = nearest_tier(profile)[0]  # the subset's tier: its batch defaults and margins, not the machine's
         request = PlanRequest(
             mode=values["mode"],
             resolution=values["resolution"],

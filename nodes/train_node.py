@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..training.engine.variant_setup import run_variant
 from ..training.hardware.dataset_fit import check_plan_against_dataset
 from ..training.run.events import EVENTS_FILE, EventTail, read_summary
 from ..training.run.launch import CONFIG_FILE, RunProcess, TrainingFailed, failure_message, outcome, train_command
-from . import comfy_bridge, multinode, paths, previews, variant_inputs
+from . import background, comfy_bridge, multinode, paths, previews, variant_inputs
 from .validation import Choice, Float, Int, Text, Toggle, check_all
 from .values import DATASET_TYPE, MACHINES_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
 
@@ -163,6 +164,13 @@ def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_S
         raise
 
 
+def save_run_files(run_dir: Path, config, preview_settings) -> None:
+    """What the engine reads from the claimed folder: the preview prompts' features (when linked), the config."""
+    if preview_settings is not None:
+        previews.write_prompts(preview_settings.prompts, run_dir)
+    config.save(run_dir / CONFIG_FILE)
+
+
 class Train:
     DESCRIPTION = (
         "Trains with the plan on the shard set: writes a run folder (config, events, checkpoints) and runs the "
@@ -201,6 +209,7 @@ class Train:
                     previews.PREVIEWS_TYPE,
                     {"tooltip": "From Preview Settings: prompts to sample while training, shown in this node."},
                 ),
+                **{name: widget.declare() for name, widget in background.WIDGETS.items()},
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -215,7 +224,10 @@ class Train:
         return True
 
     def train(self, plan, dataset, model_name, unique_id=None, preview_settings=None, **settings):
+        options = background.options({name: settings.pop(name) for name in background.WIDGETS if name in settings})
         several = settings.pop("machines", None)  # from Multi-Node Run (optional)
+        if options.background and several is not None:
+            raise ValueError("background is for runs on this machine: turn it off, or unlink Multi-Node Run")
         values = check_all(WIDGETS, settings) | {"variant": variant_inputs.model_settings(settings)}
         run_name = paths.check_name(values["run_name"], "run_name")
         run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
@@ -231,11 +243,12 @@ class Train:
         command = train_command(run_dir / CONFIG_FILE, plan.world_size) if machines is None else machines.this_node
         process = RunProcess(run_dir, command, cwd=PACK_ROOT, lock_for_child=machines is None)
         process.claim()  # refuses a folder that a live run holds, before anything in it is written
+        if options.background:
+            save_files = functools.partial(save_run_files, run_dir, config, preview_settings)
+            return background.submit(process, save_files, plan, options, lora_path)
         try:
             comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
-            if preview_settings is not None:
-                previews.write_prompts(preview_settings.prompts, run_dir)
-            config.save(run_dir / CONFIG_FILE)
+            save_run_files(run_dir, config, preview_settings)
             progress = Progress(unique_id, run_name, values["steps"])
             progress.send("start", total_steps=values["steps"])
             if machines is not None:

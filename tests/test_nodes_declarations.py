@@ -20,6 +20,7 @@ EXPECTED_NODES = {
     "WhetstoneTrainingReport",
     "WhetstoneMultiNode",
     "WhetstonePreviewSettings",
+    "WhetstoneWaitForRun",
 }
 HIDDEN_INPUTS = {"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT"}
 

@@ -277,9 +277,15 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
         job.adapter,
         job.resolution,
         target_batch,
+        job.learning_rate,
+        job.caption_tokens,
+        "longest",  # caption_length
+        True,  # free_comfyui_memory
+        0,  # gpu_count (optional)
     ]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
     train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
+    train_widgets += [False, "auto"]  # background, gpus (optional)
     lines = plan_text.split("\n")
     plan_width = max(460, text_panel_width(max(map(len, lines))))
     report_panel = text_panel_height(REPORT_LINES)
@@ -294,15 +300,15 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
         ),
         "plan": g.node(
             "WhetstoneTrainingPlan",
-            (plan_width, node_height(2, len(plan_widgets) + 4, text_panel_height(len(lines)))),
-            [*plan_widgets, job.learning_rate, job.caption_tokens, "longest", True],
+            (plan_width, node_height(2, len(plan_widgets), text_panel_height(len(lines)))),
+            plan_widgets,
             inputs=[("hardware", "WHETSTONE_HARDWARE"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("plan", "WHETSTONE_PLAN"), ("table", "STRING")],
             ours=True,
         ),
         "train": g.node(
             "WhetstoneTrain",
-            (460, node_height(3, 9, CHART_HEIGHT + report_panel)),
+            (460, node_height(3, len(train_widgets), CHART_HEIGHT + report_panel)),
             train_widgets,
             inputs=[("plan", "WHETSTONE_PLAN"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("run", "WHETSTONE_RUN"), ("lora_name", "STRING"), ("report", "STRING")],

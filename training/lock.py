@@ -110,6 +110,12 @@ def launcher_holds(folder: str | os.PathLike) -> bool:
     return _is_locked(path) and read_holder(path) in (int(pid_text), os.getpid())
 
 
+def folder_locked(folder: str | os.PathLike) -> bool:
+    """True while some live process holds ``folder``'s lock (the kernel's answer: a file left by a killed holder is no
+    lock). A job's liveness is this, never a PID read from a file."""
+    return _is_locked(Path(folder) / LOCK_FILE)
+
+
 def read_holder(path: Path) -> int | None:
     """The PID recorded in a lock file, None when there is none (or the file is not one of ours)."""
     try:

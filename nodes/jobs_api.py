@@ -1,0 +1,347 @@
+"""The jobs of the runs folder for the frontend's jobs panel, and the one scheduler of this ComfyUI process.
+
+Routes (registered by `nodes.register_with_comfyui` through `comfy_bridge`):
+
+* ``GET  /whetstone/jobs``: every run folder with its state, GPUs, step/ETA, last loss, a loss sparkline, its LoRA;
+* ``GET  /whetstone/jobs/report?run=<name>``: the engine's report (PNG) of one run;
+* ``POST /whetstone/jobs/stop``   ``{"run": "<name>"}``: save and stop (the engine's polite stop);
+* ``POST /whetstone/jobs/resume`` ``{"run": "<name>"}``: queue an ended run again, continuing from its checkpoint.
+
+Only stop and resume write anything. Every run folder is untrusted: names are checked, the folder must be a real
+folder directly inside the runs root (a link is not followed), its files must be plain files (not links), sizes are
+capped, and only numbers and short strings go back to the browser.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import stat
+import threading
+from pathlib import Path
+
+from ..training.engine.config import TrainConfig
+from ..training.engine.report import render_report
+from ..training.hardware.discovery import discover
+from ..training.run.events import EVENTS_FILE, STATUS_FILE, SUMMARY_FILE
+from ..training.run.jobs import JobRecord, JobStore, check_run_name, find, job_state, parse_gpu_ids
+from ..training.run.launch import CONFIG_FILE
+from ..training.run.scheduler import Scheduler
+from . import paths
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "/whetstone/jobs"
+MAX_BODY_BYTES = 4096
+MAX_JSON_BYTES = 1 << 20  # config.json, status.json: far more than a real one
+EVENTS_TAIL_BYTES = 256 << 10  # the newest events only: a long run's file is tens of MB
+SPARK_POINTS = 64
+MAX_TEXT_CHARS = 300
+MAX_LISTED = 200
+MAX_EXACT_INT = 2**53
+GPUS_ENV = "WHETSTONE_JOB_GPUS"  # "0,1": the GPUs this ComfyUI's jobs may use (default: every visible GPU)
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+_schedulers: dict[Path, Scheduler] = {}
+_schedulers_mutex = threading.Lock()
+
+
+class RequestRefused(ValueError):
+    """A route's input is malformed (bad JSON, unknown run, path outside the runs folder): HTTP 400/404."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scheduler of this process
+
+
+def machine_gpus() -> list[int]:
+    """The GPUs jobs may be placed on: ``WHETSTONE_JOB_GPUS`` when set, else every GPU this process sees."""
+    configured = os.environ.get(GPUS_ENV)
+    if configured is not None:
+        gpus = list(parse_gpu_ids(configured, GPUS_ENV) or ())
+        logger.info("jobs may use GPUs %s (%s)", gpus, GPUS_ENV)
+        return gpus
+    count = discover().gpu_count
+    logger.info("jobs may use GPUs %s (every GPU this ComfyUI sees)", list(range(count)))
+    return list(range(count))
+
+
+def runs_root() -> Path:
+    roots = paths.run_roots()
+    if not roots.roots:
+        raise RequestRefused(f"no {roots.label} folder is configured")
+    return roots.roots[0].resolve()
+
+
+def scheduler() -> Scheduler:
+    """The scheduler of the runs folder (made, and its thread started, on first use)."""
+    root = runs_root()
+    with _schedulers_mutex:
+        if root not in _schedulers:
+            root.mkdir(parents=True, exist_ok=True)
+            _schedulers[root] = Scheduler(root, machine_gpus(), cwd=PACK_ROOT)
+            _schedulers[root].start_thread()
+        return _schedulers[root]
+
+
+def resume_scheduling() -> None:
+    """At ComfyUI start: if the runs folder has a job queue (jobs queued or running before a restart), schedule it."""
+    root = runs_root()
+    if JobStore(root).path.is_file():
+        logger.info("found the job queue of %s: scheduling its jobs", root)
+        scheduler()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a run folder (untrusted)
+
+
+def run_folder(name: object) -> Path:
+    """``<runs>/<name>``: a checked name, a real folder (not a link) directly inside the runs root."""
+    try:
+        check_run_name(name)
+    except ValueError as error:
+        raise RequestRefused(str(error)) from None
+    root = runs_root()
+    path = root / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise RequestRefused(f"no run {name!r} in {root}", 404) from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or path.resolve().parent != root:
+        raise RequestRefused(f"run {name!r} is not a folder inside {root} (links are not followed)")
+    return path
+
+
+def read_plain(path: Path, limit: int, *, tail: bool = False) -> bytes | None:
+    """A plain file's bytes (its last ``limit`` with ``tail``, else None above ``limit``); None for a link or none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size > limit:
+            if not tail:
+                logger.warning("%s is %d bytes, over %d: not read", path, info.st_size, limit)
+                return None
+            handle.seek(info.st_size - limit)
+        return handle.read(limit)
+
+
+def read_object(path: Path) -> dict:
+    data = read_plain(path, MAX_JSON_BYTES)
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        logger.warning("%s is not JSON: ignored", path)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def recent_events(run_dir: Path) -> list[dict]:
+    data = read_plain(run_dir / EVENTS_FILE, EVENTS_TAIL_BYTES, tail=True) or b""
+    events = []
+    for line in data.decode("utf-8", errors="replace").split("\n")[1 if len(data) == EVENTS_TAIL_BYTES else 0 :]:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and whole(event.get("step")) is not None:
+            events.append(event)
+    return events
+
+
+def whole(value) -> int | None:
+    """A step count as the browser can hold it exactly (a JSON number below 2**53), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_EXACT_INT:
+        return None
+    return value
+
+
+def number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def text(value) -> str:
+    return value[:MAX_TEXT_CHARS] if isinstance(value, str) else ""
+
+
+def sparkline(events: list[dict]) -> list[float]:
+    losses = [loss for loss in (number(e.get("loss")) for e in events) if loss is not None]
+    if len(losses) <= SPARK_POINTS:
+        return losses
+    size = len(losses) / SPARK_POINTS
+    buckets = [losses[int(i * size) : max(int((i + 1) * size), int(i * size) + 1)] for i in range(SPARK_POINTS)]
+    return [sum(b) / len(b) for b in buckets]
+
+
+def eta_seconds(events: list[dict], total: int | None) -> float | None:
+    if not events or total is None:
+        return None
+    last = events[-1]
+    if number(last.get("eta_s")) is not None:
+        return number(last["eta_s"])
+    first = events[0]
+    start, end = number(first.get("time")), number(last.get("time"))
+    if start is None or end is None or last["step"] <= first["step"]:
+        return None
+    return max(0.0, (end - start) / (last["step"] - first["step"]) * (total - last["step"]))
+
+
+def lora_name(config: dict) -> str | None:
+    """The LoRA's name in ComfyUI's loras list when the run's file exists inside a loras folder, else None."""
+    run = config.get("run") if isinstance(config.get("run"), dict) else {}
+    value = run.get("lora_path")
+    if not isinstance(value, str) or not value or len(value) > paths.MAX_PATH_CHARS:
+        return None
+    path = Path(value)
+    for root in paths.lora_roots().roots:
+        root = root.resolve()
+        if path.is_absolute() and path.parent.resolve() == root and not path.is_symlink() and path.is_file():
+            return path.name
+    return None
+
+
+def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
+    status_path = run_dir / STATUS_FILE
+    if status_path.is_symlink() or (record is None and not status_path.is_file()):
+        return None  # not a job (no status), or a status that is a link: never read through it
+    state, message = job_state(run_dir, record)
+    if not state:
+        return None
+    config = read_object(run_dir / CONFIG_FILE)
+    run = config.get("run") if isinstance(config.get("run"), dict) else {}
+    total = whole(run.get("steps"))
+    events = recent_events(run_dir)
+    last = events[-1] if events else {}
+    gpus = list(record.assigned) if record and record.launched else list(record.gpu_ids or ()) if record else []
+    return {
+        "run": run_dir.name,
+        "state": state,
+        "message": text(message),
+        "gpus": gpus,
+        "gpu_count": record.gpu_count if record else len(gpus),
+        "step": last.get("step"),
+        "total_steps": total,
+        "eta_s": eta_seconds(events, total) if state in ("running", "stopping") else None,
+        "loss": number(last.get("loss")),
+        "img_per_s": number(last.get("img_per_s")),
+        "sparkline": sparkline(events),
+        "lora_name": lora_name(config),
+        "queued_at": number(record.queued_at) if record else None,
+        "has_report": bool(events),
+        "summary": {k: number(v) for k, v in read_object(run_dir / SUMMARY_FILE).items() if number(v) is not None},
+    }
+
+
+def list_jobs() -> dict:
+    """Every job of the runs folder: the queue's first (in FIFO order), then the other runs, newest first."""
+    root = runs_root()
+    records = JobStore(root).read() if root.is_dir() else []
+    queued = [r.run for r in records]
+    others = []
+    if root.is_dir():
+        for entry in os.scandir(root):
+            if entry.name not in queued and not entry.is_symlink() and entry.is_dir(follow_symlinks=False):
+                others.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+    names = queued + [name for _, name in sorted(others, reverse=True)]
+    listed = []
+    for name in names[:MAX_LISTED]:
+        try:
+            run_dir = run_folder(name)
+        except RequestRefused:
+            continue
+        job = describe_job(run_dir, find(records, name))
+        if job is not None:
+            listed.append(job)
+    return {"root": str(root), "jobs": listed}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Actions
+
+
+def parse_body(body: bytes | None) -> str:
+    """The run name of a POST body ``{"run": "<name>"}``; RequestRefused for anything else."""
+    if body is None or len(body) > MAX_BODY_BYTES:
+        raise RequestRefused(f"the request body must be JSON of at most {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestRefused(f"the request body is not JSON: {error}") from None
+    if not isinstance(data, dict) or set(data) != {"run"}:
+        raise RequestRefused('the request body must be {"run": "<run name>"}')
+    return data["run"]
+
+
+def stop_job(name: object) -> dict:
+    run_dir = run_folder(name)
+    try:
+        done = scheduler().stop(run_dir.name)
+    except LookupError as error:
+        raise RequestRefused(f"{error} (only jobs started in the background can be stopped here)", 404) from None
+    return {"run": run_dir.name, "result": done}
+
+
+def resume_job(name: object) -> dict:
+    """Queue the run again with resume on in its config (validated like any config), with its earlier GPUs."""
+    run_dir = run_folder(name)
+    config_path = run_dir / CONFIG_FILE
+    if read_plain(config_path, MAX_JSON_BYTES) is None:
+        raise RequestRefused(f"run {run_dir.name!r} has no config.json to resume from", 404)
+    state, _ = job_state(run_dir, find(scheduler().store.read(), run_dir.name))
+    if state not in ("stopped", "failed"):
+        raise RequestRefused(f"run {run_dir.name!r} is {state or 'not a job'}; only a stopped or failed run resumes")
+    try:
+        config = TrainConfig.load(config_path)
+    except ValueError as error:
+        raise RequestRefused(str(error)) from None
+    if not config.run.resume:
+        config.run.resume = True
+        config.save(config_path)
+    plan = config.plan or {}
+    world = plan.get("world_size") if isinstance(plan.get("world_size"), int) else 1
+    gpus = world if plan.get("device", "cuda") == "cuda" and config.plan else 0
+    default = JobRecord(run=run_dir.name, gpu_count=gpus, world_size=max(1, world))
+    record = scheduler().resume(run_dir.name, default=default)
+    return {"run": run_dir.name, "result": "queued", "gpu_count": record.gpu_count}
+
+
+def report_png(name: object) -> bytes:
+    run_dir = run_folder(name)
+    image = render_report(recent_events(run_dir), size=(1000, 620))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def respond(action: str, query: dict[str, str], body: bytes | None) -> tuple[int, object]:
+    """(HTTP status, JSON body or PNG bytes) for ``GET list|report`` and ``POST stop|resume``."""
+    try:
+        if action == "list":
+            return 200, list_jobs()
+        if action == "report":
+            return 200, report_png(query.get("run", ""))
+        if action == "stop":
+            return 200, stop_job(parse_body(body))
+        if action == "resume":
+            return 200, resume_job(parse_body(body))
+    except RequestRefused as error:
+        return error.status, {"error": str(error)}
+    except ValueError as error:  # FolderBusy and the scheduler's refusals: the message says what to do
+        return 409, {"error": str(error)}
+    return 404, {"error": f"unknown jobs action {action!r}"}

@@ -1,0 +1,267 @@
+"""The jobs route (list, report, stop, resume) under hostile inputs, Train in the background and Wait for Run, with
+the ComfyUI bridge faked and the engine for real (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from test_nodes_pack import FakeCLIP, FakeVAE, make_images
+from test_nodes_support import FakeInterrupt, install_fake_comfy, pack_module, snapshot_files
+
+from training.lock import folder_locked
+from training.model.config import PRESETS
+from training.model.weights import save_weights
+from training.model.zimage import ZImageTransformer
+from training.run.events import read_status, write_status
+from training.run.jobs import JobRecord, JobStore
+
+jobs_api = pack_module("nodes.jobs_api")
+background = pack_module("nodes.background")
+wait_node = pack_module("nodes.wait_node")
+train_node = pack_module("nodes.train_node")
+plan_node = pack_module("nodes.plan_node")
+pack_node = pack_module("nodes.pack_node")
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    fake = install_fake_comfy(tmp_path, monkeypatch)
+    monkeypatch.setenv(jobs_api.GPUS_ENV, "")  # a CPU machine: jobs take no GPU
+    monkeypatch.setattr(jobs_api, "_schedulers", {})
+    yield fake
+    for scheduler in jobs_api._schedulers.values():
+        scheduler.stop_thread()
+        for run in list(scheduler.processes):
+            scheduler.stop(run)
+        deadline = time.monotonic() + 120
+        while scheduler.processes and time.monotonic() < deadline:
+            scheduler.tick()
+            time.sleep(0.2)
+
+
+def runs(comfy):
+    return comfy.folders["whetstone_runs"]
+
+
+def call(action, query=None, body=None):
+    raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    return jobs_api.respond(action, query or {}, raw)
+
+
+# ---------------------------------------------------------------------------- the route, hostile inputs
+
+
+def test_list_shows_a_run_folder_with_its_state_step_and_sparkline(comfy):
+    run_dir = runs(comfy) / "done"
+    run_dir.mkdir()
+    write_status(run_dir, "completed", "completed at step 100 of 100")
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "time": 10.0 + s}) for s in range(1, 101)]
+    (run_dir / "events.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 101, "lo')  # a half-written line
+    (run_dir / "config.json").write_text(json.dumps({"run": {"steps": 100, "lora_path": "/elsewhere/x.safetensors"}}))
+    (runs(comfy) / "empty").mkdir()  # no status: not a job
+    status, body = call("list")
+    assert status == 200 and [job["run"] for job in body["jobs"]] == ["done"]
+    job = body["jobs"][0]
+    assert job["state"] == "completed" and job["step"] == 100 and job["total_steps"] == 100
+    assert len(job["sparkline"]) == jobs_api.SPARK_POINTS and job["sparkline"][0] > job["sparkline"][-1]
+    assert job["lora_name"] is None, "a LoRA path outside the loras folder is not offered for loading"
+    status, png = call("report", {"run": "done"})
+    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[]",
+        b'{"run": "a", "extra": 1}',
+        b'{"run": 1e999}',
+        b'{"run": null}',
+        json.dumps({"run": "x" * 10_000}).encode(),
+        json.dumps({"run": "../" * 5 + "etc"}).encode(),
+        json.dumps({"run": "/etc/passwd"}).encode(),
+        json.dumps({"run": "a/../../b"}).encode(),
+        json.dumps({"run": ".whetstone-jobs"}).encode(),
+        json.dumps({"run": "a\u0000b"}).encode(),
+        None,
+    ],
+)
+@pytest.mark.parametrize("action", ["stop", "resume"])
+def test_actions_refuse_malformed_bodies_and_names_without_writing(comfy, action, body):
+    before = snapshot_files(comfy.root)
+    status, answer = call(action, body=body)
+    assert status == 400 and answer["error"]
+    assert snapshot_files(comfy.root) == before
+
+
+def test_oversized_body_is_refused(comfy):
+    status, answer = call("stop", body=b"{" + b" " * jobs_api.MAX_BODY_BYTES + b'"run": "a"}')
+    assert status == 400 and "at most" in answer["error"]
+
+
+def test_links_out_of_the_runs_folder_are_not_followed(comfy, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_status(outside, "stopped", "SECRET message outside the runs folder")
+    (outside / "config.json").write_text(json.dumps({"run": {"steps": 5}}))
+    (outside / "events.jsonl").write_text(json.dumps({"step": 1, "loss": 123.0}) + "\n")
+    (runs(comfy) / "linked").symlink_to(outside)
+    inner = runs(comfy) / "inner"
+    inner.mkdir()
+    (inner / "status.json").symlink_to(outside / "status.json")
+    (inner / "events.jsonl").symlink_to(outside / "events.jsonl")
+    status, body = call("list")
+    assert status == 200 and body["jobs"] == [] and "SECRET" not in json.dumps(body)
+    for action in ("stop", "resume"):
+        status, answer = call(action, body={"run": "linked"})
+        assert status == 400 and "links are not followed" in answer["error"]
+    status, answer = call("report", {"run": "linked"})
+    assert status == 400
+    assert jobs_api.recent_events(inner) == [], "an events file that is a link is not read"
+    assert read_status(outside)["state"] == "stopped", "nothing outside was touched"
+
+
+def test_a_hostile_queue_file_and_huge_values_do_not_break_the_list(comfy):
+    store = JobStore(runs(comfy))
+    store.folder.mkdir(parents=True)
+    hostile = [{"run": "../x"}, {"run": "ok", "gpu_count": 10**30}, {"run": "ok2", "pid": -5}, "junk"]
+    store.path.write_text(json.dumps({"jobs": hostile + [{"run": "fine", "queued_at": 1.0}]}))
+    run_dir = runs(comfy) / "fine"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"run": {"steps": 10**400}}))  # json: a huge int
+    status, body = call("list")
+    assert status == 200 and [(j["run"], j["state"]) for j in body["jobs"]] == [("fine", "queued")]
+    assert body["jobs"][0]["total_steps"] is None, "a step count the browser cannot hold is left out"
+    (run_dir / "events.jsonl").write_text(json.dumps({"step": 2**60, "loss": 1.0}) + "\n" + '{"step": true}\n')
+    assert call("list")[1]["jobs"][0]["step"] is None
+
+
+def test_stop_of_a_run_that_is_no_background_job_says_so(comfy):
+    run_dir = runs(comfy) / "foreground"
+    run_dir.mkdir()
+    write_status(run_dir, "completed", "done")
+    status, answer = call("stop", body={"run": "foreground"})
+    assert status == 404 and "background" in answer["error"]
+    status, answer = call("resume", body={"run": "foreground"})
+    assert status == 404 and "config.json" in answer["error"]
+    (run_dir / "config.json").write_text("{}")
+    status, answer = call("resume", body={"run": "foreground"})
+    assert status == 400 and "only a stopped or failed run resumes" in answer["error"]
+
+
+def test_unknown_action(comfy):
+    assert call("delete", body={"run": "a"})[0] == 404
+
+
+# ---------------------------------------------------------------------------- the Train node in the background
+
+
+def defaults(widgets, **overrides):
+    return {**{name: widget.default for name, widget in widgets.items()}, **overrides}
+
+
+def packed_and_planned(comfy):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    save_weights(ZImageTransformer(PRESETS["tiny"]), comfy.folders["diffusion_models"] / "tiny.safetensors")
+    make_images(comfy.folders["input"] / "photos", count=2)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="set", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
+    settings = defaults(plan_node.WIDGETS, tier="cpu", resolution=256, lora_rank=4, target_batch=1)
+    return dataset, plan_node.TrainingPlan().plan("tiny.safetensors", **settings)["result"][0]
+
+
+def start_in_background(comfy, dataset, plan, name, steps, **extra):
+    settings = defaults(train_node.WIDGETS, run_name=name, steps=steps, save_every=0, caption_dropout=0.0)
+    started = time.monotonic()
+    output = train_node.Train().train(plan, dataset, "tiny.safetensors", background=True, **settings, **extra)
+    assert time.monotonic() - started < 30, "background mode returns at once"
+    return output["result"]
+
+
+def job(name):
+    return next(j for j in call("list")[1]["jobs"] if j["run"] == name)
+
+
+def wait_for(predicate, what, timeout_s=180):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_pinned_gpus_must_match_the_plan(comfy):
+    plan = type("Plan", (), {"world_size": 2, "device": "cuda"})()
+    assert background.gpu_request(plan, None) == 2 and background.gpu_request(plan, (1, 3)) == 2
+    with pytest.raises(ValueError, match="names 1 GPU"):
+        background.gpu_request(plan, (1,))
+    with pytest.raises(ValueError, match="gpus"):
+        background.options({"background": True, "gpus": "0;rm"})
+    assert background.options({}) == background.BackgroundOptions(background=False, gpu_ids=None)
+
+
+@pytest.mark.slow
+def test_background_train_then_wait_then_stop_and_resume_through_the_route(comfy):
+    dataset, plan = packed_and_planned(comfy)
+    run, lora_name, report = start_in_background(comfy, dataset, plan, "quick", steps=3)
+    assert run.state in ("queued", "starting") and "background job quick" in report
+    waited, waited_lora, state = wait_node.WaitForRun().wait(run, until="end", timeout_minutes=5)
+    assert waited.state == "completed" and waited_lora == lora_name == "quick.safetensors"
+    assert (comfy.folders["loras"] / lora_name).is_file() and state.startswith("completed")
+    assert job("quick")["lora_name"] == "quick.safetensors" and job("quick")["state"] == "completed"
+
+    long_run, _, _ = start_in_background(comfy, dataset, plan, "long", steps=1_000_000)
+    wait_for(lambda: (job("long")["step"] or 0) >= 2, "the long job to train")
+    listed = job("long")
+    assert listed["state"] == "running" and listed["total_steps"] == 1_000_000 and listed["eta_s"] > 0
+    status, answer = call("resume", body={"run": "long"})
+    assert status == 400 and "is running" in answer["error"], "a running job does not resume"
+    status, answer = call("stop", body={"run": "long"})
+    assert status == 200 and answer["result"] == "stopping"
+    wait_for(lambda: job("long")["state"] == "stopped", "the stop")
+    stopped_at = read_status(runs(comfy) / "long")["message"]
+    status, answer = call("resume", body={"run": "long"})
+    assert status == 200 and answer["result"] == "queued"
+    wait_for(lambda: job("long")["state"] == "running" and folder_locked(runs(comfy) / "long"), "the resume")
+    wait_for(lambda: "step" in read_status(runs(comfy) / "long")["message"], "the resumed run to report")
+    assert call("stop", body={"run": "long"})[1]["result"] == "stopping"
+    wait_for(lambda: job("long")["state"] == "stopped", "the second stop")
+    steps = [json.loads(line)["step"] for line in (runs(comfy) / "long" / "events.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)), f"resumed after {stopped_at}, not from 0"
+
+
+def test_plan_for_a_gpu_subset_skips_gpus_other_jobs_hold(comfy):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    save_weights(ZImageTransformer(PRESETS["tiny"]), comfy.folders["diffusion_models"] / "tiny.safetensors")
+    settings = defaults(plan_node.WIDGETS, tier="4xA100-40GB-SXM", resolution=512, lora_rank=16)
+    whole = plan_node.TrainingPlan().plan("tiny.safetensors", **settings)["result"][0]
+    half = plan_node.TrainingPlan().plan("tiny.safetensors", gpu_count=2, **settings)["result"][0]
+    assert whole.world_size == 4 and half.world_size == 2
+    assert half.global_batch % 2 == 0 and half.lr <= whole.lr, "the lr scales with the GPUs planned for"
+    with pytest.raises(ValueError, match="gpu_count=8"):
+        plan_node.TrainingPlan().plan("tiny.safetensors", gpu_count=8, **settings)
+
+
+def test_wait_gives_up_on_interrupt_and_reports_a_failed_run(comfy):
+    run_dir = runs(comfy) / "w"
+    run_dir.mkdir()
+    with JobStore(runs(comfy)).edit() as records:
+        records.append(JobRecord(run="w", queued_at=time.time()))
+    values = pack_module("nodes.values")
+    run = values.RunRef(
+        run_dir=run_dir, lora_path=comfy.folders["loras"] / "w.safetensors", lora_name="w.safetensors", state="queued"
+    )
+    comfy.interrupted = True
+    with pytest.raises(FakeInterrupt):
+        wait_node.WaitForRun().wait(run, until="lora", timeout_minutes=0)
+    with JobStore(runs(comfy)).edit() as records:
+        records[0].launched_at = time.time()
+    write_status(run_dir, "failed", "CUDA out of memory")
+    with pytest.raises(RuntimeError, match="w failed: CUDA out of memory"):
+        wait_node.WaitForRun().wait(run, until="lora", timeout_minutes=0)
