@@ -12,7 +12,7 @@ from ..training.hardware.plan import PlanRequest, make_plan
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
-from ..training.vocabulary import MODES
+from ..training.vocabulary import MODES, OPTIMIZERS
 from . import comfy_bridge, paths
 from .validation import Choice, Float, Int, Toggle, check_all
 from .values import DATASET_TYPE, HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 MEASURED = "measured (hardware input)"
 CAPTION_LENGTHS = {"longest": None, "p99": 99, "p95": 95, "p90": 90}
+AUTO_OPTIMIZER = "auto"
 
 
 def tier_names() -> tuple[str, ...]:
@@ -47,6 +48,11 @@ WIDGETS = {
         tuple(CAPTION_LENGTHS),
         "Plan for the longest encoded caption (a longer one refuses the run), or for a percentile of the dataset's "
         "caption lengths: longer captions are then truncated to it, saving memory.",
+    ),
+    "optimizer": Choice(
+        (AUTO_OPTIMIZER, *OPTIMIZERS),
+        "Optimizer; the plan prices its state. auto: the mode's default, AdamW (full fine-tuning runs only AdamW). "
+        "prodigy and adafactor set their own learning rate; adamw8bit is warned against on Base.",
     ),
     "free_comfyui_memory": Toggle(
         True, "With measured hardware: unload ComfyUI's models and measure free GPU memory again before planning."
@@ -107,6 +113,7 @@ class TrainingPlan:
             model=model_config,
             dataset=None if dataset is None else read_dataset_stats(self._dataset_dir(dataset)),
             caption_percentile=CAPTION_LENGTHS[values["caption_length"]],
+            optimizer=None if values["optimizer"] == AUTO_OPTIMIZER else values["optimizer"],
         )
         training_plan = make_plan(request, profile, tier)
         logger.info("%s", training_plan.table())

@@ -58,6 +58,16 @@ def test_plan_for_a_tier_shows_the_table(comfy):
     assert "micro_batch" not in table and "budget_bytes" not in table, "no engine field names"
 
 
+def test_plan_node_chooses_and_writes_the_optimizer(comfy):
+    settings = defaults(plan_node.WIDGETS, tier="1x80GB", resolution=512, lora_rank=16)
+    assert settings["optimizer"] == "auto"
+    assert plan_node.TrainingPlan().plan("tiny.safetensors", **settings)["result"][0].optimizer == "adamw"
+    chosen = plan_node.TrainingPlan().plan("tiny.safetensors", **settings | {"optimizer": "prodigy"})["result"][0]
+    assert (chosen.optimizer, chosen.lr) == ("prodigy", 1.0)
+    with pytest.raises(ValueError, match="cannot train mode 'full'"):
+        plan_node.TrainingPlan().plan("tiny.safetensors", **settings | {"optimizer": "prodigy", "mode": "full"})
+
+
 def test_plan_measured_without_hardware_says_what_to_link(comfy):
     with pytest.raises(ValueError, match="Hardware Profile"):
         plan_node.TrainingPlan().plan("tiny.safetensors", **defaults(plan_node.WIDGETS))

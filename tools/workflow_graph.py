@@ -44,6 +44,7 @@ class Job:
     lora_targets: str = "attention+ffn"
     resolution: int = 1024
     learning_rate: float = 1e-4
+    optimizer: str = "auto"  # the Training Plan node's choice ("auto": the mode's default)
     caption_tokens: int = 128
     samples_seen: int = 8000  # steps = samples_seen / global batch, at least min_steps
     min_steps: int = 250
@@ -284,8 +285,8 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
         ),
         "plan": g.node(
             "WhetstoneTrainingPlan",
-            (plan_width, node_height(2, 11, text_panel_height(len(lines)))),
-            [*plan_widgets, job.learning_rate, job.caption_tokens, "longest", True],
+            (plan_width, node_height(2, 12, text_panel_height(len(lines)))),
+            [*plan_widgets, job.learning_rate, job.caption_tokens, "longest", job.optimizer, True],
             inputs=[("hardware", "WHETSTONE_HARDWARE"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("plan", "WHETSTONE_PLAN"), ("table", "STRING")],
             ours=True,

@@ -28,6 +28,12 @@ ShiftRule = Literal["fixed", "flux", "sd3"]
 #: Per-sample loss weights w(σ) as diffusers' compute_loss_weighting_for_sd3 (+ the logit-normal density).
 LossWeighting = Literal["none", "sigma_sqrt", "cosmap", "logit_normal"]
 
+#: The optimizer each mode trains with unless another is chosen: AdamW everywhere (the optimizer the planner's
+#: measurements and the tier settings were made with). Full fine-tuning runs under FSDP2 (also on one GPU), where
+#: only AdamW steps the sharded parameters.
+DEFAULT_OPTIMIZER: dict[str, str] = {"lora": "adamw", "qlora": "adamw", "full": "adamw"}
+FULL_MODE_OPTIMIZERS: tuple[str, ...] = ("adamw",)
+
 MODES: tuple[str, ...] = get_args(Mode)
 PARALLELISMS: tuple[str, ...] = get_args(Parallelism)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)

@@ -382,7 +382,7 @@ PLAN_DECIDES: dict[str, tuple[str, ...]] = {
     "model": ("dtype", "attention_backend"),
     "lora": ("rank", "targets"),
     "data": ("max_caption_tokens", "caption_overflow"),
-    "optim": ("lr",),
+    "optim": ("lr", "optimizer"),
     "parallel": ("strategy",),
 }
 
@@ -403,7 +403,7 @@ def plan_values(plan) -> dict[str, dict[str, Any]]:
         "model": {"dtype": plan.precision, "attention_backend": plan.attention_backend},
         "lora": {"rank": plan.lora_rank, "targets": plan.lora_targets} if plan.mode in LORA_MODES else {},
         "data": {"max_caption_tokens": plan.caption_tokens, "caption_overflow": plan.caption_overflow},
-        "optim": {"lr": plan.lr},
+        "optim": {"lr": plan.lr, "optimizer": plan.optimizer},
         "parallel": {"strategy": plan.parallelism},
     }
     return values

@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from ..vocabulary import CAPTION_OVERFLOWS, LR_SCALINGS
+from ..vocabulary import CAPTION_OVERFLOWS, DEFAULT_OPTIMIZER, LR_SCALINGS, OPTIMIZERS
 from .dataset_fit import fit_request_to_dataset
 from .discovery import HardwareProfile
 from .fitting import (
@@ -45,6 +45,13 @@ EIGHT_RANK_NCCL_TIMEOUT_S = 3600
 RECOMPUTE_SHARE = 1 / 3  # a checkpointed block runs its forward twice: +1/3 of forward+backward
 SMALL_BATCH_PENALTY = 0.3
 EFFICIENT_TOKENS = 4096  # tokens per matmul from which an H100-class GPU is busy
+#: Optimizers whose lr is not a step size the data-parallel scaling applies to: Prodigy estimates the step itself
+#: (lr multiplies it, 1.0 its authors' value); Adafactor's step is relative to each parameter's RMS and lr caps it
+#: (torch's default 1e-2). The plan uses these and says so.
+OPTIMIZER_LR: dict[str, tuple[float, str]] = {
+    "prodigy": (1.0, "Prodigy estimates its own step size; lr multiplies it (1.0, its authors' value)"),
+    "adafactor": (1e-2, "Adafactor's step is relative to each weight's RMS; lr caps it (1e-2, torch's default)"),
+}
 
 
 @dataclass(kw_only=True)
@@ -83,6 +90,7 @@ class TrainingPlan:
     base_storage: str = "bf16"  # lora: "fp8" stores the frozen block linears in e4m3 (training.hardware.levers)
     swap_blocks: int = 0  # main blocks streamed from pinned host memory (block swap), always checkpointed
     swap_bytes_per_step: int = 0  # host-to-device bytes block swap copies per optimizer step (predicted)
+    optimizer: str = "adamw"  # optim.optimizer, its state priced in predicted_peak_bytes (plans before it: AdamW)
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
@@ -101,6 +109,8 @@ class TrainingPlan:
             raise ValueError(f"TrainingPlan.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
         if self.nodes < 1 or self.world_size % self.nodes:
             raise ValueError(f"TrainingPlan: world_size {self.world_size} is not nodes {self.nodes} x GPUs per node")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainingPlan.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
 
     @property
     def headroom_bytes(self) -> int:
@@ -272,6 +282,7 @@ def _make_plan(
         compile=setting.compiled,
         attention_backend=setting.attention_backend,
         nccl_timeout_s=_nccl_timeout(tier, setting.world_size, decisions),
+        optimizer=_optimizer(request, decisions),
         lr=_lr(request, setting.world_size, decisions),
         lr_scaling=request.lr_scaling,
         predicted_peak_bytes=decisions.add("predicted_peak_bytes", peak.peak_bytes, peak.describe()),
@@ -432,7 +443,19 @@ def _nccl_timeout(tier: Tier, world: int, decisions) -> int:
     return decisions.add("nccl_timeout_s", tier.nccl_timeout_s, f"tier {tier.name} default")
 
 
+def _optimizer(request: PlanRequest, decisions) -> str:
+    default = DEFAULT_OPTIMIZER[request.mode]
+    if request.optimizer == default:
+        reason = f"the default of mode {request.mode} (the optimizer the tiers were measured with)"
+    else:
+        reason = f"requested (mode {request.mode} defaults to {default})"
+    return decisions.add("optimizer", request.optimizer, f"{reason}; its state is in the memory estimate")
+
+
 def _lr(request: PlanRequest, world: int, decisions) -> float:
+    if request.optimizer in OPTIMIZER_LR:
+        own, reason = OPTIMIZER_LR[request.optimizer]
+        return decisions.add("lr", own, f"{reason}; lr_base and {request.lr_scaling} scaling do not apply")
     factor = {"sqrt": math.sqrt(world), "linear": float(world), "none": 1.0}[request.lr_scaling]
     reason = f"lr_base {request.lr_base:g} x {factor:.3g} ({request.lr_scaling} of {world} data-parallel ranks)"
     return decisions.add("lr", request.lr_base * factor, reason)

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from ..data.stats import DatasetStats
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ATTENTION_BACKENDS, BASE_STORAGES, LR_SCALINGS, MODES, OPTIMIZERS
+from ..vocabulary import (
+    ATTENTION_BACKENDS,
+    BASE_STORAGES,
+    DEFAULT_OPTIMIZER,
+    FULL_MODE_OPTIMIZERS,
+    LR_SCALINGS,
+    MODES,
+    OPTIMIZERS,
+)
 from .memory import GIB
 
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
@@ -40,7 +48,9 @@ class PlanRequest:
     trainable_params: int | None = None
     dataset: DatasetStats | None = None  # the shard set: its largest bucket and caption lengths replace the typed ones
     caption_percentile: float | None = None  # None: plan for the longest caption; 99: for p99, truncating longer ones
-    optimizer: str = "adamw"  # the run's optim.optimizer: its state is priced (memory.OPTIMIZER_STATE_VALUES)
+    #: the run's optim.optimizer, its state priced (memory.OPTIMIZER_STATE_VALUES); None: the mode's default
+    #: (``vocabulary.DEFAULT_OPTIMIZER``), set here so that every estimate prices the optimizer the plan writes
+    optimizer: str | None = None
     nodes: int | None = None  # machines of the job, each with ``world_size`` GPUs; None: the tier's (1 unless it says)
     inter_node_gbps: float | None = None  # GB/s per node's network interface; None: the tier's or network's default
     base_storage: str | None = None  # mode lora: force "bf16" or "fp8" storage of the frozen base (None: planned)
@@ -67,8 +77,7 @@ class PlanRequest:
             raise ValueError(f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {LORA_TARGETS}")
         if not self.lr_base > 0:
             raise ValueError(f"PlanRequest.lr_base must be > 0 (e.g. 1e-4), got {self.lr_base!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"PlanRequest.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        self._check_optimizer()
         if self.lr_scaling not in LR_SCALINGS:
             raise ValueError(f"PlanRequest.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
@@ -102,6 +111,18 @@ class PlanRequest:
             raise ValueError(f"PlanRequest.swap_blocks must be an integer >= 0 or None, got {self.swap_blocks!r}")
         if self.safety_margin is not None and not 0 <= self.safety_margin < 0.5:
             raise ValueError(f"PlanRequest.safety_margin {self.safety_margin!r} must be in [0, 0.5), e.g. 0.08")
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer is None:
+            self.optimizer = DEFAULT_OPTIMIZER[self.mode]
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"PlanRequest.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.mode == "full" and self.optimizer not in FULL_MODE_OPTIMIZERS:
+            raise ValueError(
+                f"PlanRequest.optimizer {self.optimizer!r} cannot train mode 'full': full fine-tuning runs under "
+                f"FSDP2 (also on one GPU), where only {FULL_MODE_OPTIMIZERS} step the sharded parameters; choose "
+                f"{FULL_MODE_OPTIMIZERS[0]!r}, or a LoRA mode for {self.optimizer!r}"
+            )
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
