@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import comfy_bridge, run_history
 from .hardware_node import HardwareProfile
 from .lora_node import LoadTrainedLoRA
+from .model_node import LoadTrainedModel
 from .multinode import MultiNode
 from .pack_node import PackDataset
 from .plan_node import TrainingPlan
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "WhetstoneTrainingPlan": TrainingPlan,
     "WhetstoneTrain": Train,
     "WhetstoneLoadTrainedLoRA": LoadTrainedLoRA,
+    "WhetstoneLoadTrainedModel": LoadTrainedModel,
     "WhetstoneTrainingReport": TrainingReport,
     "WhetstoneMultiNode": MultiNode,
 }
@@ -27,6 +29,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WhetstoneTrainingPlan": "Training Plan (Whetstone)",
     "WhetstoneTrain": "Train (Whetstone)",
     "WhetstoneLoadTrainedLoRA": "Load Trained LoRA (Whetstone)",
+    "WhetstoneLoadTrainedModel": "Load Trained Model (Whetstone)",
     "WhetstoneTrainingReport": "Training Report (Whetstone)",
     "WhetstoneMultiNode": "Multi-Node Run (Whetstone)",
 }

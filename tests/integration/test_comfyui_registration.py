@@ -13,6 +13,7 @@ EXPECTED_NODES = {
     "WhetstoneTrainingPlan",
     "WhetstoneTrain",
     "WhetstoneLoadTrainedLoRA",
+    "WhetstoneLoadTrainedModel",
     "WhetstoneTrainingReport",
 }
 

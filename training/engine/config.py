@@ -252,6 +252,7 @@ class ObjectiveSection:
 class RunSection:
     output_dir: str  # the run folder: events, status, checkpoints
     lora_path: str = ""  # where the ComfyUI-ready LoRA goes; "" → <output_dir>/lora.safetensors
+    model_path: str = ""  # mode 'full': where the fine-tuned transformer goes; "" → <output_dir>/model.safetensors
     steps: int = bounded(100, ge=1, le=10_000_000)
     micro_batch: int = bounded(1, ge=1, le=4096)
     grad_accum: int = bounded(1, ge=1, le=4096)
@@ -287,6 +288,11 @@ class RunSection:
     @property
     def lora_file(self) -> Path:
         return Path(self.lora_path) if self.lora_path else Path(self.output_dir) / "lora.safetensors"
+
+    @property
+    def model_file(self) -> Path:
+        """Full fine-tuning's result: one ComfyUI diffusion-model file (``load_diffusion_model`` / UNETLoader)."""
+        return Path(self.model_path) if self.model_path else Path(self.output_dir) / "model.safetensors"
 
 
 @dataclass(kw_only=True)

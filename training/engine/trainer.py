@@ -39,8 +39,6 @@ from .variant_setup import lora_metadata, prepare_variant
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"  # full fine-tuning's result, in the run folder
-
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm of a step was not finite: the run stops before that step is saved."""
@@ -263,7 +261,8 @@ class Trainer:
                 metadata.update(lora_metadata(self.variant, self.config))
                 save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)
             if self.lora is None and final:
-                save_full_model(model, Path(self.config.run.output_dir) / MODEL_FILE, dist_info=self.dist_info)
+                metadata = {"steps": str(self.step), "seed": str(self.config.run.seed), "mode": self.config.mode}
+                save_full_model(model, self.config.run.model_file, dist_info=self.dist_info, metadata=metadata)
         self.saved_step = self.step
         if not self.config.run.save_state:
             return
@@ -278,16 +277,33 @@ class Trainer:
         )
 
 
-def save_full_model(model: nn.Module, path: Path, *, dist_info: DistInfo, dtype=torch.bfloat16) -> None:
-    """The fine-tuned transformer as a ComfyUI single file in ``dtype`` (rank 0 writes; every rank must call).
+def save_full_model(
+    model: nn.Module, path: Path, *, dist_info: DistInfo, dtype=torch.bfloat16, metadata: dict | None = None
+) -> None:
+    """The fine-tuned transformer as a ComfyUI single file in ``dtype`` (rank 0 writes; every rank must call): the
+    key layout of ComfyUI's diffusion-model loader (unprefixed, fused qkv), which diffusers' ``from_single_file``
+    converts too.
 
     FSDP2 shards are gathered one tensor at a time on the device, so rank 0 holds only the ``dtype`` copy in RAM."""
+    save_full_state(
+        {clean_name(name): tensor for name, tensor in model.state_dict().items()},
+        path,
+        dist_info=dist_info,
+        dtype=dtype,
+        metadata=metadata,
+    )
+
+
+def save_full_state(
+    tensors: dict, path: Path, *, dist_info: DistInfo, dtype=torch.bfloat16, metadata: dict | None = None
+) -> None:
+    """``save_full_model`` for a name -> tensor (or DTensor shard) mapping: the model's, or its EMA's."""
     from torch.distributed.tensor import DTensor
 
     from ..model.weights import save_weights
 
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         if isinstance(tensor, DTensor):
             local = tensor.to_local()
             if local.device != dist_info.device:  # CPU-offloaded shard: gather on the device
@@ -299,7 +315,7 @@ def save_full_model(model: nn.Module, path: Path, *, dist_info: DistInfo, dtype=
         if dist_info.is_main:
             state[name] = tensor.detach().to("cpu", dtype)
     if dist_info.is_main:
-        save_weights(state, path, layout="comfy", metadata={"format": "whetstone.zimage-full"})
+        save_weights(state, path, layout="comfy", metadata={"format": "whetstone.zimage-full", **(metadata or {})})
         logger.info("saved the fine-tuned transformer (%s) to %s", dtype, path)
 
 
@@ -407,6 +423,7 @@ def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: 
         "world_size": dist_info.world_size,
         "device": str(dist_info.device),
         "lora_file": str(config.run.lora_file) if trainer.lora is not None else None,
+        "model_file": str(config.run.model_file) if trainer.lora is None else None,
         "wall_s": wall_s,
         "peak_mem_gb": peak_memory_gb(dist_info.device),
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
