@@ -54,6 +54,11 @@ WIDGETS = {
         "Optimizer; the plan prices its state. auto: the mode's default, AdamW (full fine-tuning runs only AdamW). "
         "prodigy and adafactor set their own learning rate; adamw8bit is warned against on Base.",
     ),
+    "ema": Choice(
+        ("off", "auto", "device", "cpu"),
+        "Keep an EMA (float32 running average) of the trained weights, saved beside the result as <name>_ema: on "
+        "the GPU (priced in the plan), in host RAM, or auto (the GPU when it costs no batch or checkpointing).",
+    ),
     "free_comfyui_memory": Toggle(
         True, "With measured hardware: unload ComfyUI's models and measure free GPU memory again before planning."
     ),
@@ -114,6 +119,7 @@ class TrainingPlan:
             dataset=None if dataset is None else read_dataset_stats(self._dataset_dir(dataset)),
             caption_percentile=CAPTION_LENGTHS[values["caption_length"]],
             optimizer=None if values["optimizer"] == AUTO_OPTIMIZER else values["optimizer"],
+            ema=values["ema"],
         )
         training_plan = make_plan(request, profile, tier)
         logger.info("%s", training_plan.table())

@@ -51,6 +51,19 @@ WIDGETS = {
 FINE_TUNES_SUBFOLDER = "whetstone"  # diffusion_models/whetstone/<run_name>.safetensors: never a base model's name
 
 
+#: Optional inputs (prompts written before them stay valid): the EMA the plan placed (Training Plan's ema).
+EMA_WIDGETS = {
+    "ema_decay": Float(
+        0.999,
+        0.5,
+        0.9999,
+        "EMA decay per step (with ema on in the plan): 0.999 averages about the last 1000 steps.",
+        0.0001,
+    ),
+    "ema_start_step": Int(0, 0, 1_000_000, "The EMA equals the trained weights until this step, then averages."),
+}
+
+
 def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_path: Path, values: dict, run=None):
     """The engine's TrainConfig: the plan's decisions (``TrainConfig.from_plan``) and the node's settings, after the
     plan is checked against the shard set (a bucket or caption it did not count refuses, with the numbers)."""
@@ -69,6 +82,7 @@ def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_
         model={"weights": str(model_path), **values.get("variant", {})},
         data={"shards": str(dataset_dir), "caption_dropout": values["caption_dropout"]},
         optim={"warmup_steps": values["warmup_steps"], "schedule": values["schedule"]},
+        ema={"decay": values["ema_decay"], "start_step": values["ema_start_step"]},
     )
 
 
@@ -207,6 +221,7 @@ class Train:
                     MACHINES_TYPE,
                     {"tooltip": "From Multi-Node Run: train on several machines (none: this one)."},
                 ),
+                **{name: widget.declare() for name, widget in EMA_WIDGETS.items()},
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -223,6 +238,11 @@ class Train:
     def train(self, plan, dataset, model_name, unique_id=None, **settings):
         several = settings.pop("machines", None)  # from Multi-Node Run (optional)
         values = check_all(WIDGETS, settings) | {"variant": variant_inputs.model_settings(settings)}
+        ema = {name: widget.default for name, widget in EMA_WIDGETS.items()} | {
+            name: settings.pop(name) for name in EMA_WIDGETS if name in settings
+        }
+        values = check_all(WIDGETS, settings) | check_all(EMA_WIDGETS, ema)
+        values["variant"] = variant_inputs.model_settings(settings)
         run_name = paths.check_name(values["run_name"], "run_name")
         run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
         lora_path = paths.new_child(paths.lora_roots(), f"{run_name}.safetensors", "run_name")
@@ -270,6 +290,8 @@ class Train:
             model_name=tuned_name,
         )
         result_line = f"model: {tuned_path}" if tuned_path is not None else f"LoRA: {lora_path}"
+        if summary.get("ema_file"):
+            result_line += f"\nEMA of the weights: {summary['ema_file']}"
         report = f"{ended}\nrun folder: {run_dir}\n{result_line}"
         if machines is not None:
             report += f"\nnodes: {machines.nodes} (the others' commands: {run_dir / multinode.OTHER_NODES_FILE})"

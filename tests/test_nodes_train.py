@@ -285,3 +285,23 @@ def test_a_fine_tune_never_overwrites_the_model_it_trains(comfy):
     base.write_bytes((comfy.folders["diffusion_models"] / "tiny.safetensors").read_bytes())
     with pytest.raises(ValueError, match="would write the fine-tune over the model it trains"):
         train_node.fine_tune_path("ft", base)
+
+
+def test_an_ema_planned_in_the_plan_node_is_saved_beside_the_lora(comfy):
+    make_images(comfy.folders["input"] / "photos", count=2)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="set", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
+    plan_settings = defaults(plan_node.WIDGETS, tier="cpu", resolution=256, lora_rank=4, target_batch=1, ema="auto")
+    plan = plan_node.TrainingPlan().plan("tiny.safetensors", **plan_settings)["result"][0]
+    assert plan.ema == "device"  # the CPU tier: the training process's memory, priced
+    settings = defaults(train_node.WIDGETS, run_name="avg", steps=2, save_every=0, caption_dropout=0.0)
+    output = train_node.Train().train(plan, dataset, "tiny.safetensors", ema_decay=0.9, **settings)
+    run, name, report = output["result"]
+    assert run.state == "completed", report
+    assert (comfy.folders["loras"] / "avg_ema.safetensors").is_file() and "avg_ema.safetensors" in report
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["ema"] == {"placement": "device", "decay": 0.9, "start_step": 0}
+    with pytest.raises(ValueError, match=r"ema_decay=2.0 is outside"):
+        train_node.Train().train(plan, dataset, "tiny.safetensors", ema_decay=2.0, **settings)

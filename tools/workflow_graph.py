@@ -45,6 +45,8 @@ class Job:
     resolution: int = 1024
     learning_rate: float = 1e-4
     optimizer: str = "auto"  # the Training Plan node's choice ("auto": the mode's default)
+    ema: str = "off"  # the Training Plan node's EMA placement
+    ema_decay: float = 0.999
     caption_tokens: int = 128
     samples_seen: int = 8000  # steps = samples_seen / global batch, at least min_steps
     min_steps: int = 250
@@ -271,6 +273,7 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
     plan_widgets = [job.model, tier_name, job.mode, job.lora_rank, job.lora_targets, job.resolution, target_batch]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
     train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
+    train_widgets += [job.ema_decay, 0]  # the optional EMA inputs: decay, start step
     lines = plan_text.split("\n")
     plan_width = max(460, text_panel_width(max(map(len, lines))))
     report_panel = text_panel_height(REPORT_LINES)
@@ -285,15 +288,15 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
         ),
         "plan": g.node(
             "WhetstoneTrainingPlan",
-            (plan_width, node_height(2, 12, text_panel_height(len(lines)))),
-            [*plan_widgets, job.learning_rate, job.caption_tokens, "longest", job.optimizer, True],
+            (plan_width, node_height(2, 13, text_panel_height(len(lines)))),
+            [*plan_widgets, job.learning_rate, job.caption_tokens, "longest", job.optimizer, job.ema, True],
             inputs=[("hardware", "WHETSTONE_HARDWARE"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("plan", "WHETSTONE_PLAN"), ("table", "STRING")],
             ours=True,
         ),
         "train": g.node(
             "WhetstoneTrain",
-            (460, node_height(3, 9, CHART_HEIGHT + report_panel)),
+            (460, node_height(3, 11, CHART_HEIGHT + report_panel)),
             train_widgets,
             inputs=[("plan", "WHETSTONE_PLAN"), ("dataset", "WHETSTONE_DATASET")],
             outputs=[("run", "WHETSTONE_RUN"), ("lora_name", "STRING"), ("report", "STRING")],

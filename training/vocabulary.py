@@ -34,6 +34,9 @@ LossWeighting = Literal["none", "sigma_sqrt", "cosmap", "logit_normal"]
 DEFAULT_OPTIMIZER: dict[str, str] = {"lora": "adamw", "qlora": "adamw", "full": "adamw"}
 FULL_MODE_OPTIMIZERS: tuple[str, ...] = ("adamw",)
 
+#: Where the EMA of the trained weights lives (fp32): "off", on the training "device", or in host RAM ("cpu").
+EmaPlacement = Literal["off", "device", "cpu"]
+
 MODES: tuple[str, ...] = get_args(Mode)
 PARALLELISMS: tuple[str, ...] = get_args(Parallelism)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
@@ -48,4 +51,5 @@ SHIFTED_SAMPLERS: tuple[str, ...] = ("shifted_uniform", "shifted_logit_normal")
 SHIFT_RULES: tuple[str, ...] = get_args(ShiftRule)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 BASE_STORAGES: tuple[str, ...] = get_args(BaseStorage)
+EMA_PLACEMENTS: tuple[str, ...] = get_args(EmaPlacement)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")

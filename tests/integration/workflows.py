@@ -37,6 +37,7 @@ def plan_node(model: str, **overrides) -> dict:
         "caption_tokens": 32,
         "caption_length": "longest",
         "optimizer": "auto",
+        "ema": "off",
         "free_comfyui_memory": False,
     }
     return {"class_type": "WhetstoneTrainingPlan", "inputs": {**inputs, **overrides}}

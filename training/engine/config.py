@@ -21,6 +21,7 @@ from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS
 from ..vocabulary import (
     ATTENTION_BACKENDS,
     CAPTION_OVERFLOWS,
+    EMA_PLACEMENTS,
     LORA_MODES,
     LOSS_WEIGHTINGS,
     MODEL_VARIANT_CHOICES,
@@ -216,6 +217,24 @@ class OptimSection:
 
 
 @dataclass(kw_only=True)
+class EmaSection:
+    """EMA of the trained weights (``training.engine.ema``), saved beside the result as ``<name>_ema.safetensors``.
+    ``placement`` (the plan decides it: the shadow is priced) "off", "device" or "cpu"; ``start_step``: until this
+    optimizer step the EMA equals the weights."""
+
+    placement: str = "off"
+    decay: float = bounded(0.999, gt=0, lt=1)
+    start_step: int = bounded(0, ge=0, le=10_000_000)
+
+    def __post_init__(self):
+        _validate(self, "ema")
+        _require(
+            self.placement in EMA_PLACEMENTS,
+            f"ema.placement must be one of {EMA_PLACEMENTS}, got {self.placement!r}",
+        )
+
+
+@dataclass(kw_only=True)
 class ObjectiveSection:
     """σ sampling and loss weighting (``training.engine.objective``; docs/training.md justifies the defaults)."""
 
@@ -318,6 +337,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    ema: EmaSection = field(default_factory=EmaSection)
     plan: dict[str, Any] | None = None  # the TrainingPlan that chose micro-batch, depth, ...: kept for the record
 
     def __post_init__(self):
@@ -330,6 +350,11 @@ class TrainConfig:
         _check_parallel(self)
         check_variant_config(self)
         _check_small_card_levers(self)
+        _require(
+            not (self.ema.placement != "off" and self.optim.optimizer == "schedulefree_adamw"),
+            "ema.placement with optim.optimizer 'schedulefree_adamw': schedule-free AdamW already saves an average of "
+            "the weights; set ema.placement to 'off' or choose another optimizer",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -345,7 +370,7 @@ class TrainConfig:
         the plan decides is an error naming it: the plan is the contract, not a default."""
         decided = plan_values(plan)
         for section, given in sections.items():
-            if section not in PLAN_DECIDES and section not in ("objective",):
+            if section not in PLAN_DECIDES and section not in ("objective", "ema"):
                 raise ValueError(f"TrainConfig.from_plan: unknown section {section!r}; use {sorted(PLAN_DECIDES)}")
             clash = sorted(set(given) & set(PLAN_DECIDES.get(section, ())))
             if clash:
@@ -390,6 +415,7 @@ PLAN_DECIDES: dict[str, tuple[str, ...]] = {
     "data": ("max_caption_tokens", "caption_overflow"),
     "optim": ("lr", "optimizer"),
     "parallel": ("strategy",),
+    "ema": ("placement",),
 }
 
 
@@ -411,6 +437,7 @@ def plan_values(plan) -> dict[str, dict[str, Any]]:
         "data": {"max_caption_tokens": plan.caption_tokens, "caption_overflow": plan.caption_overflow},
         "optim": {"lr": plan.lr, "optimizer": plan.optimizer},
         "parallel": {"strategy": plan.parallelism},
+        "ema": {"placement": plan.ema},
     }
     return values
 

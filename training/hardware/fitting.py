@@ -85,6 +85,7 @@ def estimate(
         optimizer=request.optimizer,
         base_storage=setting.base_storage,
         swap_blocks=setting.swap_blocks,
+        ema_on_device=request.ema == "device",
     )
 
 

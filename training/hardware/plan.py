@@ -91,6 +91,7 @@ class TrainingPlan:
     swap_blocks: int = 0  # main blocks streamed from pinned host memory (block swap), always checkpointed
     swap_bytes_per_step: int = 0  # host-to-device bytes block swap copies per optimizer step (predicted)
     optimizer: str = "adamw"  # optim.optimizer, its state priced in predicted_peak_bytes (plans before it: AdamW)
+    ema: str = "off"  # ema.placement: the fp32 EMA of the trained weights "off", on the "device" (priced) or "cpu"
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
@@ -244,6 +245,8 @@ def _make_plan(
     request: PlanRequest, profile: HardwareProfile, tier: Tier | None, memory_model: MemoryModel | None
 ) -> TrainingPlan:
     memory_model = memory_model or MemoryModel(model=request.model)
+    if request.ema == "auto":
+        return _place_ema(request, profile, tier, memory_model)
     decisions = _Decisions()
     if tier is None:
         tier, reason = nearest_tier(profile)
@@ -283,6 +286,7 @@ def _make_plan(
         attention_backend=setting.attention_backend,
         nccl_timeout_s=_nccl_timeout(tier, setting.world_size, decisions),
         optimizer=_optimizer(request, decisions),
+        ema=_ema(request, memory_model, decisions),
         lr=_lr(request, setting.world_size, decisions),
         lr_scaling=request.lr_scaling,
         predicted_peak_bytes=decisions.add("predicted_peak_bytes", peak.peak_bytes, peak.describe()),
@@ -441,6 +445,45 @@ def _nccl_timeout(tier: Tier, world: int, decisions) -> int:
     if world >= 8 and tier.nccl_timeout_s < EIGHT_RANK_NCCL_TIMEOUT_S:
         return decisions.add("nccl_timeout_s", EIGHT_RANK_NCCL_TIMEOUT_S, "8+ ranks: checkpoint saves stall longer")
     return decisions.add("nccl_timeout_s", tier.nccl_timeout_s, f"tier {tier.name} default")
+
+
+def _place_ema(request: PlanRequest, profile, tier, memory_model) -> TrainingPlan:
+    """ema 'auto': on the GPU when training keeps its micro-batch and checkpoint depth with it there (no copy per
+    step), else in host RAM."""
+    host = make_plan(dataclasses.replace(request, ema="cpu"), profile, tier, memory_model)
+    if request.fsdp_cpu_offload:
+        return _with_reason(host, "ema", "auto: the offloaded weights are in host RAM, and so is their EMA")
+    try:
+        on_device = make_plan(dataclasses.replace(request, ema="device"), profile, tier, memory_model)
+    except PlanRefused:
+        on_device = None
+    if on_device is not None and (on_device.micro_batch, on_device.checkpoint_depth) == (
+        host.micro_batch,
+        host.checkpoint_depth,
+    ):
+        where = "the GPU" if profile.gpus else "the training process's memory"
+        return _with_reason(on_device, "ema", f"auto: fits on {where} without changing the batch or checkpointing")
+    return _with_reason(
+        host, "ema", "auto: on the GPU it would cost batch or checkpointing; kept in host RAM (copied each step)"
+    )
+
+
+def _with_reason(plan: TrainingPlan, name: str, reason: str) -> TrainingPlan:
+    logger.info("plan: %s = %s (%s)", name, getattr(plan, name), reason)
+    plan.decisions = [(n, v, reason if n == name else r) for n, v, r in plan.decisions]
+    return plan
+
+
+def _ema(request: PlanRequest, memory_model: MemoryModel, decisions) -> str:
+    if request.ema == "off":
+        return decisions.add("ema", "off", "not requested")
+    count = memory_model.trainable_count(
+        request.mode, request.lora_rank, request.lora_targets, request.trainable_params
+    )
+    size = f"{count * 4 / GIB:.2f} GiB of float32 for {count:,} trained weights"
+    if request.ema == "cpu":
+        return decisions.add("ema", "cpu", f"requested in host RAM: {size}, not in the GPU estimate")
+    return decisions.add("ema", "device", f"requested on the training device: {size}, in the estimate")
 
 
 def _optimizer(request: PlanRequest, decisions) -> str:

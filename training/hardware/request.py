@@ -19,6 +19,7 @@ from ..vocabulary import (
 from .memory import GIB
 
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
+EMA_REQUESTS = ("off", "auto", "device", "cpu")
 
 
 @dataclass(kw_only=True)
@@ -55,6 +56,9 @@ class PlanRequest:
     inter_node_gbps: float | None = None  # GB/s per node's network interface; None: the tier's or network's default
     base_storage: str | None = None  # mode lora: force "bf16" or "fp8" storage of the frozen base (None: planned)
     swap_blocks: int | None = None  # mode lora: force the number of main blocks swapped from host memory
+    #: an fp32 EMA of the trained weights: "off", on the GPU ("device"), in host RAM ("cpu"), or "auto" (the GPU
+    #: when the plan fits with it there, else host RAM: the plan decides and says why)
+    ema: str = "off"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +82,13 @@ class PlanRequest:
         if not self.lr_base > 0:
             raise ValueError(f"PlanRequest.lr_base must be > 0 (e.g. 1e-4), got {self.lr_base!r}")
         self._check_optimizer()
+        if self.ema not in EMA_REQUESTS:
+            raise ValueError(f"PlanRequest.ema {self.ema!r} is not one of {EMA_REQUESTS}")
+        if self.ema == "device" and self.fsdp_cpu_offload:
+            raise ValueError(
+                "PlanRequest.ema 'device' with fsdp_cpu_offload: the offloaded weights live in host RAM, so does "
+                "their EMA; use ema 'cpu' or 'auto'"
+            )
         if self.lr_scaling not in LR_SCALINGS:
             raise ValueError(f"PlanRequest.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
