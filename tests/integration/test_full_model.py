@@ -17,7 +17,7 @@ from integration.model_fixtures import DIT_FILE, dit_folder
 from PIL import Image
 
 from training.engine.distributed import DistInfo
-from training.engine.trainer import save_full_model
+from training.engine.results import save_full_model
 from training.model.weights import load_transformer
 
 pytestmark = pytest.mark.comfyui

@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from ..vocabulary import CAPTION_OVERFLOWS, DEFAULT_OPTIMIZER, LR_SCALINGS, OPTIMIZERS
+from ..vocabulary import CAPTION_OVERFLOWS, LR_SCALINGS, OPTIMIZERS
 from .dataset_fit import fit_request_to_dataset
 from .discovery import HardwareProfile
 from .fitting import (
@@ -28,6 +28,7 @@ from .levers import choose_levers
 from .memory import GIB, MemoryModel, image_tokens_for, padded
 from .network import job_nodes, plan_network
 from .offload import swap_bytes_per_micro_step
+from .plan_choices import OPTIMIZER_LR, ema_decision, optimizer_decision, place_ema
 from .request import PlanRefused, PlanRequest
 from .tiers import Tier, load_tiers, nearest_tier, simulated_profile
 
@@ -45,13 +46,6 @@ EIGHT_RANK_NCCL_TIMEOUT_S = 3600
 RECOMPUTE_SHARE = 1 / 3  # a checkpointed block runs its forward twice: +1/3 of forward+backward
 SMALL_BATCH_PENALTY = 0.3
 EFFICIENT_TOKENS = 4096  # tokens per matmul from which an H100-class GPU is busy
-#: Optimizers whose lr is not a step size the data-parallel scaling applies to: Prodigy estimates the step itself
-#: (lr multiplies it, 1.0 its authors' value); Adafactor's step is relative to each parameter's RMS and lr caps it
-#: (torch's default 1e-2). The plan uses these and says so.
-OPTIMIZER_LR: dict[str, tuple[float, str]] = {
-    "prodigy": (1.0, "Prodigy estimates its own step size; lr multiplies it (1.0, its authors' value)"),
-    "adafactor": (1e-2, "Adafactor's step is relative to each weight's RMS; lr caps it (1e-2, torch's default)"),
-}
 
 
 @dataclass(kw_only=True)
@@ -285,8 +279,8 @@ def _make_plan(
         compile=setting.compiled,
         attention_backend=setting.attention_backend,
         nccl_timeout_s=_nccl_timeout(tier, setting.world_size, decisions),
-        optimizer=_optimizer(request, decisions),
-        ema=_ema(request, memory_model, decisions),
+        optimizer=optimizer_decision(request, decisions),
+        ema=ema_decision(request, memory_model, decisions),
         lr=_lr(request, setting.world_size, decisions),
         lr_scaling=request.lr_scaling,
         predicted_peak_bytes=decisions.add("predicted_peak_bytes", peak.peak_bytes, peak.describe()),
@@ -448,51 +442,7 @@ def _nccl_timeout(tier: Tier, world: int, decisions) -> int:
 
 
 def _place_ema(request: PlanRequest, profile, tier, memory_model) -> TrainingPlan:
-    """ema 'auto': on the GPU when training keeps its micro-batch and checkpoint depth with it there (no copy per
-    step), else in host RAM."""
-    host = make_plan(dataclasses.replace(request, ema="cpu"), profile, tier, memory_model)
-    if request.fsdp_cpu_offload:
-        return _with_reason(host, "ema", "auto: the offloaded weights are in host RAM, and so is their EMA")
-    try:
-        on_device = make_plan(dataclasses.replace(request, ema="device"), profile, tier, memory_model)
-    except PlanRefused:
-        on_device = None
-    if on_device is not None and (on_device.micro_batch, on_device.checkpoint_depth) == (
-        host.micro_batch,
-        host.checkpoint_depth,
-    ):
-        where = "the GPU" if profile.gpus else "the training process's memory"
-        return _with_reason(on_device, "ema", f"auto: fits on {where} without changing the batch or checkpointing")
-    return _with_reason(
-        host, "ema", "auto: on the GPU it would cost batch or checkpointing; kept in host RAM (copied each step)"
-    )
-
-
-def _with_reason(plan: TrainingPlan, name: str, reason: str) -> TrainingPlan:
-    logger.info("plan: %s = %s (%s)", name, getattr(plan, name), reason)
-    plan.decisions = [(n, v, reason if n == name else r) for n, v, r in plan.decisions]
-    return plan
-
-
-def _ema(request: PlanRequest, memory_model: MemoryModel, decisions) -> str:
-    if request.ema == "off":
-        return decisions.add("ema", "off", "not requested")
-    count = memory_model.trainable_count(
-        request.mode, request.lora_rank, request.lora_targets, request.trainable_params
-    )
-    size = f"{count * 4 / GIB:.2f} GiB of float32 for {count:,} trained weights"
-    if request.ema == "cpu":
-        return decisions.add("ema", "cpu", f"requested in host RAM: {size}, not in the GPU estimate")
-    return decisions.add("ema", "device", f"requested on the training device: {size}, in the estimate")
-
-
-def _optimizer(request: PlanRequest, decisions) -> str:
-    default = DEFAULT_OPTIMIZER[request.mode]
-    if request.optimizer == default:
-        reason = f"the default of mode {request.mode} (the optimizer the tiers were measured with)"
-    else:
-        reason = f"requested (mode {request.mode} defaults to {default})"
-    return decisions.add("optimizer", request.optimizer, f"{reason}; its state is in the memory estimate")
+    return place_ema(request, lambda changed: make_plan(changed, profile, tier, memory_model), bool(profile.gpus))
 
 
 def _lr(request: PlanRequest, world: int, decisions) -> float:
