@@ -348,7 +348,7 @@ def _sampling_nodes(g: Graph, tier_name: str, job: Job, run_name: str) -> dict[s
             "lora": g.node(
                 "WhetstoneLoadTrainedLoRA",
                 (420, lora_height),
-                [f"{run_name}.safetensors", 1.0],
+                [f"{run_name}.safetensors", 1.0, "auto"],
                 inputs=[("model", "MODEL"), ("run", "WHETSTONE_RUN")],
                 outputs=[("model", "MODEL"), ("report", "STRING")],
                 ours=True,
