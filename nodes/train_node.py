@@ -82,7 +82,7 @@ def build_config(plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_
         model={"weights": str(model_path), **values.get("variant", {})},
         data={"shards": str(dataset_dir), "caption_dropout": values["caption_dropout"]},
         optim={"warmup_steps": values["warmup_steps"], "schedule": values["schedule"]},
-        ema={"decay": values["ema_decay"], "start_step": values["ema_start_step"]},
+        ema={key: values.get(f"ema_{key}", EMA_WIDGETS[f"ema_{key}"].default) for key in ("decay", "start_step")},
     )
 
 
