@@ -294,6 +294,8 @@ def test_note_shows_the_plan_the_planner_makes(path):
         "checkpoint depth": f"{plan.checkpoint_depth} of {config.n_layers} blocks",
         "frozen base": {"bf16": "bf16", "fp8": "FP8 (e4m3, upcast per layer)"}[plan.base_storage]
         if plan.mode == "lora"
+        else "trains (fp32 master)"
+        if plan.mode == "full"
         else "NF4",
         "block swap": "off"
         if not plan.swap_blocks
