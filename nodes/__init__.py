@@ -8,6 +8,7 @@ import logging
 from . import comfy_bridge, jobs_api, run_history
 from .hardware_node import HardwareProfile
 from .lora_node import LoadTrainedLoRA
+from .model_node import LoadTrainedModel
 from .multinode import MultiNode
 from .pack_node import PackDataset
 from .plan_node import TrainingPlan
@@ -24,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "WhetstoneTrainingPlan": TrainingPlan,
     "WhetstoneTrain": Train,
     "WhetstoneLoadTrainedLoRA": LoadTrainedLoRA,
+    "WhetstoneLoadTrainedModel": LoadTrainedModel,
     "WhetstoneTrainingReport": TrainingReport,
     "WhetstoneMultiNode": MultiNode,
     "WhetstonePreviewSettings": PreviewSettings,
@@ -36,6 +38,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WhetstoneTrainingPlan": "Training Plan (Whetstone)",
     "WhetstoneTrain": "Train (Whetstone)",
     "WhetstoneLoadTrainedLoRA": "Load Trained LoRA (Whetstone)",
+    "WhetstoneLoadTrainedModel": "Load Trained Model (Whetstone)",
     "WhetstoneTrainingReport": "Training Report (Whetstone)",
     "WhetstoneMultiNode": "Multi-Node Run (Whetstone)",
     "WhetstonePreviewSettings": "Preview Settings (Whetstone)",

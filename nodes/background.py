@@ -56,9 +56,9 @@ def gpu_request(plan, gpu_ids: tuple[int, ...] | None) -> int:
     return count
 
 
-def submit(process, save_files: Callable[[], None], plan, chosen: BackgroundOptions, lora_path) -> dict:
+def submit(process, save_files: Callable[[], None], plan, chosen: BackgroundOptions, lora_path, tuned=(None, None)):
     """Write the run's files (config...) while the folder is claimed, hand the run to the scheduler; the node's
-    output at once."""
+    output at once. ``tuned``: a full fine-tune's (model path, name in diffusion_models), else (None, None)."""
     run_dir = process.run_dir
     try:
         count = gpu_request(plan, chosen.gpu_ids)
@@ -71,10 +71,20 @@ def submit(process, save_files: Callable[[], None], plan, chosen: BackgroundOpti
     )
     state = "queued" if not record.launched else "starting"
     where = f"GPUs {list(record.assigned)}" if record.assigned else ("the CPU" if not count else "GPUs when free")
+    model_path, model_name = tuned
+    result = f"model (when saved): {model_path}" if model_path is not None else f"LoRA (when saved): {lora_path}"
     report = (
         f"background job {run_dir.name}: {state} on {where}; follow it in the Whetstone jobs panel\n"
-        f"run folder: {run_dir}\nLoRA (when saved): {lora_path}"
+        f"run folder: {run_dir}\n{result}"
     )
     logger.info("%s", report.splitlines()[0])
-    run = RunRef(run_dir=run_dir, lora_path=lora_path, lora_name=lora_path.name, state=state, summary={})
-    return {"ui": {"text": [report]}, "result": (run, lora_path.name, report)}
+    run = RunRef(
+        run_dir=run_dir,
+        lora_path=lora_path,
+        lora_name=lora_path.name,
+        state=state,
+        summary={},
+        model_path=model_path,
+        model_name=model_name,
+    )
+    return {"ui": {"text": [report]}, "result": (run, model_name or lora_path.name, report)}

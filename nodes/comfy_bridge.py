@@ -221,3 +221,18 @@ def patch_model_with_lora(model, lora_state_dict: dict, key_map: dict, strength:
     patched = model.clone()
     applied = patched.add_patches(patches, strength)
     return patched, len(patches), len(applied)
+
+
+def load_diffusion_model(path: Path):
+    """ComfyUI's own diffusion-model loader (UNETLoader's): returns (ModelPatcher, missing keys, unexpected keys),
+    the keys compared as ``load_state_dict(strict=False)`` inside it compares them (it only logs them)."""
+    import comfy.sd
+    from safetensors import safe_open
+
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    if patcher is None:
+        raise ValueError(f"ComfyUI does not recognise {path} as a diffusion model")
+    with safe_open(str(path), framework="pt") as handle:  # the header's names only
+        file_keys = set(handle.keys())
+    model_keys = set(patcher.model.diffusion_model.state_dict())
+    return patcher, sorted(model_keys - file_keys), sorted(file_keys - model_keys)

@@ -134,3 +134,9 @@ def run_roots() -> AllowedRoots:
 
 def lora_roots() -> AllowedRoots:
     return AllowedRoots(comfy_bridge.LORAS_FOLDER, tuple(comfy_bridge.folder_roots(comfy_bridge.LORAS_FOLDER)))
+
+
+def diffusion_model_roots() -> AllowedRoots:
+    return AllowedRoots(
+        comfy_bridge.DIFFUSION_MODELS_FOLDER, tuple(comfy_bridge.folder_roots(comfy_bridge.DIFFUSION_MODELS_FOLDER))
+    )

@@ -13,7 +13,7 @@ from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profil
 from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
 from ..training.run.jobs import JobStore, held_gpus, subset_profile
-from ..training.vocabulary import ADAPTER_TYPES, MODES
+from ..training.vocabulary import ADAPTER_TYPES, MODES, OPTIMIZERS
 from . import comfy_bridge, paths
 from .validation import Choice, Float, Int, Toggle, check_all
 from .values import DATASET_TYPE, HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 MEASURED = "measured (hardware input)"
 CAPTION_LENGTHS = {"longest": None, "p99": 99, "p95": 95, "p90": 90}
+AUTO_OPTIMIZER = "auto"
 
 
 def tier_names() -> tuple[str, ...]:
@@ -53,6 +54,16 @@ WIDGETS = {
         tuple(CAPTION_LENGTHS),
         "Plan for the longest encoded caption (a longer one refuses the run), or for a percentile of the dataset's "
         "caption lengths: longer captions are then truncated to it, saving memory.",
+    ),
+    "optimizer": Choice(
+        (AUTO_OPTIMIZER, *OPTIMIZERS),
+        "Optimizer; the plan prices its state. auto: the mode's default, AdamW (full fine-tuning runs only AdamW). "
+        "prodigy and adafactor set their own learning rate; adamw8bit is warned against on Base.",
+    ),
+    "ema": Choice(
+        ("off", "auto", "device", "cpu"),
+        "Keep an EMA (float32 running average) of the trained weights, saved beside the result as <name>_ema: on "
+        "the GPU (priced in the plan), in host RAM, or auto (the GPU when it costs no batch or checkpointing).",
     ),
     "free_comfyui_memory": Toggle(
         True, "With measured hardware: unload ComfyUI's models and measure free GPU memory again before planning."
@@ -132,6 +143,8 @@ class TrainingPlan:
             model=model_config,
             dataset=None if dataset is None else read_dataset_stats(self._dataset_dir(dataset)),
             caption_percentile=CAPTION_LENGTHS[values["caption_length"]],
+            optimizer=None if values["optimizer"] == AUTO_OPTIMIZER else values["optimizer"],
+            ema=values["ema"],
         )
         training_plan = make_plan(request, profile, tier)
         logger.info("%s", training_plan.table())

@@ -49,8 +49,31 @@ WIDGETS = {
 }
 
 
+FINE_TUNES_SUBFOLDER = "whetstone"  # diffusion_models/whetstone/<run_name>.safetensors: never a base model's name
+
+
+#: Optional inputs (prompts written before them stay valid): the EMA the plan placed (Training Plan's ema).
+EMA_WIDGETS = {
+    "ema_decay": Float(
+        0.999,
+        0.5,
+        0.9999,
+        "EMA decay per step (with ema on in the plan): 0.999 averages about the last 1000 steps.",
+        0.0001,
+    ),
+    "ema_start_step": Int(0, 0, 1_000_000, "The EMA equals the trained weights until this step, then averages."),
+}
+
+
 def build_config(
-    plan, dataset_dir: Path, model_path: Path, run_dir: Path, lora_path: Path, values: dict, preview: dict | None = None
+    plan,
+    dataset_dir: Path,
+    model_path: Path,
+    run_dir: Path,
+    lora_path: Path,
+    values: dict,
+    preview: dict | None = None,
+    run: dict | None = None,
 ):
     """The engine's TrainConfig: the plan's decisions (``TrainConfig.from_plan``) and the node's settings, after the
     plan is checked against the shard set (a bucket or caption it did not count refuses, with the numbers)."""
@@ -64,25 +87,40 @@ def build_config(
             "save_every": values["save_every"],
             "seed": values["seed"],
             "resume": values["resume"],
+            **(run or {}),
         },
         model={"weights": str(model_path), **values.get("variant", {})},
         data={"shards": str(dataset_dir), "caption_dropout": values["caption_dropout"]},
         optim={"warmup_steps": values["warmup_steps"], "schedule": values["schedule"]},
         preview=preview or {},
+        ema={key: values.get(f"ema_{key}", EMA_WIDGETS[f"ema_{key}"].default) for key in ("decay", "start_step")},
     )
 
 
-def finished_text(state: str, message: str, run_name: str, lora_name: str) -> str:
+def finished_text(state: str, message: str, run_name: str, lora_name: str, *, folder: str = "loras") -> str:
     """How a run ended, in words (the engine's message starts with the state): for a stop, what was saved and how
-    to resume."""
+    to resume. ``folder``: where the result is ("diffusion_models" for a full fine-tune's model)."""
+    what = "LoRA" if folder == "loras" else "model"
     if state == "completed":
-        return f"{message}; LoRA {lora_name} saved in loras"
+        return f"{message}; {what} {lora_name} saved in {folder}"
     if state == "stopped":
         return (
-            f"{message}: the LoRA so far ({lora_name}) and a resumable checkpoint are saved; queue again with resume "
+            f"{message}: the {what} so far ({lora_name}) and a resumable checkpoint are saved; queue again with resume "
             f"on and run_name {run_name!r} to continue"
         )
     return f"failed: {message}"
+
+
+def fine_tune_path(run_name: str, base_model: Path) -> tuple[Path, str]:
+    """(file, name in the diffusion_models list) of a full fine-tune's result; refuses to overwrite its base."""
+    folder = paths.new_child(paths.diffusion_model_roots(), FINE_TUNES_SUBFOLDER, "run_name")
+    path = folder / f"{run_name}.safetensors"
+    if path == base_model.resolve():
+        raise ValueError(
+            f"run_name {run_name!r} would write the fine-tune over the model it trains ({base_model}); choose "
+            "another run_name"
+        )
+    return path, f"{FINE_TUNES_SUBFOLDER}/{path.name}"
 
 
 def stopping_text(step: int | None) -> str:
@@ -184,8 +222,8 @@ class Train:
     RETURN_TYPES = (RUN_TYPE, "STRING", "STRING")
     RETURN_NAMES = ("run", "lora_name", "report")
     OUTPUT_TOOLTIPS = (
-        "The finished run, for Load Trained LoRA and Training Report.",
-        "The LoRA's name in ComfyUI's loras list.",
+        "The finished run, for Load Trained LoRA (Load Trained Model for mode full) and Training Report.",
+        "The LoRA's name in ComfyUI's loras list (mode full: the model's name in diffusion_models).",
         "How the run ended: state, steps, final loss, files.",
     )
 
@@ -210,6 +248,7 @@ class Train:
                     {"tooltip": "From Preview Settings: prompts to sample while training, shown in this node."},
                 ),
                 **{name: widget.declare() for name, widget in background.WIDGETS.items()},
+                **{name: widget.declare() for name, widget in EMA_WIDGETS.items()},
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -228,14 +267,20 @@ class Train:
         several = settings.pop("machines", None)  # from Multi-Node Run (optional)
         if options.background and several is not None:
             raise ValueError("background is for runs on this machine: turn it off, or unlink Multi-Node Run")
-        values = check_all(WIDGETS, settings) | {"variant": variant_inputs.model_settings(settings)}
+        ema = {name: widget.default for name, widget in EMA_WIDGETS.items()} | {
+            name: settings.pop(name) for name in EMA_WIDGETS if name in settings
+        }
+        values = check_all(WIDGETS, settings) | check_all(EMA_WIDGETS, ema)
+        values["variant"] = variant_inputs.model_settings(settings)
         run_name = paths.check_name(values["run_name"], "run_name")
         run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
         lora_path = paths.new_child(paths.lora_roots(), f"{run_name}.safetensors", "run_name")
         dataset_dir = paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         preview = previews.preview_section(run_dir, preview_settings.values) if preview_settings else None
-        config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values, preview)
+        tuned_path, tuned_name = fine_tune_path(run_name, model_path) if plan.mode == "full" else (None, None)
+        full = {"model_path": str(tuned_path)} if tuned_path is not None else {}
+        config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values, preview, full)
         run_variant(config)  # Turbo with nothing protecting its distillation: refused here, naming the fixes
         per_node = multinode.gpus_per_node(plan, several)
         machines = multinode.plan_multinode(several, run_dir / CONFIG_FILE, per_node, PACK_ROOT)
@@ -245,7 +290,7 @@ class Train:
         process.claim()  # refuses a folder that a live run holds, before anything in it is written
         if options.background:
             save_files = functools.partial(save_run_files, run_dir, config, preview_settings)
-            return background.submit(process, save_files, plan, options, lora_path)
+            return background.submit(process, save_files, plan, options, lora_path, (tuned_path, tuned_name))
         try:
             comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
             save_run_files(run_dir, config, preview_settings)
@@ -262,7 +307,8 @@ class Train:
             watcher = previews.PreviewWatcher(run_dir, run_name, unique_id, preview_settings.decode)
         interrupted = follow(process, progress, watcher=watcher)
         result = outcome(run_dir, process.wait(STOP_TIMEOUT_SECONDS))
-        ended = finished_text(result.state, result.message, run_name, lora_path.name)
+        result_name, folder = (tuned_name, "diffusion_models") if tuned_name else (lora_path.name, "loras")
+        ended = finished_text(result.state, result.message, run_name, result_name, folder=folder)
         progress.send("end", state=result.state, message=ended)
         if interrupted:
             logger.info("training %s stopped by the user: %s", run_name, result.message)
@@ -271,9 +317,18 @@ class Train:
             raise TrainingFailed(failure_message(run_dir, result))
         summary = read_summary(run_dir) or {}
         run = RunRef(
-            run_dir=run_dir, lora_path=lora_path, lora_name=lora_path.name, state=result.state, summary=summary
+            run_dir=run_dir,
+            lora_path=lora_path,
+            lora_name=lora_path.name,
+            state=result.state,
+            summary=summary,
+            model_path=tuned_path,
+            model_name=tuned_name,
         )
-        report = f"{ended}\nrun folder: {run_dir}\nLoRA: {lora_path}"
+        result_line = f"model: {tuned_path}" if tuned_path is not None else f"LoRA: {lora_path}"
+        if summary.get("ema_file"):
+            result_line += f"\nEMA of the weights: {summary['ema_file']}"
+        report = f"{ended}\nrun folder: {run_dir}\n{result_line}"
         if machines is not None:
             report += f"\nnodes: {machines.nodes} (the others' commands: {run_dir / multinode.OTHER_NODES_FILE})"
-        return {"ui": {"text": [report]}, "result": (run, lora_path.name, report)}
+        return {"ui": {"text": [report]}, "result": (run, result_name, report)}

@@ -44,3 +44,5 @@ class RunRef:
     lora_name: str  # the name in ComfyUI's loras list
     state: str  # "completed" or "stopped"
     summary: dict = field(default_factory=dict)
+    model_path: Path | None = None  # mode 'full': the fine-tuned transformer (in diffusion_models), else None
+    model_name: str | None = None  # its name in ComfyUI's diffusion_models list

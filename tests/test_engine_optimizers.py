@@ -201,3 +201,63 @@ def test_8bit_adamw_is_warned_against_on_base_naming_why(caplog):
     with caplog.at_level("WARNING", logger="training.engine.optim"):
         build_optimizer([param], OptimSection(optimizer="adamw8bit"), device=CPU)
     assert "degrade Z-Image-Base LoRAs" in caplog.text and "ai-toolkit#696" in caplog.text
+
+
+def plan_for(mode: str = "lora", **request):
+    from training.hardware.plan import PlanRequest, make_plan
+    from training.hardware.tiers import load_tiers, simulated_profile
+
+    settings = {"mode": mode, "resolution": 512, "lora_rank": 16, "model": preset("tiny"), "world_size": 1}
+    return make_plan(PlanRequest(**settings | request), simulated_profile(load_tiers()["1x80GB"]))
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_the_plan_writes_each_modes_default_optimizer_with_its_reason(mode):
+    from training.vocabulary import DEFAULT_OPTIMIZER
+
+    plan = plan_for(mode)
+    assert plan.optimizer == DEFAULT_OPTIMIZER[mode] == "adamw"
+    (reason,) = [r for name, value, r in plan.decisions if name == "optimizer"]
+    assert f"the default of mode {mode}" in reason
+    config = TrainConfig.from_plan(plan, run={"output_dir": "run"}, data={"synthetic": True})
+    assert config.optim.optimizer == "adamw" and config.optim.lr == plan.lr
+
+
+def test_a_chosen_optimizer_is_priced_written_and_sets_its_own_lr():
+    adamw, prodigy, adafactor = (plan_for(optimizer=name) for name in ("adamw", "prodigy", "adafactor"))
+    assert (prodigy.optimizer, adafactor.optimizer) == ("prodigy", "adafactor")
+    assert prodigy.memory_breakdown["optimizer"] == 2 * adamw.memory_breakdown["optimizer"]
+    assert adafactor.memory_breakdown["optimizer"] < adamw.memory_breakdown["optimizer"] / 4
+    assert (adamw.lr, prodigy.lr, adafactor.lr) == (1e-4, 1.0, 1e-2)
+    (reason,) = [r for name, value, r in prodigy.decisions if name == "lr"]
+    assert "Prodigy estimates its own step size" in reason and "lr_base" in reason
+    config = TrainConfig.from_plan(prodigy, run={"output_dir": "run"}, data={"synthetic": True})
+    assert (config.optim.optimizer, config.optim.lr) == ("prodigy", 1.0)
+    with pytest.raises(ValueError, match=r"optim.optimizer is decided by the plan"):
+        TrainConfig.from_plan(prodigy, run={"output_dir": "r"}, data={"synthetic": True}, optim={"optimizer": "adamw"})
+
+
+def test_full_fine_tuning_refuses_an_optimizer_fsdp2_cannot_step():
+    with pytest.raises(ValueError, match=r"PlanRequest.optimizer 'prodigy' cannot train mode 'full'.*FSDP2"):
+        plan_for("full", optimizer="prodigy")
+
+
+def test_a_plan_written_before_the_optimizer_field_reads_as_adamw():
+    from training.hardware.plan import TrainingPlan
+
+    data = plan_for().to_dict()
+    assert data.pop("optimizer") == "adamw"
+    assert TrainingPlan.from_dict(data).optimizer == "adamw"
+    assert TrainingPlan.from_dict(plan_for(optimizer="prodigy").to_dict()).optimizer == "prodigy"
+
+
+def test_plan_cli_takes_the_optimizer(capsys):
+    import json
+
+    from training.__main__ import main
+
+    code = main(["plan", "--tier", "1x80GB", "--model", "tiny", "--resolution", "512", "--optimizer", "adafactor",
+                 "--json"])  # fmt: skip
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["optimizer"], plan["lr"]) == ("adafactor", 1e-2)

@@ -17,6 +17,7 @@ EXPECTED_NODES = {
     "WhetstoneTrainingPlan",
     "WhetstoneTrain",
     "WhetstoneLoadTrainedLoRA",
+    "WhetstoneLoadTrainedModel",
     "WhetstoneTrainingReport",
     "WhetstoneMultiNode",
     "WhetstonePreviewSettings",

@@ -58,6 +58,16 @@ def test_plan_for_a_tier_shows_the_table(comfy):
     assert "micro_batch" not in table and "budget_bytes" not in table, "no engine field names"
 
 
+def test_plan_node_chooses_and_writes_the_optimizer(comfy):
+    settings = defaults(plan_node.WIDGETS, tier="1x80GB", resolution=512, lora_rank=16)
+    assert settings["optimizer"] == "auto"
+    assert plan_node.TrainingPlan().plan("tiny.safetensors", **settings)["result"][0].optimizer == "adamw"
+    chosen = plan_node.TrainingPlan().plan("tiny.safetensors", **settings | {"optimizer": "prodigy"})["result"][0]
+    assert (chosen.optimizer, chosen.lr) == ("prodigy", 1.0)
+    with pytest.raises(ValueError, match="cannot train mode 'full'"):
+        plan_node.TrainingPlan().plan("tiny.safetensors", **settings | {"optimizer": "prodigy", "mode": "full"})
+
+
 def test_plan_measured_without_hardware_says_what_to_link(comfy):
     with pytest.raises(ValueError, match="Hardware Profile"):
         plan_node.TrainingPlan().plan("tiny.safetensors", **defaults(plan_node.WIDGETS))
@@ -225,3 +235,73 @@ def test_train_refuses_turbo_without_protection_and_passes_the_variant_to_the_co
         "dedistilled",
         "",
     )
+
+
+def test_full_fine_tune_writes_the_model_into_diffusion_models_and_load_trained_model_takes_the_run(comfy, monkeypatch):
+    """Mode full: the model lands in diffusion_models/whetstone/<run>.safetensors (listed by ComfyUI, never over a
+    base model's name); the run links to Load Trained Model, which refuses a file whose keys do not all fit."""
+    from training.model.weights import read_header
+
+    model_node = pack_module("nodes.model_node")
+    bridge = pack_module("nodes.comfy_bridge")
+    make_images(comfy.folders["input"] / "photos", count=2)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="set", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
+    plan_settings = defaults(plan_node.WIDGETS, tier="cpu", mode="full", resolution=256, target_batch=1)
+    plan = plan_node.TrainingPlan().plan("tiny.safetensors", **plan_settings)["result"][0]
+    settings = defaults(train_node.WIDGETS, run_name="ft", steps=2, save_every=0, caption_dropout=0.0)
+    run, name, report = train_node.Train().train(plan, dataset, "tiny.safetensors", **settings)["result"]
+    assert run.state == "completed", report
+    assert name == run.model_name == "whetstone/ft.safetensors" and name in comfy.list_files("diffusion_models")
+    assert run.model_path == comfy.folders["diffusion_models"] / "whetstone" / "ft.safetensors"
+    assert "model whetstone/ft.safetensors saved in diffusion_models" in report
+    assert not (comfy.folders["loras"] / "ft.safetensors").exists()
+
+    def fake_loader(path):  # ComfyUI's loader builds the tiny model's keys; the real one: tests/integration
+        model_keys = set(ZImageTransformer(PRESETS["tiny"]).state_dict())
+        file_keys = set(read_header(path))
+        return "patcher", sorted(model_keys - file_keys), sorted(file_keys - model_keys)
+
+    monkeypatch.setattr(bridge, "load_diffusion_model", fake_loader)
+    loaded, text = model_node.LoadTrainedModel().load("", run=run)["result"]
+    assert loaded == "patcher" and "0 missing and 0 unexpected keys" in text
+    assert model_node.LoadTrainedModel.VALIDATE_INPUTS(None, {"run": "WHETSTONE_RUN"}) is True
+    assert "not in the diffusion_models folder" in model_node.LoadTrainedModel.VALIDATE_INPUTS("nope", {})
+    save_weights({"stray.weight": torch.zeros(2)}, comfy.folders["diffusion_models"] / "stray.safetensors")
+    with pytest.raises(ValueError, match=r"weight\(s\) missing .* 1 tensor\(s\) unused \(stray.weight\)"):
+        model_node.LoadTrainedModel().load("stray.safetensors")
+    lora_run = pack_module("nodes.values").RunRef(
+        run_dir=run.run_dir, lora_path=run.lora_path, lora_name="x", state="completed"
+    )
+    with pytest.raises(ValueError, match="trained a LoRA, not the full model"):
+        model_node.LoadTrainedModel().load("", run=lora_run)
+
+
+def test_a_fine_tune_never_overwrites_the_model_it_trains(comfy):
+    base = comfy.folders["diffusion_models"] / "whetstone" / "ft.safetensors"
+    base.parent.mkdir()
+    base.write_bytes((comfy.folders["diffusion_models"] / "tiny.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="would write the fine-tune over the model it trains"):
+        train_node.fine_tune_path("ft", base)
+
+
+def test_an_ema_planned_in_the_plan_node_is_saved_beside_the_lora(comfy):
+    make_images(comfy.folders["input"] / "photos", count=2)
+    pack_settings = defaults(
+        pack_node.WIDGETS, image_folder="photos", dataset_name="set", resolution=256, too_small="upscale"
+    )
+    dataset, _ = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), **pack_settings)["result"]
+    plan_settings = defaults(plan_node.WIDGETS, tier="cpu", resolution=256, lora_rank=4, target_batch=1, ema="auto")
+    plan = plan_node.TrainingPlan().plan("tiny.safetensors", **plan_settings)["result"][0]
+    assert plan.ema == "device"  # the CPU tier: the training process's memory, priced
+    settings = defaults(train_node.WIDGETS, run_name="avg", steps=2, save_every=0, caption_dropout=0.0)
+    output = train_node.Train().train(plan, dataset, "tiny.safetensors", ema_decay=0.9, **settings)
+    run, name, report = output["result"]
+    assert run.state == "completed", report
+    assert (comfy.folders["loras"] / "avg_ema.safetensors").is_file() and "avg_ema.safetensors" in report
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["ema"] == {"placement": "device", "decay": 0.9, "start_step": 0}
+    with pytest.raises(ValueError, match=r"ema_decay=2.0 is outside"):
+        train_node.Train().train(plan, dataset, "tiny.safetensors", ema_decay=2.0, **settings)

@@ -20,10 +20,12 @@ import pytest
 from test_nodes_support import REPO_ROOT, load_pack
 
 from tools.make_workflows import (
+    FULL_JOBS,
     TIER_ORDER,
     model_config,
     outputs,
     predicted_images_per_second,
+    templates,
     tier_of_template,
     workflow_path,
 )
@@ -263,7 +265,10 @@ def test_plan_widgets_name_the_tier_and_its_defaults(path):
     assert widgets["target_batch"] == tier.target_global_batch
     model = widgets["model_name"]
     assert widget_map(only(workflow, "WhetstoneTrain"))["model_name"] == model, "train what was planned"
-    assert widget_map(only(workflow, "UNETLoader"))["unet_name"] == model, "sample the model the LoRA was trained on"
+    if widgets["mode"] == "full":  # it samples its own result: no base model, no LoRA
+        assert not nodes_of(workflow, "UNETLoader") and not nodes_of(workflow, "WhetstoneLoadTrainedLoRA")
+    else:
+        assert widget_map(only(workflow, "UNETLoader"))["unet_name"] == model, "sample the model trained on"
     resolution = widgets["resolution"]
     assert widget_map(only(workflow, "WhetstonePackDataset"))["resolution"] == resolution, "pack at the plan's size"
     latent = widget_map(only(workflow, "EmptySD3LatentImage"))
@@ -289,6 +294,8 @@ def test_note_shows_the_plan_the_planner_makes(path):
         "checkpoint depth": f"{plan.checkpoint_depth} of {config.n_layers} blocks",
         "frozen base": {"bf16": "bf16", "fp8": "FP8 (e4m3, upcast per layer)"}[plan.base_storage]
         if plan.mode == "lora"
+        else "trains (fp32 master)"
+        if plan.mode == "full"
         else "NF4",
         "block swap": "off"
         if not plan.swap_blocks
@@ -338,6 +345,23 @@ def test_readme_table_matches_the_planner():
         assert row["predicted peak"] == f"{peak:.1f} GiB of {budget:.1f} GiB"
         speed = predicted_images_per_second(plan, tier_name, config)
         assert row["throughput"] == ("—" if speed is None else f"{speed:.2f} img/s (predicted)"), row
+
+
+def test_full_fine_tune_workflows_plan_fsdp2_and_sample_the_run_through_load_trained_model():
+    assert FULL_JOBS, "a full fine-tune workflow for the tiers that fit it"
+    for tier_name, job in FULL_JOBS.items():
+        workflow = load(workflow_path(tier_name, job))
+        plan, widgets = planned(workflow, tier_name)
+        assert (widgets["mode"], plan.parallelism, plan.world_size) == ("full", "fsdp2", TIERS[tier_name].gpu_count)
+        tuned, train, sampler = (only(workflow, kind) for kind in ("WhetstoneLoadTrainedModel", "WhetstoneTrain",
+                                                                  "KSampler"))  # fmt: skip
+        run_link = next(i["link"] for i in tuned["inputs"] if i["name"] == "run")
+        model_link = next(i["link"] for i in sampler["inputs"] if i["name"] == "model")
+        links = {link[0]: link for link in workflow["links"]}
+        assert (links[run_link][1], links[run_link][2]) == (train["id"], 0), "the run feeds Load Trained Model"
+        assert (links[model_link][1], links[model_link][2]) == (tuned["id"], 0), "the sampler uses the fine-tune"
+        assert widget_map(tuned)["model_name"] == f"whetstone/{widget_map(train)['run_name']}.safetensors"
+        assert "diffusion_models/whetstone/" in only(workflow, "MarkdownNote")["widgets_values"][0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -404,7 +428,8 @@ def test_loaders_declare_the_models_they_need(path):
         assert model["url"].startswith("https://huggingface.co/Comfy-Org/")
         assert model["url"].endswith(f"/resolve/main/split_files/{model['directory']}/{file_name}")
         declared += 1
-    assert declared == (2 if tier_of(path) == "cpu" else 3)
+    full = widget_map(only(workflow, "WhetstoneTrainingPlan"))["mode"] == "full"  # no base model loader
+    assert declared == (2 if tier_of(path) == "cpu" or full else 3)
 
 
 @WORKFLOW_PARAMS
@@ -421,7 +446,8 @@ def test_note_wording(path):
 
 def test_template_names_are_titles_in_tier_order():
     stems = [path.stem for path in workflow_files()]
-    assert [tier_of_template(stem) for stem in stems] == list(TIER_ORDER), "sorted by name = tier order"
+    assert [tier_of_template(stem) for stem in stems] == [tier for tier, _ in templates()], "sorted = numbered"
+    assert [tier for tier, _ in templates()][: len(TIER_ORDER)] == list(TIER_ORDER), "one per tier, in tier order"
     for number, stem in enumerate(stems, start=1):
         assert stem.startswith(f"Whetstone {number:02d} - ")  # two digits: ten tiers still sort by name
         assert not set(stem) & set("#?%&/\\"), f"{stem!r} would break the template URL"

@@ -83,6 +83,19 @@ JOBS = {
 }
 
 
+#: Full fine-tune workflows (FSDP2) for the tiers whose plan fits it at 1024 px without checkpointing, numbered
+#: after the per-tier ones: Train writes the model to diffusion_models/whetstone/, Load Trained Model samples it.
+FULL_JOBS = {
+    "4xH100-80GB-NVLink4": Job(mode="full", save_every=100),
+    "8xA100-80GB-NVSwitch": Job(mode="full", save_every=100),
+}
+
+
+def templates() -> list[tuple[str, Job]]:
+    """(tier, job) of every template, in number order: one per tier, then the full fine-tunes."""
+    return [(name, JOBS[name]) for name in TIER_ORDER] + list(FULL_JOBS.items())
+
+
 def model_config(model_name: str) -> ZImageConfig:
     """The architecture the Training Plan node reads from this model file's header."""
     return SMOKE_CONFIG if model_name == SMOKE_MODEL else PRESETS["z-image"]
@@ -108,7 +121,9 @@ def predicted_images_per_second(plan: TrainingPlan, tier_name: str, config: ZIma
     if peak is None:
         return None
     tokens = image_tokens_for(plan.resolution, config)
-    flops = training_flops(config, image_tokens=tokens, caption_tokens=plan.caption_tokens, full_finetune=False)
+    flops = training_flops(
+        config, image_tokens=tokens, caption_tokens=plan.caption_tokens, full_finetune=plan.mode == "full"
+    )
     flops *= 1 + RECOMPUTE_SHARE * plan.checkpoint_depth / config.n_layers
     return plan.world_size * peak * 1e12 * ASSUMED_MFU / flops
 
@@ -178,6 +193,15 @@ def _pack_at_least(images: int) -> str:
     )
 
 
+def _saves(job: Job) -> str:
+    if job.mode == "full":
+        return (
+            f"a resumable checkpoint every {job.save_every} steps and, at the end, the fine-tuned model in "
+            "`diffusion_models/whetstone/` (bf16, ComfyUI's layout), which Load Trained Model samples"
+        )
+    return f"LoRA and a resumable checkpoint every {job.save_every} steps"
+
+
 def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
     facts = plan_facts(plan, tier.name, job)
     rows = "\n".join(f"| {key} | {value} |" for key, value in facts.items())
@@ -203,8 +227,8 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
         "",
         f"- **Checkpoint depth** is the fewest blocks (from the first) whose activations are recomputed so the "
         f"micro-batch fits the {facts['budget']} budget {per_gpu}; the peak is `max_memory_allocated`.",
-        f"- **{steps} steps** see about {steps * plan.global_batch} images; LoRA and a resumable checkpoint every "
-        f"{job.save_every} steps. The seed has no randomize control, so queueing again resumes instead of retraining.",
+        f"- **{steps} steps** see about {steps * plan.global_batch} images; {_saves(job)}. The seed has no randomize "
+        "control, so queueing again resumes instead of retraining.",
         f"- {_pack_at_least(plan.global_batch)}",
         f"- {speed_line}",
         "- To plan for the machine you are on instead, add Hardware Profile, link it to the plan's `hardware` input "
@@ -234,13 +258,16 @@ def build_workflow(tier: Tier, job: Job) -> dict:
     return tier_workflow(tier.name, tier.target_global_batch, job, steps, note, plan_panel(plan))
 
 
-def template_name(tier_name: str) -> str:
-    """The template's file stem, which ComfyUI shows as its title: number (tier order), tier, what it trains."""
-    number = TIER_ORDER.index(tier_name) + 1
+def template_name(tier_name: str, job: Job | None = None) -> str:
+    """The template's file stem, which ComfyUI shows as its title: number (tier order, then the full fine-tunes),
+    tier, what it trains. ``job`` None: the tier's own (``JOBS``)."""
+    job = job or JOBS[tier_name]
+    number = templates().index((tier_name, job)) + 1
     if tier_name == "cpu":
         return f"Whetstone {number:02d} - cpu - smoke test without a GPU (tiny random model)"
-    job = JOBS[tier_name]
-    trains = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tune"}[job.mode]
+    if job.mode == "full":
+        return f"Whetstone {number:02d} - {tier_name} - full fine-tune (FSDP2) at {job.resolution}px"
+    trains = {"lora": "LoRA", "qlora": "QLoRA"}[job.mode]
     return f"Whetstone {number:02d} - {tier_name} - {trains} r{job.lora_rank} at {job.resolution}px"
 
 
@@ -248,12 +275,12 @@ def tier_of_template(stem: str) -> str:
     return stem.split(" - ")[1]
 
 
-def workflow_path(tier_name: str) -> Path:
-    return WORKFLOWS_DIR / f"{template_name(tier_name)}.json"
+def workflow_path(tier_name: str, job: Job | None = None) -> Path:
+    return WORKFLOWS_DIR / f"{template_name(tier_name, job)}.json"
 
 
-def thumbnail_path(tier_name: str) -> Path:
-    return WORKFLOWS_DIR / f"{template_name(tier_name)}.jpg"
+def thumbnail_path(tier_name: str, job: Job | None = None) -> Path:
+    return WORKFLOWS_DIR / f"{template_name(tier_name, job)}.jpg"
 
 
 def thumbnail_for(tier: Tier, job: Job, workflow: dict) -> bytes:
@@ -294,7 +321,8 @@ def readme_row(tier: Tier, job: Job) -> dict[str, str]:
     return {
         "tier": tier.name,
         "workflow": f"[{workflow_path(tier.name).stem}]({WORKFLOWS_DIR.name}/{quote(workflow_path(tier.name).name)})",
-        "trains": f"{trains} r{plan.lora_rank} at {plan.resolution[0]}², {_where(tier, plan)}{_levers(plan)}",
+        "trains": f"{trains}{'' if plan.mode == 'full' else f' r{plan.lora_rank}'} at {plan.resolution[0]}², "
+        f"{_where(tier, plan)}{_levers(plan)}",
         "micro-batch": f"{plan.micro_batch} × {plan.grad_accum} accum = {plan.global_batch}",
         "checkpoint depth": facts["checkpoint depth"],
         "predicted peak": f"{facts['predicted peak']} of {facts['budget']}",
@@ -322,7 +350,9 @@ def readme_section(tiers: dict[str, Tier]) -> str:
     intro = (
         "One workflow per GPU tier in `workflows/` (Workflow → Browse Templates → Extensions → "
         "ComfyUI-Whetstone, or drag the file into ComfyUI), numbered in tier order, each with a thumbnail. Each packs `input/my_images` (CPU: `input/whetstone_smoke_images`), plans for its tier, trains, loads the LoRA into Z-Image-Base and "
-        "samples one image; its note explains the choices. The numbers below are the planner's for the tier's "
+        "samples one image; its note explains the choices. After them come full fine-tunes (FSDP2) for the tiers that fit one "
+        f"({', '.join(FULL_JOBS)}): the model goes to `diffusion_models/whetstone/` and Load Trained Model samples "
+        "it. The numbers below are the planner's for the tier's "
         "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "
         f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak: none of these exact tier settings "
         "has run yet (no A10/A100 here, no 4- or 8-GPU host lent); what was measured (LoRA r128 on H100 and 2xH200, "
@@ -357,10 +387,10 @@ def outputs() -> dict[Path, str | bytes]:
     if set(tiers) != set(JOBS):
         raise ValueError(f"tiers {sorted(tiers)} and JOBS {sorted(JOBS)} differ: add a Job for every tier file")
     files: dict[Path, str | bytes] = {}
-    for name in TIER_ORDER:
-        workflow = build_workflow(tiers[name], JOBS[name])
-        files[workflow_path(name)] = render(workflow)
-        files[thumbnail_path(name)] = thumbnail_for(tiers[name], JOBS[name], workflow)
+    for name, job in templates():
+        workflow = build_workflow(tiers[name], job)
+        files[workflow_path(name, job)] = render(workflow)
+        files[thumbnail_path(name, job)] = thumbnail_for(tiers[name], job, workflow)
     files[README] = readme_with_section(README.read_text(encoding="utf-8"), readme_section(tiers))
     return files
 

@@ -45,6 +45,9 @@ class Job:
     adapter: str = "lora"
     resolution: int = 1024
     learning_rate: float = 1e-4
+    optimizer: str = "auto"  # the Training Plan node's choice ("auto": the mode's default)
+    ema: str = "off"  # the Training Plan node's EMA placement
+    ema_decay: float = 0.999
     caption_tokens: int = 128
     samples_seen: int = 8000  # steps = samples_seen / global batch, at least min_steps
     min_steps: int = 250
@@ -229,25 +232,37 @@ PIPELINE_LINKS = (
 NOTE_SIZE = (520, 760)
 
 
+#: A full fine-tune samples its own model: Load Trained Model (the run linked) replaces the base model and the LoRA.
+FULL_LINKS = tuple(
+    ("tuned", "model", "sampler", "model") if link == ("lora", "model", "sampler", "model") else
+    ("train", "run", "tuned", "run") if link == ("train", "run", "lora", "run") else link
+    for link in PIPELINE_LINKS
+    if link != ("unet", "MODEL", "lora", "model")
+)  # fmt: skip
+
+
 def tier_workflow(tier_name: str, target_batch: int, job: Job, steps: int, note: str, plan_text: str) -> dict:
     """The workflow for one tier: the note, then loaders, training and sampling nodes, linked and laid out.
 
-    ``plan_text`` is the Training Plan node's panel text for this tier: the node is sized so that it fits.
+    ``plan_text`` is the Training Plan node's panel text for this tier: the node is sized so that it fits. A job of
+    mode full samples the fine-tuned model (Load Trained Model) instead of the base model with the LoRA.
     """
-    run_name = f"my_lora_{tier_name}"
+    full = job.mode == "full"
+    run_name = f"my_{'finetune' if full else 'lora'}_{tier_name}"
     g = Graph()
     note_node = g.node("MarkdownNote", NOTE_SIZE, [note], title=f"About: {tier_name}")
     nodes = _loader_nodes(g, job)
     nodes |= _training_nodes(g, tier_name, target_batch, job, steps, run_name, plan_text)
     nodes |= _sampling_nodes(g, tier_name, job, run_name)
-    for source, output, target, input_ in PIPELINE_LINKS:
+    for source, output, target, input_ in FULL_LINKS if full else PIPELINE_LINKS:
         g.link(nodes[source], output, nodes[target], input_)
+    result = nodes["tuned"] if full else nodes["lora"]
     layout(
         [
-            [note_node, nodes["unet"], nodes["clip"], nodes["vae"]],
+            [note_node, *([] if full else [nodes["unet"]]), nodes["clip"], nodes["vae"]],
             [nodes["plan"], nodes["pack"]],
             [nodes["train"], nodes["report"], nodes["preview"]],
-            [nodes["lora"], nodes["positive"], nodes["negative"], nodes["latent"]],
+            [result, nodes["positive"], nodes["negative"], nodes["latent"]],
             [nodes["sampler"], nodes["decode"], nodes["save"]],
         ]
     )
@@ -255,14 +270,17 @@ def tier_workflow(tier_name: str, target_batch: int, job: Job, steps: int, note:
 
 
 def _loader_nodes(g: Graph, job: Job) -> dict[str, dict]:
+    """The base model (not for a full fine-tune, which samples its own), the text encoder and the VAE."""
     width = NOTE_SIZE[0]
-    return {
-        "unet": g.node("UNETLoader", (width, node_height(1, 2)), [job.model, "default"], outputs=[("MODEL", "MODEL")]),
-        "clip": g.node(
-            "CLIPLoader", (width, node_height(1, 3)), [TEXT_ENCODER, CLIP_TYPE, "default"], outputs=[("CLIP", "CLIP")]
-        ),
-        "vae": g.node("VAELoader", (width, node_height(1, 1)), [VAE], outputs=[("VAE", "VAE")]),
-    }
+    nodes = {}
+    if job.mode != "full":
+        widgets = [job.model, "default"]
+        nodes["unet"] = g.node("UNETLoader", (width, node_height(1, 2)), widgets, outputs=[("MODEL", "MODEL")])
+    nodes["clip"] = g.node(
+        "CLIPLoader", (width, node_height(1, 3)), [TEXT_ENCODER, CLIP_TYPE, "default"], outputs=[("CLIP", "CLIP")]
+    )
+    nodes["vae"] = g.node("VAELoader", (width, node_height(1, 1)), [VAE], outputs=[("VAE", "VAE")])
+    return nodes
 
 
 def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, run_name: str, plan_text: str):
@@ -280,12 +298,15 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
         job.learning_rate,
         job.caption_tokens,
         "longest",  # caption_length
+        job.optimizer,
+        job.ema,
         True,  # free_comfyui_memory
         0,  # gpu_count (optional)
     ]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
     train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
     train_widgets += [False, "auto"]  # background, gpus (optional)
+    train_widgets += [job.ema_decay, 0]  # the optional EMA inputs: decay, start step
     lines = plan_text.split("\n")
     plan_width = max(460, text_panel_width(max(map(len, lines))))
     report_panel = text_panel_height(REPORT_LINES)
@@ -329,12 +350,30 @@ def _training_nodes(g, tier_name: str, target_batch: int, job: Job, steps: int, 
 def _sampling_nodes(g: Graph, tier_name: str, job: Job, run_name: str) -> dict[str, dict]:
     """The trained LoRA on the base model, both prompts, the latent, KSampler, decode and save."""
     lora_height = node_height(2, 2, text_panel_height(LORA_REPORT_LINES))
+    if job.mode == "full":
+        result = {
+            "tuned": g.node(
+                "WhetstoneLoadTrainedModel",
+                (420, lora_height),
+                [f"whetstone/{run_name}.safetensors"],
+                inputs=[("run", "WHETSTONE_RUN")],
+                outputs=[("model", "MODEL"), ("report", "STRING")],
+                ours=True,
+            )
+        }
+    else:
+        result = {
+            "lora": g.node(
+                "WhetstoneLoadTrainedLoRA",
+                (420, lora_height),
+                [f"{run_name}.safetensors", 1.0, "auto"],
+                inputs=[("model", "MODEL"), ("run", "WHETSTONE_RUN")],
+                outputs=[("model", "MODEL"), ("report", "STRING")],
+                ours=True,
+            )
+        }
     return {
-        "lora": g.node(
-            "WhetstoneLoadTrainedLoRA", (420, lora_height), [f"{run_name}.safetensors", 1.0, "auto"],
-            inputs=[("model", "MODEL"), ("run", "WHETSTONE_RUN")], outputs=[("model", "MODEL"), ("report", "STRING")],
-            ours=True,
-        ),
+        **result,
         "positive": g.node(
             "CLIPTextEncode", (420, 160), [job.prompt], inputs=[("clip", "CLIP")],
             outputs=[("CONDITIONING", "CONDITIONING")], title="Positive prompt",

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("training.hardware.cli", "plan micro-batch, checkpoint depth and parallelism for this machine or a tier"),
     "train": ("training.engine.cli", "train from a run config (plain python or under torchrun)"),
     "previews": ("training.engine.preview_cli", "encode preview prompts; decode a run's previews to PNGs with the VAE"),
+    "extract-lora": ("training.model.cli", "extract a LoRA (SVD to a chosen rank) from a full fine-tune"),
     "launch": ("training.run.multinode", "print (or run) the torchrun command of each node of a multi-node run"),
     "demo": ("training.apps.demo_cli", "CPU demo: pack a generated image set, plan, train a tiny LoRA, report"),
 }

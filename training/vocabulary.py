@@ -31,6 +31,15 @@ ShiftRule = Literal["fixed", "flux", "sd3"]
 #: Per-sample loss weights w(σ) as diffusers' compute_loss_weighting_for_sd3 (+ the logit-normal density).
 LossWeighting = Literal["none", "sigma_sqrt", "cosmap", "logit_normal"]
 
+#: The optimizer each mode trains with unless another is chosen: AdamW everywhere (the optimizer the planner's
+#: measurements and the tier settings were made with). Full fine-tuning runs under FSDP2 (also on one GPU), where
+#: only AdamW steps the sharded parameters.
+DEFAULT_OPTIMIZER: dict[str, str] = {"lora": "adamw", "qlora": "adamw", "full": "adamw"}
+FULL_MODE_OPTIMIZERS: tuple[str, ...] = ("adamw",)
+
+#: Where the EMA of the trained weights lives (fp32): "off", on the training "device", or in host RAM ("cpu").
+EmaPlacement = Literal["off", "device", "cpu"]
+
 MODES: tuple[str, ...] = get_args(Mode)
 PARALLELISMS: tuple[str, ...] = get_args(Parallelism)
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
@@ -46,4 +55,5 @@ SHIFT_RULES: tuple[str, ...] = get_args(ShiftRule)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 BASE_STORAGES: tuple[str, ...] = get_args(BaseStorage)
 ADAPTER_TYPES: tuple[str, ...] = get_args(AdapterType)
+EMA_PLACEMENTS: tuple[str, ...] = get_args(EmaPlacement)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")

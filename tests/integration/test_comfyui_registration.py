@@ -13,8 +13,11 @@ EXPECTED_NODES = {
     "WhetstoneTrainingPlan",
     "WhetstoneTrain",
     "WhetstoneLoadTrainedLoRA",
+    "WhetstoneLoadTrainedModel",
     "WhetstoneTrainingReport",
+    "WhetstoneMultiNode",
     "WhetstonePreviewSettings",
+    "WhetstoneWaitForRun",
 }
 
 
@@ -46,11 +49,11 @@ def test_templates_are_listed_in_tier_order_with_thumbnails(comfy_server):
     import urllib.parse
     import urllib.request
 
-    from tools.make_workflows import TIER_ORDER, template_name
+    from tools.make_workflows import template_name, templates
 
     listed = comfy_server.get_json("/workflow_templates")["ComfyUI-Whetstone"]
-    expected = [template_name(tier) for tier in TIER_ORDER]
-    assert sorted(listed) == expected, listed  # the browser's alphabetical order is the tier order
+    expected = [template_name(tier, job) for tier, job in templates()]  # one per tier, then the full fine-tunes
+    assert sorted(listed) == expected, listed  # the browser's alphabetical order is the numbered order
     for name in expected:
         base = f"{comfy_server.url}/api/workflow_templates/ComfyUI-Whetstone/{urllib.parse.quote(name)}"
         workflow = comfy_server.get_json(base.removeprefix(comfy_server.url) + ".json")

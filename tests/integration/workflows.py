@@ -37,6 +37,8 @@ def plan_node(model: str, **overrides) -> dict:
         "learning_rate": 1e-4,
         "caption_tokens": 32,
         "caption_length": "longest",
+        "optimizer": "auto",
+        "ema": "off",
         "free_comfyui_memory": False,
     }
     return {"class_type": "WhetstoneTrainingPlan", "inputs": {**inputs, **overrides}}

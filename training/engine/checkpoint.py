@@ -145,6 +145,7 @@ class Checkpointer:
         loader_state: dict,
         extra: dict,
         async_save: bool = True,
+        ema: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write checkpoint ``step``. With ``async_save`` the tensors are copied to CPU now and written in the
         background; call `wait` or `close` before exiting. A previous pending save is waited for first.
@@ -157,7 +158,7 @@ class Checkpointer:
             step=step,
             rank=self.rank,
             world_size=self.world_size,
-            state=train_state(model, optimizer),
+            state=train_state(model, optimizer, ema),
             scheduler=scheduler,
             loader_state=loader_state,
             extra=extra,
@@ -218,7 +219,9 @@ class Checkpointer:
                 dist.destroy_process_group(self._group)
                 self._group = None
 
-    def restore(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Restored | None:
+    def restore(
+        self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ema: dict | None = None
+    ) -> Restored | None:
         """Resume from the newest checkpoint that is intact on every rank; None when there is no checkpoint.
 
         A damaged newer checkpoint is logged and, once an older one was restored, set aside as
@@ -230,7 +233,7 @@ class Checkpointer:
         refuse_pickled_folders(self.root, have_checkpoints=bool(steps))
         if not steps:
             return None
-        target = Target.of(train_state(model, optimizer))
+        target = Target.of(train_state(model, optimizer, ema))
         damaged: list[tuple[int, str]] = []
         for step in reversed(steps):
             try:
@@ -249,7 +252,7 @@ class Checkpointer:
         )
 
     def load(
-        self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+        self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ema=None
     ) -> tuple[dict, dict]:
         """Restore checkpoint ``step`` (no fallback) into model, optimizer, scheduler and this rank's RNGs.
 
@@ -257,7 +260,7 @@ class Checkpointer:
         self._require_open("load")
         if step not in self._complete_steps():
             raise ValueError(f"no complete checkpoint of step {step} in {self.root}: complete {self._complete_steps()}")
-        restored = self._load(step, Target.of(train_state(model, optimizer)), model, optimizer, scheduler)
+        restored = self._load(step, Target.of(train_state(model, optimizer, ema)), model, optimizer, scheduler)
         return restored.loader_state, restored.extra
 
     # ------------------------------------------------------------------ internals

@@ -165,8 +165,11 @@ class Target:
             node[path[-1]] = tuple(value) if isinstance(node[path[-1]], tuple) else value
 
 
-def train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{'model', 'optim'} as get_state_dict gives them; only trainable tensors when part of the model is frozen."""
+def train_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """{'model', 'optim'} as get_state_dict gives them; only trainable tensors when part of the model is frozen.
+    ``ema``: the EMA's shadow tensors (``training.engine.ema``), saved under 'ema' and restored into in place."""
     frozen = {_clean_name(n) for n, p in model.named_parameters() if not p.requires_grad}
     options = StateDictOptions(ignore_frozen_params=bool(frozen))
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
@@ -174,7 +177,8 @@ def train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
         model_state = {k: v for k, v in model_state.items() if not any(k.startswith(f + ".") for f in frozen)}
         trainable = {_clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
         assert trainable <= model_state.keys(), f"trainable weights missing: {sorted(trainable - model_state.keys())}"
-    return {"model": model_state, "optim": optim_state}
+    state = {"model": model_state, "optim": optim_state}
+    return state if ema is None else {**state, "ema": ema}
 
 
 def _clean_name(name: str) -> str:

@@ -128,7 +128,7 @@ def read_rank(
     if body["tensors"].keys() != target.tensors.keys():
         raise CheckpointMismatch(
             f"{path} holds other trainable tensors than this run ({_difference(body['tensors'], target.tensors)}). "
-            "Resume with the settings that wrote it (mode, LoRA rank and targets, optimizer), or use a new run folder."
+            "Resume with the settings that wrote it (mode, LoRA rank and targets, optimizer, EMA), or use a new run folder."
         )
     for name, entry in body["tensors"].items():
         path_in_tree, tensor = target.tensors[name]

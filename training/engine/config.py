@@ -22,6 +22,7 @@ from ..vocabulary import (
     ADAPTER_TYPES,
     ATTENTION_BACKENDS,
     CAPTION_OVERFLOWS,
+    EMA_PLACEMENTS,
     LORA_MODES,
     LOSS_WEIGHTINGS,
     MODEL_VARIANT_CHOICES,
@@ -220,6 +221,24 @@ class OptimSection:
 
 
 @dataclass(kw_only=True)
+class EmaSection:
+    """EMA of the trained weights (``training.engine.ema``), saved beside the result as ``<name>_ema.safetensors``.
+    ``placement`` (the plan decides it: the shadow is priced) "off", "device" or "cpu"; ``start_step``: until this
+    optimizer step the EMA equals the weights."""
+
+    placement: str = "off"
+    decay: float = bounded(0.999, gt=0, lt=1)
+    start_step: int = bounded(0, ge=0, le=10_000_000)
+
+    def __post_init__(self):
+        _validate(self, "ema")
+        _require(
+            self.placement in EMA_PLACEMENTS,
+            f"ema.placement must be one of {EMA_PLACEMENTS}, got {self.placement!r}",
+        )
+
+
+@dataclass(kw_only=True)
 class ObjectiveSection:
     """σ sampling and loss weighting (``training.engine.objective``; docs/training.md justifies the defaults)."""
 
@@ -277,6 +296,7 @@ class PreviewSection:
 class RunSection:
     output_dir: str  # the run folder: events, status, checkpoints
     lora_path: str = ""  # where the ComfyUI-ready LoRA goes; "" → <output_dir>/lora.safetensors
+    model_path: str = ""  # mode 'full': where the fine-tuned transformer goes; "" → <output_dir>/model.safetensors
     steps: int = bounded(100, ge=1, le=10_000_000)
     micro_batch: int = bounded(1, ge=1, le=4096)
     grad_accum: int = bounded(1, ge=1, le=4096)
@@ -313,6 +333,11 @@ class RunSection:
     def lora_file(self) -> Path:
         return Path(self.lora_path) if self.lora_path else Path(self.output_dir) / "lora.safetensors"
 
+    @property
+    def model_file(self) -> Path:
+        """Full fine-tuning's result: one ComfyUI diffusion-model file (``load_diffusion_model`` / UNETLoader)."""
+        return Path(self.model_path) if self.model_path else Path(self.output_dir) / "model.safetensors"
+
 
 @dataclass(kw_only=True)
 class ParallelSection:
@@ -339,6 +364,7 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     preview: PreviewSection = field(default_factory=PreviewSection)
     resolutions: ResolutionSection = field(default_factory=ResolutionSection)  # multi-resolution schedule
+    ema: EmaSection = field(default_factory=EmaSection)
     plan: dict[str, Any] | None = None  # the TrainingPlan that chose micro-batch, depth, ...: kept for the record
 
     def __post_init__(self):
@@ -355,6 +381,11 @@ class TrainConfig:
         _check_small_card_levers(self)
         for resolution in self.resolutions.resolutions:
             self.resolutions.sizes(resolution, self.run)  # every resolution keeps the effective batch
+        _require(
+            not (self.ema.placement != "off" and self.optim.optimizer == "schedulefree_adamw"),
+            "ema.placement with optim.optimizer 'schedulefree_adamw': schedule-free AdamW already saves an average of "
+            "the weights; set ema.placement to 'off' or choose another optimizer",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -370,7 +401,7 @@ class TrainConfig:
         the plan decides is an error naming it: the plan is the contract, not a default."""
         decided = plan_values(plan)
         for section, given in sections.items():
-            if section not in PLAN_DECIDES and section not in ("objective", "preview", "resolutions"):
+            if section not in PLAN_DECIDES and section not in ("objective", "preview", "resolutions", "ema"):
                 raise ValueError(f"TrainConfig.from_plan: unknown section {section!r}; use {sorted(PLAN_DECIDES)}")
             clash = sorted(set(given) & set(PLAN_DECIDES.get(section, ())))
             if clash:
@@ -413,8 +444,9 @@ PLAN_DECIDES: dict[str, tuple[str, ...]] = {
     "model": ("dtype", "attention_backend"),
     "lora": ("rank", "targets", "adapter"),
     "data": ("max_caption_tokens", "caption_overflow"),
-    "optim": ("lr",),
+    "optim": ("lr", "optimizer"),
     "parallel": ("strategy",),
+    "ema": ("placement",),
 }
 
 
@@ -436,8 +468,9 @@ def plan_values(plan) -> dict[str, dict[str, Any]]:
         if plan.mode in LORA_MODES
         else {},
         "data": {"max_caption_tokens": plan.caption_tokens, "caption_overflow": plan.caption_overflow},
-        "optim": {"lr": plan.lr},
+        "optim": {"lr": plan.lr, "optimizer": plan.optimizer},
         "parallel": {"strategy": plan.parallelism},
+        "ema": {"placement": plan.ema},
     }
     return values
 

@@ -11,7 +11,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,12 +27,14 @@ from .checkpoint import Checkpointer
 from .compile_bounds import image_shape_count
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from .ema import WeightAverage, ema_path
 from .feed import build_loader, caption_limit, checked, endless_epochs
 from .objective import FlowObjective
 from .optim import averaged_weights, build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
 from .preview import Previewer, build_previewer
 from .progress import Progress
+from .results import save_full_model
 from .shapes import FixedShape, ResolutionStreams, shape_metrics, shape_summary, step_shapes
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
@@ -41,8 +42,6 @@ from .synthetic import SyntheticBatches, global_sample_indices
 from .variant_setup import lora_metadata, prepare_variant
 
 logger = logging.getLogger(__name__)
-
-MODEL_FILE = "model.safetensors"  # full fine-tuning's result, in the run folder
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,6 +68,7 @@ class Trainer:
     progress: Progress | None = None  # the terminal's progress line (rank 0)
     variant: str = "base"  # the Z-Image variant the LoRA is for (training.model.variants)
     previewer: Previewer | None = None  # preview images at the configured steps (`preview`)
+    ema: WeightAverage | None = None  # the EMA of the trained weights (config.ema), saved beside the result
     step: int = 0  # optimizer steps done
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
@@ -132,6 +132,7 @@ class Trainer:
             clock=StepClock(device_waiter(dist_info.device)),
             shapes=shapes,
             progress=progress,
+            ema=WeightAverage.create(model, config.ema, device=dist_info.device),
         )
         trainer.previewer = build_previewer(
             config,
@@ -149,7 +150,7 @@ class Trainer:
         if not self.config.run.resume:
             return
         restored = self.checkpointer.restore(
-            model=unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler
+            model=unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler, ema=self._ema_state()
         )
         if restored is None:
             return
@@ -175,6 +176,8 @@ class Trainer:
             stopping = metrics.pop("stop_requested")  # any rank's request, agreed through the step's one collective
             self._check_finite(metrics, step=self.step + 1)
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.history.append(metrics)
             self.log.step({"step": self.step, **metrics})
             if self.progress is not None:
@@ -289,13 +292,10 @@ class Trainer:
         unless ``final``: the process exits right after a final save, so it gains nothing from async)."""
         model = unwrap(self.model)
         with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
-            if self.lora is not None and self.dist_info.is_main:
-                state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
-                metadata = {"steps": str(self.step), "seed": str(self.config.run.seed), "mode": self.config.mode}
-                metadata.update(lora_metadata(self.variant, self.config))
-                save_lora_file(self.config.run.lora_file, state, self.lora, metadata=metadata)
-            if self.lora is None and final:
-                save_full_model(model, Path(self.config.run.output_dir) / MODEL_FILE, dist_info=self.dist_info)
+            self._save_result(model, final=final)
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                self._save_result(model, final=final, ema=True)
         self.saved_step = self.step
         if not self.config.run.save_state:
             return
@@ -307,32 +307,27 @@ class Trainer:
             loader_state=self.loader.state_dict(),
             extra={"step": self.step},
             async_save=not final,
+            ema=self._ema_state(),
         )
 
+    def _ema_state(self) -> dict | None:
+        return None if self.ema is None else self.ema.state()
 
-def save_full_model(model: nn.Module, path: Path, *, dist_info: DistInfo, dtype=torch.bfloat16) -> None:
-    """The fine-tuned transformer as a ComfyUI single file in ``dtype`` (rank 0 writes; every rank must call).
-
-    FSDP2 shards are gathered one tensor at a time on the device, so rank 0 holds only the ``dtype`` copy in RAM."""
-    from torch.distributed.tensor import DTensor
-
-    from ..model.weights import save_weights
-
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if isinstance(tensor, DTensor):
-            local = tensor.to_local()
-            if local.device != dist_info.device:  # CPU-offloaded shard: gather on the device
-                local = local.to(dist_info.device)
-                tensor = DTensor.from_local(
-                    local, tensor.device_mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride()
-                )
-            tensor = tensor.full_tensor()
-        if dist_info.is_main:
-            state[name] = tensor.detach().to("cpu", dtype)
-    if dist_info.is_main:
-        save_weights(state, path, layout="comfy", metadata={"format": "whetstone.zimage-full"})
-        logger.info("saved the fine-tuned transformer (%s) to %s", dtype, path)
+    def _save_result(self, model: nn.Module, *, final: bool, ema: bool = False) -> None:
+        """The LoRA (rank 0, at every save) or the full model (every rank gathers, at the end) as the user loads it;
+        ``ema``: the EMA twin beside it (``<name>_ema.safetensors``, same format)."""
+        run = self.config.run
+        metadata = {"steps": str(self.step), "seed": str(run.seed), "mode": self.config.mode}
+        if ema:
+            metadata |= {"ema_decay": str(self.config.ema.decay), "ema_start_step": str(self.config.ema.start_step)}
+        if self.lora is not None and self.dist_info.is_main:
+            state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
+            metadata.update(lora_metadata(self.variant, self.config))
+            path = ema_path(run.lora_file) if ema else run.lora_file
+            save_lora_file(path, state, self.lora, metadata=metadata)
+        if self.lora is None and final:
+            path = ema_path(run.model_file) if ema else run.model_file
+            save_full_model(model, path, dist_info=self.dist_info, metadata=metadata)
 
 
 def _limited(loader, captions, config: TrainConfig) -> Iterator[Batch]:
@@ -439,6 +434,8 @@ def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: 
         "world_size": dist_info.world_size,
         "device": str(dist_info.device),
         "lora_file": str(config.run.lora_file) if trainer.lora is not None else None,
+        "model_file": str(config.run.model_file) if trainer.lora is None else None,
+        "ema_file": _ema_file(config, trainer),
         "wall_s": wall_s,
         "peak_mem_gb": peak_memory_gb(dist_info.device),
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
@@ -447,6 +444,12 @@ def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: 
         "data_wait": _mean([m["data_wait"] for m in list(trainer.history)[1:] or trainer.history]),
         "config": config.to_dict(),
     } | (shape_summary(list(trainer.history)) if config.resolutions.active else {})
+
+
+def _ema_file(config: TrainConfig, trainer: Trainer) -> str | None:
+    if trainer.ema is None:
+        return None
+    return str(ema_path(config.run.lora_file if trainer.lora is not None else config.run.model_file))
 
 
 def _window_rate(history: list[dict]) -> float | None:

@@ -13,7 +13,7 @@ from ..cli_support import float_in, int_in, pixels
 from ..engine.recipe_flags import add_recipe_flags, recipe_sections
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
-from ..vocabulary import ADAPTER_TYPES, LR_SCALINGS, MODES
+from ..vocabulary import ADAPTER_TYPES, LR_SCALINGS, MODES, OPTIMIZERS
 from .discovery import discover
 from .plan import PlanRefused, PlanRequest, make_plan
 from .tiers import load_tiers, nearest_tier, simulated_profile
@@ -61,6 +61,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--lr", type=float_in(0, 1), default=1e-4, help="base learning rate for one GPU")
     parser.add_argument("--lr-scaling", choices=LR_SCALINGS, default="sqrt")
+    parser.add_argument(
+        "--optimizer",
+        choices=("auto", *OPTIMIZERS),
+        default="auto",
+        help="optimizer (priced in the plan); auto: the mode's default, AdamW",
+    )
     parser.add_argument("--tier", default=None, help=f"plan for a simulated tier: {', '.join(sorted(load_tiers()))}")
     parser.add_argument(
         "--nodes", type=int_in(1, 4096), default=None, help="machines of a multi-node run (default: the tier's, else 1)"
@@ -131,6 +137,7 @@ def _plan(args: argparse.Namespace):
         caption_percentile=CAPTION_LENGTHS[args.caption_length],
         nodes=args.nodes,
         inter_node_gbps=args.inter_node_gbps,
+        optimizer=None if args.optimizer == "auto" else args.optimizer,
     )
     return make_plan(request, profile, tier=tier if args.tier else None)
 

@@ -86,6 +86,7 @@ def estimate(
         base_storage=setting.base_storage,
         swap_blocks=setting.swap_blocks,
         adapter=request.adapter,
+        ema_on_device=request.ema == "device",
     )
 
 

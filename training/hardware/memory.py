@@ -217,6 +217,46 @@ class MemoryModel:
         base_storage: str = "bf16",
         swap_blocks: int = 0,
         adapter: str = "lora",
+        ema_on_device: bool = False,
+    ) -> dict[str, int]:
+        """``_fixed_bytes``, and with ``ema_on_device`` an fp32 EMA of the trainable weights (``training.engine.ema``)
+        on the GPU, key 'ema' (sharded like them under FSDP2)."""
+        fixed = self._fixed_bytes(
+            mode, world_size, parallelism, lora_rank, lora_targets=lora_targets, cpu_offload=cpu_offload,
+            trainable_params=trainable_params, optimizer=optimizer, base_storage=base_storage, swap_blocks=swap_blocks,
+            adapter=adapter,
+        )  # fmt: skip
+        if ema_on_device:
+            shards = world_size if parallelism == "fsdp2" else 1
+            fixed["ema"] = (
+                self.trainable_count(mode, lora_rank, lora_targets, trainable_params, adapter) * FP32 // shards
+            )
+        return fixed
+
+    def trainable_count(
+        self, mode: str, lora_rank: int, lora_targets: str, trainable_params: int | None, adapter: str = "lora"
+    ) -> int:
+        """Trainable parameters over all ranks: the whole model (full) or the adapters; a measured count wins."""
+        if trainable_params is not None:
+            return trainable_params
+        if mode == "full":
+            return self.model.total_params()
+        return adapter_param_count(self.model, lora_rank, lora_targets, adapter)
+
+    def _fixed_bytes(
+        self,
+        mode: str,
+        world_size: int,
+        parallelism: str,
+        lora_rank: int,
+        *,
+        lora_targets: str = DEFAULT_TARGETS,
+        cpu_offload: bool = False,
+        trainable_params: int | None = None,
+        optimizer: str = "adamw",
+        base_storage: str = "bf16",
+        swap_blocks: int = 0,
+        adapter: str = "lora",
     ) -> dict[str, int]:
         """Weights, trainable parameters, gradients and optimizer states on one rank (gradients: see ``predict_peak``;
         states: ``OPTIMIZER_STATE_VALUES``). Full fine-tuning keeps an fp32 master copy, fp32 gradients and fp32
@@ -287,6 +327,7 @@ class MemoryModel:
         base_storage: str = "bf16",
         swap_blocks: int = 0,
         adapter: str = "lora",
+        ema_on_device: bool = False,
     ) -> MemoryEstimate:
         """Peak ``max_memory_allocated`` of one rank. Tokens are per sample and already padded to 32.
 
@@ -310,6 +351,7 @@ class MemoryModel:
             base_storage=base_storage,
             swap_blocks=swap_blocks,
             adapter=adapter,
+            ema_on_device=ema_on_device,
         )
         grads = fixed.pop("grads")
         coef = self.coefficients(mode, lora_rank, compiled)

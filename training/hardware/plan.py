@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from ..vocabulary import CAPTION_OVERFLOWS, LR_SCALINGS
+from ..vocabulary import CAPTION_OVERFLOWS, LR_SCALINGS, OPTIMIZERS
 from .dataset_fit import fit_request_to_dataset
 from .discovery import HardwareProfile
 from .fitting import (
@@ -28,6 +28,7 @@ from .levers import choose_levers
 from .memory import GIB, MemoryModel, image_tokens_for, padded
 from .network import job_nodes, plan_network
 from .offload import swap_bytes_per_micro_step
+from .plan_choices import OPTIMIZER_LR, ema_decision, optimizer_decision, place_ema
 from .request import PlanRefused, PlanRequest
 from .tiers import Tier, load_tiers, nearest_tier, simulated_profile
 
@@ -84,6 +85,8 @@ class TrainingPlan:
     swap_blocks: int = 0  # main blocks streamed from pinned host memory (block swap), always checkpointed
     swap_bytes_per_step: int = 0  # host-to-device bytes block swap copies per optimizer step (predicted)
     adapter: str = "lora"  # the adapter type priced (training.vocabulary.ADAPTER_TYPES); LoRA modes only
+    optimizer: str = "adamw"  # optim.optimizer, its state priced in predicted_peak_bytes (plans before it: AdamW)
+    ema: str = "off"  # ema.placement: the fp32 EMA of the trained weights "off", on the "device" (priced) or "cpu"
 
     def __post_init__(self) -> None:
         self.resolution = tuple(self.resolution)
@@ -102,6 +105,8 @@ class TrainingPlan:
             raise ValueError(f"TrainingPlan.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
         if self.nodes < 1 or self.world_size % self.nodes:
             raise ValueError(f"TrainingPlan: world_size {self.world_size} is not nodes {self.nodes} x GPUs per node")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainingPlan.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
 
     @property
     def headroom_bytes(self) -> int:
@@ -235,6 +240,8 @@ def _make_plan(
     request: PlanRequest, profile: HardwareProfile, tier: Tier | None, memory_model: MemoryModel | None
 ) -> TrainingPlan:
     memory_model = memory_model or MemoryModel(model=request.model)
+    if request.ema == "auto":
+        return _place_ema(request, profile, tier, memory_model)
     decisions = _Decisions()
     if tier is None:
         tier, reason = nearest_tier(profile)
@@ -273,6 +280,8 @@ def _make_plan(
         compile=setting.compiled,
         attention_backend=setting.attention_backend,
         nccl_timeout_s=_nccl_timeout(tier, setting.world_size, decisions),
+        optimizer=optimizer_decision(request, decisions),
+        ema=ema_decision(request, memory_model, decisions),
         lr=_lr(request, setting.world_size, decisions),
         lr_scaling=request.lr_scaling,
         predicted_peak_bytes=decisions.add("predicted_peak_bytes", peak.peak_bytes, peak.describe()),
@@ -434,7 +443,14 @@ def _nccl_timeout(tier: Tier, world: int, decisions) -> int:
     return decisions.add("nccl_timeout_s", tier.nccl_timeout_s, f"tier {tier.name} default")
 
 
+def _place_ema(request: PlanRequest, profile, tier, memory_model) -> TrainingPlan:
+    return place_ema(request, lambda changed: make_plan(changed, profile, tier, memory_model), bool(profile.gpus))
+
+
 def _lr(request: PlanRequest, world: int, decisions) -> float:
+    if request.optimizer in OPTIMIZER_LR:
+        own, reason = OPTIMIZER_LR[request.optimizer]
+        return decisions.add("lr", own, f"{reason}; lr_base and {request.lr_scaling} scaling do not apply")
     factor = {"sqrt": math.sqrt(world), "linear": float(world), "none": 1.0}[request.lr_scaling]
     reason = f"lr_base {request.lr_base:g} x {factor:.3g} ({request.lr_scaling} of {world} data-parallel ranks)"
     return decisions.add("lr", request.lr_base * factor, reason)

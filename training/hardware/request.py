@@ -7,10 +7,20 @@ from dataclasses import dataclass, field
 from ..data.stats import DatasetStats
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_TARGETS, LORA_TARGETS, qlora_unsupported
-from ..vocabulary import ADAPTER_TYPES, ATTENTION_BACKENDS, BASE_STORAGES, LR_SCALINGS, MODES, OPTIMIZERS
+from ..vocabulary import (
+    ADAPTER_TYPES,
+    ATTENTION_BACKENDS,
+    BASE_STORAGES,
+    DEFAULT_OPTIMIZER,
+    FULL_MODE_OPTIMIZERS,
+    LR_SCALINGS,
+    MODES,
+    OPTIMIZERS,
+)
 from .memory import GIB
 
 PIXELS_PER_TOKEN_SIDE = 16  # VAE 8x, patch 2x
+EMA_REQUESTS = ("off", "auto", "device", "cpu")
 
 
 @dataclass(kw_only=True)
@@ -40,12 +50,17 @@ class PlanRequest:
     trainable_params: int | None = None
     dataset: DatasetStats | None = None  # the shard set: its largest bucket and caption lengths replace the typed ones
     caption_percentile: float | None = None  # None: plan for the longest caption; 99: for p99, truncating longer ones
-    optimizer: str = "adamw"  # the run's optim.optimizer: its state is priced (memory.OPTIMIZER_STATE_VALUES)
+    #: the run's optim.optimizer, its state priced (memory.OPTIMIZER_STATE_VALUES); None: the mode's default
+    #: (``vocabulary.DEFAULT_OPTIMIZER``), set here so that every estimate prices the optimizer the plan writes
+    optimizer: str | None = None
     nodes: int | None = None  # machines of the job, each with ``world_size`` GPUs; None: the tier's (1 unless it says)
     inter_node_gbps: float | None = None  # GB/s per node's network interface; None: the tier's or network's default
     base_storage: str | None = None  # mode lora: force "bf16" or "fp8" storage of the frozen base (None: planned)
     swap_blocks: int | None = None  # mode lora: force the number of main blocks swapped from host memory
     adapter: str = "lora"  # the run's lora.adapter (LoRA modes): priced by memory.adapter_extra and adapter_memory
+    #: an fp32 EMA of the trained weights: "off", on the GPU ("device"), in host RAM ("cpu"), or "auto" (the GPU
+    #: when the plan fits with it there, else host RAM: the plan decides and says why)
+    ema: str = "off"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,8 +87,14 @@ class PlanRequest:
             raise ValueError(f"PlanRequest.adapter {self.adapter!r} is not one of {ADAPTER_TYPES}")
         if self.mode == "qlora" and qlora_unsupported(self.adapter):
             raise ValueError(f"PlanRequest.adapter: {qlora_unsupported(self.adapter)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"PlanRequest.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        self._check_optimizer()
+        if self.ema not in EMA_REQUESTS:
+            raise ValueError(f"PlanRequest.ema {self.ema!r} is not one of {EMA_REQUESTS}")
+        if self.ema == "device" and self.fsdp_cpu_offload:
+            raise ValueError(
+                "PlanRequest.ema 'device' with fsdp_cpu_offload: the offloaded weights live in host RAM, so does "
+                "their EMA; use ema 'cpu' or 'auto'"
+            )
         if self.lr_scaling not in LR_SCALINGS:
             raise ValueError(f"PlanRequest.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
@@ -107,6 +128,18 @@ class PlanRequest:
             raise ValueError(f"PlanRequest.swap_blocks must be an integer >= 0 or None, got {self.swap_blocks!r}")
         if self.safety_margin is not None and not 0 <= self.safety_margin < 0.5:
             raise ValueError(f"PlanRequest.safety_margin {self.safety_margin!r} must be in [0, 0.5), e.g. 0.08")
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer is None:
+            self.optimizer = DEFAULT_OPTIMIZER[self.mode]
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"PlanRequest.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.mode == "full" and self.optimizer not in FULL_MODE_OPTIMIZERS:
+            raise ValueError(
+                f"PlanRequest.optimizer {self.optimizer!r} cannot train mode 'full': full fine-tuning runs under "
+                f"FSDP2 (also on one GPU), where only {FULL_MODE_OPTIMIZERS} step the sharded parameters; choose "
+                f"{FULL_MODE_OPTIMIZERS[0]!r}, or a LoRA mode for {self.optimizer!r}"
+            )
 
     def _check_positive(self, *names: str) -> None:
         for name in names:

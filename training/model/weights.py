@@ -284,6 +284,19 @@ def read_state_dict(
     return _materialize(plan, list(plan.sources), dtype, "cpu")
 
 
+def tensor_shapes(path: PathLike | Sequence[PathLike]) -> dict[str, tuple[int, ...]]:
+    """Our name -> shape of every transformer tensor of a file (either layout), from its header."""
+    return _plan(resolve_files(path)).shapes()
+
+
+def stream_tensors(path: PathLike | Sequence[PathLike], names: Sequence[str] | None = None, *, dtype=None):
+    """(our name, tensor on the CPU) of the transformer tensors ``names`` (None: all) of a file, one at a time, in
+    that order (memory: one tensor)."""
+    plan = _plan(resolve_files(path))
+    for name in plan.sources if names is None else names:
+        yield name, _materialize(plan, [name], dtype, "cpu")[name]
+
+
 def _materialize(
     plan: _Plan, names: list[str], dtype: torch.dtype | None, device: str | torch.device
 ) -> dict[str, torch.Tensor]:
