@@ -42,8 +42,8 @@ WIDGETS = {
     ),
     "negative_prompt": Text("", "Negative prompt for previews with cfg above 1.", 2048),
     "every": Int(100, 0, 1_000_000, "Preview every N steps (and at the start and end); 0: at the end only."),
-    "steps": Int(8, 1, 1000, "Sampler steps per preview (Turbo: 8; Base: 28 to 50)."),
-    "cfg": Float(1.0, 0.1, 100.0, "ComfyUI cfg of the previews: 1 is no guidance (Turbo); Base: 3 to 5."),
+    "steps": Int(0, 0, 1000, "Sampler steps per preview; 0: the model variant's (Turbo 8, Base 20 of its 50)."),
+    "cfg": Float(0.0, 0.0, 100.0, "ComfyUI cfg of the previews; 0: the model variant's (Turbo 1, Base 4)."),
     "seed": Int(0, 0, 2**31 - 1, "Noise seed of every preview.", control_after_generate=False),
     "width": Int(512, 64, 2048, "Preview width in pixels (a multiple of 16).", step=16),
     "height": Int(512, 64, 2048, "Preview height in pixels (a multiple of 16).", step=16),
@@ -81,8 +81,8 @@ def preview_section(run_dir: Path, values: dict) -> dict:
     return {
         "features": str(run_dir / FEATURES_FILE),
         "every": values["every"],
-        "steps": values["steps"],
-        "cfg": values["cfg"],
+        "steps": values["steps"] or None,  # 0: the variant's (training.engine.preview.sampler_settings)
+        "cfg": values["cfg"] or None,
         "seed": values["seed"],
         "width": values["width"],
         "height": values["height"],

@@ -182,3 +182,11 @@ def test_an_output_folder_that_is_not_shared_is_refused(tmp_path):
     assert isinstance(outcomes[1], PackError) and "is not one shared folder" in str(outcomes[1])
     assert isinstance(outcomes[0], PackError) and "rank 1 stopped the pack while checking" in str(outcomes[0])
     assert not (tmp_path / "node0" / "manifest.json").exists() and not (tmp_path / "node0" / ".whetstone.lock").exists()
+
+
+def test_a_multi_resolution_pack_is_refused_on_several_ranks(tmp_path):
+    inputs = make_inputs(tmp_path / "in")
+    config = PackConfig(input_dir=inputs, output_dir=tmp_path / "dist", resolution=(64, 128), samples_per_shard=3)
+    outcomes = run_ranks(2, config)
+    assert all("a distributed pack packs one resolution" in str(outcome) for outcome in outcomes), outcomes
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").glob("*.tar"))

@@ -205,3 +205,37 @@ def test_preview_events_of_a_resumed_run_replace_the_lost_ones(tmp_path):
     assert [(e["step"], e["n"]) for e in read_preview_events(tmp_path)] == [(0, 0), (2, 3)]
     with pytest.raises(PreviewError, match="not step_NNNNNNN"):
         read_preview(tmp_path, {"file": "../../etc/passwd"})
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [("base", SamplerSettings(steps=20, cfg=4.0, shift=3.0)), ("turbo", SamplerSettings(steps=8, cfg=1.0, shift=3.0))],
+)
+def test_unset_preview_settings_are_the_model_variants(tmp_path, variant, expected):
+    features = tmp_path / "prompts.safetensors"
+    write_features(features, negative=True)
+    unset = with_previews(short_run(tmp_path / "run"), features)
+    del unset["preview"]["steps"]
+    config = TrainConfig.from_dict(unset)
+    assert (config.preview.steps, config.preview.cfg, config.preview.shift) == (None, None, None)
+    previewer = build_previewer(
+        config,
+        rank=0,
+        device=torch.device("cpu"),
+        feature_dim=FEATURE_DIM,
+        empty_caption=None,
+        forward_context=None,
+        variant=variant,
+    )
+    assert previewer.settings == expected
+    chosen = TrainConfig.from_dict(with_previews(short_run(tmp_path / "run"), features, steps=5, cfg=2.0, shift=6.0))
+    kept = build_previewer(
+        chosen,
+        rank=0,
+        device=torch.device("cpu"),
+        feature_dim=FEATURE_DIM,
+        empty_caption=None,
+        forward_context=None,
+        variant=variant,
+    )
+    assert kept.settings == SamplerSettings(steps=5, cfg=2.0, shift=6.0)  # what the user set is kept

@@ -87,3 +87,11 @@ def test_train_shows_previews_and_the_report_draws_them(comfy, monkeypatch, tmp_
     chart, _ = report_node.TrainingReport().report(run=run, **defaults(report_node.WIDGETS))
     plain = report_node.report_image([], 20)
     assert chart.shape[1] > plain.shape[1]  # the preview grid below the charts
+
+
+def test_zero_steps_and_cfg_leave_them_to_the_model_variant(tmp_path):
+    defaults_section = previews.preview_section(tmp_path, settings(steps=0, cfg=0.0))
+    assert (defaults_section["steps"], defaults_section["cfg"]) == (None, None)  # the engine takes the variant's
+    chosen = previews.preview_section(tmp_path, settings(steps=12, cfg=3.5))
+    assert (chosen["steps"], chosen["cfg"]) == (12, 3.5)
+    assert (previews.WIDGETS["steps"].default, previews.WIDGETS["cfg"].default) == (0, 0.0)

@@ -150,6 +150,11 @@ def pack_distributed(
             "PackConfig.store_image=False and no latent_encoder: shards would hold no image data; "
             "pass a latent encoder or set store_image=True"
         )
+    if config.multi_resolution:  # its shards close at input boundaries, which the block cutting here does not follow
+        raise PackError(
+            f"--resolution {','.join(map(str, config.resolutions))}: a distributed pack packs one resolution; pack "
+            "several resolutions on one process (without torchrun), or one resolution per distributed pack"
+        )
     lock = _agreed(group, "taking the output folder", lambda: _take_folder(config, group.rank))
     try:
         _agreed(group, "checking the output folder is shared", lambda: _check_shared(config.output_dir, group.rank))

@@ -71,9 +71,10 @@ def encode_block(
             if isinstance(outcome, Skip):
                 record["skipped"].append(_note(index, relative, outcome.reason, outcome.kind))
             else:
-                record["notes"].extend(_note(index, relative, note, kind) for kind, note in outcome.notes)
-                pending.append((index, outcome))
-                if len(pending) == encode_batch:
+                # one Prepared per resolution kept; the distributed pack runs single-resolution packs only
+                record["notes"].extend(_note(index, relative, note, kind) for kind, note in outcome[0].notes)
+                pending.extend((index, prepared) for prepared in outcome)
+                if len(pending) >= encode_batch:
                     flush()
             on_input()
         flush()

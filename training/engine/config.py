@@ -279,9 +279,10 @@ class PreviewSection:
     every: int = bounded(0, ge=0, le=10_000_000)  # steps between previews; 0: at the end only
     at_start: bool = True  # also before the first step (the base model, for comparison); not again on a resume
     seed: int = bounded(0, ge=0, le=2**64 - 1)
-    steps: int = bounded(8, ge=1, le=1000)
-    cfg: float = bounded(1.0, gt=0, le=100)  # ComfyUI's cfg: 1 is no guidance (then no negative prompt runs)
-    shift: float = bounded(3.0, gt=0, le=100)  # ComfyUI's Z-Image sampling shift (ModelSamplingAuraFlow to change)
+    # None: the model variant's (training.model.variants: preview_steps, cfg, sampling_shift)
+    steps: int | None = bounded(None, ge=1, le=1000)
+    cfg: float | None = bounded(None, gt=0, le=100)  # ComfyUI's cfg: 1 is no guidance (then no negative prompt runs)
+    shift: float | None = bounded(None, gt=0, le=100)  # ComfyUI's Z-Image sampling shift (ModelSamplingAuraFlow)
     width: int = bounded(512, ge=16, le=4096)
     height: int = bounded(512, ge=16, le=4096)
 

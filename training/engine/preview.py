@@ -32,6 +32,7 @@ from torch import nn
 
 from ..model.safetensors_io import write_safetensors
 from ..model.sampling import SamplerSettings, sample_zimage
+from ..model.variants import variant_settings
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +243,27 @@ def read_preview(run_dir: str | os.PathLike, event: dict) -> list[torch.Tensor]:
     return [latent.float() for latent in latents]
 
 
+def sampler_settings(section, variant: str) -> SamplerSettings:
+    """The section's sampler settings, each unset one the variant's (``training.model.variants``), logged."""
+    defaults = variant_settings(variant)
+    steps = section.steps if section.steps is not None else defaults.preview_steps
+    cfg = section.cfg if section.cfg is not None else defaults.cfg
+    shift = section.shift if section.shift is not None else defaults.sampling_shift
+    unset = [name for name in ("steps", "cfg", "shift") if getattr(section, name) is None]
+    if unset:
+        logger.info("preview %s: %s's defaults (%s)", ", ".join(unset), defaults.title, variant)
+    return SamplerSettings(steps=steps, cfg=cfg, shift=shift, seed=section.seed)
+
+
 def build_previewer(
-    config, *, rank: int, device: torch.device, feature_dim: int, empty_caption: torch.Tensor | None, forward_context
+    config,
+    *,
+    rank: int,
+    device: torch.device,
+    feature_dim: int,
+    empty_caption: torch.Tensor | None,
+    forward_context,
+    variant: str = "base",
 ) -> Previewer | None:
     """The run's previewer, or None (no ``preview.features``, or a rank that does not sample: see the docstring)."""
     section = config.preview
@@ -253,11 +273,11 @@ def build_previewer(
     if rank != 0 and not sharded:
         return None
     prompts = load_prompt_features(section.features, feature_dim=feature_dim)
-    settings = SamplerSettings(steps=section.steps, cfg=section.cfg, shift=section.shift, seed=section.seed)
+    settings = sampler_settings(section, variant)
     if settings.uses_guidance and prompts.negative is None:
         if empty_caption is None:
             raise PreviewError(
-                f"preview.cfg is {section.cfg} but {section.features} has no 'negative' features and the data has no "
+                f"preview.cfg is {settings.cfg} but {section.features} has no 'negative' features and the data has no "
                 "empty caption: encode a negative prompt with the prompts, or set preview.cfg to 1"
             )
         logger.info("preview negative prompt: the empty caption's features (the file has no 'negative')")

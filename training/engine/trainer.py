@@ -141,6 +141,7 @@ class Trainer:
             feature_dim=model.config.cap_feat_dim,
             empty_caption=empty_caption,
             forward_context=trainer._autocast,
+            variant=variant,
         )
         trainer.resume()
         return trainer

@@ -14,6 +14,7 @@ from ..engine.recipe_flags import add_recipe_flags, recipe_sections
 from ..model.config import PRESETS, ZImageConfig
 from ..model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..vocabulary import ADAPTER_TYPES, LR_SCALINGS, MODES, OPTIMIZERS
+from . import schedule_cli
 from .discovery import discover
 from .plan import PlanRefused, PlanRequest, make_plan
 from .tiers import load_tiers, nearest_tier, simulated_profile
@@ -77,6 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="GB/s of each node's network interface (default: the tier's, else 12.5 = 100 Gb/s)",
     )
+    schedule_cli.add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument(
         "--write-config",
@@ -93,17 +95,24 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        plan = _plan(args)
+        plan, request, profile = _plan(args)
+        shapes, resolutions = None, None
+        if args.resolution_schedule != "none":
+            shapes, resolutions = schedule_cli.plan_schedule(args, request, profile)
+            plan = shapes.base
     except PlanRefused as refusal:
         print(json.dumps({"refused": str(refusal)}) if args.json else str(refusal))
         return 2
     except ValueError as error:
         logger.error("plan: %s", error)
         return 2
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    if args.json:
+        print(json.dumps(plan.to_dict() | ({"shapes": shapes.to_dict()["shapes"]} if shapes else {}), indent=2))
+    else:
+        print(plan.table() + ("\n" + schedule_cli.shapes_table(shapes) if shapes else ""))
     if args.write_config is not None:
         try:
-            _write_config(args, plan)
+            _write_config(args, plan, resolutions)
         except ValueError as error:
             logger.error("plan --write-config: %s", error)
             return 2
@@ -139,7 +148,7 @@ def _plan(args: argparse.Namespace):
         inter_node_gbps=args.inter_node_gbps,
         optimizer=None if args.optimizer == "auto" else args.optimizer,
     )
-    return make_plan(request, profile, tier=tier if args.tier else None)
+    return make_plan(request, profile, tier=tier if args.tier else None), request, profile
 
 
 def model_config(model: str) -> ZImageConfig:
@@ -154,7 +163,7 @@ def model_config(model: str) -> ZImageConfig:
     return infer_config({key: shape for key, (_, shape) in read_header(path).items()})
 
 
-def _write_config(args: argparse.Namespace, plan) -> None:
+def _write_config(args: argparse.Namespace, plan, resolutions: dict | None = None) -> None:
     from ..engine.config import TrainConfig
 
     if args.shards is None:
@@ -167,6 +176,7 @@ def _write_config(args: argparse.Namespace, plan) -> None:
         model=model | recipe["model"],
         objective=recipe["objective"],
         data={"shards": str(args.shards.resolve())},
+        **({"resolutions": resolutions} if resolutions else {}),
     )
     config.save(args.write_config)
     logger.info("wrote %s: python -m training train --config %s", args.write_config, args.write_config)
