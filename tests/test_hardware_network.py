@@ -14,6 +14,7 @@ from training.hardware.network import DEFAULT_INTER_NODE_GBPS, inter_node_traffi
 from training.hardware.plan import PlanRequest, TrainingPlan, make_plan
 from training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from training.model.config import PRESETS
+from training.model.targets import adapter_param_count
 
 #: A tier file describing two nodes (the committed tiers are single machines, each with its workflow, until the
 #: Train node can start a multi-node run).
@@ -134,3 +135,14 @@ def test_cli_plans_several_nodes_and_refuses_zero():
     assert (plan["nodes"], plan["world_size"]) == (2, 8)
     refused = subprocess.run([*command, "--nodes", "0"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--nodes" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_network_prices_the_adapter_types_gradients():
+    lokr = PlanRequest(mode="lora", resolution=1024, lora_rank=32, adapter="lokr")
+    plan = make_plan(lokr, simulated_profile(MULTI), tier=MULTI)
+    expected = 2 * 15 / 16 * adapter_param_count(MODEL, 32, lokr.lora_targets, "lokr") * 4 / 400e9
+    assert decision(plan, "inter_node_s_per_step")[0] == pytest.approx(expected, abs=1e-3)
+    assert (
+        f"{adapter_param_count(MODEL, 32, lokr.lora_targets, 'lokr') / 1e6:.1f} M"
+        in decision(plan, "inter_node_s_per_step")[1]
+    )

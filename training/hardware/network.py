@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import lora_params
-
 #: GB/s per node when nobody says: one 100 Gb/s network interface per node, the common cloud baseline (AWS ENA
 #: 100 Gb/s, Azure/GCP general-purpose nodes). InfiniBand HDR/NDR clusters have 25–50 GB/s per interface and often
 #: one interface per GPU (8x that); pass the real figure with ``--inter-node-gbps``.
@@ -80,8 +78,9 @@ def job_nodes(request, profile, tier) -> int:
     return nodes
 
 
-def plan_network(request, tier, setting, accum: int, decisions) -> int:
-    """The job's node count; for several nodes, the bytes every node's interface carries per step (logged)."""
+def plan_network(request, tier, setting, accum: int, trainable: int, decisions) -> int:
+    """The job's node count; for several nodes, the bytes every node's interface carries per step (logged).
+    ``trainable``: the job's trainable parameters (``MemoryModel.trainable_count``, which knows the adapter type)."""
     nodes = request.nodes or tier.nodes
     if nodes == 1:
         return 1
@@ -92,11 +91,6 @@ def plan_network(request, tier, setting, accum: int, decisions) -> int:
     else:
         gbps, source = DEFAULT_INTER_NODE_GBPS, DEFAULT_INTER_NODE_REASON
     decisions.add("inter_node_gbps", gbps, source)
-    trainable = request.trainable_params or (
-        request.model.total_params()
-        if request.mode == "full"
-        else lora_params(request.model, request.lora_rank, request.lora_targets)
-    )
     traffic = inter_node_traffic(
         parallelism=setting.parallelism,
         trainable_params=trainable,

@@ -265,7 +265,10 @@ def _make_plan(
         f"reach the global batch {global_target} ({source})",
     )
     peak = estimate(request, setting, micro, depth, memory_model, grad_accum=accum)
-    nodes = plan_network(request, tier, setting, accum, decisions)
+    trainable = memory_model.trainable_count(
+        request.mode, request.lora_rank, request.lora_targets, request.trainable_params, request.adapter
+    )
+    nodes = plan_network(request, tier, setting, accum, trainable, decisions)
     swap_bytes = accum * swap_bytes_per_micro_step(request.model, setting.base_storage, setting.swap_blocks)
     return TrainingPlan(
         mode=request.mode,
