@@ -214,28 +214,19 @@ def test_preview_events_of_a_resumed_run_replace_the_lost_ones(tmp_path):
 def test_unset_preview_settings_are_the_model_variants(tmp_path, variant, expected):
     features = tmp_path / "prompts.safetensors"
     write_features(features, negative=True)
+    build = functools.partial(
+        build_previewer,
+        rank=0,
+        device=torch.device("cpu"),
+        feature_dim=FEATURE_DIM,
+        empty_caption=None,
+        forward_context=None,
+        variant=variant,
+    )
     unset = with_previews(short_run(tmp_path / "run"), features)
     del unset["preview"]["steps"]
     config = TrainConfig.from_dict(unset)
     assert (config.preview.steps, config.preview.cfg, config.preview.shift) == (None, None, None)
-    previewer = build_previewer(
-        config,
-        rank=0,
-        device=torch.device("cpu"),
-        feature_dim=FEATURE_DIM,
-        empty_caption=None,
-        forward_context=None,
-        variant=variant,
-    )
-    assert previewer.settings == expected
+    assert build(config).settings == expected
     chosen = TrainConfig.from_dict(with_previews(short_run(tmp_path / "run"), features, steps=5, cfg=2.0, shift=6.0))
-    kept = build_previewer(
-        chosen,
-        rank=0,
-        device=torch.device("cpu"),
-        feature_dim=FEATURE_DIM,
-        empty_caption=None,
-        forward_context=None,
-        variant=variant,
-    )
-    assert kept.settings == SamplerSettings(steps=5, cfg=2.0, shift=6.0)  # what the user set is kept
+    assert build(chosen).settings == SamplerSettings(steps=5, cfg=2.0, shift=6.0)  # what the user set is kept
