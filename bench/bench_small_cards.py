@@ -11,12 +11,20 @@ case also runs uncapped with the levers off (bf16 base, no swap; same micro-batc
 its img/s is the reference, and the loss curves must agree within ``--loss-tolerance`` (mean |difference| / mean
 loss, same seed, same data); ``--isolate`` adds an uncapped FP8-only run so swap and FP8 are judged apart.
 
+``--parallel`` runs each case's capped run and its reference in two processes on the GPU at the same time (this
+script with ``--only capped`` and ``--only reference``), then judges them together: for plans whose micro-batch of one
+leaves the GPU mostly idle, the pair takes little more than one run's time. Their speeds are then measured while
+sharing the GPU and are not speed figures; the two processes' random models are checked to be identical (a
+fingerprint of the weights), and each one's own memory outside its allocator is checked per process (nvidia-smi).
+
 The model is random-initialised once on the GPU and kept in pinned host memory; every run's model is built on the
 meta device and given those tensors (nothing is re-initialised). Before each capped run the bench checks that the
 allocator holds nothing and that no other process or context holds more than ``OTHER_LIMIT`` of the GPU.
 
     python bench/bench_small_cards.py --out "$OUT"                 # 4 cases, 8 steps each (~3 min on an H200)
     python bench/bench_small_cards.py --steps 200 --cases 1x8GB@1024  # the issue's 200 steps for one case
+    python bench/bench_small_cards.py --steps 200 --parallel --cases 1x8GB@512  # capped and reference at once
+    python bench/bench_small_cards.py --steps 200 --reference-steps 12 --cases 1x12GB@1024  # long capped, short ref.
     python bench/bench_small_cards.py --dry-run                    # CPU: the plans only
     python bench/bench_small_cards.py --smoke                      # CPU: the whole bench on a small model
 """
@@ -25,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,15 +51,17 @@ from training.hardware.memory import GIB, MemoryModel  # noqa: E402
 from training.hardware.offload import CONSUMER_PCIE_BYTES_PER_S  # noqa: E402
 from training.hardware.plan import PlanRequest, TrainingPlan, make_plan  # noqa: E402
 from training.hardware.tiers import load_tiers, simulated_profile  # noqa: E402
-from training.model.config import PRESETS, ZImageConfig  # noqa: E402
+from training.model.config import PRESETS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from small_cards_runs import Master, free_device, run  # noqa: E402
 
 logger = logging.getLogger("bench_small_cards")
 
 CASES = ("1x8GB@512", "1x8GB@1024", "1x12GB@1024", "1x16GB@1024")
 RANKS = {"1x8GB": 16, "1x12GB": 16, "1x16GB": 32}  # the tiers' workflows (tools.make_workflows.JOBS)
 CAPS_GIB = {"1x8GB": 8, "1x12GB": 12, "1x16GB": 16}
-OTHER_LIMIT = 2 * GIB  # device memory outside this process's allocator (CUDA context, other processes)
-LEFTOVER_LIMIT = 256 * 2**20  # allocated between runs: cuBLAS workspaces stay, a run's tensors must not
+RUN_KINDS = ("capped", "reference")
 SMOKE_MODEL = PRESETS["tiny"].replace(n_layers=6)
 
 
@@ -60,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(CASES), help="TIER@RESOLUTION,... (tiers 1x8GB, 1x12GB, 1x16GB)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rate and the peak")
+    parser.add_argument("--reference-steps", type=int, help="steps of the levers-off reference (default: --steps)")
+    parser.add_argument("--parallel", action="store_true", help="capped run and reference in two processes at once")
+    parser.add_argument("--only", choices=RUN_KINDS, help=argparse.SUPPRESS)  # one half of --parallel
+    parser.add_argument("--ready-file", help=argparse.SUPPRESS)  # --only capped: written once the GPU was checked
     parser.add_argument("--max-error", type=float, default=0.05, help="largest |predicted / measured peak - 1|")
     parser.add_argument("--loss-tolerance", type=float, default=0.02, help="mean |loss difference| / mean loss")
     parser.add_argument("--isolate", action="store_true", help="also run FP8 without swap, uncapped, per swap case")
@@ -67,8 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="CPU: print the plans, run nothing")
     parser.add_argument("--smoke", action="store_true", help="CPU: run the bench on a 6-block model, levers forced")
     args = parser.parse_args(argv)
-    if args.steps <= args.warmup:
-        parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    args.reference_steps = args.reference_steps or args.steps
+    for name in ("steps", "reference_steps"):
+        if getattr(args, name) <= args.warmup:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must exceed --warmup {args.warmup}")
+    if args.parallel and (args.isolate or args.only or args.dry_run):
+        parser.error("--parallel runs the capped run and the reference only: leave out --isolate/--only/--dry-run")
     return args
 
 
@@ -108,202 +126,19 @@ def run_config(plan: TrainingPlan, run_dir: str, steps: int, **levers) -> TrainC
 
 
 # -------------------------------------------------------------------------------------------------------------
-# the model, built once
-
-
-class Master:
-    """The random-init base in (pinned) host memory; ``model()`` gives a new model holding those tensors."""
-
-    def __init__(self, model_config: ZImageConfig, device: torch.device) -> None:
-        from training.engine.build import random_model
-
-        started = time.perf_counter()
-        model = random_model(model_config, dtype=torch.bfloat16, device=device, seed=0)
-        pin = device.type == "cuda"
-        self.state = {}
-        for name, tensor in model.state_dict().items():
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
-            self.state[name] = host.copy_(tensor)
-        self.config = model_config
-        del model
-        _free()
-        self.build_s = time.perf_counter() - started
-        print(f"master model: {model_config.total_params() / 1e9:.2f} B parameters in {self.build_s:.1f} s", flush=True)
-
-    def model(self):
-        from training.model.zimage import ZImageTransformer
-
-        with torch.device("meta"):
-            model = ZImageTransformer(self.config)
-        model.load_state_dict(self.state, strict=True, assign=True)
-        return model
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-# -------------------------------------------------------------------------------------------------------------
-# one run
-
-
-def device_check(device: torch.device) -> dict:
-    """Next to nothing allocated by this process (cuBLAS workspaces), and what else holds device memory (the CUDA
-    context, other processes): the cap bounds this allocator only."""
-    if device.type != "cuda":
-        return {"other_gib": 0.0}
-    _free()
-    allocated = torch.cuda.memory_allocated(device)
-    free, total = torch.cuda.mem_get_info(device)
-    other = total - free - torch.cuda.memory_reserved(device)
-    if allocated > LEFTOVER_LIMIT:
-        raise RuntimeError(f"{allocated / GIB:.2f} GiB still allocated before a run: the previous run leaked")
-    if other > OTHER_LIMIT:
-        raise RuntimeError(f"{other / GIB:.1f} GiB of the GPU is held outside this allocator: another process runs")
-    return {"other_gib": other / GIB, "leftover_gib": allocated / GIB, "total_gib": total / GIB}
-
-
-def run(
-    label: str,
-    config: TrainConfig,
-    master: Master,
-    device: torch.device,
-    cap_bytes: int | None,
-    warmup: int,
-    probe_plan: TrainingPlan | None = None,
-) -> dict:
-    """Build a Trainer on ``master``'s weights and run ``config.run.steps`` steps; an OOM is recorded, not raised."""
-    from training.engine.block_swap import block_swap_of
-    from training.engine.distributed import init_distributed, shutdown_distributed
-    from training.engine.parallelize import unwrap
-    from training.engine.trainer import Trainer
-    from training.run.events import RunLog
-
-    row: dict = {"run": label, "cap_gib": None if cap_bytes is None else cap_bytes / GIB, **device_check(device)}
-    row.update(fp8_base=config.run.fp8_base, swap_blocks=config.run.swap_blocks)
-    dist_info = init_distributed(timeout_s=600)
-    log = RunLog(config.run.output_dir, rank=0)
-    trainer = None
-    try:
-        if cap_bytes is not None:
-            torch.cuda.set_per_process_memory_fraction(
-                cap_bytes / torch.cuda.get_device_properties(device).total_memory
-            )
-        started = time.perf_counter()
-        trainer = Trainer.build(config, dist_info, log, model=master.model())
-        row["build_s"] = time.perf_counter() - started
-        swap = block_swap_of(unwrap(trainer.model))
-        if swap is not None:
-            swap.measure = device.type == "cuda"
-        row.update(_steps(trainer, swap, config.run.steps, warmup, device, label))
-        if probe_plan is not None and device.type == "cuda":
-            row["probe_predicted_gib"] = probe_prediction(unwrap(trainer.model), probe_plan) / GIB
-    except torch.OutOfMemoryError as error:
-        row["error"] = "OOM: " + str(error).splitlines()[0][:300]
-    finally:
-        trainer = None
-        log.close()
-        shutdown_distributed()
-        if device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        _free()
-    return row
-
-
-def _steps(trainer, swap, steps: int, warmup: int, device: torch.device, label: str) -> dict:
-    from training.engine.timing import window_rate
-
-    events, losses, swaps = [], [], []
-    for step in range(steps):
-        if step == warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        metrics = trainer.train_step()
-        events.append({"time": time.time(), "step_s": metrics["step_s"], "img_per_s": metrics["img_per_s"]})
-        losses.append(metrics["loss"])
-        if swap is not None:
-            stats = swap.take_stats()
-            swaps.append({"bytes": stats.bytes, "copy_s": stats.copy_s, "stall_s": stats.stall_s})
-        trainer.step += 1
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            print(
-                f"  {label}: step {step + 1}/{steps} loss {metrics['loss']:.4f} {metrics['step_s']:.2f} s", flush=True
-            )
-    window = window_rate(events, warmup=warmup)
-    result = {
-        "losses": losses,
-        "img_per_s": window.img_per_s,
-        "median_step_s": window.median_step_s,
-        "timer_vs_wall": window.disagreement,
-    }
-    if device.type == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-        result["reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
-    if swaps:
-        timed = swaps[warmup:]
-        copy_s, stall_s = sum(s["copy_s"] for s in timed), sum(s["stall_s"] for s in timed)
-        result["swap_bytes_per_step"] = sum(s["bytes"] for s in timed) / len(timed)
-        result["swap_copy_s_per_step"] = copy_s / len(timed)
-        result["swap_stall_s_per_step"] = stall_s / len(timed)
-        result["swap_hidden"] = None if copy_s <= 0 else max(0.0, 1 - stall_s / copy_s)
-        result["swap_gb_per_s"] = (
-            None if copy_s <= 0 else result["swap_bytes_per_step"] / result["swap_copy_s_per_step"] / 1e9
-        )
-    return result
-
-
-def probe_prediction(model, plan: TrainingPlan) -> int:
-    """The plan's peak predicted with activation coefficients measured on this model's last main block (the probe
-    the planner calibrates from on a GPU), levers, micro-batch and depth as planned."""
-    from training.hardware.memory import image_tokens_for, padded
-    from training.hardware.probe import probe_coefficients
-
-    image_tokens, caption_tokens = image_tokens_for(plan.resolution, model.config), padded(plan.caption_tokens)
-    block = model.layers[-1]
-    block = getattr(block, "_checkpoint_wrapped_module", block)
-    coefficients = probe_coefficients(
-        block,
-        model.config,
-        micro_batch=plan.micro_batch,
-        tokens_per_sample=image_tokens + caption_tokens,
-        mode="lora",
-        lora_rank=plan.lora_rank,
-    )
-    calibrated = MemoryModel(model=model.config).calibrated_from_probe("lora", coefficients, plan.lora_rank)
-    estimate = calibrated.predict_peak(
-        "lora",
-        plan.micro_batch,
-        image_tokens,
-        caption_tokens,
-        plan.checkpoint_depth,
-        1,
-        plan.lora_rank,
-        lora_targets=plan.lora_targets,
-        parallelism="none",
-        grad_accum=plan.grad_accum,
-        attention_backend=plan.attention_backend,
-        base_storage=plan.base_storage,
-        swap_blocks=plan.swap_blocks,
-    )
-    return estimate.peak_bytes
-
-
-# -------------------------------------------------------------------------------------------------------------
 # a case: capped plan, uncapped references, verdicts
 
 
 def loss_gap(losses: list[float], reference: list[float]) -> float:
-    pairs = list(zip(losses, reference, strict=True))
+    """Mean |difference| / mean |reference| over the steps both runs made (a shorter reference: its steps)."""
+    pairs = list(zip(losses, reference))
     return sum(abs(a - b) for a, b in pairs) / sum(abs(b) for _, b in pairs)
 
 
-def run_case(case: str, master: Master, device: torch.device, args) -> dict:
-    tier_name, cap, plan = case_plan(case, smoke=args.smoke)
+def plan_row(case: str, smoke: bool) -> tuple[dict, int, TrainingPlan]:
+    tier_name, cap, plan = case_plan(case, smoke=smoke)
     print(f"\n== {case}: cap {cap / GIB:.0f} GiB\n{plan.table()}", flush=True)
-    capped_cap = cap if device.type == "cuda" else None
-    row = {"case": case, "tier": tier_name, "resolution": plan.resolution[0], "rank": plan.lora_rank}
+    row = {"case": case, "tier": tier_name, "resolution": plan.resolution[0], "rank": plan.lora_rank, "cap_bytes": cap}
     row.update(
         base_storage=plan.base_storage,
         swap_blocks=plan.swap_blocks,
@@ -314,20 +149,85 @@ def run_case(case: str, master: Master, device: torch.device, args) -> dict:
         budget_gib=plan.budget_bytes / GIB,
         predicted_swap_bytes_per_step=plan.swap_bytes_per_step,
     )
+    return row, cap, plan
+
+
+def run_case(case: str, master: Master, device: torch.device, args) -> dict:
+    """The case's runs (``args.only``: one of them), unjudged."""
+    row, cap, plan = plan_row(case, args.smoke)
+    kinds = [args.only] if args.only else list(RUN_KINDS)
+    ready = None if not args.ready_file else (lambda: Path(args.ready_file).write_text(case))
     with tempfile.TemporaryDirectory(prefix="whetstone-small-") as run_dir:
-        steps, warmup = args.steps, args.warmup
-        row["capped"] = run("plan, capped", run_config(plan, run_dir, steps), master, device, capped_cap, warmup)
-        off = run_config(plan, run_dir, steps, fp8_base=False, swap_blocks=0)
-        row["reference"] = run("levers off, uncapped", off, master, device, None, warmup, probe_plan=plan)
+        warmup = args.warmup
+        if "capped" in kinds:
+            capped_cap = cap if device.type == "cuda" else None
+            config = run_config(plan, run_dir, args.steps)
+            row["capped"] = run("plan, capped", config, master, device, capped_cap, warmup, on_checked=ready)
+        if "reference" in kinds:
+            off = run_config(plan, run_dir, args.reference_steps, fp8_base=False, swap_blocks=0)
+            alone = args.only is None
+            row["reference"] = run(
+                "levers off, uncapped", off, master, device, None, warmup, probe_plan=plan, alone=alone
+            )
         if args.isolate and plan.swap_blocks:
-            fp8_only = run_config(plan, run_dir, steps, swap_blocks=0)
+            fp8_only = run_config(plan, run_dir, args.steps, swap_blocks=0)
             row["fp8_only"] = run("FP8 only, uncapped", fp8_only, master, device, None, warmup)
-    return verdict(row, cap, args)
+    return row
+
+
+def run_parallel(args, cases: list[str]) -> tuple[list[dict], dict]:
+    """This script twice at once, ``--only capped`` and ``--only reference``; their rows joined per case. The
+    reference starts once the capped process has checked the GPU alone (so the check still proves that nothing but
+    its own allocator holds memory in it); only one case is allowed, so that holds for every capped run."""
+    if len(cases) != 1:
+        raise SystemExit("--parallel takes one case (--cases TIER@RESOLUTION): run it once per case")
+    common = ["--cases", cases[0], "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common += ["--reference-steps", str(args.reference_steps)] + (["--smoke"] if args.smoke else [])
+    script = str(Path(__file__).resolve())
+    with tempfile.TemporaryDirectory(prefix="whetstone-small-parallel-") as folder:
+        ready = Path(folder) / "capped-checked"
+        capped = subprocess.Popen(
+            [
+                sys.executable,
+                script,
+                *common,
+                "--only",
+                "capped",
+                "--ready-file",
+                str(ready),
+                "--out",
+                f"{folder}/capped",
+            ]
+        )
+        while not ready.exists() and capped.poll() is None:
+            time.sleep(0.5)
+        reference = subprocess.Popen(
+            [sys.executable, script, *common, "--only", "reference", "--out", f"{folder}/reference"]
+        )
+        codes = {"capped": capped.wait(), "reference": reference.wait()}
+        halves = {}
+        for kind in RUN_KINDS:
+            path = Path(folder) / kind / "bench_small_cards.json"
+            if not path.is_file():
+                raise SystemExit(f"--parallel: the {kind} process (exit code {codes[kind]}) wrote no {path.name}")
+            halves[kind] = json.loads(path.read_text())
+    fingerprints = {kind: half["master_fingerprint"] for kind, half in halves.items()}
+    (capped_row,), (reference_row,) = halves["capped"]["cases"], halves["reference"]["cases"]
+    row = {**capped_row, "reference": reference_row.get("reference")}
+    if len(set(fingerprints.values())) != 1:
+        row["model_mismatch"] = fingerprints
+    return [row], {
+        "parallel": True,
+        "children": {k: {"wall_s": h["wall_s"], "exit": codes[k]} for k, h in halves.items()},
+    }
 
 
 def verdict(row: dict, cap: int, args) -> dict:
-    capped, reference = row["capped"], row["reference"]
-    problems = [f"{name}: {r['error']}" for name, r in (("capped", capped), ("reference", reference)) if "error" in r]
+    capped, reference = row.get("capped") or {}, row.get("reference") or {}
+    problems = [f"{name} did not run" for name, r in (("capped", capped), ("reference", reference)) if not r]
+    problems += [f"{name}: {r['error']}" for name, r in (("capped", capped), ("reference", reference)) if "error" in r]
+    if "model_mismatch" in row:
+        problems.append(f"the two processes built different random models: {row['model_mismatch']}")
     if not problems:
         if "peak_gib" in capped:
             row["predicted_error"] = row["predicted_gib"] / capped["peak_gib"] - 1
@@ -379,6 +279,23 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measure(args, cases: list[str], device: torch.device) -> tuple[list[dict], dict]:
+    """The cases in this process on one master model; rows judged unless this is one half of ``--parallel``."""
+    master = Master(SMOKE_MODEL if args.smoke else PRESETS["z-image"], device)
+    rows = []
+    for case in cases:
+        try:
+            row = run_case(case, master, device, args)
+            rows.append(row if args.only else verdict(row, row["cap_bytes"], args))
+        except Exception as error:  # the other cases still run; this one fails the bench (exit code 1)
+            logger.exception("case %s failed", case)
+            rows.append({"case": case, "ok": False, "problems": [f"{type(error).__name__}: {error}"]})
+            free_device()
+        brief = {k: v for k, v in rows[-1].items() if k not in ("capped", "reference", "fp8_only")}
+        print(json.dumps(brief), flush=True)
+    return rows, {"master_build_s": master.build_s, "master_fingerprint": master.fingerprint}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -392,32 +309,28 @@ def main(argv=None) -> int:
         raise SystemExit("bench_small_cards needs a CUDA GPU; --dry-run prints the plans, --smoke runs on the CPU")
     device = torch.device("cuda", 0) if not args.smoke else torch.device("cpu")
     started = time.perf_counter()
-    master = Master(SMOKE_MODEL if args.smoke else PRESETS["z-image"], device)
-    rows = []
-    for case in cases:
-        try:
-            rows.append(run_case(case, master, device, args))
-        except Exception as error:  # the other cases still run; this one fails the bench (exit code 1)
-            logger.exception("case %s failed", case)
-            rows.append({"case": case, "ok": False, "problems": [f"{type(error).__name__}: {error}"]})
-            _free()
-        print(
-            json.dumps({k: v for k, v in rows[-1].items() if k not in ("capped", "reference", "fp8_only")}), flush=True
-        )
+    if args.parallel:
+        rows, extra = run_parallel(args, cases)
+        rows = [verdict(row, row["cap_bytes"], args) for row in rows]
+    else:
+        rows, extra = measure(args, cases, device)
     result = {
         "bench": "bench_small_cards",
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,
         "steps": args.steps,
+        "reference_steps": args.reference_steps,
         "warmup": args.warmup,
         "wall_s": time.perf_counter() - started,
-        "master_build_s": master.build_s,
+        **extra,
         "cuda_context_assumed_gib": MemoryModel().cuda_context_bytes / GIB,
         "cases": rows,
     }
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_small_cards.json").write_text(json.dumps(result, indent=1))
+    if args.only:
+        return 0 if all("error" not in (r.get(args.only) or {"error": 1}) for r in rows) else 1
     print("\n" + summary(rows))
     failed = [r["case"] for r in rows if not r["ok"]]
     for r in rows:
