@@ -172,6 +172,18 @@ def test_loha_comfyui_file_is_refused_by_diffusers(base, tmp_path):
         load_in_diffusers(base, str(tmp_path / "h.safetensors"))
 
 
+def test_loha_in_peft_form_is_refused_by_diffusers_too(base, tmp_path):
+    """No diffusers route takes LoHa: the pipeline's format check accepts only 'lora' / 'lokr' keys."""
+    save(trained(base, "loha"), "loha", tmp_path / "h.safetensors")
+    peft_form = {
+        f"transformer.{key.removeprefix('diffusion_model.')}": tensor
+        for key, tensor in load_file(tmp_path / "h.safetensors").items()
+        if not key.endswith(".alpha")
+    }
+    with pytest.raises(ValueError, match="We currently support LoRA and LoKr"):
+        diffusers_pipeline(base).load_lora_weights(peft_form)
+
+
 @pytest.mark.parametrize("adapter", ["lora", "lokr"])
 def test_export_of_a_file_diffusers_already_loads_keeps_its_tensors(base, tmp_path, adapter):
     path = tmp_path / f"{adapter}.safetensors"
