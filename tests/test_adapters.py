@@ -23,7 +23,7 @@ from training.model.lora import (
     merge_lora,
 )
 from training.model.lora_file import load_lora_file, merge_lora_file_into, save_lora_file
-from training.model.targets import adapter_param_count, lora_param_count
+from training.model.targets import adapter_param_count, kronecker_factors, lora_param_count
 from training.model.zimage import ZImageTransformer
 from training.vocabulary import ADAPTER_TYPES
 
@@ -130,12 +130,43 @@ def test_dora_trains_on_a_4bit_base_and_merges_to_its_output():
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_lokr_on_a_qkv_whose_kronecker_rows_straddle_q_k_v_is_refused():
-    odd = ZImageConfig(dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, ffn_hidden_dim=85, cap_feat_dim=16,
+def test_lokr_whose_qkv_factor_would_move_another_width_is_refused():
+    """dim 32 = 4 x 8: the fused qkv needs decompose factor 12 (rows 12 x 8, thirds 4 x 8); peft applies one factor
+    to every layer, and a feed-forward width of 96 would then split 12 x 8 instead of its default 8 x 12."""
+    odd = ZImageConfig(dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, ffn_hidden_dim=96, cap_feat_dim=16,
                        axes_dims=(4, 6, 6))  # fmt: skip
-    with pytest.raises(ValueError, match=r"LoKr on layers\.0\.attention\.qkv \[96, 32\].*8 x 12.*12 does not divide"):
-        attach_lora(ZImageTransformer(odd), settings_for("lokr", targets="attention"))
-    attach_lora(ZImageTransformer(odd), settings_for("loha", targets="attention"))  # LoHa slices any height
+    with pytest.raises(ValueError, match=r"fused qkv \[96, 32\].*decompose factor 12 \(rows 12 x 8\).*\[96\]"):
+        attach_lora(ZImageTransformer(odd), settings_for("lokr", targets="attention+ffn"))
+    model = attach_lora(ZImageTransformer(odd), settings_for("lokr", targets="attention"))  # no ffn: fine
+    assert tuple(lora_layers(model)["layers.0.attention.qkv"].lokr_w1["default"].shape) == (12, 4)
+    attach_lora(ZImageTransformer(odd), settings_for("loha", targets="attention+ffn"))  # LoHa slices any height
+
+
+@pytest.mark.parametrize("config", [PRESETS["tiny"], PRESETS["z-image"]], ids=["tiny", "z-image"])
+def test_lokr_qkv_thirds_have_the_default_lokr_shape_of_a_square_linear(config):
+    """Each q/k/v third of the fused LoKr (w1's rows split in 3, w2 shared) has the factors peft (and diffusers'
+    re-derivation) give a [d, d] linear by default; every other targeted linear keeps peft's default split."""
+    d = config.dim
+    with torch.device("meta"):
+        model = attach_lora(ZImageTransformer(config), settings_for("lokr", rank=32, targets="all"))
+    (a, b), default_qkv_rows = kronecker_factors(d), kronecker_factors(3 * d)
+    for name, layer in lora_layers(model).items():
+        w1 = layer.lokr_w1["default"]
+        full = "default" in layer.lokr_w2
+        w2_rows = (layer.lokr_w2 if full else layer.lokr_w2_a)["default"].shape[0]
+        w2_cols = (layer.lokr_w2 if full else layer.lokr_w2_b)["default"].shape[1]
+        assert (w1.shape[1], w2_cols) == kronecker_factors(layer.in_features)
+        if name.endswith("attention.qkv"):
+            assert (w1.shape[0], w2_rows) == (3 * a, b) != default_qkv_rows
+        else:
+            assert (w1.shape[0], w2_rows) == kronecker_factors(layer.out_features)
+
+
+def test_kronecker_factors_are_peft_s_factorization():
+    from peft.tuners.lokr.layer import factorization
+
+    pairs = [(dim, f) for dim in range(1, 300) for f in (-1, 0, 1, 2, 3, 7, 12, 24, 64)] + [(11520, 180), (3840, 180)]
+    assert [kronecker_factors(dim, f) for dim, f in pairs] == [factorization(dim, f) for dim, f in pairs]
 
 
 # ---- peft layers and merging -----------------------------------------------------------------------------------------

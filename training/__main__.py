@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.engine.cli", "train from a run config (plain python or under torchrun)"),
     "previews": ("training.engine.preview_cli", "encode preview prompts; decode a run's previews to PNGs with the VAE"),
     "extract-lora": ("training.model.cli", "extract a LoRA (SVD to a chosen rank) from a full fine-tune"),
+    "export-diffusers": ("training.model.export_cli", "write an adapter file in the form diffusers' Z-Image loads"),
     "launch": ("training.run.multinode", "print (or run) the torchrun command of each node of a multi-node run"),
     "demo": ("training.apps.demo_cli", "CPU demo: pack a generated image set, plan, train a tiny LoRA, report"),
 }

@@ -10,7 +10,8 @@ Our fused ``attention.qkv`` [3d, d] becomes to_q/to_k/to_v, which ComfyUI patche
     dora  A shared, B and dora_scale split by rows (DoRA's scale is per output row);
     loha  (w1_a@w1_b) ⊙ (w2_a@w2_b) restricted to rows = (w1_a[rows]@w1_b) ⊙ (w2_a[rows]@w2_b): the two "a" split;
     lokr  row R of kron(w1, w2) is row R // out_k of w1 and R % out_k of w2, so when out_k divides d each third is
-          kron(w1[rows/out_k], w2) (``adapters.check_lokr_qkv_slices`` refuses other shapes before training).
+          kron(w1[rows/out_k], w2); the qkv trains with ``targets.lokr_decompose_factor``, which makes each third
+          a LoKr of a [d, d] linear's default shape (diffusers re-derives it, so this file loads there too).
 ComfyUI scales LoKr by alpha / rank only when a factor is rank-decomposed; a LoKr of two full matrices has the
 scale folded into w1 and no alpha key, which is also how diffusers reads LoKr alphas.
 """

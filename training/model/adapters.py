@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..vocabulary import ADAPTER_TYPES
-from .targets import lokr_shapes, qlora_unsupported  # noqa: F401  (re-exported: the rule lives torch-free)
+from .targets import lokr_decompose_factor, qlora_unsupported  # noqa: F401  (re-exported: the rules live torch-free)
 
 ADAPTER = "default"
 #: The tensor names each type trains, as peft names them under ``<module>.<kind>.default``.
@@ -36,8 +36,9 @@ DORA_SCALE = "dora_scale"
 COMFY_NORM_EPS = torch.finfo(torch.float32).eps
 
 
-def peft_config(adapter: str, *, rank: int, alpha: float, dropout: float, names: list[str]):
-    """The peft config that builds ``adapter`` on the modules ``names`` (full names: matched exactly)."""
+def peft_config(adapter: str, *, rank: int, alpha: float, dropout: float, names: list[str], lokr_factor: int = -1):
+    """The peft config that builds ``adapter`` on the modules ``names`` (full names: matched exactly); a LoKr's
+    ``decompose_factor`` is ``lokr_factor`` (``targets.lokr_decompose_factor``)."""
     if adapter in ("lora", "dora"):
         from peft import LoraConfig
 
@@ -54,7 +55,7 @@ def peft_config(adapter: str, *, rank: int, alpha: float, dropout: float, names:
 
         # peft's LoKr/LoHa have no input dropout: rank dropout (rows of the delta) stands in for it. Not module
         # dropout, which skips a layer's adapter for a step and so leaves its parameters unused under DDP.
-        return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=names)
+        return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=names, decompose_factor=lokr_factor)
     if adapter == "loha":
         from peft import LoHaConfig
 
@@ -82,18 +83,6 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
     return dequantize_module_weight(layer.get_base_layer()).float()
-
-
-def check_lokr_qkv_slices(in_features: int, out_features: int, rank: int, name: str) -> None:
-    """A fused qkv LoKr is saved as three exact LoKrs (rows of w1 per third) only when the Kronecker row factor
-    out_k divides the q/k/v height; otherwise no per-slice LoKr equals it. Refuse before training, not at the save."""
-    (out_l, _), (out_k, _), _ = lokr_shapes(in_features, out_features, rank)
-    if out_features % 3 or (out_features // 3) % out_k:
-        raise ValueError(
-            f"LoKr on {name} [{out_features}, {in_features}]: peft splits its {out_features} rows into "
-            f"{out_l} x {out_k}, and {out_k} does not divide the q/k/v height {out_features // 3}, so the fused qkv "
-            "adapter has no exact to_q/to_k/to_v form for ComfyUI. Target without attention, or use LoRA/LoHa/DoRA"
-        )
 
 
 def delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:

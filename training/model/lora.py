@@ -93,11 +93,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype 
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; merge_lora() them or build a fresh model first")
     names = target_module_names(model, settings.targets)
-    if settings.adapter == "lokr":
-        for name in names:
-            if name.endswith(".attention.qkv"):
-                linear = model.get_submodule(name)
-                adapters.check_lokr_qkv_slices(linear.in_features, linear.out_features, settings.rank, name)
+    lokr_factor = _lokr_factor(model, names) if settings.adapter == "lokr" else -1
     # full names: matched exactly (peft also accepts '.'-suffixes, none collide here)
     config = adapters.peft_config(
         settings.adapter,
@@ -105,6 +101,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype 
         alpha=settings.effective_alpha,
         dropout=settings.dropout,
         names=names,
+        lokr_factor=lokr_factor,
     )
     injected = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     assert injected is model, "peft must wrap modules in place"
@@ -128,6 +125,22 @@ def attach_lora(model: nn.Module, settings: LoraSettings, *, dtype: torch.dtype 
         sum(p.numel() for p in trainable),
     )
     return model
+
+
+def _lokr_factor(model: nn.Module, names: list[str]) -> int:
+    """peft's decompose factor for a LoKr on ``names`` (``targets.lokr_decompose_factor``), logged with why."""
+    linears = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        linears[name] = (linear.in_features, linear.out_features)
+    factor = adapters.lokr_decompose_factor(linears)
+    if factor != -1:
+        logger.info(
+            "LoKr decompose factor %d (not peft's default -1): the fused qkv's Kronecker rows then split into "
+            "q/k/v LoKrs of a [d, d] linear's own shape, which ComfyUI and diffusers both load exactly",
+            factor,
+        )
+    return factor
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -111,32 +111,64 @@ def _covers(preset: TargetPreset, module: str) -> bool:
 
 
 def kronecker_factors(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """(m, n) with m·n = dimension and m <= n, as peft's and LyCORIS' LoKr split a width (``factor`` -1: the pair
-    closest to a square). Kept here torch-free so the planner prices exactly the shapes peft creates."""
-    if factor > 0 and dimension % factor == 0 and dimension >= factor**2:
-        return min(factor, dimension // factor), max(factor, dimension // factor)
-    factor = dimension if factor < 0 else factor
+    """(m, n) with m·n = dimension, as peft 0.21's ``lokr.layer.factorization`` splits a width: ``factor`` when it
+    divides the width (as (factor, dimension // factor), in that order), else the pair closest to a square with
+    m <= factor (factor -1: no bound). Kept torch-free so the planner prices exactly the shapes peft creates."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    factor = dimension if factor == -1 else factor
     m, n = 1, dimension
     while m < n:
         new_m = m + 1
         while dimension % new_m:
             new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > m + n or new_m > factor:
+        if new_m > factor:
             break
-        m, n = new_m, new_n
+        m, n = new_m, dimension // new_m
     return min(m, n), max(m, n)
 
 
-def lokr_shapes(in_features: int, out_features: int, rank: int) -> tuple[tuple[int, int], tuple[int, int], bool]:
-    """LoKr of one linear as peft builds it (``decompose_both`` off, factor -1): w1 [out_l, in_m] (always a full
-    matrix), w2 [out_k, in_n], and whether w2 is rank-decomposed into w2_a [out_k, r] @ w2_b [r, in_n]."""
-    out_l, out_k = kronecker_factors(out_features)
-    in_m, in_n = kronecker_factors(in_features)
+def lokr_decompose_factor(linears: dict[str, tuple[int, int]]) -> int:
+    """peft's LoKr ``decompose_factor`` for these targeted linears (name → (in_features, out_features)).
+
+    -1 (peft's default: near-square factors) unless a fused ``attention.qkv`` [3d, d] is targeted. Its default
+    factors (for Z-Image 11520 = 96 x 120) split q/k/v into thirds of shape (32 x 120) x (60 x 64), which no per-
+    projection LoKr has: diffusers rebuilds a LoKr file's modules from one factor and cannot. With factor 3a, where
+    d = a x b is a [d, d] linear's near-square split, the qkv's rows split as 3a x b (180 x 64) and each third is a
+    LoKr of exactly a [d, d] linear's default shape (60 x 64) x (60 x 64): w1 holds q/k/v's own rows, w2 is shared.
+    The factor must leave every other targeted width at its default split; otherwise a ValueError says which."""
+    fused = {shape for name, shape in linears.items() if name.endswith("attention.qkv")}
+    if not fused:
+        return -1
+    if len(fused) > 1 or next(iter(fused))[1] != 3 * next(iter(fused))[0]:
+        raise ValueError(f"LoKr: fused qkv linears must all be [3d, d]; got (in, out) {sorted(fused)}")
+    d = next(iter(fused))[0]
+    a, b = kronecker_factors(d)
+    factor = 3 * a
+    widths = {width for name, (i, o) in linears.items() for width in (i, o) if not name.endswith("attention.qkv")}
+    moved = sorted(w for w in widths | {d} if kronecker_factors(w, factor) != kronecker_factors(w))
+    if moved or kronecker_factors(3 * d, factor) != (factor, b):
+        raise ValueError(
+            f"LoKr on a fused qkv [{3 * d}, {d}]: its q/k/v thirds are exact diffusers-loadable LoKrs only with "
+            f"decompose factor {factor} (rows {factor} x {b}), and that factor would also change the split of the "
+            f"widths {moved} (peft applies one factor to every layer). Target without attention, or use "
+            "LoRA/LoHa/DoRA"
+        )
+    return factor
+
+
+def lokr_shapes(
+    in_features: int, out_features: int, rank: int, factor: int = -1
+) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """LoKr of one linear as peft builds it (``decompose_both`` off, ``decompose_factor`` ``factor``): w1
+    [out_l, in_m] (always a full matrix), w2 [out_k, in_n], and whether w2 is rank-decomposed into
+    w2_a [out_k, r] @ w2_b [r, in_n]."""
+    out_l, out_k = kronecker_factors(out_features, factor)
+    in_m, in_n = kronecker_factors(in_features, factor)
     return (out_l, in_m), (out_k, in_n), rank < max(out_k, in_n) / 2
 
 
-def adapter_linear_params(in_features: int, out_features: int, rank: int, adapter: str) -> int:
+def adapter_linear_params(in_features: int, out_features: int, rank: int, adapter: str, lokr_factor: int = -1) -> int:
     """Trainable parameters one adapter type adds to one linear (peft's shapes)."""
     if adapter == "lora":
         return rank * (in_features + out_features)
@@ -145,21 +177,31 @@ def adapter_linear_params(in_features: int, out_features: int, rank: int, adapte
     if adapter == "loha":  # two LoRA-shaped pairs, multiplied elementwise
         return 2 * rank * (in_features + out_features)
     if adapter == "lokr":
-        (out_l, in_m), (out_k, in_n), decomposed = lokr_shapes(in_features, out_features, rank)
+        (out_l, in_m), (out_k, in_n), decomposed = lokr_shapes(in_features, out_features, rank, lokr_factor)
         return out_l * in_m + (rank * (out_k + in_n) if decomposed else out_k * in_n)
     raise ValueError(f"unknown adapter type {adapter!r}; choose one of {list(ADAPTER_TYPES)}")
 
 
-def adapter_param_count(config: ZImageConfig, rank: int, targets: str, adapter: str = "lora") -> int:
-    """Trainable parameters of a preset for one adapter type, over every targeted linear of every block."""
+def targeted_linears(config: ZImageConfig, targets: str) -> dict[str, tuple[int, int]]:
+    """Every targeted linear of one block of each targeted group: ``<group>.<linear>`` → (in, out)."""
     preset = target_preset(targets)
-    total = 0
-    for group, (count, modulated) in block_groups(config).items():
+    linears = {}
+    for group, (_, modulated) in block_groups(config).items():
         if group in preset.block_groups:
             shapes = linear_shapes(config, modulated)
-            per_block = sum(adapter_linear_params(*shapes[m], rank, adapter) for m in preset.modules if m in shapes)
-            total += count * per_block
-    return total
+            linears |= {f"{group}.{m}": shapes[m] for m in preset.modules if m in shapes}
+    return linears
+
+
+def adapter_param_count(config: ZImageConfig, rank: int, targets: str, adapter: str = "lora") -> int:
+    """Trainable parameters of a preset for one adapter type, over every targeted linear of every block."""
+    linears = targeted_linears(config, targets)
+    factor = lokr_decompose_factor(linears) if adapter == "lokr" else -1
+    counts = dict(block_groups(config))
+    return sum(
+        counts[name.partition(".")[0]][0] * adapter_linear_params(*shape, rank, adapter, factor)
+        for name, shape in linears.items()
+    )
 
 
 def qlora_unsupported(adapter: str) -> str | None:
