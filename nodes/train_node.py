@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.data.stats import read_dataset_stats
@@ -263,72 +265,132 @@ class Train:
         return True
 
     def train(self, plan, dataset, model_name, unique_id=None, preview_settings=None, **settings):
-        options = background.options({name: settings.pop(name) for name in background.WIDGETS if name in settings})
-        several = settings.pop("machines", None)  # from Multi-Node Run (optional)
-        if options.background and several is not None:
-            raise ValueError("background is for runs on this machine: turn it off, or unlink Multi-Node Run")
-        ema = {name: widget.default for name, widget in EMA_WIDGETS.items()} | {
-            name: settings.pop(name) for name in EMA_WIDGETS if name in settings
-        }
-        values = check_all(WIDGETS, settings) | check_all(EMA_WIDGETS, ema)
-        values["variant"] = variant_inputs.model_settings(settings)
-        run_name = paths.check_name(values["run_name"], "run_name")
-        run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
-        lora_path = paths.new_child(paths.lora_roots(), f"{run_name}.safetensors", "run_name")
-        dataset_dir = paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
-        model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
-        preview = previews.preview_section(run_dir, preview_settings.values) if preview_settings else None
-        tuned_path, tuned_name = fine_tune_path(run_name, model_path) if plan.mode == "full" else (None, None)
-        full = {"model_path": str(tuned_path)} if tuned_path is not None else {}
-        config = build_config(plan, dataset_dir, model_path, run_dir, lora_path, values, preview, full)
+        options, several, values = read_settings(settings)
+        files = run_files(plan, dataset, model_name, paths.check_name(values["run_name"], "run_name"))
+        preview = previews.preview_section(files.run_dir, preview_settings.values) if preview_settings else None
+        full = {"model_path": str(files.tuned_path)} if files.tuned_path is not None else {}
+        config = build_config(
+            plan, files.dataset_dir, files.model_path, files.run_dir, files.lora_path, values, preview, full
+        )
         run_variant(config)  # Turbo with nothing protecting its distillation: refused here, naming the fixes
         per_node = multinode.gpus_per_node(plan, several)
-        machines = multinode.plan_multinode(several, run_dir / CONFIG_FILE, per_node, PACK_ROOT)
+        machines = multinode.plan_multinode(several, files.run_dir / CONFIG_FILE, per_node, PACK_ROOT)
         config = multinode.across_nodes(config, machines)
-        command = train_command(run_dir / CONFIG_FILE, plan.world_size) if machines is None else machines.this_node
-        process = RunProcess(run_dir, command, cwd=PACK_ROOT, lock_for_child=machines is None)
+        command = (
+            train_command(files.run_dir / CONFIG_FILE, plan.world_size) if machines is None else machines.this_node
+        )
+        process = RunProcess(files.run_dir, command, cwd=PACK_ROOT, lock_for_child=machines is None)
         process.claim()  # refuses a folder that a live run holds, before anything in it is written
+        save_files = functools.partial(save_run_files, files.run_dir, config, preview_settings)
         if options.background:
-            save_files = functools.partial(save_run_files, run_dir, config, preview_settings)
-            return background.submit(process, save_files, plan, options, lora_path, (tuned_path, tuned_name))
-        try:
-            comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
-            save_run_files(run_dir, config, preview_settings)
-            progress = Progress(unique_id, run_name, values["steps"])
-            progress.send("start", total_steps=values["steps"])
-            if machines is not None:
-                progress.send("nodes", commands=machines.others, text=multinode.announce(machines, run_dir))
-            process.start()
-        except BaseException:
-            process.release()
-            raise
+            tuned = (files.tuned_path, files.tuned_name)
+            return background.submit(process, save_files, plan, options, files.lora_path, tuned)
+        progress = start_here(
+            process, save_files, machines, node_id=unique_id, run_name=files.run_name, steps=values["steps"]
+        )
         watcher = None
         if preview_settings is not None:
-            watcher = previews.PreviewWatcher(run_dir, run_name, unique_id, preview_settings.decode)
+            watcher = previews.PreviewWatcher(files.run_dir, files.run_name, unique_id, preview_settings.decode)
         interrupted = follow(process, progress, watcher=watcher)
-        result = outcome(run_dir, process.wait(STOP_TIMEOUT_SECONDS))
-        result_name, folder = (tuned_name, "diffusion_models") if tuned_name else (lora_path.name, "loras")
-        ended = finished_text(result.state, result.message, run_name, result_name, folder=folder)
-        progress.send("end", state=result.state, message=ended)
-        if interrupted:
-            logger.info("training %s stopped by the user: %s", run_name, result.message)
-            comfy_bridge.raise_if_interrupted()
-        if result.state == "failed":
-            raise TrainingFailed(failure_message(run_dir, result))
-        summary = read_summary(run_dir) or {}
-        run = RunRef(
-            run_dir=run_dir,
-            lora_path=lora_path,
-            lora_name=lora_path.name,
-            state=result.state,
-            summary=summary,
-            model_path=tuned_path,
-            model_name=tuned_name,
-        )
-        result_line = f"model: {tuned_path}" if tuned_path is not None else f"LoRA: {lora_path}"
-        if summary.get("ema_file"):
-            result_line += f"\nEMA of the weights: {summary['ema_file']}"
-        report = f"{ended}\nrun folder: {run_dir}\n{result_line}"
+        result = outcome(files.run_dir, process.wait(STOP_TIMEOUT_SECONDS))
+        return finished_output(result, files, progress, machines, interrupted=interrupted)
+
+
+def read_settings(settings: dict) -> tuple[background.BackgroundOptions, object, dict]:
+    """(background options, Multi-Node Run's machines or None, the checked widget values) of the node's inputs."""
+    options = background.options({name: settings.pop(name) for name in background.WIDGETS if name in settings})
+    several = settings.pop("machines", None)  # from Multi-Node Run (optional)
+    if options.background and several is not None:
+        raise ValueError("background is for runs on this machine: turn it off, or unlink Multi-Node Run")
+    ema = {name: widget.default for name, widget in EMA_WIDGETS.items()} | {
+        name: settings.pop(name) for name in EMA_WIDGETS if name in settings
+    }
+    values = check_all(WIDGETS, settings) | check_all(EMA_WIDGETS, ema)
+    values["variant"] = variant_inputs.model_settings(settings)
+    return options, several, values
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run reads and writes: its folder, its LoRA, the shard set, the base model, and (mode full) the
+    fine-tune's file and its name in diffusion_models."""
+
+    run_name: str
+    run_dir: Path
+    lora_path: Path
+    dataset_dir: Path
+    model_path: Path
+    tuned_path: Path | None
+    tuned_name: str | None
+
+    @property
+    def result(self) -> tuple[str, str]:
+        """(the result's name, its ComfyUI folder): the fine-tune's model, else the LoRA."""
+        return (self.tuned_name, "diffusion_models") if self.tuned_name else (self.lora_path.name, "loras")
+
+
+def run_files(plan, dataset, model_name: str, run_name: str) -> RunFiles:
+    """The run's paths, each confined to its ComfyUI folder (refused, naming the input, when it is not)."""
+    run_dir = paths.new_child(paths.run_roots(), run_name, "run_name")
+    lora_path = paths.new_child(paths.lora_roots(), f"{run_name}.safetensors", "run_name")
+    dataset_dir = paths.confine(str(dataset.path), paths.dataset_roots(), "dataset", must_exist=True)
+    model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
+    tuned_path, tuned_name = fine_tune_path(run_name, model_path) if plan.mode == "full" else (None, None)
+    return RunFiles(
+        run_name=run_name,
+        run_dir=run_dir,
+        lora_path=lora_path,
+        dataset_dir=dataset_dir,
+        model_path=model_path,
+        tuned_path=tuned_path,
+        tuned_name=tuned_name,
+    )
+
+
+def start_here(
+    process: RunProcess, save_files: Callable[[], None], machines, *, node_id, run_name: str, steps: int
+) -> Progress:
+    """Start the run in the foreground: free ComfyUI's models, write the run's files, announce the run to the node
+    and start the child; the claimed folder is released when any of it fails. Returns the node's progress."""
+    try:
+        comfy_bridge.unload_models()  # the plan counted on a free GPU: ComfyUI's VAE and text encoder give it
+        save_files()
+        progress = Progress(node_id, run_name, steps)
+        progress.send("start", total_steps=steps)
         if machines is not None:
-            report += f"\nnodes: {machines.nodes} (the others' commands: {run_dir / multinode.OTHER_NODES_FILE})"
-        return {"ui": {"text": [report]}, "result": (run, result_name, report)}
+            progress.send("nodes", commands=machines.others, text=multinode.announce(machines, process.run_dir))
+        process.start()
+    except BaseException:
+        process.release()
+        raise
+    return progress
+
+
+def finished_output(result, files: RunFiles, progress: Progress, machines, *, interrupted: bool) -> dict:
+    """The node's output once the run ended: the end event, the user's interrupt or the failure raised, else the run,
+    the result's name and the report."""
+    result_name, folder = files.result
+    ended = finished_text(result.state, result.message, files.run_name, result_name, folder=folder)
+    progress.send("end", state=result.state, message=ended)
+    if interrupted:
+        logger.info("training %s stopped by the user: %s", files.run_name, result.message)
+        comfy_bridge.raise_if_interrupted()
+    if result.state == "failed":
+        raise TrainingFailed(failure_message(files.run_dir, result))
+    summary = read_summary(files.run_dir) or {}
+    run = RunRef(
+        run_dir=files.run_dir,
+        lora_path=files.lora_path,
+        lora_name=files.lora_path.name,
+        state=result.state,
+        summary=summary,
+        model_path=files.tuned_path,
+        model_name=files.tuned_name,
+    )
+    result_line = f"model: {files.tuned_path}" if files.tuned_path is not None else f"LoRA: {files.lora_path}"
+    if summary.get("ema_file"):
+        result_line += f"\nEMA of the weights: {summary['ema_file']}"
+    report = f"{ended}\nrun folder: {files.run_dir}\n{result_line}"
+    if machines is not None:
+        report += f"\nnodes: {machines.nodes} (the others' commands: {files.run_dir / multinode.OTHER_NODES_FILE})"
+    return {"ui": {"text": [report]}, "result": (run, result_name, report)}
