@@ -13,6 +13,8 @@ const TEXT_NODES = new Set([
   "WhetstoneLoadTrainedLoRA",
 ]);
 const TRAIN_NODE = "WhetstoneTrain";
+// The nodes that show a run's preview strip: Train, and Wait for Run (it decodes a background run's previews).
+const PREVIEW_NODES = new Set([TRAIN_NODE, "WhetstoneWaitForRun"]);
 // The plan's table keeps its columns (the node is sized for it, and widens to its longest line); every other panel
 // wraps its lines, long paths included, so it never grows sideways into its neighbours.
 const TABLE_NODES = new Set(["WhetstoneTrainingPlan"]);
@@ -196,7 +198,7 @@ async function loadHistory(node, keepStatus = false) {
   node.setDirtyCanvas?.(true, false);
 }
 
-// Previews ("whetstone.preview": images the Train node decoded into ComfyUI's temp folder): a strip of the prompts'
+// Previews ("whetstone.preview": images the Train or Wait for Run node decoded into ComfyUI's temp folder): a strip of the prompts'
 // images at one preview step, the latest by default, and a slider over the steps seen so far.
 const MAX_PREVIEW_STEPS = 200;
 
@@ -277,15 +279,13 @@ app.registerExtension({
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!TEXT_NODES.has(nodeData.name)) return;
+    if (!TEXT_NODES.has(nodeData.name) && !PREVIEW_NODES.has(nodeData.name)) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
-      if (nodeData.name === TRAIN_NODE) {
-        addChartPanel(this);
-        addPreviewPanel(this);
-      }
-      addTextPanel(this, !TABLE_NODES.has(nodeData.name));
+      if (nodeData.name === TRAIN_NODE) addChartPanel(this);
+      if (PREVIEW_NODES.has(nodeData.name)) addPreviewPanel(this);
+      if (TEXT_NODES.has(nodeData.name)) addTextPanel(this, !TABLE_NODES.has(nodeData.name));
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;

@@ -56,9 +56,18 @@ def gpu_request(plan, gpu_ids: tuple[int, ...] | None) -> int:
     return count
 
 
-def submit(process, save_files: Callable[[], None], plan, chosen: BackgroundOptions, lora_path, tuned=(None, None)):
+def submit(
+    process,
+    save_files: Callable[[], None],
+    plan,
+    chosen: BackgroundOptions,
+    lora_path,
+    tuned=(None, None),
+    decode_previews=None,
+):
     """Write the run's files (config...) while the folder is claimed, hand the run to the scheduler; the node's
-    output at once. ``tuned``: a full fine-tune's (model path, name in diffusion_models), else (None, None)."""
+    output at once. ``tuned``: a full fine-tune's (model path, name in diffusion_models), else (None, None);
+    ``decode_previews``: Preview Settings' decoder, kept in the handle for Wait for Run."""
     run_dir = process.run_dir
     try:
         count = gpu_request(plan, chosen.gpu_ids)
@@ -86,5 +95,8 @@ def submit(process, save_files: Callable[[], None], plan, chosen: BackgroundOpti
         summary={},
         model_path=model_path,
         model_name=model_name,
+        decode_previews=decode_previews,
     )
+    if decode_previews is not None:
+        report += "\npreviews: sampled by the run; Wait for Run decodes them (Training Report draws them after it)"
     return {"ui": {"text": [report]}, "result": (run, model_name or lora_path.name, report)}

@@ -284,7 +284,8 @@ class Train:
         save_files = functools.partial(save_run_files, files.run_dir, config, preview_settings)
         if options.background:
             tuned = (files.tuned_path, files.tuned_name)
-            return background.submit(process, save_files, plan, options, files.lora_path, tuned)
+            decode = preview_settings.decode if preview_settings is not None else None
+            return background.submit(process, save_files, plan, options, files.lora_path, tuned, decode)
         progress = start_here(
             process, save_files, machines, node_id=unique_id, run_name=files.run_name, steps=values["steps"]
         )

@@ -46,3 +46,6 @@ class RunRef:
     summary: dict = field(default_factory=dict)
     model_path: Path | None = None  # mode 'full': the fine-tuned transformer (in diffusion_models), else None
     model_name: str | None = None  # its name in ComfyUI's diffusion_models list
+    # A background run with Preview Settings: the wired VAE's decoder (latents -> pixels), for Wait for Run to turn
+    # the engine's preview latents into images as the foreground Train node does. Lives in this process only.
+    decode_previews: Any = None

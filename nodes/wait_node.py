@@ -1,5 +1,6 @@
 """Wait for Run: a background run's handle -> its result once saved (or the run's end), so a workflow can still
-train, then sample, in one queue. The result is the LoRA, or for a full fine-tune the model it writes to
+train, then sample, in one queue; with Preview Settings linked to that Train it decodes the run's previews as they
+come (as the foreground Train node does). The result is the LoRA, or for a full fine-tune the model it writes to
 diffusion_models at its end (as the foreground Train node outputs them). Cancel stops the waiting, not the job (the
 jobs panel stops jobs)."""
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.run.jobs import JobStore, find, job_state
-from . import comfy_bridge, paths
+from . import comfy_bridge, paths, previews
 from .jobs_api import describe_job
 from .validation import Choice, Int, check_all, declare
 from .values import RUN_TYPE, RunRef
@@ -60,7 +61,8 @@ class WaitForRun:
         "Waits for a run that Train started in the background: until it has saved a LoRA (or until it ends), then "
         "outputs the run and the LoRA's name for Load Trained LoRA or a LoRA loader. A full fine-tune (mode full) "
         "gives its model, saved at its end: the run for Load Trained Model and the model's name in diffusion_models. "
-        "Cancel stops the waiting; the job goes on (stop it in the Whetstone jobs panel)."
+        "With Preview Settings linked to that Train, it decodes the run's previews as they come, for Training "
+        "Report's grid. Cancel stops the waiting; the job goes on (stop it in the Whetstone jobs panel)."
     )
     CATEGORY = "Whetstone"
     FUNCTION = "wait"
@@ -74,13 +76,16 @@ class WaitForRun:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"run": (RUN_TYPE, {"tooltip": "From Train (background on)."}), **declare(WIDGETS)}}
+        return {
+            "required": {"run": (RUN_TYPE, {"tooltip": "From Train (background on)."}), **declare(WIDGETS)},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
 
     @classmethod
     def IS_CHANGED(cls, **_inputs):
         return float("nan")  # the run goes on between queues: look again every time
 
-    def wait(self, run, **settings):
+    def wait(self, run, unique_id=None, **settings):
         values = check_all(WIDGETS, settings)
         run_dir = paths.confine(str(run.run_dir), paths.run_roots(), "run", must_exist=True)
         store = JobStore(run_dir.parent)
@@ -89,9 +94,14 @@ class WaitForRun:
         result = run_result(run)
         deadline = time.monotonic() + 60 * values["timeout_minutes"] if values["timeout_minutes"] else None
         bar = None
+        watcher = None
+        if run.decode_previews is not None:  # Preview Settings linked to the background Train
+            watcher = previews.PreviewWatcher(run_dir, run_dir.name, unique_id, run.decode_previews)
         while True:
             record = find(store.read(), run_dir.name)
             state, message = job_state(run_dir, record)
+            if watcher is not None:
+                watcher.poll()  # the previews sampled so far, decoded into the run folder and sent to this node
             if state in ENDED or (values["until"] == "lora" and fresh(result.path, since)):
                 break
             comfy_bridge.raise_if_interrupted()

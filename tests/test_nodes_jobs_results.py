@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from test_nodes_jobs import comfy, defaults, job, runs, start_in_background  # noqa: F401 (comfy: fixture)
 from test_nodes_pack import FakeCLIP, FakeVAE, make_images
 from test_nodes_previews import FakeFluxVAE
@@ -17,6 +18,7 @@ from test_nodes_previews import settings as preview_values
 from test_nodes_support import pack_module
 
 from training.engine.preview import load_prompt_features, read_preview_events
+from training.engine.preview_images import image_path
 from training.lock import FolderLock
 from training.model.config import PRESETS
 from training.model.weights import read_header, save_weights
@@ -30,6 +32,7 @@ plan_node = pack_module("nodes.plan_node")
 pack_node = pack_module("nodes.pack_node")
 model_node = pack_module("nodes.model_node")
 previews = pack_module("nodes.previews")
+report_node = pack_module("nodes.report_node")
 bridge = pack_module("nodes.comfy_bridge")
 values = pack_module("nodes.values")
 
@@ -132,10 +135,16 @@ def test_a_background_full_fine_tune_names_its_model_and_wait_for_run_hands_it_t
 
 
 @pytest.mark.slow
-def test_a_background_run_with_preview_settings_writes_the_prompts_for_the_engine(comfy):  # noqa: F811
+def test_a_background_run_with_preview_settings_writes_the_prompts_and_wait_for_run_decodes_the_previews(
+    comfy,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+):
+    monkeypatch.setattr(bridge, "temp_directory", lambda: tmp_path / "temp")
     dataset = packed(comfy)
     (request,) = previews.PreviewSettings().settings(FakeCLIP(), FakeFluxVAE(), **preview_values())
-    run, _, _ = start_in_background(comfy, dataset, plan_for("lora"), "bgprev", steps=2, preview_settings=request)
+    run, _, report = start_in_background(comfy, dataset, plan_for("lora"), "bgprev", steps=2, preview_settings=request)
+    assert "Wait for Run decodes them" in report
     features_file = run.run_dir / previews.FEATURES_FILE
     config = json.loads((run.run_dir / "config.json").read_text())
     assert config["preview"]["features"] == str(features_file) and config["preview"]["every"] == 1
@@ -145,8 +154,17 @@ def test_a_background_run_with_preview_settings_writes_the_prompts_for_the_engin
         assert torch.equal(got, encoded.float())
     assert torch.equal(written.negative, request.prompts.negative.float())
 
-    done, _, state = wait_node.WaitForRun().wait(run, until="end", timeout_minutes=5)
+    done, _, state = wait_node.WaitForRun().wait(run, until="end", timeout_minutes=5, unique_id="9")
     assert done.state == "completed", state
     sampled = read_preview_events(run.run_dir)
     assert [event["step"] for event in sampled] == [0, 1, 2]
     assert all(event["prompts"] == ["a red cat", "a blue dog"] for event in sampled)
+    sent = [data for event, data in comfy.events if event == previews.PREVIEW_EVENT]
+    assert [(data["node"], data["run"], data["step"]) for data in sent] == [("9", "bgprev", s) for s in (0, 1, 2)]
+    for event in sampled:  # decoded with the wired VAE into the run folder, as the foreground Train node does
+        for index in range(2):
+            with Image.open(image_path(run.run_dir, event["step"], index)) as image:
+                assert image.size == (64, 64)
+    assert all((tmp_path / "temp" / image["subfolder"] / image["filename"]).is_file() for image in sent[-1]["images"])
+    grid = report_node.report_image([], 20, run.run_dir)
+    assert grid.shape[1] > 620, "Training Report draws the previews below its charts"
