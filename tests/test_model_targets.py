@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from training.engine import config as engine_config
+from training.engine import config_sections
 from training.hardware.memory import MemoryModel, lora_params
 from training.hardware.request import PlanRequest
 from training.model.config import PRESETS
@@ -54,7 +55,7 @@ def test_infer_targets_recovers_every_preset(targets):
 def test_vocabularies_are_defined_once():
     assert LORA_TARGETS == typing.get_args(LoraTargets) == tuple(TARGET_PRESETS)
     assert MODES == typing.get_args(Mode)
-    assert engine_config.LORA_TARGETS is LORA_TARGETS and engine_config.MODES is MODES
+    assert config_sections.LORA_TARGETS is LORA_TARGETS and engine_config.MODES is MODES
     for bad, field in (("bogus", "lora_targets"), ("bogus", "attention_backend")):
         with pytest.raises(ValueError, match=field):
             PlanRequest(mode="lora", resolution=512, **{field: bad})
