@@ -1,4 +1,5 @@
-"""The model a run trains: loaded or randomly initialised on the device, then made LoRA / QLoRA / full.
+"""The model a run trains: loaded or randomly initialised on the device, then made LoRA / QLoRA / full and
+parallelized; the precision it computes in and the objective it trains (``Trainer.build`` assembles these).
 
 Random init builds on the meta device and materialises directly on the target device (the 6 B model never passes
 through CPU RAM on a GPU run); every rank seeds the same generator, so every rank starts from the same weights.
@@ -17,8 +18,11 @@ from ..model.config import ZImageConfig, preset
 from ..model.layers import RMSNorm
 from ..model.lora import LoraSettings, attach_lora
 from ..model.zimage import ZImageTransformer
+from .compile_bounds import image_shape_count
 from .config import TrainConfig
 from .distributed import DistInfo
+from .objective import FlowObjective
+from .parallelize import parallelize
 from .quantize import quantize_blocks
 
 logger = logging.getLogger(__name__)
@@ -146,3 +150,53 @@ def load_empty_caption(config: TrainConfig, device: torch.device, folder: Path |
         raise ValueError(f"{path} holds {sorted(tensors)}, not {EMPTY_CAPTION_KEY!r}; re-pack the shard set")
     logger.info("caption dropout %.2f with the empty caption from %s", config.data.caption_dropout, path)
     return tensors[EMPTY_CAPTION_KEY].to(device)
+
+
+def parallelized(model: ZImageTransformer, config: TrainConfig, dist_info: DistInfo) -> nn.Module:
+    """The model as the forward calls it: checkpointed, compiled, FP8, swapped and wrapped (DDP / FSDP2) as planned."""
+    run = config.run
+    return parallelize(
+        model,
+        mode=config.mode,
+        dist_info=dist_info,
+        checkpoint_depth=run.checkpoint_depth,
+        compile=run.compile,
+        fp8=run.fp8,
+        param_dtype=compute_dtype(config),
+        cpu_offload=run.fsdp_cpu_offload,
+        ddp_bf16_grads=run.ddp_bf16_grads,
+        strategy=config.parallel.strategy,
+        fp8_base=run.fp8_base,
+        swap_blocks=run.swap_blocks,
+        image_shapes=image_shape_count(config) if run.compile else 1,
+    )
+
+
+def uses_autocast(config: TrainConfig, dist_info: DistInfo) -> bool:
+    """bf16 autocast on CUDA for LoRA/QLoRA (bf16 base, float32 LoRA); FSDP2's policy casts in full mode."""
+    return dist_info.is_cuda and config.mode != "full" and compute_dtype(config) == torch.bfloat16
+
+
+def precision_summary(config: TrainConfig, dist_info: DistInfo) -> str:
+    """The precision the run trains in, as the log states it."""
+    if config.mode == "full":
+        return f"float32 master weights, {compute_dtype(config)} compute and float32 gradient reduction (FSDP2)"
+    if uses_autocast(config, dist_info):
+        return "bf16 autocast over the frozen base; float32 LoRA weights and optimizer state"
+    return f"{compute_dtype(config)} base without autocast ({dist_info.device.type}); float32 LoRA weights"
+
+
+def flow_objective(config: TrainConfig) -> FlowObjective:
+    """The σ sampling and loss weighting of ``config.objective``, with the data's caption dropout and the run's seed."""
+    section = config.objective
+    return FlowObjective(
+        sampler=section.sigma_sampler,
+        shift=section.shift,
+        shift_rule=section.shift_rule,
+        logit_mean=section.logit_mean,
+        logit_std=section.logit_std,
+        mode_scale=section.mode_scale,
+        loss_weighting=section.loss_weighting,
+        caption_dropout=config.data.caption_dropout,
+        seed=config.run.seed,
+    )

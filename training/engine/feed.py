@@ -108,6 +108,16 @@ def _check_enough_data(config: TrainConfig, world_size: int, folder: Path) -> No
         )
 
 
+def limited_batches(loader, captions, config: TrainConfig) -> Iterator[Batch]:
+    """The batch stream under the planned caption length. Synthetic captions all have ``data.caption_tokens``
+    tokens and live on the device: checking each batch would cost a device sync per micro-step for nothing, so
+    they pass through the limit only when that fixed length exceeds it."""
+    if isinstance(loader, SyntheticBatches):
+        over = captions.max_tokens and config.data.caption_tokens > captions.max_tokens
+        return captions.wrap(iter(loader)) if over else iter(loader)
+    return captions.wrap(endless_epochs(loader))
+
+
 def checked(batch: Batch) -> Batch:
     if batch.latents is None or batch.caption_features is None:
         raise ValueError(

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import math
-import resource
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -22,23 +21,23 @@ from ..model.lora_file import save_lora_file
 from ..run.events import RunLog, maybe_profile
 from ..run.failure import plan_for_messages, record
 from ..run.session import run_session
-from .build import apply_mode, build_model, compute_dtype
+from .build import apply_mode, build_model, flow_objective, parallelized, precision_summary, uses_autocast
 from .checkpoint import Checkpointer
-from .compile_bounds import image_shape_count
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from .ema import WeightAverage, ema_path
-from .feed import build_loader, caption_limit, checked, endless_epochs
+from .feed import build_loader, caption_limit, checked, limited_batches
 from .objective import FlowObjective
 from .optim import averaged_weights, build_optimizer, build_scheduler, clip_gradients, trainable_parameters
-from .parallelize import attention_kernels, clean_name, gradient_sync, parallelize, unwrap
+from .parallelize import attention_kernels, clean_name, gradient_sync, unwrap
 from .preview import Previewer, build_previewer
 from .progress import Progress
 from .results import save_full_model
-from .shapes import FixedShape, ResolutionStreams, shape_metrics, shape_summary, step_shapes
+from .shapes import FixedShape, ResolutionStreams, shape_metrics, step_shapes
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
-from .synthetic import SyntheticBatches, global_sample_indices
+from .summary import peak_memory_gb, run_summary
+from .synthetic import global_sample_indices
 from .variant_setup import lora_metadata, prepare_variant
 
 logger = logging.getLogger(__name__)
@@ -87,33 +86,15 @@ class Trainer:
         model = build_model(config, dist_info) if model is None else model
         variant = prepare_variant(model, config)  # Turbo: its de-distillation adapter merges before LoRA/QLoRA
         lora = apply_mode(model, config)
-        if lora is not None and _uses_autocast(config, dist_info):
-            count = set_lora_input_cast(model, False)
-            logger.info(
-                "LoRA inputs stay bf16 in %d layers (autocast runs the adapters in bf16; no fp32 copies)", count
-            )
+        _keep_lora_inputs_bf16(model, config, dist_info, lora)
         run = config.run
-        forward = parallelize(
-            model,
-            mode=config.mode,
-            dist_info=dist_info,
-            checkpoint_depth=run.checkpoint_depth,
-            compile=run.compile,
-            fp8=run.fp8,
-            param_dtype=compute_dtype(config),
-            cpu_offload=run.fsdp_cpu_offload,
-            ddp_bf16_grads=run.ddp_bf16_grads,
-            strategy=config.parallel.strategy,
-            fp8_base=run.fp8_base,
-            swap_blocks=run.swap_blocks,
-            image_shapes=image_shape_count(config) if run.compile else 1,
-        )
+        forward = parallelized(model, config, dist_info)
         params = trainable_parameters(model)
-        logger.info("precision: %s", _precision(config, dist_info))
+        logger.info("precision: %s", precision_summary(config, dist_info))
         optimizer = build_optimizer(params, config.optim, device=dist_info.device)
         loader, empty_caption = build_loader(config, dist_info, model)
-        objective = _objective(config)
-        shapes = step_shapes(loader, run, objective, lambda stream: _limited(stream, captions, config))
+        objective = flow_objective(config)
+        shapes = step_shapes(loader, run, objective, lambda stream: limited_batches(stream, captions, config))
         trainer = cls(
             config=config,
             dist_info=dist_info,
@@ -283,7 +264,7 @@ class Trainer:
     def _autocast(self) -> contextlib.ExitStack:
         """bf16 autocast on CUDA, and the SDPA kernel the plan priced (``model.attention_backend``)."""
         stack = contextlib.ExitStack()
-        if _uses_autocast(self.config, self.dist_info):
+        if uses_autocast(self.config, self.dist_info):
             stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
         stack.enter_context(attention_kernels(self.config.model.attention_backend, self.dist_info.device))
         return stack
@@ -331,49 +312,11 @@ class Trainer:
             save_full_model(model, path, dist_info=self.dist_info, metadata=metadata)
 
 
-def _limited(loader, captions, config: TrainConfig) -> Iterator[Batch]:
-    """The batch stream under the planned caption length. Synthetic captions all have ``data.caption_tokens``
-    tokens and live on the device: checking each batch would cost a device sync per micro-step for nothing, so
-    they pass through the limit only when that fixed length exceeds it."""
-    if isinstance(loader, SyntheticBatches):
-        over = captions.max_tokens and config.data.caption_tokens > captions.max_tokens
-        return captions.wrap(iter(loader)) if over else iter(loader)
-    return captions.wrap(endless_epochs(loader))
-
-
-def _uses_autocast(config: TrainConfig, dist_info: DistInfo) -> bool:
-    """bf16 autocast on CUDA for LoRA/QLoRA (bf16 base, float32 LoRA); FSDP2's policy casts in full mode."""
-    return dist_info.is_cuda and config.mode != "full" and compute_dtype(config) == torch.bfloat16
-
-
-def _precision(config: TrainConfig, dist_info: DistInfo) -> str:
-    if config.mode == "full":
-        return f"float32 master weights, {compute_dtype(config)} compute and float32 gradient reduction (FSDP2)"
-    if _uses_autocast(config, dist_info):
-        return "bf16 autocast over the frozen base; float32 LoRA weights and optimizer state"
-    return f"{compute_dtype(config)} base without autocast ({dist_info.device.type}); float32 LoRA weights"
-
-
-def _objective(config: TrainConfig) -> FlowObjective:
-    section = config.objective
-    return FlowObjective(
-        sampler=section.sigma_sampler,
-        shift=section.shift,
-        shift_rule=section.shift_rule,
-        logit_mean=section.logit_mean,
-        logit_std=section.logit_std,
-        mode_scale=section.mode_scale,
-        loss_weighting=section.loss_weighting,
-        caption_dropout=config.data.caption_dropout,
-        seed=config.run.seed,
-    )
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak CUDA memory allocated by this process, or the peak resident memory of the process on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def _keep_lora_inputs_bf16(model: nn.Module, config: TrainConfig, dist_info: DistInfo, lora) -> None:
+    """Under autocast the adapters run in bf16: peft's fp32 cast of their inputs would only add copies."""
+    if lora is not None and uses_autocast(config, dist_info):
+        count = set_lora_input_cast(model, False)
+        logger.info("LoRA inputs stay bf16 in %d layers (autocast runs the adapters in bf16; no fp32 copies)", count)
 
 
 @record
@@ -411,7 +354,7 @@ def _train(config: TrainConfig, dist_info: DistInfo) -> int:
             log.status("running", f"step {trainer.step} of {config.run.steps}")
             state = trainer.train(stop)
         message = f"{state} at step {trainer.step} of {config.run.steps}"
-        log.summary(_summary(config, dist_info, trainer, state, time.time() - started))
+        log.summary(run_summary(config, dist_info, trainer, state, time.time() - started))
         log.status(state, message)
         logger.info("training %s", message)
         return 0
@@ -425,39 +368,3 @@ def _train(config: TrainConfig, dist_info: DistInfo) -> int:
 def _every_rank(device: torch.device, ok: bool) -> bool:
     """True when ``ok`` is True on every rank (a collective)."""
     return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=device)).item() == 0
-
-
-def _summary(config: TrainConfig, dist_info: DistInfo, trainer: Trainer, state: str, wall_s: float) -> dict:
-    return {
-        "state": state,
-        "mode": config.mode,
-        "steps": trainer.step,
-        "world_size": dist_info.world_size,
-        "device": str(dist_info.device),
-        "lora_file": str(config.run.lora_file) if trainer.lora is not None else None,
-        "model_file": str(config.run.model_file) if trainer.lora is None else None,
-        "ema_file": _ema_file(config, trainer),
-        "wall_s": wall_s,
-        "peak_mem_gb": peak_memory_gb(dist_info.device),
-        "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
-        # over the last (up to 1000) steps; the first step compiles and warms up: left out when there are others
-        "img_per_s": _window_rate(list(trainer.history)[1:] or list(trainer.history)),
-        "data_wait": _mean([m["data_wait"] for m in list(trainer.history)[1:] or trainer.history]),
-        "config": config.to_dict(),
-    } | (shape_summary(list(trainer.history)) if config.resolutions.active else {})
-
-
-def _ema_file(config: TrainConfig, trainer: Trainer) -> str | None:
-    if trainer.ema is None:
-        return None
-    return str(ema_path(config.run.lora_file if trainer.lora is not None else config.run.model_file))
-
-
-def _window_rate(history: list[dict]) -> float | None:
-    """Images per second over a window of steps: all its images over all its (chained, device-finished) seconds."""
-    seconds = sum(m["step_s"] for m in history)
-    return sum(m["img_per_s"] * m["step_s"] for m in history) / seconds if seconds > 0 else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
