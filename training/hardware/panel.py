@@ -10,7 +10,7 @@ from __future__ import annotations
 import textwrap
 
 from .memory import GIB
-from .plan import TrainingPlan
+from .training_plan import TrainingPlan
 
 #: The node's label for each decision the planner records (``TrainingPlan.decisions`` names).
 DECISION_LABELS = {

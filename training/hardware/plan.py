@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
 
-from ..vocabulary import CAPTION_OVERFLOWS, LR_SCALINGS, OPTIMIZERS
 from .dataset_fit import fit_request_to_dataset
 from .discovery import HardwareProfile
 from .fitting import (
@@ -31,6 +29,7 @@ from .offload import swap_bytes_per_micro_step
 from .plan_choices import OPTIMIZER_LR, ema_decision, optimizer_decision, place_ema
 from .request import PlanRefused, PlanRequest
 from .tiers import Tier, load_tiers, nearest_tier, simulated_profile
+from .training_plan import TrainingPlan, show_value
 
 __all__ = [
     "PlanRefused",
@@ -48,112 +47,9 @@ SMALL_BATCH_PENALTY = 0.3
 EFFICIENT_TOKENS = 4096  # tokens per matmul from which an H100-class GPU is busy
 
 
-@dataclass(kw_only=True)
-class TrainingPlan:
-    """What the engine runs. ``predicted_peak_bytes`` is ``max_memory_allocated`` per GPU; ``budget_bytes`` what
-    it may reach (free memory less CUDA context and safety margin). ``decisions``: (name, value, reason)."""
-
-    mode: str
-    world_size: int
-    micro_batch: int
-    grad_accum: int
-    global_batch: int
-    checkpoint_depth: int
-    precision: str
-    parallelism: str
-    fsdp_cpu_offload: bool
-    compile: bool
-    attention_backend: str
-    nccl_timeout_s: int
-    lr: float
-    lr_scaling: str
-    predicted_peak_bytes: int
-    budget_bytes: int
-    resolution: tuple[int, int]
-    caption_tokens: int
-    lora_rank: int
-    lora_targets: str
-    lora_dtype: str
-    tier: str
-    memory_breakdown: dict[str, int] = field(default_factory=dict)
-    decisions: list[tuple[str, object, str]] = field(default_factory=list)
-    caption_overflow: str = "refuse"  # a caption longer than caption_tokens: "truncate" it or "refuse" the run
-    buckets: tuple[tuple[int, int], ...] = ()  # the dataset's (width, height) shapes planned for; () when typed
-    device: str = "cuda"  # "cpu" when planned for a machine without GPUs
-    nodes: int = 1  # machines; world_size counts the ranks of all of them
-    base_storage: str = "bf16"  # lora: "fp8" stores the frozen block linears in e4m3 (training.hardware.levers)
-    swap_blocks: int = 0  # main blocks streamed from pinned host memory (block swap), always checkpointed
-    swap_bytes_per_step: int = 0  # host-to-device bytes block swap copies per optimizer step (predicted)
-    adapter: str = "lora"  # the adapter type priced (training.vocabulary.ADAPTER_TYPES); LoRA modes only
-    optimizer: str = "adamw"  # optim.optimizer, its state priced in predicted_peak_bytes (plans before it: AdamW)
-    ema: str = "off"  # ema.placement: the fp32 EMA of the trained weights "off", on the "device" (priced) or "cpu"
-
-    def __post_init__(self) -> None:
-        self.resolution = tuple(self.resolution)
-        self.buckets = tuple(tuple(b) for b in self.buckets)
-        if self.caption_overflow not in CAPTION_OVERFLOWS:
-            raise ValueError(
-                f"TrainingPlan.caption_overflow {self.caption_overflow!r} is not one of {CAPTION_OVERFLOWS}"
-            )
-        self.decisions = [tuple(d) for d in self.decisions]
-        if self.micro_batch * self.grad_accum * self.world_size != self.global_batch:
-            raise ValueError(
-                f"TrainingPlan: micro_batch {self.micro_batch} x grad_accum {self.grad_accum} x world_size "
-                f"{self.world_size} must equal global_batch {self.global_batch}"
-            )
-        if self.lr_scaling not in LR_SCALINGS:
-            raise ValueError(f"TrainingPlan.lr_scaling {self.lr_scaling!r} is not one of {LR_SCALINGS}")
-        if self.nodes < 1 or self.world_size % self.nodes:
-            raise ValueError(f"TrainingPlan: world_size {self.world_size} is not nodes {self.nodes} x GPUs per node")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainingPlan.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
-
-    @property
-    def headroom_bytes(self) -> int:
-        return self.budget_bytes - self.predicted_peak_bytes
-
-    def table(self) -> str:
-        """The decision table as printed by ``python -m training plan``."""
-        rows = [(name, _show(value, name), reason) for name, value, reason in self.decisions]
-        name_width = max(len(r[0]) for r in rows)
-        value_width = max(len(r[1]) for r in rows)
-        where, unit = ("CPU", "process") if self.device == "cpu" else (f"{self.world_size} GPU(s)", "GPU")
-        if self.nodes > 1:
-            where += f" on {self.nodes} nodes"
-        header = (
-            f"Plan: {self.mode} on {where}, tier {self.tier}; predicted peak "
-            f"{self.predicted_peak_bytes / GIB:.1f} GiB of {self.budget_bytes / GIB:.1f} GiB budget per {unit} "
-            f"(headroom {self.headroom_bytes / GIB:.1f} GiB)"
-        )
-        lines = [header, f"{'decision':<{name_width}}  {'value':<{value_width}}  reason"]
-        lines += [f"{n:<{name_width}}  {v:<{value_width}}  {r}" for n, v, r in rows]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["decisions"] = [[n, v, r] for n, v, r in self.decisions]
-        data["resolution"] = list(self.resolution)
-        data["buckets"] = [list(b) for b in self.buckets]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainingPlan:
-        return cls(**data)
-
-
-def _show(value, name: str = "") -> str:
-    if name.endswith("_bytes") and isinstance(value, int):
-        return f"{value / GIB:.1f} GiB"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, (list, tuple)):
-        return "x".join(map(str, value))
-    return str(value)
-
-
 class _Decisions(list):
     def add(self, name: str, value, reason: str):
-        logger.info("plan: %s = %s (%s)", name, _show(value, name), reason)
+        logger.info("plan: %s = %s (%s)", name, show_value(value, name), reason)
         self.append((name, value, reason))
         return value
 
@@ -243,33 +139,21 @@ def _make_plan(
     if request.ema == "auto":
         return _place_ema(request, profile, tier, memory_model)
     decisions = _Decisions()
-    if tier is None:
-        tier, reason = nearest_tier(profile)
-        decisions.add("tier", tier.name, reason)
-    else:
-        decisions.add("tier", tier.name, "chosen by the caller")
-    if request.mode not in tier.modes_allowed:
-        decisions.add("mode", request.mode, f"not a default of tier {tier.name} ({', '.join(tier.modes_allowed)})")
+    tier = _tier(request, profile, tier, decisions)
     request = fit_request_to_dataset(request, decisions)
     setting = _setting(request, profile, tier, memory_model, decisions)
     margin = _margin(request, tier)
     budget = decisions.add("budget_bytes", budget_bytes(profile, margin, memory_model), _budget_reason(profile, margin))
-    source = "requested" if request.target_global_batch else f"tier {tier.name} default"
-    global_target = request.target_global_batch or tier.target_global_batch
-    request = dataclasses.replace(request, target_global_batch=global_target)
+    request, source = _with_global_target(request, tier)
     setting = choose_levers(request, profile, setting, memory_model, budget, decisions)
     micro, depth = _size(request, profile, setting, memory_model, budget, decisions)
     accum = decisions.add(
         "grad_accum",
         request.target_micro_batch(setting.world_size) // micro,
-        f"reach the global batch {global_target} ({source})",
+        f"reach the global batch {request.target_global_batch} ({source})",
     )
     peak = estimate(request, setting, micro, depth, memory_model, grad_accum=accum)
-    trainable = memory_model.trainable_count(
-        request.mode, request.lora_rank, request.lora_targets, request.trainable_params, request.adapter
-    )
-    nodes = plan_network(request, tier, setting, accum, trainable, decisions)
-    swap_bytes = accum * swap_bytes_per_micro_step(request.model, setting.base_storage, setting.swap_blocks)
+    nodes = _nodes(request, tier, setting, accum, memory_model, decisions)
     return TrainingPlan(
         mode=request.mode,
         world_size=setting.world_size,
@@ -303,9 +187,36 @@ def _make_plan(
         nodes=nodes,
         base_storage=setting.base_storage,
         swap_blocks=setting.swap_blocks,
-        swap_bytes_per_step=swap_bytes,
+        swap_bytes_per_step=accum * swap_bytes_per_micro_step(request.model, setting.base_storage, setting.swap_blocks),
         adapter=request.adapter,
     )
+
+
+def _tier(request: PlanRequest, profile: HardwareProfile, tier: Tier | None, decisions) -> Tier:
+    """The caller's tier, else the one nearest the machine; a mode the tier does not default to is noted."""
+    if tier is None:
+        tier, reason = nearest_tier(profile)
+        decisions.add("tier", tier.name, reason)
+    else:
+        decisions.add("tier", tier.name, "chosen by the caller")
+    if request.mode not in tier.modes_allowed:
+        decisions.add("mode", request.mode, f"not a default of tier {tier.name} ({', '.join(tier.modes_allowed)})")
+    return tier
+
+
+def _with_global_target(request: PlanRequest, tier: Tier) -> tuple[PlanRequest, str]:
+    """The request with its global batch set (the requested one, else the tier's default) and where it came from."""
+    source = "requested" if request.target_global_batch else f"tier {tier.name} default"
+    global_target = request.target_global_batch or tier.target_global_batch
+    return dataclasses.replace(request, target_global_batch=global_target), source
+
+
+def _nodes(request: PlanRequest, tier: Tier, setting: Setting, accum: int, memory_model: MemoryModel, decisions) -> int:
+    """The machines the job spans (``network.plan_network``), its traffic priced on the trainable parameters."""
+    trainable = memory_model.trainable_count(
+        request.mode, request.lora_rank, request.lora_targets, request.trainable_params, request.adapter
+    )
+    return plan_network(request, tier, setting, accum, trainable, decisions)
 
 
 def _size(request, profile, setting, memory_model, budget, decisions) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from .memory import GIB, MemoryModel
 from .request import PlanRefused, PlanRequest
 
 if TYPE_CHECKING:
-    from .plan import TrainingPlan
+    from .training_plan import TrainingPlan
 
 logger = logging.getLogger("training.hardware.plan")
 

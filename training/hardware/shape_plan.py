@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from .discovery import HardwareProfile
 from .memory import MemoryModel
-from .plan import TrainingPlan, make_plan, maximum_batch_size
+from .plan import make_plan, maximum_batch_size
 from .request import PlanRefused, PlanRequest
+from .training_plan import TrainingPlan
 
 logger = logging.getLogger(__name__)
 
