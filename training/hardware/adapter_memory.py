@@ -8,7 +8,7 @@
     loha  backward: the bf16 copy of each target's delta weight that F.linear saves. Transient per layer: the
           float32 delta, its bf16 copy, and in the backward its bf16 gradient and fp32 cast-back.
 
-LoRA's own terms are in ``memory.analytic_coefficients``; this module only adds the differences.
+LoRA's own terms are in ``activations.analytic_coefficients``; this module only adds the differences.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..model.config import ZImageConfig
 from ..model.lora import lora_layers
-from .memory import ActivationCoefficients, analytic_coefficients
+from .activations import ActivationCoefficients, analytic_coefficients
 
 logger = logging.getLogger(__name__)
 
