@@ -23,132 +23,26 @@ its streams and skips the consumed batches without decoding them.
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
 import math
 import random
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from .batches import Batch, collate, decode_images_nvjpeg, nvjpeg_available
-from .remote import RemoteShardSet, RetryPolicy, open_shard_set
-from .sample_order import SampleSpan, global_micro_batches, index_samples, rank_slice, read_spans
-from .shards import iter_tar_members, load_manifest
+from .batches import Batch, decode_images_nvjpeg, nvjpeg_available
+from .remote import RetryPolicy, open_shard_set
+from .sample_order import global_micro_batches, index_samples, rank_slice
+from .shards import load_manifest
+from .worker_streams import SampleBatches, SamplePlan, StreamPlan, WorkerStream, in_order, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
 #: Whole-shard layout only when every reader (rank x worker) gets at least this many shards: then the even-batches
 #: cut costs at most about one shard in this many per epoch.
 MIN_SHARDS_PER_READER = 8
-
-
-@dataclass(kw_only=True, frozen=True)
-class _StreamPlan:
-    """Everything a worker process needs to regenerate its batch stream (plain data, cheap to send to workers)."""
-
-    shard_dir: Path
-    shards_per_worker: tuple[tuple[str, ...], ...]
-    skip_per_worker: tuple[int, ...]
-    batch_size: int
-    shuffle_buffer: int
-    drop_last: bool
-    seed_prefix: str
-    decode_images: str  # "cpu", or "defer" to hand raw bytes to the main process (nvJPEG)
-    remote: RemoteShardSet | None = None  # shards fetched into shard_dir (the set's local view) as they are read
-    buckets: frozenset[str] | None = None  # read only these buckets' samples (one resolution of a multi-res set)
-
-
-class _WorkerStream(IterableDataset):
-    def __init__(self, plan: _StreamPlan) -> None:
-        self.plan = plan
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        plan = self.plan
-        rng = random.Random(f"{plan.seed_prefix}:{worker}")
-        samples = _shard_samples(plan, plan.shards_per_worker[worker])
-        if plan.buckets is not None:
-            samples = (s for s in samples if json.loads(s["json"])["bucket"] in plan.buckets)
-        samples = _buffer_shuffle(samples, plan.shuffle_buffer, rng)
-        for index, group in enumerate(_bucket_groups(samples, plan.batch_size, plan.drop_last)):
-            if index >= plan.skip_per_worker[worker]:
-                yield collate(
-                    group, worker=worker, index=index, decode_images=plan.decode_images, shared=info is not None
-                )
-
-
-@dataclass(kw_only=True, frozen=True)
-class _SamplePlan:
-    """A rank's remaining batches of an epoch in the sample layout: worker w makes every num_workers-th of them."""
-
-    shard_dir: Path
-    batches: tuple[tuple[SampleSpan, ...], ...]
-    first_index: int  # the epoch-position of batches[0]
-    workers: int
-    decode_images: str
-
-
-class _SampleBatches(IterableDataset):
-    def __init__(self, plan: _SamplePlan) -> None:
-        self.plan = plan
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        plan = self.plan
-        for position in range(worker, len(plan.batches), plan.workers):
-            samples = list(read_spans(plan.shard_dir, list(plan.batches[position])))
-            index = plan.first_index + position
-            yield collate(
-                samples, worker=worker, index=index, decode_images=plan.decode_images, shared=info is not None
-            )
-
-
-def _shard_samples(plan: _StreamPlan, names: tuple[str, ...]) -> Iterator[dict]:
-    """The samples of whole shards in order; a remote set's shards are fetched (verified) first, released after."""
-    from webdataset.tariterators import group_by_keys
-
-    for name in names:
-        if plan.remote is None:
-            yield from group_by_keys(iter_tar_members(plan.shard_dir / name))
-            continue
-        yield from group_by_keys(iter_tar_members(plan.remote.local_path(name)))
-        plan.remote.release(name)
-
-
-def _buffer_shuffle(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        slot = rng.randrange(buffer_size)
-        yield buffer[slot]
-        buffer[slot] = sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def _bucket_groups(samples: Iterator[dict], batch_size: int, drop_last: bool) -> Iterator[list[dict]]:
-    pending: dict[str, list[dict]] = {}
-    for sample in samples:
-        bucket = json.loads(sample["json"])["bucket"]
-        group = pending.setdefault(bucket, [])
-        group.append(sample)
-        if len(group) == batch_size:
-            yield group
-            pending[bucket] = []
-    if not drop_last:
-        for bucket in sorted(pending):
-            if pending[bucket]:
-                yield pending[bucket]
 
 
 class ShardLoader:
@@ -300,8 +194,8 @@ class ShardLoader:
         if self.layout == "samples":
             groups = self._global_micro_batches()[self.batches_consumed :]
             batches = (rank_slice(g, rank=self.rank, world_size=self.world_size) for g in groups)
-            return _SampleBatches(
-                _SamplePlan(
+            return SampleBatches(
+                SamplePlan(
                     shard_dir=self.shard_dir,
                     batches=tuple(tuple(self._spans[i] for i in batch) for batch in batches),
                     first_index=self.batches_consumed,
@@ -309,7 +203,7 @@ class ShardLoader:
                     decode_images=decode,
                 )
             )
-        plan = _StreamPlan(
+        plan = StreamPlan(
             shard_dir=self.shard_dir,
             shards_per_worker=tuple(tuple(s) for s in self._worker_shards(self.rank)),
             skip_per_worker=tuple(self._consumed),
@@ -321,7 +215,7 @@ class ShardLoader:
             remote=self.remote,
             buckets=self.buckets,
         )
-        return _WorkerStream(plan)
+        return WorkerStream(plan)
 
     def __iter__(self) -> Iterator[Batch]:
         decode = "cpu" if self.image_decode == "cpu" else "defer" if self.image_decode == "defer" else "none"
@@ -331,13 +225,13 @@ class ShardLoader:
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            worker_init_fn=_keep_freed_memory if self.num_workers > 0 else None,
+            worker_init_fn=keep_freed_memory if self.num_workers > 0 else None,
             **extra,
         )
         limit = self.steps_per_epoch if self.even_batches else None
         batches = iter(loader)
         if self.layout == "shards" and self.num_workers > 1:
-            batches = _in_order(batches, self._remaining_order())
+            batches = in_order(batches, self._remaining_order())
         for batch in batches:
             if limit is not None and self.batches_consumed >= limit:
                 break
@@ -399,38 +293,6 @@ class ShardLoader:
         else:
             self._consumed = [int(state["batches_consumed"])]
         self._samples_consumed = state["samples_consumed"]
-
-
-def _in_order(batches: Iterator[Batch], order: list[tuple[int, int]]) -> Iterator[Batch]:
-    """`batches` in `order` of (index, worker), holding back those that arrive early."""
-    held: dict[tuple[int, int], Batch] = {}
-    expected = iter(order)
-    wanted = next(expected, None)
-    for batch in batches:
-        held[(batch.index, batch.worker)] = batch
-        while wanted in held:
-            yield held.pop(wanted)
-            wanted = next(expected, None)
-    if held or wanted is not None:
-        raise RuntimeError(f"the shard workers made batches {sorted(held)} but batch {wanted} was expected next")
-
-
-def _keep_freed_memory(worker_id: int) -> None:
-    """In our own worker processes, stop glibc returning large freed blocks to the OS after every batch.
-
-    By default each sample-sized allocation is a fresh mmap, and the page faults of touching it again cost more than
-    the copying itself (measured 100x on a 2-core VM). Not applied to the main process, which is not ours to tune.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        logger.debug("glibc not found; worker %d keeps the default malloc settings", worker_id)
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 256 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def _check_arguments(batch_size, rank, world_size, num_workers, shuffle_buffer, image_decode) -> None:
