@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,10 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-from ..atomic import fsync_directory
 from .checkpoint_files import (
-    MANIFEST,
-    STEP_FOLDER,
     CheckpointDamaged,
     CheckpointMismatch,
     StagedRank,
@@ -56,6 +52,7 @@ from .checkpoint_files import (
     write_manifest,
     write_rank,
 )
+from .checkpoint_folder import complete_steps, prune, publish, remove_partials, set_aside, step_dir_name
 from .checkpoint_read import read_rank, refuse_pickled_folders
 
 logger = logging.getLogger(__name__)
@@ -63,10 +60,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 DEFAULT_TIMEOUT_S = 600.0  # the longest a checkpoint may take to write (and its collectives wait for other ranks)
 _OK, _DAMAGED, _REFUSED = 0, 1, 2  # what a rank found in a checkpoint; the worst one over the ranks decides
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 @dataclass(eq=False)
@@ -125,7 +118,7 @@ class Checkpointer:
         self._pending: _Write | None = None
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._remove_partials()
+            remove_partials(self.root)
         self._barrier()
 
     # ------------------------------------------------------------------ public API
@@ -309,9 +302,7 @@ class Checkpointer:
             self._token,
         )
         if self.rank == 0:
-            for step in damaged:
-                name = step_dir_name(step)
-                os.replace(self.root / name, self.root / f"{name}.damaged-{self._token}")
+            set_aside(self.root, damaged, self._token)
 
     def _require_open(self, action: str) -> None:
         if self._closed:
@@ -350,36 +341,12 @@ class Checkpointer:
 
     def _finalize(self, step: int, partial: Path, started: float) -> None:
         """Rank 0 makes the checkpoint visible, then prunes older ones."""
-        final = self.root / step_dir_name(step)
-        stale = self.root / f".{step_dir_name(step)}.replaced-{self._token}"
-        if final.exists():  # the same step saved again (a resumed run): out of sight first, deleted after
-            os.replace(final, stale)
-        os.replace(partial, final)
-        fsync_directory(self.root)
-        if stale.exists():
-            shutil.rmtree(stale)
+        final = publish(self.root, step, partial, self._token)
         logger.info("checkpoint step %d complete in %.2f s: %s", step, _since(started), final)
-        for old in self._complete_steps()[: -self.keep]:
-            removing = self.root / f".{step_dir_name(old)}.removing-{self._token}"
-            os.replace(self.root / step_dir_name(old), removing)  # out of sight first: never half deleted
-            shutil.rmtree(removing)
-            logger.info("removed old checkpoint step %d", old)
+        prune(self.root, self.keep, self._token)
 
     def _complete_steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for entry in self.root.iterdir():
-            match = STEP_FOLDER.match(entry.name)
-            if match and not entry.is_symlink() and (entry / MANIFEST).is_file():
-                steps.append(int(match[1]))
-        return sorted(steps)
-
-    def _remove_partials(self) -> None:
-        for entry in self.root.iterdir():
-            if entry.name.startswith(".step-") and entry.is_dir() and not entry.is_symlink():
-                logger.info("removing an unfinished checkpoint of an earlier attempt: %s", entry)
-                shutil.rmtree(entry)
+        return complete_steps(self.root)
 
     def _broadcast(self, values: list[int]) -> list[int]:
         """Rank 0's list of integers, on every rank (plain tensors: nothing is pickled between ranks either)."""
