@@ -63,6 +63,12 @@ class PlanRequest:
     ema: str = "off"
 
     def __post_init__(self) -> None:
+        self._check_job()
+        self._check_recipe()
+        self._check_memory_levers()
+
+    def _check_job(self) -> None:
+        """The mode, the image size, the counts and the network."""
         if self.mode not in MODES:
             raise ValueError(f"PlanRequest.mode {self.mode!r} is not one of {MODES}")
         if isinstance(self.resolution, list):
@@ -79,6 +85,9 @@ class PlanRequest:
             isinstance(self.inter_node_gbps, bool) or not self.inter_node_gbps > 0
         ):
             raise ValueError(f"PlanRequest.inter_node_gbps must be > 0 GB/s (e.g. 12.5), got {self.inter_node_gbps!r}")
+
+    def _check_recipe(self) -> None:
+        """What trains and how: adapter, targets, learning rate, optimizer, EMA, attention kernel."""
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"PlanRequest.lora_targets {self.lora_targets!r} is not one of {LORA_TARGETS}")
         if not self.lr_base > 0:
@@ -101,6 +110,10 @@ class PlanRequest:
             raise ValueError(
                 f"PlanRequest.attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
             )
+
+    def _check_memory_levers(self) -> None:
+        """What trades speed or precision for memory: checkpoint depth, offload, caption length, base storage,
+        block swap and the safety margin."""
         if self.checkpoint_depth is not None and not 0 <= self.checkpoint_depth <= self.model.n_layers:
             raise ValueError(
                 f"PlanRequest.checkpoint_depth {self.checkpoint_depth!r} must be in 0..{self.model.n_layers}"
