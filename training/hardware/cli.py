@@ -30,6 +30,17 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="plan micro-batch, checkpointing and parallelism for a GPU setup",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_job_arguments(parser)
+    _add_training_and_machine_arguments(parser)
+    schedule_cli.add_arguments(parser)
+    _add_output_arguments(parser)
+    add_recipe_flags(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is trained: mode, model, image size, adapter, batch and captions (typed, or a shard set's)."""
     parser.add_argument("--mode", choices=MODES, default="lora", help="lora, qlora or full fine-tune")
     parser.add_argument(
         "--model",
@@ -60,6 +71,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         default="longest",
         help="plan for the longest caption (longer ones refuse the run) or a percentile (longer ones are truncated)",
     )
+
+
+def _add_training_and_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The learning rate and optimizer, and the machines planned for (this one, or a simulated tier)."""
     parser.add_argument("--lr", type=float_in(0, 1), default=1e-4, help="base learning rate for one GPU")
     parser.add_argument("--lr-scaling", choices=LR_SCALINGS, default="sqrt")
     parser.add_argument(
@@ -78,7 +93,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="GB/s of each node's network interface (default: the tier's, else 12.5 = 100 Gb/s)",
     )
-    schedule_cli.add_arguments(parser)
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the plan is printed, and the run config written beside it."""
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument(
         "--write-config",
@@ -88,9 +106,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="also write the run config that follows the plan (needs --shards; train it with train --config)",
     )
     parser.add_argument("--steps", type=int_in(1, 10_000_000), default=1000, help="optimizer steps, for --write-config")
-    add_recipe_flags(parser)
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
