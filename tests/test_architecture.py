@@ -76,3 +76,41 @@ def test_the_documented_layers_are_the_enforced_ones():
     page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     for layer in ALLOWED:
         assert f"`{layer}" in page, f"docs/architecture.md does not describe {layer}"
+
+
+#: The size rule of the project brief (files under ~400 lines, functions under ~60), with room for wrapping.
+MAX_FILE_LINES = 420
+MAX_FUNCTION_LINES = 70
+
+
+def oversized(root: Path) -> list[str]:
+    """Files of ``root`` over MAX_FILE_LINES and functions (methods and nested ones too, decorators included) over
+    MAX_FUNCTION_LINES, each with its length."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = Path(root.name, path.relative_to(root))
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            found.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - start + 1 > MAX_FUNCTION_LINES:
+                    found.append(f"{name}:{node.lineno} {node.name}(): {node.end_lineno - start + 1} lines")
+    return found
+
+
+def test_training_files_and_functions_stay_small():
+    found = oversized(ROOT / "training")
+    assert not found, "split these along a real seam (docs/architecture.md):\n" + "\n".join(found)
+
+
+def test_the_size_rule_sees_long_files_and_functions(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"@staticmethod\ndef long():\n{body}\n\n\ndef short():\n    pass\n")
+    (tmp_path / "big.py").write_text("x = 1\n" * (MAX_FILE_LINES + 1))
+    (tmp_path / "fine.py").write_text("x = 1\n" * MAX_FILE_LINES)
+    assert oversized(tmp_path) == [
+        f"{tmp_path.name}/big.py: {MAX_FILE_LINES + 1} lines",
+        f"{tmp_path.name}/long.py:2 long(): {MAX_FUNCTION_LINES + 2} lines",
+    ]
