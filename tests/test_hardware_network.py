@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from training.hardware.memory import lora_params
 from training.hardware.network import DEFAULT_INTER_NODE_GBPS, inter_node_traffic, ring_all_reduce_bytes
-from training.hardware.plan import PlanRequest, TrainingPlan, make_plan
+from training.hardware.plan import PlanRequest, TrainingPlan, make_plan, smallest_tier_for
 from training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from training.model.config import PRESETS
 from training.model.targets import adapter_param_count
 
-#: A tier file describing two nodes (the committed tiers are single machines, each with its workflow, until the
-#: Train node can start a multi-node run).
-MULTI = load_tiers(Path(__file__).parent / "data" / "tiers_multinode")["2x8xH100-80GB-IB"]
-TIERS = {**load_tiers(), MULTI.name: MULTI}
+#: The committed tier describing two nodes (its workflow: tests/test_workflows.py).
+TIERS = load_tiers()
+MULTI = TIERS["2x8xH100-80GB-IB"]
 ONE_NODE = TIERS["4xH100-80GB-NVLink4"]
 MODEL = PRESETS["z-image"]
 
@@ -146,3 +144,10 @@ def test_the_network_prices_the_adapter_types_gradients():
         f"{adapter_param_count(MODEL, 32, lokr.lora_targets, 'lokr') / 1e6:.1f} M"
         in decision(plan, "inter_node_s_per_step")[1]
     )
+
+
+def test_the_smallest_tier_counts_every_node_of_a_multi_node_tier():
+    """A job too big for four GPUs fits eight A100s on one machine: the two-node tier (16 GPUs) is not smaller."""
+    request = PlanRequest(mode="full", resolution=512, model=MODEL.replace(n_layers=120))
+    sentence = smallest_tier_for(request)
+    assert "8xA100-80GB-NVSwitch (8 x 80 GiB" in sentence, sentence

@@ -34,7 +34,7 @@ def with_free(profile: HardwareProfile, free_gib: float) -> HardwareProfile:
 
 
 def test_the_tiers_load_and_round_trip_their_profiles():
-    assert len(TIERS) == 10
+    assert len(TIERS) == 11
     for name, tier in TIERS.items():
         simulated = simulated_profile(tier)
         chosen, reason = nearest_tier(simulated)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -309,6 +310,12 @@ def test_note_shows_the_plan_the_planner_makes(path):
         "learning rate": f"{plan.lr:.3g}",
         "throughput (predicted)": "—" if speed is None else f"{speed:.2f} img/s",
     }
+    if plan.nodes > 1:  # across machines: the spread and the planner's network time per step
+        decided = {name: value for name, value, _ in plan.decisions}
+        expected["machines"] = f"{plan.nodes} × {plan.world_size // plan.nodes} GPUs"
+        expected["inter-node time (predicted)"] = (
+            f"{decided['inter_node_s_per_step'] * 1e3:.0f} ms per step at {decided['inter_node_gbps']:g} GB/s"
+        )
     assert note_table(workflow) == expected
 
 
@@ -345,6 +352,55 @@ def test_readme_table_matches_the_planner():
         assert row["predicted peak"] == f"{peak:.1f} GiB of {budget:.1f} GiB"
         speed = predicted_images_per_second(plan, tier_name, config)
         assert row["throughput"] == ("—" if speed is None else f"{speed:.2f} img/s (predicted)"), row
+
+
+MULTI_NODE_TIERS = [name for name, tier in TIERS.items() if tier.nodes > 1]
+
+
+def test_a_committed_tier_spans_several_machines_and_has_its_workflow():
+    assert MULTI_NODE_TIERS == ["2x8xH100-80GB-IB"]
+    assert workflow_path("2x8xH100-80GB-IB").is_file()
+
+
+@WORKFLOW_PARAMS
+def test_train_gets_a_multi_node_run_exactly_when_the_tier_spans_machines(path):
+    workflow = load(path)
+    tier = TIERS[tier_of(path)]
+    train = only(workflow, "WhetstoneTrain")
+    machines_input = [slot for slot in train["inputs"] if slot["name"] == "machines"]
+    if tier.nodes == 1:
+        assert not nodes_of(workflow, "WhetstoneMultiNode") and not machines_input
+        return
+    run = only(workflow, "WhetstoneMultiNode")
+    links = {link[0]: link for link in workflow["links"]}
+    (slot,) = machines_input
+    assert links[slot["link"]][1:3] == [run["id"], 0], "Multi-Node Run feeds Train's machines input"
+    assert widget_map(run) == {"nodes": tier.nodes, "master_address": ""}, "the address is the user's machine's"
+
+
+@pytest.mark.parametrize("tier_name", MULTI_NODE_TIERS)
+def test_the_multi_node_workflow_makes_comfyui_node_0_and_prints_the_other_machines_command(tier_name, tmp_path):
+    """The workflow's plan spans every GPU of every machine; with the address filled in, Multi-Node Run and Train's
+    multi-node helpers give node 0 this machine's GPUs and one printed torchrun line per other machine."""
+    multinode = load_pack().nodes.multinode
+    workflow = load(workflow_path(tier_name))
+    tier = TIERS[tier_name]
+    plan, _ = planned(workflow, tier_name)
+    assert (plan.nodes, plan.world_size, plan.parallelism) == (tier.nodes, tier.nodes * tier.gpu_count, "ddp")
+    assert plan.global_batch == tier.target_global_batch
+    widgets = widget_map(only(workflow, "WhetstoneMultiNode"))
+    with pytest.raises(ValueError, match="master_address='': with nodes=2"):
+        multinode.MultiNode().machines(**widgets)  # queued as shipped: refused, saying what to fill in
+    (machines,) = multinode.MultiNode().machines(**widgets | {"master_address": "10.0.0.5:29500"})
+    per_node = multinode.gpus_per_node(plan, machines)
+    assert per_node == tier.gpu_count
+    run = multinode.plan_multinode(machines, tmp_path / "config.json", per_node, tmp_path / "repo")
+    assert len(run.others) == tier.nodes - 1
+    for rank, line in enumerate([shlex.join(run.this_node), *run.others]):
+        assert f"--nnodes {tier.nodes} --node_rank {rank} --nproc_per_node {tier.gpu_count} " in line, line
+        assert "--rdzv_endpoint 10.0.0.5:29500" in line and line.endswith(f"--config {tmp_path / 'config.json'}")
+    note = only(workflow, "MarkdownNote")["widgets_values"][0]
+    assert "`master_address`" in note and "other_nodes.txt" in note and "same paths" in note
 
 
 def test_full_fine_tune_workflows_plan_fsdp2_and_sample_the_run_through_load_trained_model():

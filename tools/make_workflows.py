@@ -6,13 +6,13 @@ and description), ``<name>.jpg`` as its thumbnail, and sorts them by name: the n
 folder, plans for its tier, trains, loads the LoRA into Z-Image-Base and samples one image, with a note giving the
 plan's numbers. The numbers come from the planner for the tier's simulated hardware, exactly as the Training Plan
 node computes them when its ``tier`` widget names that tier; ``tests/test_workflows.py`` checks that they still do.
-The nodes, their widgets, positions and links are laid out by ``tools.workflow_graph``.
+What each template trains is in ``tools.workflow_jobs``; the nodes, their widgets, positions and links are laid out by
+``tools.workflow_pipeline`` on ``tools.workflow_graph``'s builder.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import textwrap
 from pathlib import Path
@@ -20,13 +20,30 @@ from urllib.parse import quote
 
 from training.hardware.memory import GIB
 from training.hardware.panel import plan_panel
-from training.hardware.plan import PlanRequest, TrainingPlan, make_plan
-from training.hardware.tiers import Tier, load_tiers, simulated_profile
-from training.model.config import PRESETS, ZImageConfig
-from training.model.flops import image_tokens_for, training_flops
+from training.hardware.plan import PlanRequest, TrainingPlan
+from training.hardware.tiers import Tier, load_tiers
+from training.model.config import ZImageConfig
 
 from .template_thumbnail import thumbnail
-from .workflow_graph import TEXT_ENCODER, VAE, Job, render, tier_workflow
+from .workflow_graph import TEXT_ENCODER, VAE, render
+from .workflow_jobs import (  # re-exported: the tests and tools.make_smoke_model read them from here
+    ASSUMED_MFU,
+    FULL_JOBS,
+    JOBS,
+    SMOKE_CONFIG,
+    SMOKE_MODEL,
+    TIER_ORDER,
+    inter_node_seconds,
+    model_config,
+    plan_for,
+    predicted_images_per_second,
+    steps_for,
+    templates,
+)
+from .workflow_pipeline import Job, tier_workflow
+
+__all__ = ["FULL_JOBS", "JOBS", "SMOKE_CONFIG", "SMOKE_MODEL", "TIER_ORDER", "model_config", "outputs", "plan_for",
+           "predicted_images_per_second", "templates", "tier_of_template", "workflow_path"]  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = (
@@ -34,104 +51,6 @@ WORKFLOWS_DIR = (
 )  # the prescribed top-level folder; ComfyUI serves "workflows" as a template folder too
 README = ROOT / "README.md"
 README_HEADING = "## Tier workflows"
-#: The smallest Z-Image ComfyUI's loaders recognise (dim 3840, one main block, two refiners of each kind), random
-#: weights, written by ``python -m tools.make_smoke_model``: the CPU smoke run trains and samples it.
-SMOKE_MODEL = "z_image_smoke_bf16.safetensors"
-SMOKE_CONFIG = PRESETS["z-image"].replace(n_layers=1)
-
-#: Dense bf16 tensor-core peak per GPU (TFLOP/s) by tier, for the predicted throughput only.
-PEAK_TFLOPS = {
-    # RTX 4060 / 4070 / 4080: the 4090's 165 scaled by SM count and boost clock (24, 46 and 76 of its 128 SMs)
-    "1x8GB": 30.2,
-    "1x12GB": 58.5,
-    "1x16GB": 97.4,
-    "1x24GB": 165.0,  # RTX 4090
-    "1x80GB": 989.0,  # H100 SXM
-    "2xA10-24GB": 125.0,
-    "4xA100-40GB-SXM": 312.0,
-    "4xH100-80GB-NVLink4": 989.0,
-    "8xA100-80GB-NVSwitch": 312.0,
-}
-ASSUMED_MFU = 0.4  # share of the bf16 peak spent on useful FLOPs; a guess until docs/benchmarks.md has measurements
-RECOMPUTE_SHARE = 1 / 3  # a checkpointed block runs its forward again: +1/3 of its forward+backward
-
-
-JOBS = {
-    "1x8GB": Job(lora_rank=16, resolution=512),
-    "1x12GB": Job(lora_rank=16),
-    "1x16GB": Job(),
-    "1x24GB": Job(),
-    "1x80GB": Job(),
-    "2xA10-24GB": Job(),
-    "4xA100-40GB-SXM": Job(),
-    "4xH100-80GB-NVLink4": Job(),
-    "8xA100-80GB-NVSwitch": Job(),
-    "cpu": Job(
-        lora_rank=8,
-        resolution=256,
-        caption_tokens=64,
-        samples_seen=10,
-        min_steps=10,
-        save_every=5,
-        warmup_steps=0,
-        image_folder="whetstone_smoke_images",
-        model=SMOKE_MODEL,
-        sample_steps=4,
-        prompt="a red circle on a white background",
-        smoothing=2,
-    ),
-}
-
-
-#: Full fine-tune workflows (FSDP2) for the tiers whose plan fits it at 1024 px without checkpointing, numbered
-#: after the per-tier ones: Train writes the model to diffusion_models/whetstone/, Load Trained Model samples it.
-FULL_JOBS = {
-    "4xH100-80GB-NVLink4": Job(mode="full", save_every=100),
-    "8xA100-80GB-NVSwitch": Job(mode="full", save_every=100),
-}
-
-
-def templates() -> list[tuple[str, Job]]:
-    """(tier, job) of every template, in number order: one per tier, then the full fine-tunes."""
-    return [(name, JOBS[name]) for name in TIER_ORDER] + list(FULL_JOBS.items())
-
-
-def model_config(model_name: str) -> ZImageConfig:
-    """The architecture the Training Plan node reads from this model file's header."""
-    return SMOKE_CONFIG if model_name == SMOKE_MODEL else PRESETS["z-image"]
-
-
-def plan_for(tier: Tier, job: Job) -> TrainingPlan:
-    request = PlanRequest(
-        mode=job.mode,
-        resolution=job.resolution,
-        caption_tokens=job.caption_tokens,
-        lora_rank=job.lora_rank,
-        lora_targets=job.lora_targets,
-        target_global_batch=tier.target_global_batch,
-        lr_base=job.learning_rate,
-        model=model_config(job.model),
-    )
-    return make_plan(request, simulated_profile(tier), tier=tier)
-
-
-def predicted_images_per_second(plan: TrainingPlan, tier_name: str, config: ZImageConfig) -> float | None:
-    """Useful training FLOPs per image (plus recomputed checkpointed blocks) at ASSUMED_MFU of the bf16 peak."""
-    peak = PEAK_TFLOPS.get(tier_name)
-    if peak is None:
-        return None
-    tokens = image_tokens_for(plan.resolution, config)
-    flops = training_flops(
-        config, image_tokens=tokens, caption_tokens=plan.caption_tokens, full_finetune=plan.mode == "full"
-    )
-    flops *= 1 + RECOMPUTE_SHARE * plan.checkpoint_depth / config.n_layers
-    return plan.world_size * peak * 1e12 * ASSUMED_MFU / flops
-
-
-def steps_for(plan: TrainingPlan, job: Job) -> int:
-    return max(job.min_steps, math.ceil(job.samples_seen / plan.global_batch))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # the facts a note and the README show
 
@@ -145,6 +64,7 @@ def plan_facts(plan: TrainingPlan, tier_name: str, job: Job) -> dict[str, str]:
         "LoRA rank": str(plan.lora_rank),
         "resolution": f"{plan.resolution[0]}x{plan.resolution[1]}",
         "GPUs": str(plan.world_size),
+        **machines_facts(plan),
         "parallelism": plan.parallelism,
         "micro-batch per GPU": str(plan.micro_batch),
         "gradient accumulation": str(plan.grad_accum),
@@ -159,6 +79,17 @@ def plan_facts(plan: TrainingPlan, tier_name: str, job: Job) -> dict[str, str]:
         "NCCL timeout": f"{plan.nccl_timeout_s} s",
         "learning rate": f"{plan.lr:.3g}",
         "throughput (predicted)": "—" if speed is None else f"{speed:.2f} img/s",
+    }
+
+
+def machines_facts(plan: TrainingPlan) -> dict[str, str]:
+    """For a plan across machines: how the GPUs are spread and the planner's inter-node time per step."""
+    if plan.nodes == 1:
+        return {}
+    (gbps,) = [value for name, value, _ in plan.decisions if name == "inter_node_gbps"]
+    return {
+        "machines": f"{plan.nodes} × {plan.world_size // plan.nodes} GPUs",
+        "inter-node time (predicted)": f"{inter_node_seconds(plan) * 1e3:.0f} ms per step at {gbps:g} GB/s",
     }
 
 
@@ -248,14 +179,31 @@ def note_text(tier: Tier, plan: TrainingPlan, job: Job, steps: int) -> str:
             f"Models: `{job.model}` (diffusion_models), `{TEXT_ENCODER}` (text_encoders), `{VAE}` (vae).",
             f"Images with `.txt` captions go in `input/{job.image_folder}`.",
         ]
+    if plan.nodes > 1:
+        lines += ["", *machines_lines(plan)]
     return "\n".join(lines)
+
+
+def machines_lines(plan: TrainingPlan) -> list[str]:
+    """What a person does for a run across machines: this ComfyUI is node 0, the others run the printed command."""
+    others = plan.nodes - 1
+    return [
+        f"**{plan.nodes} machines.** This ComfyUI is node 0 (Multi-Node Run, wired into Train). Fill in its "
+        "`master_address` with this machine's address and a free port the other machines reach (e.g. "
+        "`10.0.0.5:29500`), then queue. Train prints the command for the other "
+        f"{'machine' if others == 1 else f'{others} machines'} (in its report, ComfyUI's log and "
+        "`<run>/other_nodes.txt`): run it there; ComfyUI never opens a shell on another machine.",
+        "Every machine needs the run folder (`models/whetstone_runs`), the packed dataset and the model at the same "
+        "paths (a shared file system) and this repository at the printed path. The inter-node time is the "
+        "planner's from the bytes each step sends (docs/scaling.md); none of it is measured.",
+    ]
 
 
 def build_workflow(tier: Tier, job: Job) -> dict:
     plan = plan_for(tier, job)
     steps = steps_for(plan, job)
     note = note_text(tier, plan, job, steps)
-    return tier_workflow(tier.name, tier.target_global_batch, job, steps, note, plan_panel(plan))
+    return tier_workflow(tier.name, tier.target_global_batch, job, steps, note, plan_panel(plan), machines=plan.nodes)
 
 
 def template_name(tier_name: str, job: Job | None = None) -> str:
@@ -298,18 +246,6 @@ def thumbnail_for(tier: Tier, job: Job, workflow: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------------------------------
 # the README table
 
-TIER_ORDER = (
-    "cpu",
-    "1x8GB",
-    "1x12GB",
-    "1x16GB",
-    "1x24GB",
-    "1x80GB",
-    "2xA10-24GB",
-    "4xA100-40GB-SXM",
-    "4xH100-80GB-NVLink4",
-    "8xA100-80GB-NVSwitch",
-)
 README_COLUMNS = ("trains", "micro-batch", "checkpoint depth", "predicted peak", "throughput")
 
 
@@ -335,7 +271,8 @@ def _where(tier: Tier, plan: TrainingPlan) -> str:
         return "CPU, smoke model"
     if plan.world_size == 1:
         return "one GPU"
-    return f"{plan.parallelism.upper()} on {plan.world_size} GPUs"
+    machines = f" ({plan.nodes} machines)" if plan.nodes > 1 else ""
+    return f"{plan.parallelism.upper()} on {plan.world_size} GPUs{machines}"
 
 
 def _levers(plan: TrainingPlan) -> str:
@@ -355,11 +292,15 @@ def readme_section(tiers: dict[str, Tier]) -> str:
         "it. The numbers below are the planner's for the tier's "
         "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "
         f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak: none of these exact tier settings "
-        "has run yet (no A10/A100 here, no 4- or 8-GPU host lent); what was measured (LoRA r128 on H100 and 2xH200, "
+        "has run yet (no A10/A100 here, no 4- or 8-GPU host or second machine lent); what was measured (LoRA r128 on H100 and 2xH200, "
         "QLoRA, FP8, full fine-tune) is in `docs/benchmarks.md`. The 8, 12 and 16 GB tiers use the small-card levers "
         "(FP8 base storage, block swap, full checkpointing, micro-batch 1 with accumulation; their predicted throughput "
         "leaves out the PCIe copies); `bench/bench_small_cards.py` runs their plans on an H200 capped to 8, 12 and "
-        "16 GiB (`docs/benchmarks.md`). Regenerate with `python -m tools.make_workflows`."
+        "16 GiB (`docs/benchmarks.md`). "
+        f"{', '.join(name for name in TIER_ORDER if tiers[name].nodes > 1)} is several machines: its workflow makes "
+        "this ComfyUI node 0 (Multi-Node Run wired into Train) and Train prints the command each other machine runs "
+        "(`docs/scaling.md`); its memory per GPU, inter-node time and throughput are predicted only, since no "
+        "multi-GPU machine was lent. Regenerate with `python -m tools.make_workflows`."
     )
     lines = [
         README_HEADING,

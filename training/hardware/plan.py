@@ -114,7 +114,7 @@ def make_plan(
 
 def smallest_tier_for(request: PlanRequest, memory_model: MemoryModel | None = None) -> str:
     """A sentence naming the tier with the least GPU memory in all on which ``request`` plans, or saying none does."""
-    tiers = sorted(load_tiers().values(), key=lambda t: (t.gpu_count * t.gpu_memory_mib, t.gpu_count))
+    tiers = sorted(load_tiers().values(), key=lambda t: (t.nodes * t.gpu_count * t.gpu_memory_mib, t.gpu_count))
     for candidate in tiers:
         if not candidate.gpu_count:
             continue
@@ -125,7 +125,7 @@ def smallest_tier_for(request: PlanRequest, memory_model: MemoryModel | None = N
         except PlanRefused:
             continue
         return (
-            f"the smallest tier that trains it is {candidate.name} ({candidate.gpu_count} x "
+            f"the smallest tier that trains it is {candidate.name} ({candidate.nodes * candidate.gpu_count} x "
             f"{candidate.gpu_memory_bytes / GIB:.0f} GiB, {plan.parallelism}, predicted peak "
             f"{plan.predicted_peak_bytes / GIB:.1f} GiB per GPU)"
         )
