@@ -95,7 +95,7 @@ def test_plan_unknown_tier(capsys, caplog):
     assert code == 2 and "Traceback" not in err + caplog.text
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "plan: --tier 'nope' is not a known tier: choose one of "
-        "1x12GB, 1x16GB, 1x24GB, 1x80GB, 1x8GB, 2xA10-24GB, 4xA100-40GB-SXM, 4xH100-80GB-NVLink4, 8xA100-80GB-NVSwitch, cpu"
+        "1x12GB, 1x16GB, 1x24GB, 1x80GB, 1x8GB, 2x8xH100-80GB-IB, 2xA10-24GB, 4xA100-40GB-SXM, 4xH100-80GB-NVLink4, 8xA100-80GB-NVSwitch, cpu"
     ]
 
 
