@@ -231,8 +231,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
         files = write_random_encoders(root / "encoders", args.random_encoders, device=pick_device(args.device))
         args.vae, args.text_encoder, args.tokenizer = files["vae"], files["text_encoder"], files["tokenizer"]
         results["write_encoders_s"] = time.perf_counter() - start
-        print(f"random {args.random_encoders} encoders written in {results['write_encoders_s']:.1f} s: "
-              f"{args.vae.stat().st_size / 1e9:.2f} GB VAE, {args.text_encoder.stat().st_size / 1e9:.2f} GB text")  # fmt: skip
+        sizes = f"{args.vae.stat().st_size / 1e9:.2f} GB VAE, {args.text_encoder.stat().st_size / 1e9:.2f} GB text"
+        print(f"random {args.random_encoders} encoders written in {results['write_encoders_s']:.1f} s: {sizes}")
     suffix = ".jpg" if args.random_encoders == "full" else ".png"
     make_images(root / "images", args.images, args.size, suffix, threads=args.threads)
     flags = ["--resolution", str(args.resolution), "--samples-per-shard", str(args.samples_per_shard), "--device",
@@ -254,9 +254,9 @@ def run(args: argparse.Namespace, root: Path) -> int:
     if check_finite(first) != args.images:
         raise SystemExit(f"{first} holds fewer samples than the {args.images} images")
     timed = results["timed_pack"] = timed_pack(root / "images", root / "pack-timed", args, args.images)
-    print(f"timed pack on 1 rank ({args.device}, models loaded and warmed up in {timed['load_s']:.1f} s first): {args.images} "
-          f"images in {timed['pack_s']:.2f} s = {timed['img_per_s']:.2f} img/s; VAE {timed['vae_s']:.2f} s "
-          f"({timed['vae_share']:.0%}), text encoder {timed['text_encoder_s']:.2f} s "
+    print(f"timed pack on 1 rank ({args.device}, models loaded and warmed up in {timed['load_s']:.1f} s first): "
+          f"{args.images} images in {timed['pack_s']:.2f} s = {timed['img_per_s']:.2f} img/s; "
+          f"VAE {timed['vae_s']:.2f} s ({timed['vae_share']:.0%}), text encoder {timed['text_encoder_s']:.2f} s "
           f"({timed['text_encoder_share']:.0%}), the rest decoding, resizing and writing")  # fmt: skip
     save(results)  # the pack figures survive a failure of the loader's part
     results["loader"] = loader_over_http(first, root / "cache")
