@@ -30,6 +30,7 @@ from .workflow_jobs import (  # re-exported: the tests and tools.make_smoke_mode
     ASSUMED_MFU,
     FULL_JOBS,
     JOBS,
+    MEASURED,
     SMOKE_CONFIG,
     SMOKE_MODEL,
     TIER_ORDER,
@@ -246,7 +247,7 @@ def thumbnail_for(tier: Tier, job: Job, workflow: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------------------------------
 # the README table
 
-README_COLUMNS = ("trains", "micro-batch", "checkpoint depth", "predicted peak", "throughput")
+README_COLUMNS = ("trains", "micro-batch", "checkpoint depth", "predicted peak", "throughput", "measured")
 
 
 def readme_row(tier: Tier, job: Job) -> dict[str, str]:
@@ -263,6 +264,7 @@ def readme_row(tier: Tier, job: Job) -> dict[str, str]:
         "checkpoint depth": facts["checkpoint depth"],
         "predicted peak": f"{facts['predicted peak']} of {facts['budget']}",
         "throughput": "—" if speed == "—" else f"{speed} (predicted)",
+        "measured": MEASURED.get(tier.name, "—"),
     }
 
 
@@ -291,9 +293,11 @@ def readme_section(tiers: dict[str, Tier]) -> str:
         f"({', '.join(FULL_JOBS)}): the model goes to `diffusion_models/whetstone/` and Load Trained Model samples "
         "it. The numbers below are the planner's for the tier's "
         "simulated hardware (peak per GPU, `max_memory_allocated`; budget = memory less CUDA context and safety "
-        f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak: none of these exact tier settings "
-        "has run yet (no A10/A100 here, no 4- or 8-GPU host or second machine lent); what was measured "
-        "(LoRA r128 on H100 and 2xH200, "
+        f"margin). Throughput is predicted at {ASSUMED_MFU:.0%} of the bf16 peak on the tier's own card. The "
+        "measured column says what ran, on the H200 lent here: the 8, 12 and 16 GB tiers' plans with the process "
+        "capped to the card's memory (their img/s are an H200's, not the small card's), and the 1x80GB workflow in "
+        "a real ComfyUI; the multi-GPU tiers have not run (no A10/A100 here, no 4- or 8-GPU host or second machine "
+        "lent). Everything measured (LoRA r128 on H100 and 2xH200, "
         "QLoRA, FP8, full fine-tune) is in `docs/benchmarks.md`. The 8, 12 and 16 GB tiers use the small-card levers "
         "(FP8 base storage, block swap, full checkpointing, micro-batch 1 with accumulation; their predicted throughput "
         "leaves out the PCIe copies); `bench/bench_small_cards.py` runs their plans on an H200 capped to 8, 12 and "

@@ -134,3 +134,14 @@ def predicted_images_per_second(plan: TrainingPlan, tier_name: str, config: ZIma
 
 def steps_for(plan: TrainingPlan, job: Job) -> int:
     return max(job.min_steps, math.ceil(job.samples_seen / plan.global_batch))
+
+
+#: What a tier's plan did when run, by tier: where, how long, the peak against the plan's prediction (the README's
+#: "measured" column; every figure's command and table are in docs/benchmarks.md). Tiers not listed have not run.
+MEASURED = {
+    "1x8GB": "H200 capped to 8 GiB, 200 steps: 0 OOM, peak 6.98 GiB (predicted −2.8%); 2.35 img/s (8 steps alone)",
+    "1x12GB": "H200 capped to 12 GiB, 200 steps: 0 OOM, peak 10.30 GiB (predicted +1.6%), 1.62 img/s",
+    "1x16GB": "H200 capped to 16 GiB, 200 steps: 0 OOM, peak 13.53 GiB (predicted +0.8%), 1.67 img/s",
+    "1x80GB": "H200, the workflow in a real ComfyUI, 16 steps: peak 47.2 GiB (predicted 49.1 GiB for its captions), "
+    "3.87 img/s",
+}
