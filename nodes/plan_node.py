@@ -9,13 +9,14 @@ from ..training.engine.quantize import qlora_unavailable
 from ..training.hardware.discovery import discover
 from ..training.hardware.panel import plan_panel
 from ..training.hardware.plan import PlanRequest, make_plan
+from ..training.hardware.schedule_cli import SCHEDULES, ScheduleInputs, plan_resolutions
 from ..training.hardware.tiers import load_tiers, nearest_tier, simulated_profile
 from ..training.model.targets import DEFAULT_LORA_RANK, DEFAULT_TARGETS, LORA_TARGETS
 from ..training.model.weights import infer_config, read_header
 from ..training.run.jobs import JobStore, held_gpus, subset_profile
 from ..training.vocabulary import ADAPTER_TYPES, MODES, OPTIMIZERS
 from . import comfy_bridge, paths
-from .validation import Choice, Float, Int, Toggle, check_all
+from .validation import Choice, Float, Int, Text, Toggle, check_all
 from .values import DATASET_TYPE, HARDWARE_TYPE, PLAN_TYPE, HardwareChoice
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,28 @@ SHARING = {
 }
 
 
+#: Optional (prompts saved before them stay valid): a resolution schedule over a shard set packed at several
+#: resolutions, planned per shape as ``python -m training plan --resolution-schedule`` plans it.
+SCHEDULE_WIDGETS = {
+    "resolution_schedule": Choice(
+        SCHEDULES,
+        "With a dataset packed at several resolutions: none trains them as one stream; mix draws each step's "
+        "resolution by resolution_weights; progressive trains them in order by resolution_stages. Every shape is "
+        "planned and gets its own micro-batch (the plan is for the largest; the resolution input is not used).",
+    ),
+    "resolution_weights": Text("", "mix: RES=WEIGHT pairs, e.g. 512=0.3,1024=0.7.", 256),
+    "resolution_stages": Text(
+        "", "progressive: each resolution until this fraction of the steps, e.g. 512=0.4,1024=1.0.", 256
+    ),
+}
+SCHEDULE_INPUTS = ScheduleInputs(
+    schedule="resolution_schedule",
+    weights="resolution_weights",
+    stages="resolution_stages",
+    dataset="the dataset input",
+)
+
+
 class TrainingPlan:
     DESCRIPTION = (
         "Decides how to train on the chosen hardware: micro-batch, gradient accumulation, activation-checkpoint "
@@ -105,6 +128,7 @@ class TrainingPlan:
             },
             "optional": {
                 **{name: widget.declare() for name, widget in SHARING.items()},
+                **{name: widget.declare() for name, widget in SCHEDULE_WIDGETS.items()},
                 "hardware": (HARDWARE_TYPE, {"tooltip": "From Hardware Profile; needed with 'measured'."}),
                 "dataset": (
                     DATASET_TYPE,
@@ -122,6 +146,7 @@ class TrainingPlan:
 
     def plan(self, model_name, hardware=None, dataset=None, **settings):
         sharing = check_all(SHARING, {name: settings.pop(name, w.default) for name, w in SHARING.items()})
+        schedule = check_all(SCHEDULE_WIDGETS, {n: settings.pop(n, w.default) for n, w in SCHEDULE_WIDGETS.items()})
         values = check_all(WIDGETS, settings)
         model_path = comfy_bridge.full_path(comfy_bridge.DIFFUSION_MODELS_FOLDER, model_name)
         model_config = infer_config({key: shape for key, (_, shape) in read_header(model_path).items()})
@@ -146,7 +171,12 @@ class TrainingPlan:
             optimizer=None if values["optimizer"] == AUTO_OPTIMIZER else values["optimizer"],
             ema=values["ema"],
         )
-        training_plan = make_plan(request, profile, tier)
+        if schedule["resolution_schedule"] == "none":
+            training_plan = make_plan(request, profile, tier)
+        else:
+            texts = schedule["resolution_weights"], schedule["resolution_stages"]
+            shapes, _ = plan_resolutions(schedule["resolution_schedule"], *texts, request, profile, SCHEDULE_INPUTS)
+            training_plan = shapes.base  # a ScheduledPlan: Train writes its resolutions section into the config
         logger.info("%s", training_plan.table())
         table = plan_panel(training_plan)
         return {"ui": {"text": [table]}, "result": (training_plan, table)}

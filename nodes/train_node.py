@@ -96,6 +96,7 @@ def build_config(
         optim={"warmup_steps": values["warmup_steps"], "schedule": values["schedule"]},
         preview=preview or {},
         ema={key: values.get(f"ema_{key}", EMA_WIDGETS[f"ema_{key}"].default) for key in ("decay", "start_step")},
+        **({"resolutions": plan.resolutions} if getattr(plan, "resolutions", None) else {}),  # a ScheduledPlan's
     )
 
 

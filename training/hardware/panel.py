@@ -40,6 +40,7 @@ DECISION_LABELS = {
     "inter_node_s_per_step": "network time per step",
     "base_storage": "frozen base",
     "swap_blocks": "swapped blocks",
+    "resolution_schedule": "resolution schedule",
 }
 REASON_WIDTH = 56
 LABEL_WIDTH = max(map(len, DECISION_LABELS.values()))

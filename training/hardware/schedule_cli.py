@@ -1,20 +1,48 @@
 """``plan --resolution-schedule``: plan every shape of a multi-resolution shard set (``shape_plan``) and write the
 config's ``resolutions`` section (the schedule, plus the micro-batch and accumulation the planner picked per
-resolution), so a CLI user trains a mix or a progressive schedule from one command."""
+resolution), so a CLI user trains a mix or a progressive schedule from one command. The Training Plan node plans
+the same way (``plan_resolutions`` with its input names), so the node and the CLI write the same section."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+from dataclasses import dataclass
 
+from ..engine.resolution_schedule import RESOLUTION_SCHEDULES
 from .discovery import HardwareProfile
 from .memory import GIB
+from .plan import TrainingPlan
 from .request import PlanRequest
 from .shape_plan import ShapePlan, dataset_shapes, plan_shapes
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("none", "mix", "progressive")
+SCHEDULES = RESOLUTION_SCHEDULES  # "none", "mix", "progressive": the config's resolutions.schedule
+
+
+@dataclass(frozen=True)
+class ScheduleInputs:
+    """What the user named the schedule's inputs (the messages name them): CLI flags, or the node's inputs."""
+
+    schedule: str
+    weights: str
+    stages: str
+    dataset: str
+
+
+CLI_INPUTS = ScheduleInputs(
+    schedule="--resolution-schedule", weights="--resolution-weights", stages="--resolution-stages", dataset="--shards"
+)
+
+
+@dataclass(kw_only=True)
+class ScheduledPlan(TrainingPlan):
+    """The plan of a resolution schedule's largest shape, carrying the config's whole ``resolutions`` section (the
+    schedule and the micro-batch / accumulation per resolution) to whatever writes the run config."""
+
+    resolutions: dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,17 +79,17 @@ def _pairs(text: str, flag: str) -> list[tuple[int, float]]:
     return pairs
 
 
-def schedule_section(args: argparse.Namespace) -> dict:
-    """The ``resolutions`` schedule the flags describe (the engine's ``ResolutionSection`` validates it)."""
-    if args.resolution_schedule == "mix":
-        if args.resolution_stages:
-            raise ValueError("--resolution-stages is for --resolution-schedule progressive, not mix")
-        weights = _pairs(args.resolution_weights, "--resolution-weights")
-        return {"schedule": "mix", "weights": {str(r): w for r, w in weights}}
-    if args.resolution_weights:
-        raise ValueError("--resolution-weights is for --resolution-schedule mix, not progressive")
-    stages = _pairs(args.resolution_stages, "--resolution-stages")
-    return {"schedule": "progressive", "stages": [[r, until] for r, until in stages]}
+def schedule_section(schedule: str, weights: str, stages: str, names: ScheduleInputs = CLI_INPUTS) -> dict:
+    """The ``resolutions`` schedule the inputs describe (the engine's ``ResolutionSection`` validates it)."""
+    if schedule == "mix":
+        if stages:
+            raise ValueError(f"{names.stages} is for {names.schedule} progressive, not mix")
+        pairs = _pairs(weights, names.weights)
+        return {"schedule": "mix", "weights": {str(r): w for r, w in pairs}}
+    if weights:
+        raise ValueError(f"{names.weights} is for {names.schedule} mix, not progressive")
+    pairs = _pairs(stages, names.stages)
+    return {"schedule": "progressive", "stages": [[r, until] for r, until in pairs]}
 
 
 def scheduled_resolutions(section: dict) -> list[int]:
@@ -72,20 +100,61 @@ def scheduled_resolutions(section: dict) -> list[int]:
 
 def plan_schedule(args: argparse.Namespace, request: PlanRequest, profile: HardwareProfile) -> tuple[ShapePlan, dict]:
     """(the per-shape plan, the config's whole ``resolutions`` section) for the flags' schedule."""
+    schedule = (args.resolution_schedule, args.resolution_weights, args.resolution_stages)
+    return plan_resolutions(*schedule, request, profile, CLI_INPUTS)
+
+
+def plan_resolutions(
+    schedule: str,
+    weights: str,
+    stages: str,
+    request: PlanRequest,
+    profile: HardwareProfile,
+    names: ScheduleInputs = CLI_INPUTS,
+) -> tuple[ShapePlan, dict]:
+    """(the per-shape plan, whose ``base`` is a ``ScheduledPlan`` recording the schedule as a decision, the config's
+    whole ``resolutions`` section) for a schedule given as text, RES=NUMBER pairs, like the CLI's flags."""
     if request.dataset is None:
-        raise ValueError("--resolution-schedule needs --shards: the shard set packed at several resolutions")
-    section = schedule_section(args)
+        raise ValueError(f"{names.schedule} needs {names.dataset}: the shard set packed at several resolutions")
+    section = schedule_section(schedule, weights, stages, names)
     packed = dataset_shapes(request.dataset)
+    if len(packed) < 2:
+        raise ValueError(
+            f"{names.schedule} {schedule}: {request.dataset.path} was packed at one resolution "
+            f"({', '.join(map(str, packed))} px), so there is nothing to schedule: set {names.schedule} to none, or "
+            "pack the images at several resolutions (python -m training pack --resolution 512,1024)"
+        )
     wanted = scheduled_resolutions(section)
     missing = [r for r in wanted if r not in packed]
     if missing:
         raise ValueError(
-            f"--resolution-schedule names {', '.join(map(str, missing))} px, which {request.dataset.path} was not "
+            f"{names.schedule} names {', '.join(map(str, missing))} px, which {request.dataset.path} was not "
             f"packed at (it has {', '.join(map(str, sorted(packed)))}): pack them, or schedule what is there"
         )
     shapes = plan_shapes(request, profile, {r: packed[r] for r in wanted})
     logger.info("resolution schedule %s over %s px: %s", section["schedule"], wanted, shapes.section())
-    return shapes, section | shapes.section()
+    section = section | shapes.section()
+    base = dataclasses.replace(shapes.base, decisions=[*shapes.base.decisions, _decision(section, shapes)])
+    scheduled = ScheduledPlan(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, resolutions=section)
+    return dataclasses.replace(shapes, base=scheduled), section
+
+
+def _decision(section: dict, shapes: ShapePlan) -> tuple[str, str, str]:
+    """The plan table's row for the schedule: what trains when, and the micro-batch planned per resolution."""
+    if section["schedule"] == "mix":
+        order = ", ".join(
+            f"{r} px weight {w:g}" for r, w in sorted(section["weights"].items(), key=lambda i: int(i[0]))
+        )
+    else:
+        order = ", then ".join(f"{r} px until {until:g} of the steps" for r, until in section["stages"])
+    sizes = ", ".join(f"{r} px {shapes.resolution(r)[0]} x {shapes.resolution(r)[1]}" for r in shapes.resolutions)
+    largest = "x".join(map(str, shapes.base.resolution))
+    reason = (
+        f"{order}; micro-batch x accumulation per resolution: {sizes} (every bucket planned; the settings above "
+        f"are for the largest, {largest})"
+    )
+    logger.info("plan: resolution_schedule = %s (%s)", section["schedule"], reason)
+    return "resolution_schedule", section["schedule"], reason
 
 
 def shapes_table(shapes: ShapePlan) -> str:
