@@ -125,3 +125,18 @@ def test_a_schedule_without_a_dataset_says_to_link_one(comfy, caplog):
     with pytest.raises(ValueError, match="resolution_schedule needs the dataset input"):
         node_plan(None, resolution_schedule="mix", resolution_weights="64=1")
     assert not any(comfy.folders["whetstone_runs"].iterdir())
+
+
+@pytest.mark.slow
+def test_a_progressive_schedule_planned_in_the_node_trains_through_train(comfy, monkeypatch):
+    from training.run.events import read_events
+
+    monkeypatch.setattr(train_node, "STOP_TIMEOUT_SECONDS", 10.0)
+    dataset = packed(comfy, "multi", (64, 128))
+    plan, _ = node_plan(dataset, resolution_schedule="progressive", resolution_stages="64=0.5,128=1.0")
+    settings = {name: widget.default for name, widget in train_node.WIDGETS.items()}
+    settings |= {"run_name": "multires", "steps": 4, "save_every": 0, "caption_dropout": 0.0}
+    run, _, report = train_node.Train().train(plan, dataset, "tiny.safetensors", unique_id="7", **settings)["result"]
+    assert run.state == "completed", report
+    assert [e["resolution"] for e in read_events(run.run_dir)] == [64, 64, 128, 128]  # round(0.5 x 4) at 64 px
+    assert run.summary["by_resolution"]["64"]["steps"] == 2 and run.summary["by_resolution"]["128"]["steps"] == 2
