@@ -122,7 +122,7 @@ def plan_resolutions(
         raise ValueError(
             f"{names.schedule} {schedule}: {request.dataset.path} was packed at one resolution "
             f"({', '.join(map(str, packed))} px), so there is nothing to schedule: set {names.schedule} to none, or "
-            "pack the images at several resolutions (python -m training pack --resolution 512,1024)"
+            "pack the images at several resolutions (python -m training pack IMAGES SHARDS --resolution 512,1024)"
         )
     wanted = scheduled_resolutions(section)
     missing = [r for r in wanted if r not in packed]
