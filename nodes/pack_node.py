@@ -9,7 +9,7 @@ from ..training.data.outcomes import report_kinds, summary_lines
 from ..training.data.pack import PackConfig, PackInterrupted, pack_dataset
 from . import comfy_bridge, paths
 from .encoders import ComfyLatentEncoder, ComfyTextEncoder
-from .validation import Choice, Int, Text, Toggle, check_all, declare
+from .validation import Choice, Int, SettingRefused, Text, Toggle, check_all, declare
 from .values import DATASET_TYPE, DatasetRef
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,15 @@ WIDGETS = {
     "store_images": Toggle(False, "Also store the resized images in the shards (always on when no VAE is connected)."),
 }
 
+#: Optional (prompts saved before it stay valid): more pack resolutions, for Training Plan's resolution_schedule.
+MORE_RESOLUTIONS = Text(
+    "",
+    "Also pack at these resolutions (comma-separated sides, e.g. 512,768) for Training Plan's resolution_schedule: "
+    "each image is stored once per resolution it covers (too_small decides the others). Empty: resolution only.",
+    128,
+)
 OPTIONAL = {
+    "more_resolutions": MORE_RESOLUTIONS.declare(),
     "vae": ("VAE", {"tooltip": "Z-Image's VAE (the Flux ae.safetensors): stores latents so training skips the VAE."}),
     "clip": ("CLIP", {"tooltip": "Z-Image's text encoder (Qwen3-4B): stores caption features for training."}),
 }
@@ -61,8 +69,9 @@ class PackDataset:
     def INPUT_TYPES(cls):
         return {"required": declare(WIDGETS), "optional": OPTIONAL, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def pack(self, vae=None, clip=None, unique_id=None, **settings):
+    def pack(self, vae=None, clip=None, unique_id=None, more_resolutions="", **settings):
         values = check_all(WIDGETS, settings)
+        more = MORE_RESOLUTIONS.check("more_resolutions", more_resolutions)
         image_dir = paths.confine(values["image_folder"], paths.image_roots(), "image_folder", must_exist=True)
         if not image_dir.is_dir():
             raise paths.PathRefused(f"image_folder={values['image_folder']!r} is a file, not a folder of images")
@@ -70,7 +79,7 @@ class PackDataset:
         config = PackConfig(
             input_dir=image_dir,
             output_dir=output_dir,
-            resolution=values["resolution"],
+            resolution=pack_resolutions(values["resolution"], more),
             samples_per_shard=values["samples_per_shard"],
             too_small=values["too_small"],
             missing_caption=values["missing_caption"],
@@ -111,6 +120,20 @@ class PackDataset:
             logger.info("packing %s interrupted; finished shards are kept and the next run resumes", config.output_dir)
             comfy_bridge.raise_if_interrupted()
             raise
+
+
+def pack_resolutions(resolution: int, more: str) -> int | tuple[int, ...]:
+    """``resolution``, or it and ``more_resolutions`` ascending (PackConfig's several resolutions)."""
+    extra = set()
+    for part in filter(None, (item.strip() for item in more.split(","))):
+        low, high = WIDGETS["resolution"].min, WIDGETS["resolution"].max
+        if not part.isdigit() or int(part) % 16 or not low <= int(part) <= high:
+            raise SettingRefused(
+                f"more_resolutions={more!r}: {part!r} must be a side in px, a multiple of 16 in {low}..{high}, "
+                "written like 512,768"
+            )
+        extra.add(int(part))
+    return tuple(sorted({resolution, *extra})) if extra - {resolution} else resolution
 
 
 def _widget_setting(name: str, value: str) -> str | None:

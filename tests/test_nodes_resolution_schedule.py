@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from test_nodes_pack import FakeCLIP, FakeVAE, make_images
 from test_nodes_support import install_fake_comfy, pack_module
 
 from tests.data_fixtures import make_dataset
@@ -22,6 +23,7 @@ from training.model.zimage import ZImageTransformer
 plan_node = pack_module("nodes.plan_node")
 train_node = pack_module("nodes.train_node")
 values_module = pack_module("nodes.values")
+pack_node = pack_module("nodes.pack_node")
 
 SIZES = ((160, 160), (192, 128), (128, 192))
 SCHEDULES = {
@@ -140,3 +142,25 @@ def test_a_progressive_schedule_planned_in_the_node_trains_through_train(comfy, 
     assert run.state == "completed", report
     assert [e["resolution"] for e in read_events(run.run_dir)] == [64, 64, 128, 128]  # round(0.5 x 4) at 64 px
     assert run.summary["by_resolution"]["64"]["steps"] == 2 and run.summary["by_resolution"]["128"]["steps"] == 2
+
+
+def test_pack_dataset_packs_more_resolutions_for_the_schedule(comfy, tmp_path):
+    make_images(comfy.folders["input"] / "photos", count=3)
+    settings = {name: widget.default for name, widget in pack_node.WIDGETS.items()}
+    settings |= {"image_folder": "photos", "dataset_name": "both", "resolution": 256, "too_small": "upscale"}
+    for bad in ("320,abc", "300", "8192"):
+        with pytest.raises(ValueError, match="more_resolutions=.*must be a side in px"):
+            pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), more_resolutions=bad, **settings)
+    assert not any(comfy.folders["whetstone_datasets"].iterdir())
+    output = pack_node.PackDataset().pack(vae=FakeVAE(), clip=FakeCLIP(), more_resolutions=" 320, 256", **settings)
+    dataset = output["result"][0]
+    assert dataset.samples == 6  # 3 images x 2 resolutions
+    plan, table = node_plan(dataset, resolution_schedule="mix", resolution_weights="256=1,320=3")
+    values = train_node.check_all(train_node.WIDGETS, {n: w.default for n, w in train_node.WIDGETS.items()})
+    model = comfy.folders["diffusion_models"] / "tiny.safetensors"
+    config = train_node.build_config(plan, dataset.path, model, tmp_path / "r", tmp_path / "l.safetensors", values)
+    assert config.resolutions.weights == {"256": 1.0, "320": 3.0} and config.resolutions.resolutions == (256, 320)
+    cli_path = tmp_path / "cli_run" / "config.json"
+    schedule = {"resolution_schedule": "mix", "resolution_weights": "256=1,320=3"}
+    assert cli_main([*cli_argv(dataset.path, schedule), "--write-config", str(cli_path)]) == 0
+    assert config.to_dict()["resolutions"] == TrainConfig.load(cli_path).to_dict()["resolutions"]
