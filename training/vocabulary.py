@@ -39,6 +39,9 @@ FULL_MODE_OPTIMIZERS: tuple[str, ...] = ("adamw",)
 
 #: Where the EMA of the trained weights lives (fp32): "off", on the training "device", or in host RAM ("cpu").
 EmaPlacement = Literal["off", "device", "cpu"]
+#: Which resolution each step of a multi-resolution run trains (``training.engine.resolution_schedule``): one stream
+#: over the whole shard set, a weighted "mix", or "progressive" stages.
+ResolutionSchedule = Literal["none", "mix", "progressive"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 PARALLELISMS: tuple[str, ...] = get_args(Parallelism)
@@ -56,4 +59,5 @@ LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 BASE_STORAGES: tuple[str, ...] = get_args(BaseStorage)
 ADAPTER_TYPES: tuple[str, ...] = get_args(AdapterType)
 EMA_PLACEMENTS: tuple[str, ...] = get_args(EmaPlacement)
+RESOLUTION_SCHEDULES: tuple[str, ...] = get_args(ResolutionSchedule)
 LORA_MODES: tuple[str, ...] = ("lora", "qlora")

@@ -22,9 +22,8 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from ..vocabulary import RESOLUTION_SCHEDULES
 from .sigma_shift import SHIFT_RULES
-
-RESOLUTION_SCHEDULES = ("none", "mix", "progressive")
 
 
 def _resolution_key(key, where: str) -> int:

@@ -10,16 +10,16 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from ..engine.resolution_schedule import RESOLUTION_SCHEDULES
+from ..vocabulary import RESOLUTION_SCHEDULES
 from .discovery import HardwareProfile
 from .memory import GIB
-from .plan import TrainingPlan
 from .request import PlanRequest
 from .shape_plan import ShapePlan, dataset_shapes, plan_shapes
+from .training_plan import TrainingPlan
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = RESOLUTION_SCHEDULES  # "none", "mix", "progressive": the config's resolutions.schedule
+SCHEDULES = RESOLUTION_SCHEDULES  # the config's resolutions.schedule: "none", "mix", "progressive"
 
 
 @dataclass(frozen=True)
