@@ -174,6 +174,9 @@ def _training_nodes(
         job.ema,
         True,  # free_comfyui_memory
         0,  # gpu_count (optional)
+        "none",  # resolution_schedule (optional)
+        "",  # resolution_weights (optional)
+        "",  # resolution_stages (optional)
     ]
     train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
     train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
@@ -185,8 +188,8 @@ def _training_nodes(
     return {
         "pack": g.node(
             "WhetstonePackDataset",
-            (plan_width, node_height(2, 7, report_panel)),
-            [*pack_widgets, "skip", "empty", False],
+            (plan_width, node_height(2, 8, report_panel)),
+            [*pack_widgets, "skip", "empty", False, ""],  # more_resolutions (optional)
             inputs=[("vae", "VAE"), ("clip", "CLIP")],
             outputs=[("dataset", "WHETSTONE_DATASET"), ("report", "STRING")],
             ours=True,
