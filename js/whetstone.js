@@ -147,6 +147,7 @@ function onProgress(event) {
   const chart = node?.whetstoneChart;
   if (!chart) return;
   if (detail.kind === "start" || chart.run !== detail.run) {
+    stopFollowing(node); // the node runs in the foreground now
     chart.points = [];
     chart.run = detail.run;
   }
@@ -172,20 +173,23 @@ function onProgress(event) {
 // shows the whole curve again, and after the end every point the run wrote.
 const FINISHED = new Set(["completed", "stopped", "failed"]);
 
+// The run's history, or undefined (an invalid name: the node itself says so when queued; or the server is away).
+async function fetchHistory(run) {
+  try {
+    const response = await api.fetchApi(`/whetstone/run_history?run=${encodeURIComponent(run)}`);
+    return response.ok ? await response.json() : undefined;
+  } catch (error) {
+    console.warn("whetstone: could not read the run's history", error);
+    return undefined;
+  }
+}
+
 async function loadHistory(node, keepStatus = false) {
   const chart = node?.whetstoneChart;
   const run = node?.widgets?.find((w) => w.name === "run_name")?.value;
-  if (!chart || !run) return;
-  let history;
-  try {
-    const response = await api.fetchApi(`/whetstone/run_history?run=${encodeURIComponent(run)}`);
-    if (!response.ok) return; // an invalid name: the node itself says so when queued
-    history = await response.json();
-  } catch (error) {
-    console.warn("whetstone: could not read the run's history", error);
-    return;
-  }
-  if (!history.points?.length) return;
+  if (!chart || !run || chart.background) return; // a background job's chart follows the job (followBackground)
+  const history = await fetchHistory(run);
+  if (!history?.points?.length) return;
   if (chart.run === run && chart.points.length > history.points.length) return; // live data is newer
   chart.run = run;
   chart.points = history.points.slice(-MAX_POINTS);
@@ -196,6 +200,62 @@ async function loadHistory(node, keepStatus = false) {
   }
   drawChart(chart);
   node.setDirtyCanvas?.(true, false);
+}
+
+// A background job (the Train node's ui names it: "whetstone_background") trains in a process of its own, which
+// sends no events: the chart polls the run's history until the job's status is a finished one written after the
+// job was queued (an earlier run of the folder may have left one), or until the node is removed or runs again.
+const BACKGROUND_POLL_MS = 3000;
+
+function followBackground(node, job) {
+  const chart = node.whetstoneChart;
+  if (!chart || typeof job?.run !== "string") return;
+  stopFollowing(node);
+  const follow = { run: job.run, total: job.total_steps, since: job.submitted_at, timer: null };
+  chart.background = follow;
+  chart.run = job.run;
+  chart.points = [];
+  chart.status.textContent = `background job ${job.run}: waiting for it to start…`;
+  drawChart(chart);
+  const poll = async () => {
+    const history = await fetchHistory(follow.run);
+    if (chart.background !== follow) return; // removed or run again while the request was out
+    if (history && showBackground(node, follow, history)) {
+      chart.background = null;
+      return;
+    }
+    follow.timer = setTimeout(poll, BACKGROUND_POLL_MS);
+  };
+  poll();
+}
+
+function stopFollowing(node) {
+  const chart = node?.whetstoneChart;
+  if (!chart?.background) return;
+  clearTimeout(chart.background.timer);
+  chart.background = null;
+}
+
+// Draws a background job's history; true once the job has finished.
+function showBackground(node, follow, history) {
+  const chart = node.whetstoneChart;
+  const stale = history.updated != null && follow.since != null && history.updated < follow.since;
+  const finished = FINISHED.has(history.state) && !stale;
+  if (Array.isArray(history.points)) chart.points = history.points.slice(-MAX_POINTS);
+  const of = `${history.step ?? 0} of ${follow.total ?? "?"}`;
+  if (finished) {
+    chart.status.textContent = `${history.message || history.state} (background job ${follow.run}: step ${of})`;
+  } else if (history.step != null) {
+    const last = chart.points[chart.points.length - 1];
+    const loss = last?.[1] != null ? ` · loss ${Number(last[1]).toFixed(4)}` : "";
+    chart.status.textContent = `step ${of}${loss} (running in the background: job ${follow.run})`;
+  } else {
+    const state = !stale && history.state ? history.state : "queued";
+    chart.status.textContent = `background job ${follow.run}: ${state}, no step yet`;
+  }
+  drawChart(chart);
+  node.setDirtyCanvas?.(true, false);
+  return finished;
 }
 
 // Previews ("whetstone.preview": images the Train or Wait for Run node decoded into ComfyUI's temp folder): a strip of the prompts'
@@ -288,9 +348,19 @@ app.registerExtension({
       if (TEXT_NODES.has(nodeData.name)) addTextPanel(this, !TABLE_NODES.has(nodeData.name));
       return result;
     };
+    const onRemoved = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      stopFollowing(this);
+      return onRemoved?.apply(this, arguments);
+    };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       const result = onExecuted?.apply(this, arguments);
+      if (this.whetstoneChart) {
+        const job = message?.whetstone_background?.[0];
+        if (job) followBackground(this, job);
+        else stopFollowing(this);
+      }
       const text = message?.text;
       if (this.whetstoneText && text != null) {
         this.whetstoneText.textContent = Array.isArray(text) ? text.join("\n") : String(text);

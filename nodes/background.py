@@ -64,10 +64,12 @@ def submit(
     lora_path,
     tuned=(None, None),
     decode_previews=None,
+    total_steps: int | None = None,
 ):
     """Write the run's files (config...) while the folder is claimed, hand the run to the scheduler; the node's
     output at once. ``tuned``: a full fine-tune's (model path, name in diffusion_models), else (None, None);
-    ``decode_previews``: Preview Settings' decoder, kept in the handle for Wait for Run."""
+    ``decode_previews``: Preview Settings' decoder, kept in the handle for Wait for Run. The ui's
+    ``whetstone_background`` names the job, so the node's chart follows it (js/whetstone.js polls its history)."""
     run_dir = process.run_dir
     try:
         count = gpu_request(plan, chosen.gpu_ids)
@@ -99,4 +101,6 @@ def submit(
     )
     if decode_previews is not None:
         report += "\npreviews: sampled by the run; Wait for Run decodes them (Training Report draws them after it)"
-    return {"ui": {"text": [report]}, "result": (run, model_name or lora_path.name, report)}
+    job = {"run": run_dir.name, "total_steps": total_steps, "submitted_at": record.queued_at}
+    ui = {"text": [report], "whetstone_background": [job]}
+    return {"ui": ui, "result": (run, model_name or lora_path.name, report)}

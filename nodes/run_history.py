@@ -37,10 +37,12 @@ def _text(value) -> str:
 
 
 def run_history(run_name: str) -> dict:
-    """``{"run", "points": [[step, loss]...], "state", "message", "step"}``; PathRefused for a bad name."""
+    """``{"run", "points": [[step, loss]...], "state", "message", "step", "updated"}``; PathRefused for a bad name.
+    ``updated``: when the status was written (seconds since the epoch): a background job's chart tells a status an
+    earlier run of the folder left from its own."""
     name = paths.check_name(run_name, "run")
     run_dir = paths.new_child(paths.run_roots(), name, "run")
-    history = {"run": name, "points": [], "state": "", "message": "", "step": None}
+    history = {"run": name, "points": [], "state": "", "message": "", "step": None, "updated": None}
     if not run_dir.is_dir():
         return history
     if _inside(run_dir, EVENTS_FILE):
@@ -55,6 +57,7 @@ def run_history(run_name: str) -> dict:
             status = {}
         if isinstance(status, dict):
             history["state"], history["message"] = _text(status.get("state")), _text(status.get("message"))
+            history["updated"] = _number(status.get("time"))
     return history
 
 

@@ -286,7 +286,9 @@ class Train:
         if options.background:
             tuned = (files.tuned_path, files.tuned_name)
             decode = preview_settings.decode if preview_settings is not None else None
-            return background.submit(process, save_files, plan, options, files.lora_path, tuned, decode)
+            return background.submit(
+                process, save_files, plan, options, files.lora_path, tuned, decode, total_steps=values["steps"]
+            )
         progress = start_here(
             process, save_files, machines, node_id=unique_id, run_name=files.run_name, steps=values["steps"]
         )

@@ -10,6 +10,7 @@ import pytest
 from test_nodes_support import install_fake_comfy, pack_module
 
 from training.engine import quantize
+from training.run.events import write_status
 
 lora_node = pack_module("nodes.lora_node")
 plan_node = pack_module("nodes.plan_node")
@@ -169,4 +170,14 @@ def test_history_refuses_paths_and_does_not_follow_links_out(comfy, tmp_path):
 
 
 def test_history_of_a_run_not_started_is_empty(comfy):
-    assert run_history.run_history("never") == {"run": "never", "points": [], "state": "", "message": "", "step": None}
+    empty = {"run": "never", "points": [], "state": "", "message": "", "step": None, "updated": None}
+    assert run_history.run_history("never") == empty
+
+
+def test_history_says_when_the_status_was_written(comfy):
+    run_dir = _run(comfy)
+    write_status(run_dir, "running", "step 3 of 9")
+    written = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))["time"]
+    assert run_history.run_history("r")["updated"] == pytest.approx(written)
+    (run_dir / "status.json").write_text(json.dumps({"state": "running", "time": "soon"}), encoding="utf-8")
+    assert run_history.run_history("r")["updated"] is None  # only a number goes back to the browser
