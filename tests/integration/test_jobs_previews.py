@@ -1,7 +1,8 @@
 """In a real ComfyUI 0.8 (opt-in: COMFYUI_PATH) and headless Chromium: Preview Settings linked to a background Train,
 and Wait for Run on that run shows the run's previews (decoded with the wired VAE) in its strip, as the foreground
 Train node does, and writes them into the run folder, where Training Report draws them. The screenshot is kept (see
-the "Whetstone integration artifacts" section of the pytest output)."""
+the "Whetstone integration artifacts" section of the pytest output). The Train node's own chart and status line follow
+the background job (its child process sends no events: the page polls the run's history) while and after it trains."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import time
 
 import pytest
 from integration.browser import Browser, chromium_path
-from integration.test_browser_chart import numbered, wait_until_idle
-from integration.test_browser_previews import LOADED_IMAGES, SHOW_NODE, preview_prompt
+from integration.test_browser_chart import numbered
+from integration.test_browser_previews import LOADED_IMAGES, SHOW_NODE, STEPS, preview_prompt
 
 pytestmark = pytest.mark.comfyui
 
@@ -45,6 +46,21 @@ def history_of(comfy_server, run: str) -> dict:
     pytest.fail(f"no prompt trained {run} in the history:\n{comfy_server.log()[-3000:]}")
 
 
+def statuses_until_idle(browser, comfy_server, chart: str, timeout_s: float) -> list[str]:
+    """The chart's status lines seen (in order, each once) until the queue is empty."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = browser.evaluate(f"{chart}.status.textContent")
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        queue = comfy_server.get_json("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return seen
+        time.sleep(0.5)
+    pytest.fail(f"the queue did not empty within {timeout_s} s (statuses {seen}):\n{comfy_server.log()[-4000:]}")
+
+
 def test_wait_for_run_shows_a_background_runs_previews(comfy_server, zimage_models, tmp_path, keep_artifact):
     executable = chromium_path()
     if executable is None:
@@ -57,6 +73,7 @@ def test_wait_for_run_shows_a_background_runs_previews(comfy_server, zimage_mode
     prompt, ids = numbered(background_preview_prompt(zimage_models))
     wait_id = ids["wait"]
     node = f"app.graph.getNodeById({wait_id})"
+    chart = f"app.graph.getNodeById({ids['train']}).whetstoneChart"
 
     with Browser(executable, tmp_path / "chromium-profile", tmp_path / "chromium.log") as browser:
         browser.navigate(comfy_server.url + "/")
@@ -65,7 +82,13 @@ def test_wait_for_run_shows_a_background_runs_previews(comfy_server, zimage_mode
         browser.evaluate(f"app.loadApiJson({json.dumps(prompt)}, 'whetstone-background-previews.json')")
         assert browser.evaluate(f"!!{node}.whetstonePreviews"), browser.console
         browser.evaluate("app.queuePrompt(0)")
-        wait_until_idle(comfy_server, TIMEOUT_S)
+        statuses = statuses_until_idle(browser, comfy_server, chart, TIMEOUT_S)
+        finished = f"(background job {RUN}: step {STEPS} of {STEPS})"
+        final_status = browser.wait_for(
+            f"{chart}.status.textContent.includes({json.dumps(finished)}) && {chart}.status.textContent",
+            timeout_s=30,
+        )
+        chart_steps = browser.evaluate(f"{chart}.points.map((p) => p[0])")
         steps_seen = browser.evaluate(f"{node}.whetstonePreviews.steps.map((s) => s.step)")
         browser.wait_for(f"{LOADED_IMAGES % wait_id} === 2", timeout_s=30, poll_s=0.5)
         label = browser.evaluate(f"{node}.whetstonePreviews.label.textContent")
@@ -73,6 +96,11 @@ def test_wait_for_run_shows_a_background_runs_previews(comfy_server, zimage_mode
         time.sleep(1.0)  # a frame to redraw
         shot = keep_artifact(browser.screenshot(tmp_path / "whetstone-wait-previews.png"))
         print(f"Wait for Run's previews of a background run: {shot} ({label!r}, steps {steps_seen})")
+    print(f"the background Train node's statuses: {statuses}; at the end {final_status!r}, chart steps {chart_steps}")
+    assert chart_steps == list(range(1, STEPS + 1)), (chart_steps, statuses)
+    assert final_status.startswith("completed"), final_status
+    while_training = [s for s in statuses if f"(running in the background: job {RUN})" in s]
+    assert while_training and all(s.startswith("step ") for s in while_training), statuses
     entry = history_of(comfy_server, RUN)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert steps_seen == [0, 2, 4], (steps_seen, comfy_server.log()[-3000:])
