@@ -235,6 +235,19 @@ def test_background_train_then_wait_then_stop_and_resume_through_the_route(comfy
     assert steps == sorted(steps) and len(steps) == len(set(steps)), f"resumed after {stopped_at}, not from 0"
 
 
+@pytest.mark.slow
+def test_background_train_names_its_job_for_the_nodes_chart(comfy):
+    """js/whetstone.js follows the job the ui names (polling its run history): run, total steps, when queued."""
+    dataset, plan = packed_and_planned(comfy)
+    settings = defaults(train_node.WIDGETS, run_name="charted", steps=2, save_every=0, caption_dropout=0.0)
+    output = train_node.Train().train(plan, dataset, "tiny.safetensors", background=True, **settings)
+    (named,) = output["ui"]["whetstone_background"]
+    assert named == {"run": "charted", "total_steps": 2, "submitted_at": job("charted")["queued_at"]}
+    waited, _, _ = wait_node.WaitForRun().wait(output["result"][0], until="end", timeout_minutes=5)
+    assert waited.state == "completed"
+    assert read_status(runs(comfy) / "charted")["time"] > named["submitted_at"], "the chart sees the job's own end"
+
+
 def test_plan_for_a_gpu_subset_skips_gpus_other_jobs_hold(comfy):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
