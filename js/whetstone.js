@@ -150,6 +150,7 @@ function onProgress(event) {
     stopFollowing(node); // the node runs in the foreground now
     chart.points = [];
     chart.run = detail.run;
+    chart.ended = null;
   }
   if (Array.isArray(detail.points)) {
     chart.points.push(...detail.points);
@@ -157,6 +158,7 @@ function onProgress(event) {
   }
   if (detail.kind === "end") {
     chart.status.textContent = detail.message || detail.state;
+    chart.ended = { run: detail.run, text: chart.status.textContent }; // says what was saved: a reconnect keeps it
     loadHistory(node, true); // every point the run wrote, including any sent while the page was away
   } else if (detail.kind === "stopping") {
     chart.status.textContent = detail.message || "stopping…";
@@ -193,7 +195,8 @@ async function loadHistory(node, keepStatus = false) {
   if (chart.run === run && chart.points.length > history.points.length) return; // live data is newer
   chart.run = run;
   chart.points = history.points.slice(-MAX_POINTS);
-  if (!keepStatus) {
+  const endSeen = chart.ended?.run === run && FINISHED.has(history.state); // this page saw the end: its words stay
+  if (!keepStatus && !endSeen) {
     chart.status.textContent = FINISHED.has(history.state)
       ? history.message
       : `step ${history.step} (${history.state || "running"}; history read from the run folder)`;

@@ -11,6 +11,7 @@ this machine lacks (as test_smoke_workflow.py does), replaced in the page before
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from integration.browser import Browser, chromium_path
@@ -151,6 +152,12 @@ def test_cpu_template_runs_from_the_browser_without_overlap(comfy_server, zimage
     status = page.evaluate(f"{train}.whetstoneChart.status.textContent")
     assert status.startswith(f"completed at step {TRAIN_STEPS} of {TRAIN_STEPS}; LoRA "), status
     assert page.evaluate(f"{train}.whetstoneChart.points.length") == TRAIN_STEPS, "every step's point is on the chart"
+    # A websocket reconnect after the end re-reads the history; the status keeps what was saved (it was replaced by
+    # the history's shorter message, "completed at step 2 of 2", when a reconnect came late on a loaded machine).
+    page.evaluate("(window.comfyAPI?.api?.api ?? app.api).dispatchEvent(new CustomEvent('reconnected'))")
+    time.sleep(3)
+    kept = page.evaluate(f"{train}.whetstoneChart.status.textContent")
+    assert kept == status, kept
 
     # A browser reload: the chart reads the run's history back from its folder (GET /whetstone/run_history).
     page.navigate(comfy_server.url + "/")
