@@ -10,7 +10,9 @@ Only what this machine cannot provide is changed, in the API prompt, after conve
 - the VAE's file name (VAELoader) -> the suite's random Flux VAE (also named ae.safetensors, so unchanged in fact);
 - CLIPLoader (the real Qwen3-4B is 8 GB) -> the test-only WhetstoneTestSmallQwen3Loader on the suite's few-layer
   Qwen3-4B-shaped file, keeping the node id and therefore every link from it;
-- Train's steps (10 -> TRAIN_STEPS) and KSampler's steps (4 -> SAMPLE_STEPS), so it finishes in minutes on two cores.
+- Train's steps (10 -> TRAIN_STEPS) and KSampler's steps (4 -> SAMPLE_STEPS), so it finishes in minutes on two cores;
+- Train's run_name -> RUN_NAME: the browser tests run the same template on the same server (session fixture), and
+  with the same inputs ComfyUI would answer from its cache (no Train output) or the run folder would exist already.
 
 The image folder the Pack Dataset node reads (input/whetstone_smoke_images) is filled with a few captioned noise
 images. Every other node, link and widget is as committed, and the test asserts so before queueing.
@@ -35,6 +37,7 @@ IMAGE_FOLDER = "whetstone_smoke_images"  # the Pack Dataset node's image_folder 
 FIXTURE_TEXT_ENCODER = "WhetstoneTestSmallQwen3Loader"
 TRAIN_STEPS = 2
 SAMPLE_STEPS = 1
+RUN_NAME = "smoke_workflow_test"
 TIMEOUT_S = 300
 
 
@@ -52,6 +55,7 @@ def _substitute(committed: dict, models: dict[str, str]) -> tuple[dict, set[tupl
         ("WhetstoneTrain", "model_name"): models["diffusion_models"],
         ("VAELoader", "vae_name"): models["vae"],
         ("WhetstoneTrain", "steps"): TRAIN_STEPS,
+        ("WhetstoneTrain", "run_name"): RUN_NAME,
         ("KSampler", "steps"): SAMPLE_STEPS,
     }
     changed = set()
