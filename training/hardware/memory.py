@@ -126,6 +126,16 @@ class MemoryModel:
         rank_shift = 5 * output_bytes * (lora_rank - self.calibrated_rank) if mode != "full" else 0
         return dataclasses.replace(measured, block=max(0.0, measured.block + rank_shift))
 
+    def trainable_count(
+        self, mode: str, lora_rank: int, lora_targets: str, trainable_params: int | None, adapter: str = "lora"
+    ) -> int:
+        """Trainable parameters over all ranks: the whole model (full) or the adapters; a measured count wins."""
+        if trainable_params is not None:
+            return trainable_params
+        if mode == "full":
+            return self.model.total_params()
+        return adapter_param_count(self.model, lora_rank, lora_targets, adapter)
+
     def fixed_bytes(
         self,
         mode: str,
@@ -142,79 +152,37 @@ class MemoryModel:
         adapter: str = "lora",
         ema_on_device: bool = False,
     ) -> dict[str, int]:
-        """``_fixed_bytes``, and with ``ema_on_device`` an fp32 EMA of the trainable weights (``training.engine.ema``)
-        on the GPU, key 'ema' (sharded like them under FSDP2)."""
-        fixed = self._fixed_bytes(
-            mode, world_size, parallelism, lora_rank, lora_targets=lora_targets, cpu_offload=cpu_offload,
-            trainable_params=trainable_params, optimizer=optimizer, base_storage=base_storage, swap_blocks=swap_blocks,
-            adapter=adapter,
-        )  # fmt: skip
-        if ema_on_device:
-            shards = world_size if parallelism == "fsdp2" else 1
-            fixed["ema"] = (
-                self.trainable_count(mode, lora_rank, lora_targets, trainable_params, adapter) * FP32 // shards
-            )
-        return fixed
-
-    def trainable_count(
-        self, mode: str, lora_rank: int, lora_targets: str, trainable_params: int | None, adapter: str = "lora"
-    ) -> int:
-        """Trainable parameters over all ranks: the whole model (full) or the adapters; a measured count wins."""
-        if trainable_params is not None:
-            return trainable_params
-        if mode == "full":
-            return self.model.total_params()
-        return adapter_param_count(self.model, lora_rank, lora_targets, adapter)
-
-    def _fixed_bytes(
-        self,
-        mode: str,
-        world_size: int,
-        parallelism: str,
-        lora_rank: int,
-        *,
-        lora_targets: str = DEFAULT_TARGETS,
-        cpu_offload: bool = False,
-        trainable_params: int | None = None,
-        optimizer: str = "adamw",
-        base_storage: str = "bf16",
-        swap_blocks: int = 0,
-        adapter: str = "lora",
-    ) -> dict[str, int]:
         """Weights, trainable parameters, gradients and optimizer states on one rank (gradients: see ``predict_peak``;
         states: ``OPTIMIZER_STATE_VALUES``). Full fine-tuning keeps an fp32 master copy, fp32 gradients and fp32
         optimizer states, sharded under FSDP2;
         FSDP2 adds the unsharded blocks in flight; CPU offload moves the sharded state to host memory.
         Adapter modes: ``base_storage`` "fp8" stores the block linears in e4m3 (``engine.fp8_storage``);
-        ``swap_blocks`` main blocks live in host memory and stream through ``SWAP_SLOTS`` device slots."""
+        ``swap_blocks`` main blocks live in host memory and stream through ``SWAP_SLOTS`` device slots.
+        With ``ema_on_device``, an fp32 EMA of the trainable weights (``training.engine.ema``) on the GPU, key 'ema'
+        (sharded like them under FSDP2)."""
         cfg = self.model
         shards = world_size if parallelism == "fsdp2" else 1
         in_flight = FSDP_IN_FLIGHT_BLOCK_WEIGHTS * cfg.block_params(True) * BF16 if parallelism == "fsdp2" else 0
+        trainable = self.trainable_count(mode, lora_rank, lora_targets, trainable_params, adapter)
         if mode == "full":
-            trainable = cfg.total_params() if trainable_params is None else trainable_params
             per_param = 0 if cpu_offload else FP32
-            return {
-                "weights": in_flight,
-                "trainable": trainable * per_param // shards,
-                "grads": trainable * per_param // shards,
-                "optimizer": int(trainable * optimizer_state_values(optimizer, smallest_dim=cfg.dim) * per_param)
-                // shards,
-            }
-        weights = self.base_weight_bytes(mode, base_storage)
-        if swap_blocks:
-            weights -= (swap_blocks - SWAP_SLOTS) * frozen_block_bytes(cfg, base_storage)
-        if trainable_params is None:
-            trainable = adapter_param_count(cfg, lora_rank, lora_targets, adapter)
+            weights, state_dim = in_flight, cfg.dim
         else:
-            trainable = trainable_params
-        per_param = self.lora_param_bytes
-        return {
-            "weights": (0 if cpu_offload else weights // shards) + in_flight,
+            weights = self.base_weight_bytes(mode, base_storage)
+            if swap_blocks:
+                weights -= (swap_blocks - SWAP_SLOTS) * frozen_block_bytes(cfg, base_storage)
+            weights = (0 if cpu_offload else weights // shards) + in_flight
+            per_param, state_dim = self.lora_param_bytes, lora_rank
+        fixed = {
+            "weights": weights,
             "trainable": trainable * per_param // shards,
             "grads": trainable * per_param // shards,
-            "optimizer": int(trainable * optimizer_state_values(optimizer, smallest_dim=lora_rank) * per_param)
+            "optimizer": int(trainable * optimizer_state_values(optimizer, smallest_dim=state_dim) * per_param)
             // shards,
         }
+        if ema_on_device:
+            fixed["ema"] = trainable * FP32 // shards
+        return fixed
 
     def base_weight_bytes(self, mode: str, base_storage: str = "bf16") -> int:
         """The frozen base in bf16, or with the block Linears in NF4 for QLoRA as ``training.engine.quantize`` does,
