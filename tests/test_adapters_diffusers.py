@@ -18,6 +18,8 @@ import pytest
 import torch
 from model_helpers import diffusers_forward, diffusers_twin, randomize
 from safetensors.torch import load_file
+from test_adapters import inputs, with_adapter
+from test_adapters import run as ours_out
 
 from training.__main__ import main
 from training.model.config import PRESETS
@@ -55,25 +57,7 @@ def settings_for(adapter: str) -> LoraSettings:
 
 
 def trained(base, adapter: str) -> ZImageTransformer:
-    model = attach_lora(copy.deepcopy(base), settings_for(adapter))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
-
-
-def inputs():
-    generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, CFG.in_channels, 8, 8, generator=generator)
-    captions = [torch.randn(n, CFG.cap_feat_dim, generator=generator) for n in (5, 9)]
-    return latents, torch.tensor([0.3, 0.7]), captions
-
-
-def ours_out(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(*inputs())
+    return with_adapter(base, settings_for(adapter))
 
 
 def diffusers_pipeline(base):
