@@ -152,13 +152,9 @@ def _machines_node(g: Graph, machines: int) -> dict:
     )
 
 
-def _training_nodes(
-    g, tier_name: str, target_batch: int, job: Job, steps: int, run_name: str, plan_text: str, several: bool
-):
-    """Pack Dataset, Training Plan (its widgets name the tier), Train (with a machines input when ``several``),
-    Training Report and its chart's preview."""
-    pack_widgets = [job.image_folder, f"my_dataset_{job.resolution}", job.resolution, job.samples_per_shard]
-    plan_widgets = [
+def _plan_widgets(tier_name: str, target_batch: int, job: Job) -> list:
+    """The Training Plan node's widget values, in its inputs' order."""
+    return [
         job.model,
         tier_name,
         job.mode,
@@ -178,10 +174,25 @@ def _training_nodes(
         "",  # resolution_weights (optional)
         "",  # resolution_stages (optional)
     ]
-    train_widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
-    train_widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
-    train_widgets += [False, "auto"]  # background, gpus (optional)
-    train_widgets += [job.ema_decay, 0]  # the optional EMA inputs: decay, start step
+
+
+def _train_widgets(job: Job, run_name: str, steps: int) -> list:
+    """The Train node's widget values, in its inputs' order."""
+    widgets = [job.model, run_name, steps, job.save_every, job.warmup_steps, "constant", 0.1, 0, True]
+    widgets += ["auto", "adapter", "none"]  # model_variant, turbo_training, training_adapter (optional)
+    widgets += [False, "auto"]  # background, gpus (optional)
+    widgets += [job.ema_decay, 0]  # the optional EMA inputs: decay, start step
+    return widgets
+
+
+def _training_nodes(
+    g, tier_name: str, target_batch: int, job: Job, steps: int, run_name: str, plan_text: str, several: bool
+):
+    """Pack Dataset, Training Plan (its widgets name the tier), Train (with a machines input when ``several``),
+    Training Report and its chart's preview."""
+    pack_widgets = [job.image_folder, f"my_dataset_{job.resolution}", job.resolution, job.samples_per_shard]
+    plan_widgets = _plan_widgets(tier_name, target_batch, job)
+    train_widgets = _train_widgets(job, run_name, steps)
     lines = plan_text.split("\n")
     plan_width = max(460, text_panel_width(max(map(len, lines))))
     report_panel = text_panel_height(REPORT_LINES)
