@@ -2,7 +2,8 @@
 
 Routes (registered by `nodes.register_with_comfyui` through `comfy_bridge`):
 
-* ``GET  /whetstone/jobs``: every run folder with its state, GPUs, step/ETA, last loss, a loss sparkline, its LoRA;
+* ``GET  /whetstone/jobs``: every run folder with its state, GPUs, step/ETA, last loss, a loss sparkline, its LoRA
+  (or, for a full fine-tune that saved it, its model in diffusion_models);
 * ``GET  /whetstone/jobs/report?run=<name>``: the engine's report (PNG) of one run;
 * ``POST /whetstone/jobs/stop``   ``{"run": "<name>"}``: save and stop (the engine's polite stop);
 * ``POST /whetstone/jobs/resume`` ``{"run": "<name>"}``: queue an ended run again, continuing from its checkpoint.
@@ -30,7 +31,7 @@ from ..training.run.events import EVENTS_FILE, STATUS_FILE, SUMMARY_FILE
 from ..training.run.jobs import JobRecord, JobStore, check_run_name, find, job_state, parse_gpu_ids
 from ..training.run.launch import CONFIG_FILE
 from ..training.run.scheduler import Scheduler
-from . import paths
+from . import comfy_bridge, paths
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ SPARK_POINTS = 64
 MAX_TEXT_CHARS = 300
 MAX_LISTED = 200
 MAX_EXACT_INT = 2**53
+MODEL_SAVED_STATES = ("completed", "stopped")  # a full fine-tune writes its model as it ends, and only then
 GPUS_ENV = "WHETSTONE_JOB_GPUS"  # "0,1": the GPUs this ComfyUI's jobs may use (default: every visible GPU)
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,6 +218,31 @@ def lora_name(config: dict) -> str | None:
     return None
 
 
+def model_name(config: dict, run_dir: Path, state: str) -> str | None:
+    """A full fine-tune's model as named in ComfyUI's diffusion_models list, once the run has saved it; else None.
+
+    Offered only for a run of mode full that ended saving it (completed or stopped), whose ``run.model_path`` is a
+    plain file (not a link) inside a diffusion_models folder (no link out on the way), listed by ComfyUI, and no older
+    than the run's config.json (an earlier run of the same name may have left one)."""
+    run = config.get("run") if isinstance(config.get("run"), dict) else {}
+    value = run.get("model_path")
+    if config.get("mode") != "full" or state not in MODEL_SAVED_STATES or not isinstance(value, str):
+        return None
+    roots = paths.diffusion_model_roots()
+    try:
+        path = paths.confine(value, roots, "run.model_path", must_exist=True)
+        if not Path(value).is_absolute() or Path(value).is_symlink():
+            raise paths.PathRefused(f"run.model_path={value!r} is not an absolute path to a plain file")
+        if path.stat().st_mtime < os.stat(run_dir / CONFIG_FILE, follow_symlinks=False).st_mtime:
+            raise paths.PathRefused(f"{path} is older than the run's {CONFIG_FILE}: an earlier run's")
+    except (paths.PathRefused, OSError) as refused:
+        logger.debug("run %s: its model is not offered: %s", run_dir.name, refused)
+        return None
+    root = next(r.resolve() for r in roots.roots if path.is_relative_to(r.resolve()))
+    name = path.relative_to(root).as_posix()
+    return name if name in comfy_bridge.list_files(comfy_bridge.DIFFUSION_MODELS_FOLDER) else None
+
+
 def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
     status_path = run_dir / STATUS_FILE
     if status_path.is_symlink() or (record is None and not status_path.is_file()):
@@ -242,6 +269,7 @@ def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
         "img_per_s": number(last.get("img_per_s")),
         "sparkline": sparkline(events),
         "lora_name": lora_name(config),
+        "model_name": model_name(config, run_dir, state),
         "queued_at": number(record.queued_at) if record else None,
         "has_report": bool(events),
         "summary": {k: number(v) for k, v in read_object(run_dir / SUMMARY_FILE).items() if number(v) is not None},

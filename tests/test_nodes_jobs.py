@@ -4,13 +4,15 @@ the ComfyUI bridge faked and the engine for real (tiny model, CPU)."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 from test_nodes_pack import FakeCLIP, FakeVAE, make_images
 from test_nodes_support import FakeInterrupt, install_fake_comfy, pack_module, snapshot_files
 
-from training.lock import folder_locked
+from training.lock import FolderLock, folder_locked
 from training.model.config import PRESETS
 from training.model.weights import save_weights
 from training.model.zimage import ZImageTransformer
@@ -23,6 +25,7 @@ wait_node = pack_module("nodes.wait_node")
 train_node = pack_module("nodes.train_node")
 plan_node = pack_module("nodes.plan_node")
 pack_node = pack_module("nodes.pack_node")
+bridge = pack_module("nodes.comfy_bridge")
 
 
 @pytest.fixture
@@ -122,6 +125,102 @@ def test_links_out_of_the_runs_folder_are_not_followed(comfy, tmp_path):
     assert status == 400
     assert jobs_api.recent_events(inner) == [], "an events file that is a link is not read"
     assert read_status(outside)["state"] == "stopped", "nothing outside was touched"
+
+
+def full_run(comfy, name: str, model_path, *, state="completed", mode="full", saves: bytes | None = None):
+    """A run folder as Train (mode full) leaves it: config.json naming the model's file, the model (``saves``)
+    written after it as the engine does at the end, then the end's status."""
+    run_dir = runs(comfy) / name
+    run_dir.mkdir()
+    config = {"mode": mode, "run": {"steps": 2, "model_path": model_path}}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    if saves is not None:
+        Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(model_path).write_bytes(saves)
+    write_status(run_dir, state, f"{state} at step 2 of 2")
+    return run_dir
+
+
+def saved_model(comfy, name: str, content: bytes = b"the fine-tuned model") -> Path:
+    path = comfy.folders["diffusion_models"] / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_a_full_fine_tune_that_saved_its_model_offers_it_by_its_diffusion_models_name(comfy):
+    def run(name, **how):
+        model = comfy.folders["diffusion_models"] / "whetstone" / f"{name}.safetensors"
+        return full_run(comfy, name, str(model), saves=b"the fine-tuned model", **how)
+
+    run("ft")
+    run("ft_stopped", state="stopped")
+    run("ft_failed", state="failed")
+    run("lora_run", mode="lora")
+    lock = FolderLock(run("ft_exiting"), "training").acquire()  # status written, the process not gone: running
+    try:
+        jobs = {job["run"]: job for job in call("list")[1]["jobs"]}
+    finally:
+        lock.release()
+    assert {name: (job["state"], job["model_name"], job["lora_name"]) for name, job in jobs.items()} == {
+        "ft": ("completed", "whetstone/ft.safetensors", None),
+        "ft_stopped": ("stopped", "whetstone/ft_stopped.safetensors", None),  # a stop saves the model so far
+        "ft_failed": ("failed", None, None),
+        "lora_run": ("completed", None, None),  # a LoRA run's model_path is not its result
+        "ft_exiting": ("running", None, None),
+    }
+
+
+def test_a_model_older_than_the_run_is_not_offered(comfy):
+    model = saved_model(comfy, "whetstone/again.safetensors", b"an earlier run's model of the same name")
+    run_dir = full_run(comfy, "again", str(model), state="stopped")  # stopped before it trained: nothing saved
+    config_time = (run_dir / "config.json").stat().st_mtime
+    os.utime(model, (config_time - 3600, config_time - 3600))
+    assert job("again")["model_name"] is None
+    os.utime(model, (config_time + 5, config_time + 5))  # saved by this run, at its end
+    assert job("again")["model_name"] == "whetstone/again.safetensors"
+
+
+def test_a_hostile_model_path_is_never_offered(comfy, tmp_path, monkeypatch):
+    models = comfy.folders["diffusion_models"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.safetensors"
+    secret.write_bytes(b"SECRET weights outside diffusion_models")
+    (models / "escape.safetensors").symlink_to(secret)  # ComfyUI lists it (it follows links): it leads out
+    (models / "linked").symlink_to(outside, target_is_directory=True)
+    inside = saved_model(comfy, "whetstone/real.safetensors")
+    (models / "alias.safetensors").symlink_to(inside)  # a link, even one staying inside, is not followed
+    saved_model(comfy, "notes.txt", b"not a model ComfyUI lists")
+    listed = comfy.list_files
+    monkeypatch.setattr(bridge, "list_files", lambda folder: [n for n in listed(folder) if n.endswith(".safetensors")])
+    hostile = {
+        "outside": str(secret),
+        "dotdot": f"{models}/whetstone/../../../outside/secret.safetensors",
+        "link_out": str(models / "escape.safetensors"),
+        "folder_link_out": str(models / "linked" / "secret.safetensors"),
+        "link_in": str(models / "alias.safetensors"),
+        "relative": "whetstone/real.safetensors",
+        "the_folder": str(models / "whetstone"),
+        "unlisted": str(models / "notes.txt"),
+        "missing": str(models / "whetstone" / "missing.safetensors"),
+        "long": str(models / ("a" * 300)),
+        "huge": str(models) + "/a" * 2000,
+        "nul": f"{models}/real\x00.safetensors",
+        "shell": f"{models}/$(touch pwned).safetensors",
+        "number": 7,
+        "list": [str(inside)],
+    }
+    for name, value in hostile.items():
+        full_run(comfy, name, value)
+    later = time.time() + 60  # every file is newer than the runs: only the check of the path refuses it
+    for path in [*models.rglob("*"), secret]:
+        os.utime(path, (later, later), follow_symlinks=False)
+    before = snapshot_files(comfy.root)
+    status, body = call("list")
+    assert status == 200 and sorted(job["run"] for job in body["jobs"]) == sorted(hostile)
+    assert [(job["run"], job["model_name"]) for job in body["jobs"] if job["model_name"] is not None] == []
+    assert "SECRET" not in json.dumps(body) and snapshot_files(comfy.root) == before
 
 
 def test_a_hostile_queue_file_and_huge_values_do_not_break_the_list(comfy):

@@ -125,7 +125,8 @@ def test_a_background_full_fine_tune_names_its_model_and_wait_for_run_hands_it_t
     done, waited_name, state = wait_node.WaitForRun().wait(run, until="lora", timeout_minutes=5)
     assert waited_name == name and done.model_path == model and state.startswith(("completed", "running"))
     wait_node.WaitForRun().wait(run, until="end", timeout_minutes=5)
-    assert job("bgft")["state"] == "completed" and job("bgft")["lora_name"] is None
+    finished = job("bgft")
+    assert (finished["state"], finished["lora_name"], finished["model_name"]) == ("completed", None, name)
     assert name in comfy.list_files("diffusion_models") and not (comfy.folders["loras"] / "bgft.safetensors").exists()
     assert read_header(model).keys() == ZImageTransformer(PRESETS["tiny"]).state_dict().keys()
 
