@@ -1,7 +1,8 @@
 // Whetstone's jobs panel: a sidebar tab (app.extensionManager.registerSidebarTab, ComfyUI frontend >= 1.3) listing
 // every job of the runs folder from GET /whetstone/jobs, with state, GPUs, step/ETA, loss sparkline, and the actions
-// stop (save and stop), resume, open the report, load the LoRA into the graph. Everything from the server is shown
-// with textContent (never as HTML): a run's name and message come from a folder on disk.
+// stop (save and stop), resume, open the report, load the LoRA (or a full fine-tune's model) into the graph.
+// Everything from the server is shown with textContent (never as HTML): a run's name and message come from a folder
+// on disk.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -12,7 +13,12 @@ const STATE_COLOURS = {
 };
 const ACTIVE = new Set(["queued", "starting", "running"]);
 const RESUMABLE = new Set(["stopped", "failed"]);
-const LORA_LOADER = "LoraLoaderModelOnly";
+// The node a run's file is loaded with: its LoRA, or a full fine-tune's model. Both are ComfyUI's core loaders
+// (UNETLoader is Load Diffusion Model), so the workflow built from them needs no Whetstone node.
+const LOADERS = [
+  { field: "lora_name", label: "Load LoRA", type: "LoraLoaderModelOnly", widget: "lora_name" },
+  { field: "model_name", label: "Load Model", type: "UNETLoader", widget: "unet_name" },
+];
 
 function formatDuration(seconds) {
   if (seconds == null || !isFinite(seconds)) return "–";
@@ -76,14 +82,14 @@ async function post(action, run, panel) {
   panel.refresh();
 }
 
-// A LoRA loader node in the middle of the visible canvas, its lora_name set to the run's LoRA.
-function loadLora(name, panel) {
-  const node = globalThis.LiteGraph?.createNode?.(LORA_LOADER);
+// A loader node in the middle of the visible canvas, its file widget set to the run's LoRA or model.
+function addLoader({ type, widget: widgetName }, name, panel) {
+  const node = globalThis.LiteGraph?.createNode?.(type);
   if (!node) {
-    panel.say(`could not create a ${LORA_LOADER} node`);
+    panel.say(`could not create a ${type} node`);
     return;
   }
-  const widget = node.widgets?.find((w) => w.name === "lora_name");
+  const widget = node.widgets?.find((w) => w.name === widgetName);
   if (widget) widget.value = name;
   const ds = app.canvas?.ds;
   if (ds) {
@@ -92,7 +98,7 @@ function loadLora(name, panel) {
   }
   app.graph.add(node);
   app.graph.setDirtyCanvas?.(true, true);
-  panel.say(`added ${LORA_LOADER} with ${name}`);
+  panel.say(`added ${type} with ${name}`);
 }
 
 function jobCard(job, panel) {
@@ -127,7 +133,10 @@ function jobCard(job, panel) {
       window.open(api.apiURL(`/whetstone/jobs/report?run=${encodeURIComponent(job.run)}`), "_blank", "noopener");
     }));
   }
-  if (job.lora_name) actions.append(button("Load LoRA", () => loadLora(job.lora_name, panel)));
+  for (const loader of LOADERS) {
+    const name = job[loader.field];
+    if (name) actions.append(button(loader.label, () => addLoader(loader, name, panel)));
+  }
   card.append(actions);
   return card;
 }
