@@ -211,10 +211,13 @@ def lora_name(config: dict) -> str | None:
     if not isinstance(value, str) or not value or len(value) > paths.MAX_PATH_CHARS:
         return None
     path = Path(value)
-    for root in paths.lora_roots().roots:
-        root = root.resolve()
-        if path.is_absolute() and path.parent.resolve() == root and not path.is_symlink() and path.is_file():
-            return path.name
+    try:
+        for root in paths.lora_roots().roots:
+            root = root.resolve()
+            if path.is_absolute() and path.parent.resolve() == root and not path.is_symlink() and path.is_file():
+                return path.name
+    except (OSError, ValueError) as refused:  # a name too long for the filesystem, a NUL byte: no file of the run
+        logger.debug("lora_path %r is not offered: %s", value[:80], refused)
     return None
 
 

@@ -127,6 +127,16 @@ def test_links_out_of_the_runs_folder_are_not_followed(comfy, tmp_path):
     assert read_status(outside)["state"] == "stopped", "nothing outside was touched"
 
 
+@pytest.mark.parametrize("name", ["a" * 300, "a\x00b/x.safetensors"])
+def test_a_lora_path_the_filesystem_refuses_does_not_break_the_list(comfy, name):
+    run_dir = runs(comfy) / "odd"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"run": {"lora_path": f"{comfy.folders['loras']}/{name}"}}))
+    write_status(run_dir, "completed", "done")
+    status, body = call("list")
+    assert status == 200 and [(job["run"], job["lora_name"]) for job in body["jobs"]] == [("odd", None)]
+
+
 def full_run(comfy, name: str, model_path, *, state="completed", mode="full", saves: bytes | None = None):
     """A run folder as Train (mode full) leaves it: config.json naming the model's file, the model (``saves``)
     written after it as the engine does at the end, then the end's status."""
