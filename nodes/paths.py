@@ -10,6 +10,7 @@ Rules (checked before anything touches the disk):
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -18,6 +19,7 @@ from . import comfy_bridge
 
 MAX_NAME_CHARS = 64
 MAX_PATH_CHARS = 1024
+MAX_PART_BYTES = 255  # NAME_MAX: longer names make the OS raise ENAMETOOLONG, not report a missing file
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Never needed in a folder path and typical of injection attempts (no shell runs anyway; they are refused early).
 _SHELL_METACHARACTERS = set(";&|`$<>!*?\"'\n\r\t{}~")
@@ -65,6 +67,12 @@ def _check_path_text(value: str, field: str) -> str:
     if bad:
         raise PathRefused(f"{field}={text!r} contains the characters {''.join(bad)!r}; use a plain folder path")
     parts = set(PurePosixPath(text).parts) | set(PureWindowsPath(text).parts)
+    too_long = next((part for part in parts if len(os.fsencode(part)) > MAX_PART_BYTES), None)
+    if too_long is not None:
+        raise PathRefused(
+            f"{field}: the part {too_long[:40]!r}... is longer than the {MAX_PART_BYTES} bytes a file or folder name "
+            "can have; give a shorter path"
+        )
     if ".." in parts:
         raise PathRefused(f"{field}={text!r} contains '..'; give a path inside the allowed folders without '..'")
     return text

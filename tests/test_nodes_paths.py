@@ -75,6 +75,14 @@ def test_relative_and_absolute_paths_inside_the_roots_are_accepted(comfy):
     assert paths.confine("renders", paths.image_roots(), "f", must_exist=True) == out_images.resolve()
 
 
+@pytest.mark.parametrize("value", ["x" * 300, "sub/" + "y" * 256, "z" * 200 + "é" * 30])
+@pytest.mark.parametrize("must_exist", [True, False])
+def test_a_path_part_longer_than_a_file_name_can_be_is_refused_not_raised(comfy, value, must_exist):
+    """Regression: a part over 255 bytes made Path.exists() raise OSError (ENAMETOOLONG), a traceback for the user."""
+    with pytest.raises(paths.PathRefused, match="image_folder.*255 bytes"):
+        paths.confine(value, paths.image_roots(), "image_folder", must_exist=must_exist)
+
+
 def test_missing_folder_names_the_roots(comfy):
     with pytest.raises(paths.PathRefused, match="not found"):
         paths.confine("nowhere", paths.image_roots(), "image_folder", must_exist=True)
