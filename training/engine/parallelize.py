@@ -117,16 +117,31 @@ def apply_ddp(model: nn.Module, dist_info: DistInfo, *, bf16_grads: bool = False
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [dist_info.device.index] if dist_info.is_cuda else None
-    wrapped = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    wrapped = DistributedDataParallel(
+        model, device_ids=device_ids, gradient_as_bucket_view=True, **_no_forward_buffer_sync(DistributedDataParallel)
+    )
     if bf16_grads:
         wrapped.register_comm_hook(None, _bf16_all_reduce)
     logger.info(
-        "data parallel: DDP over %d ranks (%d trainable tensors all-reduced in %s; gradient_as_bucket_view)",
+        "data parallel: DDP over %d ranks (%d trainable tensors all-reduced in %s; gradient_as_bucket_view; buffers "
+        "not re-broadcast before each forward: every buffer is a frozen derivative of the weights, the same on every "
+        "rank, and the FP8 base's buffers would be %.2f GiB a step)",
         dist_info.world_size,
         sum(p.requires_grad for p in model.parameters()),
         "bf16 (run.ddp_bf16_grads)" if bf16_grads else "float32",
+        sum(b.numel() * b.element_size() for b in model.buffers()) / 2**30,
     )
     return wrapped
+
+
+def _no_forward_buffer_sync(ddp_class: type) -> dict:
+    """DDP's keyword that stops it broadcasting rank 0's buffers before every forward (its default): torch 2.13
+    calls it ``forward_sync_buffers`` and deprecates ``broadcast_buffers``, which older versions have alone."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _bf16_all_reduce(process_group, bucket):  # no return annotation: DDP checks it literally
