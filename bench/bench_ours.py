@@ -33,6 +33,7 @@ class OurConfig:
     fp8: bool = False
     cudagraphs: bool = False  # an experiment (issue 12): inductor's CUDA graphs over every compiled block
     adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES (lora modes)
+    nf4_in_graph: bool = True  # qlora + compile; False: bitsandbytes' Linear4bit (before issue 12's lever)
 
 
 _BASE = OurConfig(batch=4, resolution=512)
@@ -43,6 +44,7 @@ OUR_CONFIGS = {
     "lora-1024": dataclasses.replace(_BASE, batch=1, resolution=1024),
     "lora-1024-bs2": dataclasses.replace(_BASE, batch=2, resolution=1024),
     "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
+    "qlora-512-bnb": dataclasses.replace(_BASE, mode="qlora", nf4_in_graph=False),
     "fp8-512": dataclasses.replace(_BASE, fp8=True),
     "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
     "lora-512+cg": dataclasses.replace(_BASE, cudagraphs=True),
@@ -87,6 +89,10 @@ def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
         from torch._inductor import config as inductor_config
 
         inductor_config.triton.cudagraphs = True
+    if not conf.nf4_in_graph:  # the A/B of the lever: each item runs in its own process
+        from training.engine import parallelize
+
+        parallelize.apply_nf4_in_graph = lambda model: None
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
         code = run_training(train_config(conf, run_dir, warmup + steps))

@@ -166,6 +166,23 @@ def test_qlora_loss_decreases(tmp_path):
     assert last < first - 0.1, losses
 
 
+def test_compiled_qlora_trains_the_curve_of_eager_qlora(tmp_path):
+    """Compiled, QLoRA's NF4 base is dequantised inside the graphs (training/engine/nf4_frozen.py, issue 12): the same
+    numbers as bitsandbytes' Linear4bit, so the loss curve is eager's."""
+    pytest.importorskip("bitsandbytes")
+    curves = {}
+    for compiled in (False, True):
+        config = tiny_config(
+            tmp_path / f"q{compiled}", "qlora", micro_batch=4, grad_accum=1, steps=6, checkpoint_depth=0
+        )
+        config["run"]["compile"] = compiled
+        config["optim"] = {"lr": 1e-2}
+        curves[compiled] = [e["loss"] for e in train_in_process(config)]
+    assert len(curves[True]) == 6
+    for eager, compiled in zip(curves[False], curves[True]):
+        assert compiled == pytest.approx(eager, rel=1e-4)
+
+
 ONE_RANK_STOPS = """
 import runpy, sys
 from training.engine.trainer import Trainer

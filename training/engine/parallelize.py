@@ -1,7 +1,7 @@
 """Everything that changes how the model runs, not what it computes: FP8 matmuls, activation checkpointing,
 per-block ``torch.compile``, and data parallelism (DDP for LoRA/QLoRA, FSDP2 for full fine-tuning).
 
-Order as torchtitan: FP8 → checkpointing → compile → DDP/FSDP. The model module stays a ``ZImageTransformer``
+Order as torchtitan: FP8 (or QLoRA's in-graph NF4) → checkpointing → compile → DDP/FSDP. The model module stays a ``ZImageTransformer``
 (FSDP2 and the wrappers act in place); DDP returns a wrapper whose ``.module`` is the model.
 """
 
@@ -107,6 +107,19 @@ def apply_fp8(model: nn.Module, *, mode: str, device: torch.device) -> None:
     convert_to_float8_training(model, module_filter_fn=wanted)
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     logger.info("FP8 (torchao, tensorwise scaling; weights train): %d block linears converted (%s)", converted, reason)
+
+
+def apply_nf4_in_graph(model: nn.Module) -> None:
+    """QLoRA under compile: the NF4 block linears as plain tensors dequantised inside the compiled graphs
+    (`nf4_frozen`); eager keeps bitsandbytes' kernels, which beat the unfused PyTorch ops there."""
+    from .nf4_frozen import convert_nf4_linears
+
+    converted = convert_nf4_linears(model.blocks())
+    logger.info(
+        "QLoRA: %d NF4 block linears dequantised inside the compiled blocks (the same packed tensors; bitsandbytes' "
+        "per-call custom ops left the GPU waiting on the host, issue 12)",
+        converted,
+    )
 
 
 def apply_ddp(model: nn.Module, dist_info: DistInfo, *, bf16_grads: bool = False) -> nn.Module:
@@ -215,6 +228,8 @@ def parallelize(
         from .fp8_storage import convert_to_fp8_storage
 
         convert_to_fp8_storage(model.blocks(), compute_dtype=param_dtype, device=dist_info.device)
+    if mode == "qlora" and compile:
+        apply_nf4_in_graph(model)
     if checkpoint_depth:
         apply_activation_checkpointing(model, checkpoint_depth)
     if swap_blocks:
