@@ -82,8 +82,9 @@ async function post(action, run, panel) {
   panel.refresh();
 }
 
-// A loader node in the middle of the visible canvas, its file widget set to the run's LoRA or model.
-function addLoader({ type, widget: widgetName }, name, panel) {
+// A loader node in the middle of the visible canvas, its file widget set to the run's LoRA or model. A file saved
+// after the page loaded is in no combo list yet: the lists are then refreshed (as the R key does) to offer it.
+async function addLoader({ type, widget: widgetName }, name, panel) {
   const node = globalThis.LiteGraph?.createNode?.(type);
   if (!node) {
     panel.say(`could not create a ${type} node`);
@@ -98,6 +99,14 @@ function addLoader({ type, widget: widgetName }, name, panel) {
   }
   app.graph.add(node);
   app.graph.setDirtyCanvas?.(true, true);
+  const listed = widget?.options?.values;
+  if (!Array.isArray(listed) || !listed.includes(name)) {
+    try {
+      await app.refreshComboInNodes();
+    } catch (error) {
+      return panel.say(`added ${type} with ${name}; refreshing its list failed (press R): ${error}`);
+    }
+  }
   panel.say(`added ${type} with ${name}`);
 }
 

@@ -3,8 +3,9 @@
 A full fine-tune (mode full) that finished while the page was open gets "Load Model": it adds ComfyUI's Load
 Diffusion Model (UNETLoader) with the model's diffusion_models name, in the middle of the visible canvas, and the
 graph the frontend makes of it (graphToPrompt, as Queue does) loads the model in ComfyUI. A LoRA run still gets
-"Load LoRA" (LoraLoaderModelOnly, at the same place). The screenshot is kept (see the "Whetstone integration
-artifacts" section of the pytest output).
+"Load LoRA" (LoraLoaderModelOnly, at the same place). Each file is saved after the page loaded, yet the added
+node's dropdown lists it (the panel refreshes ComfyUI's combo lists, as the R key does). The screenshot is kept (see
+the "Whetstone integration artifacts" section of the pytest output).
 
 The fine-tune's file is the suite's one-layer Z-Image (training one for real needs ~16 GB of fp32 state on the CPU,
 see test_full_model.py); its run folder is what the Train node leaves: config.json naming the file, then the file,
@@ -42,6 +43,14 @@ CLICK = """(() => {
   const values = Object.fromEntries(node.widgets.map((w) => [w.name, w.value]));
   return [node.type, values, [onScreen[0] / rect.width, onScreen[1] / rect.height], node.id];
 })()"""
+
+#: The panel's note (what the last action did).
+NOTE = "document.querySelector('.whetstone-jobs').previousSibling.textContent"
+
+#: A node's file widget: [its value, the options of its dropdown].
+WIDGET = (
+    "(({ value, options }) => [value, options.values])(app.graph.getNodeById(%d).widgets.find((w) => w.name === '%s'))"
+)
 
 #: Link the model node to a Preview as Text (an output, so the graph runs) and return the prompt Queue would send.
 PROMPT_OF_GRAPH = """(async (modelId) => {
@@ -102,13 +111,16 @@ def test_a_finished_full_fine_tune_gets_load_model_and_its_node_loads(
         browser.evaluate("app.graph.clear()")
         lora_type, lora_values, lora_place, lora_id = browser.evaluate(CLICK % (lora, "Load LoRA"))
         assert (lora_type, lora_values["lora_name"]) == ("LoraLoaderModelOnly", f"{lora}.safetensors")
+        browser.wait_for(f"{NOTE} === 'added LoraLoaderModelOnly with {lora}.safetensors'", timeout_s=30)
+        value, options = browser.evaluate(WIDGET % (lora_id, "lora_name"))
+        assert value == f"{lora}.safetensors" and value in options, "saved after the page loaded, yet listed"
         browser.evaluate(f"app.graph.remove(app.graph.getNodeById({lora_id}))")  # it has no model to patch here
         node_type, values, place, model_id = browser.evaluate(CLICK % (full, "Load Model"))
         assert (node_type, values) == ("UNETLoader", {"unet_name": model_name, "weight_dtype": "default"})
         assert place == lora_place and all(0.3 < fraction < 0.7 for fraction in place), "mid-canvas, as Load LoRA"
-        assert browser.evaluate("document.querySelector('.whetstone-jobs').previousSibling.textContent") == (
-            f"added UNETLoader with {model_name}"
-        )
+        browser.wait_for(f"{NOTE} === 'added UNETLoader with {model_name}'", timeout_s=30)
+        value, options = browser.evaluate(WIDGET % (model_id, "unet_name"))
+        assert value == model_name and value in options, "saved after the page loaded, yet listed"
         shot = keep_artifact(browser.screenshot(tmp_path / "whetstone-jobs-panel-load-model.png"))
         print(f"jobs panel with Load Model: {shot}")
         prompt, preview_id = browser.evaluate(PROMPT_OF_GRAPH % model_id)
