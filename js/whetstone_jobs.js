@@ -13,11 +13,14 @@ const STATE_COLOURS = {
 };
 const ACTIVE = new Set(["queued", "starting", "running"]);
 const RESUMABLE = new Set(["stopped", "failed"]);
-// The node a run's file is loaded with: its LoRA, or a full fine-tune's model. Both are ComfyUI's core loaders
-// (UNETLoader is Load Diffusion Model), so the workflow built from them needs no Whetstone node.
+// The node a run's file is loaded with: its LoRA, or a full fine-tune's model, and the EMA of either when the run
+// kept one. All are ComfyUI's core loaders (UNETLoader is Load Diffusion Model), so the workflow built from them
+// needs no Whetstone node.
 const LOADERS = [
   { field: "lora_name", label: "Load LoRA", type: "LoraLoaderModelOnly", widget: "lora_name" },
+  { field: "ema_lora_name", label: "Load EMA LoRA", type: "LoraLoaderModelOnly", widget: "lora_name" },
   { field: "model_name", label: "Load Model", type: "UNETLoader", widget: "unet_name" },
+  { field: "ema_model_name", label: "Load EMA Model", type: "UNETLoader", widget: "unet_name" },
 ];
 
 function formatDuration(seconds) {
