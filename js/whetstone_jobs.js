@@ -13,11 +13,14 @@ const STATE_COLOURS = {
 };
 const ACTIVE = new Set(["queued", "starting", "running"]);
 const RESUMABLE = new Set(["stopped", "failed"]);
-// The node a run's file is loaded with: its LoRA, or a full fine-tune's model. Both are ComfyUI's core loaders
-// (UNETLoader is Load Diffusion Model), so the workflow built from them needs no Whetstone node.
+// The node a run's file is loaded with: its LoRA, or a full fine-tune's model, and the EMA of either when the run
+// kept one. All are ComfyUI's core loaders (UNETLoader is Load Diffusion Model), so the workflow built from them
+// needs no Whetstone node.
 const LOADERS = [
   { field: "lora_name", label: "Load LoRA", type: "LoraLoaderModelOnly", widget: "lora_name" },
+  { field: "ema_lora_name", label: "Load EMA LoRA", type: "LoraLoaderModelOnly", widget: "lora_name" },
   { field: "model_name", label: "Load Model", type: "UNETLoader", widget: "unet_name" },
+  { field: "ema_model_name", label: "Load EMA Model", type: "UNETLoader", widget: "unet_name" },
 ];
 
 function formatDuration(seconds) {
@@ -82,8 +85,9 @@ async function post(action, run, panel) {
   panel.refresh();
 }
 
-// A loader node in the middle of the visible canvas, its file widget set to the run's LoRA or model.
-function addLoader({ type, widget: widgetName }, name, panel) {
+// A loader node in the middle of the visible canvas, its file widget set to the run's LoRA or model. A file saved
+// after the page loaded is in no combo list yet: the lists are then refreshed (as the R key does) to offer it.
+async function addLoader({ type, widget: widgetName }, name, panel) {
   const node = globalThis.LiteGraph?.createNode?.(type);
   if (!node) {
     panel.say(`could not create a ${type} node`);
@@ -98,6 +102,14 @@ function addLoader({ type, widget: widgetName }, name, panel) {
   }
   app.graph.add(node);
   app.graph.setDirtyCanvas?.(true, true);
+  const listed = widget?.options?.values;
+  if (!Array.isArray(listed) || !listed.includes(name)) {
+    try {
+      await app.refreshComboInNodes();
+    } catch (error) {
+      return panel.say(`added ${type} with ${name}; refreshing its list failed (press R): ${error}`);
+    }
+  }
   panel.say(`added ${type} with ${name}`);
 }
 

@@ -3,7 +3,7 @@
 Routes (registered by `nodes.register_with_comfyui` through `comfy_bridge`):
 
 * ``GET  /whetstone/jobs``: every run folder with its state, GPUs, step/ETA, last loss, a loss sparkline, its LoRA
-  (or, for a full fine-tune that saved it, its model in diffusion_models);
+  (or, for a full fine-tune that saved it, its model in diffusion_models) and the EMA of it when the run kept one;
 * ``GET  /whetstone/jobs/report?run=<name>``: the engine's report (PNG) of one run;
 * ``POST /whetstone/jobs/stop``   ``{"run": "<name>"}``: save and stop (the engine's polite stop);
 * ``POST /whetstone/jobs/resume`` ``{"run": "<name>"}``: queue an ended run again, continuing from its checkpoint.
@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from ..training.engine.config import TrainConfig
+from ..training.engine.ema import ema_path
 from ..training.engine.report import render_report
 from ..training.hardware.discovery import discover
 from ..training.run.events import EVENTS_FILE, STATUS_FILE, SUMMARY_FILE
@@ -224,26 +225,44 @@ def lora_name(config: dict) -> str | None:
 def model_name(config: dict, run_dir: Path, state: str) -> str | None:
     """A full fine-tune's model as named in ComfyUI's diffusion_models list, once the run has saved it; else None.
 
-    Offered only for a run of mode full that ended saving it (completed or stopped), whose ``run.model_path`` is a
-    plain file (not a link) inside a diffusion_models folder (no link out on the way), listed by ComfyUI, and no older
-    than the run's config.json (an earlier run of the same name may have left one)."""
+    Offered only for a run of mode full that ended saving it (completed or stopped), whose ``run.model_path`` passes
+    `saved_name`."""
     run = config.get("run") if isinstance(config.get("run"), dict) else {}
     value = run.get("model_path")
     if config.get("mode") != "full" or state not in MODEL_SAVED_STATES or not isinstance(value, str):
         return None
-    roots = paths.diffusion_model_roots()
+    return saved_name(value, paths.diffusion_model_roots(), "run.model_path", run_dir)
+
+
+def ema_name(config: dict, run_dir: Path, offered: str | None, field: str, roots: paths.AllowedRoots) -> str | None:
+    """The EMA twin (`training.engine.ema.ema_path`: ``<name>_ema`` beside it) of the run's offered LoRA or model
+    (``offered``, from ``run.<field>``), named as ComfyUI lists it; else None. Offered when the run's summary reports
+    that very file as its ``ema_file`` and it passes `saved_name` (an EMA LoRA is saved with the LoRA: both are as
+    new as the run)."""
+    if offered is None:
+        return None
+    twin = str(ema_path(Path(config["run"][field])))
+    if read_object(run_dir / SUMMARY_FILE).get("ema_file") != twin:
+        return None
+    return saved_name(twin, roots, f"the EMA of run.{field}", run_dir)
+
+
+def saved_name(value: str, roots: paths.AllowedRoots, field: str, run_dir: Path) -> str | None:
+    """A file the run saved, as named in ComfyUI's list of ``roots`` (its folder); None unless ``value`` is an absolute
+    path to a plain file (not a link) inside one of the roots (no link out on the way), listed by ComfyUI, and no
+    older than the run's config.json (an earlier run of the same name may have left one)."""
     try:
-        path = paths.confine(value, roots, "run.model_path", must_exist=True)
+        path = paths.confine(value, roots, field, must_exist=True)
         if not Path(value).is_absolute() or Path(value).is_symlink():
-            raise paths.PathRefused(f"run.model_path={value!r} is not an absolute path to a plain file")
+            raise paths.PathRefused(f"{field}={value!r} is not an absolute path to a plain file")
         if path.stat().st_mtime < os.stat(run_dir / CONFIG_FILE, follow_symlinks=False).st_mtime:
             raise paths.PathRefused(f"{path} is older than the run's {CONFIG_FILE}: an earlier run's")
     except (paths.PathRefused, OSError) as refused:
-        logger.debug("run %s: its model is not offered: %s", run_dir.name, refused)
+        logger.debug("run %s: %s is not offered: %s", run_dir.name, field, refused)
         return None
     root = next(r.resolve() for r in roots.roots if path.is_relative_to(r.resolve()))
     name = path.relative_to(root).as_posix()
-    return name if name in comfy_bridge.list_files(comfy_bridge.DIFFUSION_MODELS_FOLDER) else None
+    return name if name in comfy_bridge.list_files(roots.label) else None
 
 
 def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
@@ -259,6 +278,7 @@ def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
     events = recent_events(run_dir)
     last = events[-1] if events else {}
     gpus = list(record.assigned) if record and record.launched else list(record.gpu_ids or ()) if record else []
+    lora, model = lora_name(config), model_name(config, run_dir, state)
     return {
         "run": run_dir.name,
         "state": state,
@@ -271,8 +291,10 @@ def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
         "loss": number(last.get("loss")),
         "img_per_s": number(last.get("img_per_s")),
         "sparkline": sparkline(events),
-        "lora_name": lora_name(config),
-        "model_name": model_name(config, run_dir, state),
+        "lora_name": lora,
+        "model_name": model,
+        "ema_lora_name": ema_name(config, run_dir, lora, "lora_path", paths.lora_roots()),
+        "ema_model_name": ema_name(config, run_dir, model, "model_path", paths.diffusion_model_roots()),
         "queued_at": number(record.queued_at) if record else None,
         "has_report": bool(events),
         "summary": {k: number(v) for k, v in read_object(run_dir / SUMMARY_FILE).items() if number(v) is not None},
