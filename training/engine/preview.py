@@ -41,6 +41,7 @@ PREVIEW_EVENTS = "previews.jsonl"
 LATENT_CHANNELS = 16
 MAX_PROMPTS = 64
 MAX_PROMPT_TOKENS = 8192
+MAX_LATENT_SIDE = 4096 // 8  # preview.width/height are at most 4096 pixels
 _PROMPT_KEY = re.compile(r"^prompt\.(\d{3})$")
 _PREVIEW_FILE = re.compile(r"^step_(\d{7})\.safetensors$")
 
@@ -196,13 +197,18 @@ def _append_line(path: Path, line: str) -> None:
 
 
 def read_preview_events(run_dir: str | os.PathLike) -> list[dict]:
-    """The run's preview events, oldest first (lines that are not preview events are skipped). After a resume from an
-    earlier checkpoint the steps sampled again replace the lost run's (as `read_events` does for step events)."""
+    """The run's preview events, oldest first (see `parse_preview_events`)."""
     path = Path(run_dir) / PREVIEW_EVENTS
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
+    return parse_preview_events(text)
+
+
+def parse_preview_events(text: str) -> list[dict]:
+    """The preview events of a ``previews.jsonl`` text (lines that are not preview events are skipped). After a
+    resume from an earlier checkpoint the steps sampled again replace the lost run's (as `read_events` does)."""
     events = []
     for line in text.splitlines():
         try:
@@ -212,6 +218,8 @@ def read_preview_events(run_dir: str | os.PathLike) -> list[dict]:
         if (
             isinstance(event, dict)
             and isinstance(event.get("step"), int)
+            and not isinstance(event["step"], bool)
+            and event["step"] >= 0
             and _PREVIEW_FILE.match(str(event.get("file")))
         ):
             while events and events[-1]["step"] >= event["step"]:  # a resumed run sampled these steps again
@@ -220,9 +228,10 @@ def read_preview_events(run_dir: str | os.PathLike) -> list[dict]:
     return events
 
 
-def read_preview(run_dir: str | os.PathLike, event: dict) -> list[torch.Tensor]:
+def read_preview(run_dir: str | os.PathLike, event: dict, *, max_side: int = MAX_LATENT_SIDE) -> list[torch.Tensor]:
     """The latents [16, h, w] of one preview event, read from the run's previews folder only (no path from the
-    event is followed: the file name must be step_NNNNNNN.safetensors, and a link is refused)."""
+    event is followed: the file name must be step_NNNNNNN.safetensors, and a link is refused). Shapes are checked
+    before a tensor is read: at most MAX_PROMPTS latents, each side at most ``max_side``."""
     name = str(event.get("file"))
     if not _PREVIEW_FILE.match(name):
         raise PreviewError(f"preview event names file {name!r}, not step_NNNNNNN.safetensors")
@@ -232,14 +241,22 @@ def read_preview(run_dir: str | os.PathLike, event: dict) -> list[torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as file:
             keys = sorted(file.keys())
+            if not keys or keys != [f"prompt.{i:03d}" for i in range(len(keys))] or len(keys) > MAX_PROMPTS:
+                raise PreviewError(f"{path} holds {keys[:4]}, not prompt.000 ... (at most {MAX_PROMPTS})")
+            for key in keys:
+                shape = tuple(file.get_slice(key).get_shape())
+                if (
+                    len(shape) != 3
+                    or shape[0] != LATENT_CHANNELS
+                    or not 1 <= min(shape[1:]) <= max(shape[1:]) <= max_side
+                ):
+                    raise PreviewError(f"{path}: {key} has shape {shape}, not [16, h, w] latents of h, w <= {max_side}")
             latents = [file.get_tensor(key) for key in keys]
     except (OSError, SafetensorError) as error:
         raise PreviewError(f"{path} is not a readable safetensors file ({error})") from None
-    if not keys or keys != [f"prompt.{i:03d}" for i in range(len(keys))]:
-        raise PreviewError(f"{path} holds {keys[:4]}, not prompt.000 ...")
     for key, latent in zip(keys, latents, strict=True):
-        if latent.ndim != 3 or latent.shape[0] != LATENT_CHANNELS or not latent.is_floating_point():
-            raise PreviewError(f"{path}: {key} has shape {tuple(latent.shape)}, not [16, h, w] latents")
+        if not latent.is_floating_point():
+            raise PreviewError(f"{path}: {key} is {latent.dtype}, not floating-point latents")
     return [latent.float() for latent in latents]
 
 

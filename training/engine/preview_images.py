@@ -2,8 +2,8 @@
 
 Decoding takes any ``decode`` function from DiT-format latents [B, 16, h, w] to pixels [B, 3, H, W] in 0..1: the CLI
 passes `training.model.flux_vae.FluxVAE.decode` of the VAE file, the node the wired ComfyUI VAE's weights in the same
-decoder. PNGs are written atomically as ``previews/step_0000100_p000.png`` beside the latents; a preview already
-decoded is not decoded again.
+decoder. PNGs are written atomically as ``previews/step_0000100_p000.png`` beside the latents, one latent decoded
+at a time; a preview already decoded is not decoded again.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import write_bytes_atomic
-from .preview import PREVIEW_DIR, read_preview, read_preview_events
+from .preview import MAX_LATENT_SIDE, PREVIEW_DIR, PreviewError, read_preview, read_preview_events
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +39,45 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def event_images(run_dir: str | os.PathLike, event: dict) -> list[Path]:
+    """The PNG paths of one preview event (one per prompt)."""
+    return [image_path(run_dir, event["step"], i) for i in range(len(event.get("prompts", [])))]
+
+
+def is_decoded(run_dir: str | os.PathLike, event: dict) -> bool:
+    """Every PNG of the event is a plain file written after its latents (a resumed run that sampled the step again
+    needs decoding again); False while the latents file is missing."""
+    try:
+        latents_time = (Path(run_dir) / PREVIEW_DIR / str(event["file"])).stat().st_mtime
+        paths = event_images(run_dir, event)
+        return bool(paths) and all(
+            not p.is_symlink() and p.is_file() and p.stat().st_mtime >= latents_time for p in paths
+        )
+    except OSError:
+        return False
+
+
+def decode_preview(run_dir: str | os.PathLike, event: dict, decode: Decoder, *, max_side: int = MAX_LATENT_SIDE):
+    """The PNGs of one preview event, decoded one latent at a time (the memory of one image, whatever the count)."""
+    latents = read_preview(run_dir, event, max_side=max_side)
+    paths = event_images(run_dir, event)
+    if len(paths) != len(latents):
+        raise PreviewError(f"the preview of step {event['step']} lists {len(paths)} prompts for {len(latents)} latents")
+    for path, latent in zip(paths, latents, strict=True):
+        buffer = io.BytesIO()
+        to_image(decode(latent[None])[0]).save(buffer, format="PNG")
+        write_bytes_atomic(path, buffer.getvalue())
+    logger.info("decoded the previews of step %d (%d images)", event["step"], len(paths))
+    return paths
+
+
 def decode_new_previews(run_dir: str | os.PathLike, decode: Decoder) -> list[tuple[dict, list[Path]]]:
     """PNGs for every preview event whose images are not there yet; returns (event, its PNG paths) for those."""
-    written = []
-    for event in read_preview_events(run_dir):
-        count = len(event.get("prompts", []))
-        paths = [image_path(run_dir, event["step"], i) for i in range(count)]
-        latents_time = (Path(run_dir) / PREVIEW_DIR / event["file"]).stat().st_mtime
-        if paths and all(p.is_file() and p.stat().st_mtime >= latents_time for p in paths):
-            continue  # decoded already (and not sampled again since, as a resumed run does)
-        latents = read_preview(run_dir, event)
-        pixels = decode(torch.stack(latents))
-        for path, image in zip(paths, pixels, strict=True):
-            buffer = io.BytesIO()
-            to_image(image).save(buffer, format="PNG")
-            write_bytes_atomic(path, buffer.getvalue())
-        logger.info("decoded the previews of step %d (%d images)", event["step"], len(paths))
-        written.append((event, paths))
-    return written
+    return [
+        (event, decode_preview(run_dir, event, decode))
+        for event in read_preview_events(run_dir)
+        if not is_decoded(run_dir, event)
+    ]
 
 
 def preview_grid(run_dir: str | os.PathLike, *, max_rows: int = 8) -> Image.Image | None:
