@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from . import comfy_bridge, jobs_api, run_history
+from . import comfy_bridge, jobs_api, preview_jobs, run_history
 from .hardware_node import HardwareProfile
 from .lora_node import LoadTrainedLoRA
 from .model_node import LoadTrainedModel
@@ -53,6 +53,8 @@ def register_with_comfyui() -> None:
     for method, action in (("GET", "list"), ("GET", "report"), ("POST", "stop"), ("POST", "resume")):
         path = jobs_api.ROUTE if action == "list" else f"{jobs_api.ROUTE}/{action}"
         comfy_bridge.add_route(method, path, functools.partial(jobs_api.respond, action))
+    for action, path in (("previews", preview_jobs.ROUTE), ("preview_image", preview_jobs.IMAGE_ROUTE)):
+        comfy_bridge.add_route("GET", path, functools.partial(preview_jobs.respond, action))
     if comfy_bridge.comfyui_present():
         try:
             jobs_api.resume_scheduling()  # jobs queued or running before a restart go on

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..training.run.jobs import parse_gpu_ids
-from . import comfy_bridge, jobs_api
+from . import comfy_bridge, jobs_api, preview_jobs
 from .validation import Text, Toggle, check_all
 from .values import RunRef
 
@@ -63,13 +63,15 @@ def submit(
     chosen: BackgroundOptions,
     lora_path,
     tuned=(None, None),
-    decode_previews=None,
+    preview_settings=None,
     total_steps: int | None = None,
 ):
     """Write the run's files (config...) while the folder is claimed, hand the run to the scheduler; the node's
     output at once. ``tuned``: a full fine-tune's (model path, name in diffusion_models), else (None, None);
-    ``decode_previews``: Preview Settings' decoder, kept in the handle for Wait for Run. The ui's
-    ``whetstone_background`` names the job, so the node's chart follows it (js/whetstone.js polls its history)."""
+    ``preview_settings``: Preview Settings' request, whose decoder is kept in the handle for Wait for Run and
+    remembered for the jobs panel's decoding (`nodes.preview_jobs`). The ui's ``whetstone_background`` names the
+    job, so the node's chart and preview strip follow it (js/whetstone.js polls its history and its previews)."""
+    decode_previews = preview_settings.decode if preview_settings is not None else None
     run_dir = process.run_dir
     try:
         count = gpu_request(plan, chosen.gpu_ids)
@@ -99,8 +101,12 @@ def submit(
         model_name=model_name,
         decode_previews=decode_previews,
     )
-    if decode_previews is not None:
-        report += "\npreviews: sampled by the run; Wait for Run decodes them (Training Report draws them after it)"
+    if preview_settings is not None:
+        preview_jobs.remember(preview_settings.vae, decode_previews)
+        report += (
+            "\npreviews: sampled by the run, decoded with the wired VAE on this ComfyUI's CPU when shown (this node, "
+            "the jobs panel)"
+        )
     job = {"run": run_dir.name, "total_steps": total_steps, "submitted_at": record.queued_at}
     ui = {"text": [report], "whetstone_background": [job]}
     return {"ui": ui, "result": (run, model_name or lora_path.name, report)}

@@ -298,7 +298,14 @@ def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
         "queued_at": number(record.queued_at) if record else None,
         "has_report": bool(events),
         "summary": {k: number(v) for k, v in read_object(run_dir / SUMMARY_FILE).items() if number(v) is not None},
+        "previews": preview_card(run_dir),
     }
+
+
+def preview_card(run_dir: Path) -> dict | None:
+    from .preview_jobs import card  # it reads the run folder with this module's readers
+
+    return card(run_dir)
 
 
 def list_jobs() -> dict:

@@ -6,7 +6,9 @@ folder (served by /view). A separate node keeps Train's widgets (and every saved
 Decoding runs on the CPU with the wired VAE's weights in `training.model.flux_vae.FluxVAE` (ComfyUI's Flux decoder,
 same operations): the training process holds the GPU the plan sized it for, so the node never competes with it for
 memory. The PNGs go to the run folder (``previews/step_..._p000.png``, for the report's grid and later) and a copy to
-``<temp>/whetstone_previews/<run>/`` for the browser.
+``<temp>/whetstone_previews/<run>/`` for the browser. Preview Settings also records where its VAE came from
+(`nodes.preview_vae`, ``<run>/preview_vae.json``), so a background run's previews decode with the same weights when
+the jobs panel or the Train node shows them (`nodes.preview_jobs`), with no Wait for Run.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from pathlib import Path
 import torch
 
 from ..training.atomic import write_bytes_atomic
-from ..training.engine.preview import MAX_PROMPTS, save_prompt_features
-from ..training.engine.preview_images import decode_new_previews
-from ..training.model.flux_vae import FluxEncoderShape, FluxVAE
-from . import comfy_bridge
+from ..training.engine.preview import MAX_PROMPTS, read_preview_events, save_prompt_features
+from ..training.engine.preview_images import event_images
+from ..training.model.flux_vae import FluxEncoderShape
+from . import comfy_bridge, preview_jobs, preview_vae
 from .encoders import ComfyTextEncoder
 from .validation import Float, Int, SettingRefused, Text, check_all, declare
 
@@ -89,51 +91,62 @@ def preview_section(run_dir: Path, values: dict) -> dict:
     }
 
 
-def write_prompts(prompts: EncodedPrompts, run_dir: Path) -> None:
+def write_prompts(request: PreviewRequest, run_dir: Path) -> None:
+    """The files the run's previews need: the prompts' features (for the engine), the VAE's record (for decoding)."""
+    prompts = request.prompts
     save_prompt_features(run_dir / FEATURES_FILE, prompts.texts, prompts.positives, prompts.negative)
+    preview_vae.write_source(run_dir, request.vae)
 
 
-def vae_decoder(vae):
-    """A CPU float32 decoder with the weights of a ComfyUI VAE object (Flux: Z-Image's 16-channel VAE)."""
+def vae_decoder(vae, prompt=None, unique_id=None):
+    """(a CPU float32 decoder with the weights of a ComfyUI VAE object (Flux: Z-Image's 16-channel VAE), where it
+    came from: `preview_vae.VaeSource`, for decoding a background run's previews later)."""
     model = getattr(vae, "first_stage_model", None)
     if not isinstance(model, torch.nn.Module):
         raise SettingRefused("the VAE input of Train is not a ComfyUI VAE; connect Load VAE with ae.safetensors")
-    state = {name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()}
-    shape = FluxEncoderShape.from_file(
-        {name: tuple(t.shape) for name, t in state.items()}, "the VAE connected to Train"
-    )
-    if "decoder.conv_in.weight" not in state:
+    held = model.state_dict()
+    shape = FluxEncoderShape.from_file({name: tuple(t.shape) for name, t in held.items()}, "the VAE connected to Train")
+    if "decoder.conv_in.weight" not in held:
         raise SettingRefused("the VAE connected to Train has no decoder; connect Load VAE with ae.safetensors")
+    source = preview_vae.wired_source(held, prompt, unique_id)
     logger.info("previews decode on the CPU with the connected VAE (the training process keeps the GPU)")
-    return FluxVAE(shape, state).decode
+    return preview_vae.decoder_from_state(shape, preview_vae.decoder_state(held)), source
 
 
 class PreviewWatcher:
-    """Decodes the run's new previews and sends them to the node; ``poll`` is called from the node's follow loop."""
+    """Decodes the run's new previews and sends them to the node; ``poll`` is called from the node's follow loop. A
+    step the jobs panel's decoding got to first is sent as it is (`preview_jobs.PreviewDecoding.decode_here`)."""
 
     def __init__(self, run_dir: Path, run_name: str, node_id, decode) -> None:
         self.run_dir, self.run_name, self.node_id, self.decode = run_dir, run_name, node_id, decode
-        self.sent = 0
+        self.sent: set[tuple[int, float]] = set()  # (step, its latents' time)
 
     def poll(self) -> None:
-        for event, paths in decode_new_previews(self.run_dir, self.decode):
-            subfolder = f"{TEMP_SUBFOLDER}/{self.run_name}"
-            folder = comfy_bridge.temp_directory() / TEMP_SUBFOLDER / self.run_name
-            images = []
-            for path in paths:
-                write_bytes_atomic(folder / path.name, path.read_bytes(), fsync=False)
-                images.append({"filename": path.name, "subfolder": subfolder, "type": "temp"})
-            comfy_bridge.send_event(
-                PREVIEW_EVENT,
-                {
-                    "node": self.node_id,
-                    "run": self.run_name,
-                    "step": event["step"],
-                    "prompts": event.get("prompts", []),
-                    "images": images,
-                },
-            )
-            self.sent += 1
+        for event in read_preview_events(self.run_dir):
+            key = (event["step"], preview_jobs.latents_time(self.run_dir, event))
+            if key in self.sent:
+                continue
+            preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+            self.send(event, event_images(self.run_dir, event))
+            self.sent.add(key)
+
+    def send(self, event: dict, paths: list[Path]) -> None:
+        subfolder = f"{TEMP_SUBFOLDER}/{self.run_name}"
+        folder = comfy_bridge.temp_directory() / TEMP_SUBFOLDER / self.run_name
+        images = []
+        for path in paths:
+            write_bytes_atomic(folder / path.name, path.read_bytes(), fsync=False)
+            images.append({"filename": path.name, "subfolder": subfolder, "type": "temp"})
+        comfy_bridge.send_event(
+            PREVIEW_EVENT,
+            {
+                "node": self.node_id,
+                "run": self.run_name,
+                "step": event["step"],
+                "prompts": event.get("prompts", []),
+                "images": images,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,7 @@ class PreviewRequest:
     prompts: EncodedPrompts
     decode: object  # latents [B, 16, h, w] -> pixels [B, 3, H, W]
     values: dict
+    vae: preview_vae.VaeSource
 
 
 class PreviewSettings:
@@ -165,13 +179,14 @@ class PreviewSettings:
                 "clip": ("CLIP", {"tooltip": "Z-Image's text encoder (Qwen3-4B), as for Pack Dataset."}),
                 "vae": ("VAE", {"tooltip": "Z-Image's VAE (ae.safetensors), for showing the previews."}),
                 **declare(WIDGETS),
-            }
+            },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},  # the prompt names the VAE's file
         }
 
-    def settings(self, clip, vae, **settings):
+    def settings(self, clip, vae, prompt=None, unique_id=None, **settings):
         values = check_all(WIDGETS, settings)
         for name in ("width", "height"):
             if values[name] % 16:
                 raise SettingRefused(f"{name}={values[name]} must be a multiple of 16")
-        decode = vae_decoder(vae)
-        return (PreviewRequest(prompts=encode_prompts(clip, values), decode=decode, values=values),)
+        decode, source = vae_decoder(vae, prompt, unique_id)
+        return (PreviewRequest(prompts=encode_prompts(clip, values), decode=decode, values=values, vae=source),)

@@ -208,7 +208,7 @@ def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_S
 def save_run_files(run_dir: Path, config, preview_settings) -> None:
     """What the engine reads from the claimed folder: the preview prompts' features (when linked), the config."""
     if preview_settings is not None:
-        previews.write_prompts(preview_settings.prompts, run_dir)
+        previews.write_prompts(preview_settings, run_dir)
     config.save(run_dir / CONFIG_FILE)
 
 
@@ -285,10 +285,8 @@ class Train:
         save_files = functools.partial(save_run_files, files.run_dir, config, preview_settings)
         if options.background:
             tuned = (files.tuned_path, files.tuned_name)
-            decode = preview_settings.decode if preview_settings is not None else None
-            return background.submit(
-                process, save_files, plan, options, files.lora_path, tuned, decode, total_steps=values["steps"]
-            )
+            submitted = (process, save_files, plan, options, files.lora_path, tuned, preview_settings)
+            return background.submit(*submitted, total_steps=values["steps"])
         progress = start_here(
             process, save_files, machines, node_id=unique_id, run_name=files.run_name, steps=values["steps"]
         )

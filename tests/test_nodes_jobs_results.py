@@ -8,17 +8,18 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_nodes_jobs import comfy, defaults, job, runs, start_in_background  # noqa: F401 (comfy: fixture)
+from test_nodes_jobs import comfy, defaults, job, runs, start_in_background, wait_for  # noqa: F401 (comfy: fixture)
 from test_nodes_pack import FakeCLIP, FakeVAE, make_images
 from test_nodes_previews import FakeFluxVAE
 from test_nodes_previews import settings as preview_values
 from test_nodes_support import pack_module
 
-from training.engine.preview import load_prompt_features, read_preview_events
-from training.engine.preview_images import image_path
+from training.engine.preview import load_prompt_features, read_preview, read_preview_events
+from training.engine.preview_images import image_path, to_image
 from training.lock import FolderLock
 from training.model.config import PRESETS
 from training.model.weights import read_header, save_weights
@@ -32,6 +33,7 @@ plan_node = pack_module("nodes.plan_node")
 pack_node = pack_module("nodes.pack_node")
 model_node = pack_module("nodes.model_node")
 previews = pack_module("nodes.previews")
+preview_jobs = pack_module("nodes.preview_jobs")
 report_node = pack_module("nodes.report_node")
 bridge = pack_module("nodes.comfy_bridge")
 values = pack_module("nodes.values")
@@ -145,7 +147,7 @@ def test_a_background_run_with_preview_settings_writes_the_prompts_and_wait_for_
     dataset = packed(comfy)
     (request,) = previews.PreviewSettings().settings(FakeCLIP(), FakeFluxVAE(), **preview_values())
     run, _, report = start_in_background(comfy, dataset, plan_for("lora"), "bgprev", steps=2, preview_settings=request)
-    assert "Wait for Run decodes them" in report
+    assert "decoded with the wired VAE on this ComfyUI's CPU when shown" in report
     features_file = run.run_dir / previews.FEATURES_FILE
     config = json.loads((run.run_dir / "config.json").read_text())
     assert config["preview"]["features"] == str(features_file) and config["preview"]["every"] == 1
@@ -169,3 +171,35 @@ def test_a_background_run_with_preview_settings_writes_the_prompts_and_wait_for_
     assert all((tmp_path / "temp" / image["subfolder"] / image["filename"]).is_file() for image in sent[-1]["images"])
     grid = report_node.report_image([], 20, run.run_dir)
     assert grid.shape[1] > 620, "Training Report draws the previews below its charts"
+
+
+@pytest.mark.slow
+def test_a_background_runs_previews_show_in_the_jobs_list_with_no_wait_for_run(comfy, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(preview_jobs, "_decoding", preview_jobs.PreviewDecoding())  # this test's worker thread
+    dataset = packed(comfy)
+    (request,) = previews.PreviewSettings().settings(FakeCLIP(), FakeFluxVAE(), **preview_values())
+    run, _, report = start_in_background(comfy, dataset, plan_for("lora"), "bgshow", steps=2, preview_settings=request)
+    assert "decoded with the wired VAE" in report
+    wait_for(lambda: job("bgshow")["state"] == "completed", "the run's end")
+    wait_for(lambda: (job("bgshow")["previews"] or {}).get("state") == "decoded", "its latest preview decoded", 60)
+    card = job("bgshow")["previews"]
+    assert card["step"] == 2 and card["prompts"] == ["a red cat", "a blue dog"] and len(card["images"]) == 2
+    wait_for(
+        lambda: all(
+            s["state"] == "decoded" for s in preview_jobs.respond("previews", {"run": "bgshow"}, None)[1]["steps"]
+        ),
+        "every preview step decoded",
+        60,
+    )
+    events = read_preview_events(run.run_dir)
+    assert [event["step"] for event in events] == [0, 1, 2]
+    for event in events:  # each PNG is Preview Settings' decoder (the wired VAE) applied to the run's latent
+        for index, latent in enumerate(read_preview(run.run_dir, event)):
+            expected = np.asarray(to_image(request.decode(latent[None])[0]))
+            with Image.open(image_path(run.run_dir, event["step"], index)) as image:
+                assert np.array_equal(np.asarray(image.convert("RGB")), expected)
+    url = card["images"][1]
+    query = dict(part.split("=") for part in url.split("?")[1].split("&"))
+    status, body = preview_jobs.respond("preview_image", query, None)
+    assert status == 200 and body == image_path(run.run_dir, 2, 1).read_bytes()
+    assert not [data for event, data in comfy.events if event == previews.PREVIEW_EVENT], "no node decoded them"

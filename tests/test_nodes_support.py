@@ -76,7 +76,7 @@ class FakeComfy:
 
     @property
     def folders(self) -> dict[str, Path]:
-        names = ("input", "output", "whetstone_datasets", "whetstone_runs", "loras", "diffusion_models")
+        names = ("input", "output", "whetstone_datasets", "whetstone_runs", "loras", "diffusion_models", "vae")
         return {name: self.root / name for name in names}
 
     def interrupt_requested(self) -> bool:

@@ -1,0 +1,248 @@
+"""A background run's previews decoded with no Wait for Run (`nodes.preview_jobs`, `nodes.preview_vae`): Preview
+Settings records the VAELoader's file and the decoder's digest, the decoding queue decodes a step when the jobs list
+or the previews route asks, with the recorded file (checked against its digest) or the decoder this process holds,
+and the PNGs equal the VAE decode of the latents. Hostile run folders are refused; the queue and the decoders held are
+bounded. The bridge is faked; the decoder is the real one on a tiny Flux VAE."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from test_nodes_pack import FakeCLIP
+from test_nodes_previews import FakeFluxVAE, settings
+from test_nodes_support import install_fake_comfy, pack_module, snapshot_files
+
+from tests.encoder_fixtures import diffusers_to_flux, tiny_diffusers_vae
+from training.model.flux_vae import FLUX_SCALE, FLUX_SHIFT
+from training.model.safetensors_io import write_safetensors
+
+preview_jobs = pack_module("nodes.preview_jobs")
+preview_vae = pack_module("nodes.preview_vae")
+previews = pack_module("nodes.previews")
+jobs_api = pack_module("nodes.jobs_api")
+flux_vae = pack_module("training.model.flux_vae")
+images = pack_module("training.engine.preview_images")
+write_status = pack_module("training.run.events").write_status
+
+PROMPTS = ["a red cat", "a blue dog"]
+LOADER_PROMPT = {
+    "4": {"class_type": "WhetstonePreviewSettings", "inputs": {"vae": ["2", 0], "clip": ["1", 0]}},
+    "2": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+}
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    fake = install_fake_comfy(tmp_path, monkeypatch)
+    monkeypatch.setattr(preview_jobs, "_decoding", preview_jobs.PreviewDecoding(threaded=False))
+    return fake
+
+
+def write_vae(comfy, seed: int = 0) -> dict[str, torch.Tensor]:
+    """ae.safetensors in the vae folder: the tiny Flux VAE of FakeFluxVAE (seed 0) or other weights."""
+    state = diffusers_to_flux(tiny_diffusers_vae(seed).state_dict(), decoder=True)
+    save_file(state, str(comfy.folders["vae"] / "ae.safetensors"))
+    return state
+
+
+def request(prompt=LOADER_PROMPT):
+    (made,) = previews.PreviewSettings().settings(FakeCLIP(), FakeFluxVAE(), prompt=prompt, unique_id="4", **settings())
+    return made
+
+
+def sampled_run(comfy, name: str = "bg", steps=(0, 2), side: int = 6, source=None) -> tuple:
+    """A run folder as a background run with Preview Settings leaves it: the VAE record, a status, and per preview
+    step the engine's latents file and previews.jsonl line. Returns (run folder, {step: latents [2, 16, h, w]})."""
+    run_dir = comfy.folders["whetstone_runs"] / name
+    (run_dir / "previews").mkdir(parents=True)
+    write_status(run_dir, "running", "step 2 of 4")
+    preview_vae.write_source(run_dir, source or request().vae)
+    latents = {}
+    for step in steps:
+        generator = torch.Generator().manual_seed(step)
+        latents[step] = torch.randn(len(PROMPTS), 16, side, side, generator=generator)
+        entries = [(f"prompt.{i:03d}", latent) for i, latent in enumerate(latents[step])]
+        write_safetensors(run_dir / "previews" / f"step_{step:07d}.safetensors", entries, {})
+        event = {"step": step, "file": f"step_{step:07d}.safetensors", "prompts": PROMPTS, "width": 8 * side}
+        with open(run_dir / "previews.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+    return run_dir, latents
+
+
+def png(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def drain() -> int:
+    done = 0
+    while preview_jobs.decoding().decode_next():
+        done += 1
+    return done
+
+
+def test_preview_settings_record_the_vaeloader_file_its_dtype_and_the_decoders_digest(comfy, tmp_path):
+    made = request()
+    held = FakeFluxVAE().first_stage_model.state_dict()
+    assert made.vae.vae_name == "ae.safetensors" and made.vae.dtype == "float32"
+    assert made.vae.digest == preview_vae.decoder_digest(preview_vae.decoder_state(held))
+    other = dict(held, **{"decoder.conv_in.bias": held["decoder.conv_in.bias"] + 1e-6})
+    assert preview_vae.decoder_digest(preview_vae.decoder_state(other)) != made.vae.digest, "any weight counts"
+    for prompt in (None, {}, {"4": {"inputs": {"vae": ["2", 0]}}, "2": {"class_type": "CheckpointLoaderSimple"}}):
+        assert request(prompt).vae.vae_name is None  # not a VAELoader: decoded while this process holds it
+    held_bf16 = {name: t.to(torch.bfloat16) for name, t in held.items()}
+    assert preview_vae.held_dtype(held_bf16) == "bfloat16" and preview_vae.held_dtype(held) == "float32"
+    preview_vae.write_source(tmp_path, made.vae)
+    assert preview_vae.parse_source((tmp_path / "preview_vae.json").read_bytes(), "run") == made.vae  # round trip
+
+
+def test_a_background_runs_preview_decodes_from_the_recorded_file_to_the_vae_decode_of_its_latents(comfy):
+    state = write_vae(comfy)
+    run_dir, latents = sampled_run(comfy)
+    card = jobs_api.describe_job(run_dir, None)["previews"]
+    assert (card["step"], card["state"], card["images"], card["prompts"]) == (2, "queued", [], PROMPTS)
+    assert drain() == 1, "the jobs list asks for the latest step only"
+    card = jobs_api.describe_job(run_dir, None)["previews"]
+    assert card["state"] == "decoded" and len(card["images"]) == 2
+
+    reference = tiny_diffusers_vae(0)  # an independent decoder with the same weights
+    decoder = flux_vae.FluxVAE(flux_vae.FluxEncoderShape.from_file({k: v.shape for k, v in state.items()}, "ae"), state)
+    for index, url in enumerate(card["images"]):
+        query = dict(part.split("=") for part in url.split("?")[1].split("&"))
+        status, body = preview_jobs.respond("preview_image", query, None)
+        assert status == 200 and body == (run_dir / "previews" / f"step_0000002_p{index:03d}.png").read_bytes()
+        got = png(run_dir / "previews" / f"step_0000002_p{index:03d}.png")
+        latent = latents[2][index : index + 1]
+        ours = np.asarray(images.to_image(decoder.decode(latent)[0]))
+        assert got.shape == (48, 48, 3) and np.array_equal(got, ours), "the VAE decode of the latent, exactly"
+        with torch.no_grad():
+            pixels = ((reference.decode(latent / FLUX_SCALE + FLUX_SHIFT).sample + 1) / 2).clamp(0, 1)
+        expected = np.clip(255.0 * pixels[0].movedim(0, -1).numpy(), 0, 255).astype(np.uint8)
+        difference = np.abs(got.astype(int) - expected.astype(int))
+        assert difference.max() <= 1 and difference.mean() < 0.05, (difference.max(), difference.mean())
+        assert got.std() > 5, "an image, not a constant"
+
+    status, body = preview_jobs.respond("previews", {"run": "bg"}, None)
+    assert status == 200 and [(s["step"], s["state"]) for s in body["steps"]] == [(0, "queued"), (2, "decoded")]
+    assert drain() == 1 and preview_jobs.steps(run_dir)["steps"][0]["state"] == "decoded"
+    assert not preview_jobs.decoding().decode_next(), "each step is decoded once"
+
+
+def test_the_decoder_this_process_holds_decodes_a_vae_that_no_file_names(comfy):
+    made = request(prompt=None)  # a VAE from elsewhere (a checkpoint's): no name recorded
+    run_dir, latents = sampled_run(comfy, steps=(0,), source=made.vae)
+    assert preview_jobs.card(run_dir)["state"] == "queued" and drain() == 1
+    failed = preview_jobs.card(run_dir)
+    assert failed["state"] == "failed" and "did not come from a VAELoader" in failed["message"]
+    assert preview_jobs.card(run_dir)["state"] == "failed" and drain() == 0, "a failure is not retried every poll"
+
+    preview_jobs.remember(made.vae, made.decode)  # what background Train does with Preview Settings' decoder
+    (run_dir / "previews" / "step_0000000.safetensors").touch()  # latents written again (a resumed run)
+    assert preview_jobs.card(run_dir)["state"] == "queued" and drain() == 1
+    assert preview_jobs.card(run_dir)["state"] == "decoded"
+    expected = np.asarray(images.to_image(made.decode(latents[0][1:2])[0]))
+    assert np.array_equal(png(run_dir / "previews" / "step_0000000_p001.png"), expected)
+
+
+def test_a_vae_file_changed_since_the_run_started_is_refused_not_decoded(comfy):
+    write_vae(comfy, seed=1)  # other weights under the recorded name
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    preview_jobs.card(run_dir)
+    drain()
+    card = preview_jobs.card(run_dir)
+    assert card["state"] == "failed" and "changed since the run started" in card["message"]
+    assert not list((run_dir / "previews").glob("*.png"))
+    (comfy.folders["vae"] / "ae.safetensors").unlink()
+    other, _ = sampled_run(comfy, name="gone", steps=(0,))
+    preview_jobs.card(other)
+    drain()
+    assert "not in ComfyUI's vae folder" in preview_jobs.card(other)["message"]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (b'{"format": 2, "vae_name": "ae.safetensors", "dtype": "float32", "digest": "0"}', "format-1"),
+        (b'{"format": 1, "vae_name": "ae.safetensors", "dtype": "float32"}', "exactly format"),
+        (b'{"format": 1, "vae_name": "ae.safetensors", "dtype": "int8", "digest": "' + b"0" * 64 + b'"}', "dtype"),
+        (b'{"format": 1, "vae_name": "ae.safetensors", "dtype": "float32", "digest": "../x"}', "digest"),
+        (b'{"format": 1, "vae_name": 7, "dtype": "float32", "digest": "' + b"0" * 64 + b'"}', "vae_name"),
+        (
+            b'{"format": 1, "vae_name": "../../secret.safetensors", "dtype": "float32", "digest": "'
+            + b"0" * 64
+            + b'"}',
+            "not in ComfyUI's vae folder",
+        ),
+    ],
+)
+def test_a_hostile_vae_record_is_refused_with_its_reason(comfy, record, message):
+    write_vae(comfy)
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    (run_dir / "preview_vae.json").write_bytes(record)
+    preview_jobs.card(run_dir)
+    drain()
+    card = preview_jobs.card(run_dir)
+    assert card["state"] == "failed" and message in card["message"], card["message"]
+
+
+def test_hostile_run_folders_write_nothing_outside_and_read_nothing_unbounded(comfy, tmp_path):
+    write_vae(comfy)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    (run_dir / "previews").rename(outside / "previews")
+    os.symlink(outside / "previews", run_dir / "previews")  # the previews folder is a link leaving the run
+    before = snapshot_files(outside)
+    preview_jobs.card(run_dir)
+    drain()
+    assert "links are not followed" in preview_jobs.card(run_dir)["message"] and snapshot_files(outside) == before
+
+    huge, _ = sampled_run(comfy, name="huge", steps=(0,), side=preview_jobs.MAX_SIDE + 1)
+    preview_jobs.card(huge)
+    drain()
+    assert "h, w <= 256" in preview_jobs.card(huge)["message"], "refused from the header, before any read"
+    link, _ = sampled_run(comfy, name="link", steps=(0,))
+    (link / "preview_vae.json").unlink()
+    os.symlink(outside / "x.json", link / "preview_vae.json")
+    preview_jobs.card(link)
+    drain()
+    assert "no readable preview_vae.json" in preview_jobs.card(link)["message"]
+
+    for query, status in [
+        ({"run": "../bg", "step": "0", "prompt": "0"}, 400),
+        ({"run": "huge", "step": "-1", "prompt": "0"}, 400),
+        ({"run": "huge", "step": "0", "prompt": "64"}, 400),
+        ({"run": "huge", "step": "0x1", "prompt": "0"}, 400),
+        ({"run": "huge", "step": "0", "prompt": "0"}, 404),  # not decoded
+        ({"run": "nope", "step": "0", "prompt": "0"}, 404),
+        ({"run": "bg", "step": "0", "prompt": "0"}, 404),  # its previews folder is a link
+    ]:
+        assert preview_jobs.respond("preview_image", query, None)[0] == status, query
+    (outside / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\nsecret")
+    os.symlink(outside / "secret.png", huge / "previews" / "step_0000000_p000.png")
+    assert preview_jobs.respond("preview_image", {"run": "huge", "step": "0", "prompt": "0"}, None)[0] == 404
+    (run_dir / "previews.jsonl").unlink()
+    (run_dir / "previews.jsonl").write_text('{"step": 1, "file": "../../x.safetensors", "prompts": ["a"]}\n' * 3)
+    assert preview_jobs.card(run_dir) is None, "an event naming another file is no preview"
+
+
+def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
+    monkeypatch.setattr(preview_jobs, "MAX_PENDING", 2)
+    write_vae(comfy)
+    run_dir, _ = sampled_run(comfy, steps=(0, 1, 2))
+    states = [entry["state"] for entry in preview_jobs.steps(run_dir)["steps"]]
+    assert states == ["busy", "queued", "queued"], "the newest are queued first; the rest is asked again later"
+    assert drain() == 2
+    assert [entry["state"] for entry in preview_jobs.steps(run_dir)["steps"]] == ["queued", "decoded", "decoded"]
+    decoding = preview_jobs.decoding()
+    for seed in range(preview_jobs.MAX_DECODERS + 2):
+        source = preview_vae.VaeSource(vae_name=None, dtype="float32", digest=f"{seed:064x}")
+        decoding.remember(source, lambda latents: latents)
+    assert len(decoding._decoders) == preview_jobs.MAX_DECODERS
