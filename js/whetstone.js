@@ -219,11 +219,15 @@ function followBackground(node, job) {
   chart.run = job.run;
   chart.points = [];
   chart.status.textContent = `background job ${job.run}: waiting for it to start…`;
+  if (node.whetstonePreviews) resetPreviews(node.whetstonePreviews, job.run); // an earlier job's steps go
   drawChart(chart);
   const poll = async () => {
     const history = await fetchHistory(follow.run);
     if (chart.background !== follow) return; // removed or run again while the request was out
-    if (history && showBackground(node, follow, history)) {
+    const finished = history && showBackground(node, follow, history);
+    const decoding = showBackgroundPreviews(node, follow.run, await fetchPreviews(follow.run));
+    if (chart.background !== follow) return;
+    if (finished && !decoding) {
       chart.background = null;
       return;
     }
@@ -261,9 +265,47 @@ function showBackground(node, follow, history) {
   return finished;
 }
 
-// Previews ("whetstone.preview": images the Train or Wait for Run node decoded into ComfyUI's temp folder): a strip of the prompts'
-// images at one preview step, the latest by default, and a slider over the steps seen so far.
+// Previews ("whetstone.preview": images the Train or Wait for Run node decoded into ComfyUI's temp folder; for a
+// background job, the steps GET /whetstone/jobs/previews lists as decoded): a strip of the prompts' images at one
+// preview step, the latest by default, and a slider over the steps seen so far.
 const MAX_PREVIEW_STEPS = 200;
+const PREVIEW_IMAGE_ROUTE = "/whetstone/jobs/preview_image?";
+const STILL_DECODING = new Set(["queued", "decoding", "busy"]);
+
+// The background job's preview steps (nodes/preview_jobs.py; asking queues the ones not decoded yet), or undefined.
+async function fetchPreviews(run) {
+  try {
+    const response = await api.fetchApi(`/whetstone/jobs/previews?run=${encodeURIComponent(run)}`);
+    return response.ok ? await response.json() : undefined;
+  } catch (error) {
+    console.warn("whetstone: could not read the run's previews", error);
+    return undefined;
+  }
+}
+
+// Adds the job's newly decoded steps to the node's strip; true while some step is still being decoded.
+function showBackgroundPreviews(node, run, body) {
+  const previews = node.whetstonePreviews;
+  if (!previews || !Array.isArray(body?.steps)) return false;
+  if (previews.run !== run) resetPreviews(previews, run);
+  const known = new Set(previews.steps.map((entry) => entry.step));
+  const added = body.steps.filter((s) => s.state === "decoded" && Array.isArray(s.images) && !known.has(s.step));
+  for (const s of added) {
+    const images = s.images.filter((url) => typeof url === "string" && url.startsWith(PREVIEW_IMAGE_ROUTE));
+    previews.steps.push({ step: s.step, prompts: s.prompts, images: images.map((url) => ({ url })) });
+  }
+  if (added.length) {
+    previews.steps.sort((a, b) => a.step - b.step);
+    showNewPreviews(node);
+  }
+  return body.steps.some((s) => STILL_DECODING.has(s.state));
+}
+
+function resetPreviews(previews, run) {
+  previews.steps = [];
+  previews.run = run;
+  previews.follow = true;
+}
 
 function addPreviewPanel(node) {
   const box = document.createElement("div");
@@ -297,7 +339,7 @@ function showPreviewStep(previews, index) {
   previews.strip.replaceChildren(...entry.images.map((image, i) => {
     const img = document.createElement("img");
     const query = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder, type: image.type });
-    img.src = api.apiURL(`/view?${query}`);
+    img.src = api.apiURL(image.url ?? `/view?${query}`);
     img.title = entry.prompts?.[i] ?? "";
     img.className = "whetstone-preview-image";
     Object.assign(img.style, { height: "150px", objectFit: "contain", borderRadius: "3px" });
@@ -310,13 +352,14 @@ function onPreview(event) {
   const node = app.graph?.getNodeById?.(detail.node);
   const previews = node?.whetstonePreviews;
   if (!previews || !Array.isArray(detail.images)) return;
-  if (previews.run !== detail.run) {
-    previews.steps = [];
-    previews.run = detail.run;
-    previews.follow = true;
-  }
+  if (previews.run !== detail.run) resetPreviews(previews, detail.run);
   previews.steps.push({ step: detail.step, prompts: detail.prompts, images: detail.images });
-  if (previews.steps.length > MAX_PREVIEW_STEPS) previews.steps.shift();
+  showNewPreviews(node);
+}
+
+function showNewPreviews(node) {
+  const previews = node.whetstonePreviews;
+  while (previews.steps.length > MAX_PREVIEW_STEPS) previews.steps.shift();
   previews.box.style.display = "block";
   previews.slider.max = String(previews.steps.length - 1);
   if (previews.follow) previews.slider.value = previews.slider.max;

@@ -5,6 +5,7 @@
 // on disk.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { previewStrip } from "./whetstone_job_previews.js";
 
 const POLL_MS = 2000;
 const STATE_COLOURS = {
@@ -135,6 +136,7 @@ function jobCard(job, panel) {
   if (job.eta_s != null) facts.push(`ETA ${formatDuration(job.eta_s)}`);
   card.append(element("div", { fontSize: "11px", fontFamily: "monospace", margin: "3px 0" }, facts.join(" · ")));
   if (job.sparkline?.length) card.append(sparkline(job.sparkline));
+  if (job.previews) card.append(previewStrip(job.previews));
   // A running job's status message is where it started ("step 0 of N"): the facts line has its step.
   if (job.message && !ACTIVE.has(job.state)) card.append(element("div", { fontSize: "10px", opacity: "0.75", overflowWrap: "anywhere" }, job.message));
   const actions = element("div", { marginTop: "4px" });
