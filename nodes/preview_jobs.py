@@ -29,7 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlencode
 
-from ..training.engine.preview import MAX_PROMPTS, PREVIEW_DIR, PREVIEW_EVENTS, parse_preview_events
+from ..training.engine.preview import MAX_LATENT_SIDE, MAX_PROMPTS, PREVIEW_DIR, PREVIEW_EVENTS, parse_preview_events
 from ..training.engine.preview_images import decode_preview, event_images, is_decoded
 from . import preview_vae
 from .jobs_api import RequestRefused, read_plain, run_folder
@@ -87,7 +87,7 @@ class PreviewDecoding:
                 self._changed.notify_all()
             return "queued", ""
 
-    def decode_here(self, run_dir: Path, event: dict, decode) -> None:
+    def decode_here(self, run_dir: Path, event: dict, decode, *, max_side: int = MAX_LATENT_SIDE) -> None:
         """Decode one step in the calling thread (Train, Wait for Run: their own decoder) unless it is decoded; waits
         while another thread decodes it, so no step is decoded twice at once. Errors are raised to the caller."""
         key = step_key(run_dir, event)
@@ -99,9 +99,14 @@ class PreviewDecoding:
             self._busy.add(key)
             self._pending.pop(key, None)
         try:
-            decode_preview(run_dir, event, decode)
+            decode_preview(run_dir, event, decode, max_side=max_side)
         finally:
             self._done(key)
+
+    def decode_recorded(self, run_dir: Path, event: dict) -> None:
+        """Decode one step here with the run's recorded decoder (Training Report); errors are raised."""
+        check_previews_folder(run_dir)
+        self.decode_here(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE)
 
     def decode_next(self) -> bool:
         """Decode the oldest waiting step (one no other thread decodes); False when none waits."""
@@ -131,11 +136,7 @@ class PreviewDecoding:
 
     def _decode(self, run_dir: Path, event: dict) -> None:
         check_previews_folder(run_dir)
-        source = preview_vae.parse_source(
-            read_plain(run_dir / preview_vae.SOURCE_FILE, preview_vae.MAX_SOURCE_BYTES), run_dir.name
-        )
-        decode = self._decoder(source)
-        decode_preview(run_dir, event, decode, max_side=MAX_SIDE)
+        decode_preview(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE)
 
     def _decoder(self, source: preview_vae.VaeSource):
         with self._changed:
@@ -201,6 +202,26 @@ def check_previews_folder(run_dir: Path) -> None:
     info = os.lstat(folder)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or folder.resolve().parent != run_dir.resolve():
         raise ValueError(f"{folder} is not a folder inside the run folder (links are not followed)")
+
+
+def recorded_source(run_dir: Path) -> preview_vae.VaeSource:
+    data = read_plain(run_dir / preview_vae.SOURCE_FILE, preview_vae.MAX_SOURCE_BYTES)
+    return preview_vae.parse_source(data, run_dir.name)
+
+
+def decode_missing(run_dir: Path, newest: int) -> list[str]:
+    """Decode here the newest ``newest`` preview steps not decoded yet (Training Report of a background run that no
+    one watched); returns why a step could not be (the report draws the others)."""
+    problems = []
+    for event in read_events(run_dir)[-newest:]:
+        if is_decoded(run_dir, event):
+            continue
+        try:
+            decoding().decode_recorded(run_dir, event)
+        except (ValueError, OSError) as error:
+            logger.warning("previews of %s step %d not decoded: %s", run_dir.name, event["step"], error)
+            problems.append(f"previews of step {event['step']} not decoded: {error}")
+    return problems
 
 
 def step_key(run_dir: Path, event: dict) -> tuple[Path, int]:

@@ -12,11 +12,13 @@ from PIL import Image
 from ..training.engine.preview_images import preview_grid
 from ..training.engine.report import render_report
 from ..training.run.events import read_events, read_summary
-from . import paths
+from . import paths, preview_jobs
 from .validation import Int, Text, check_all, declare
 from .values import RUN_TYPE
 
 logger = logging.getLogger(__name__)
+
+GRID_ROWS = 8  # the newest preview steps drawn
 
 WIDGETS = {
     "run_name": Text(
@@ -35,7 +37,7 @@ def report_image(events: list[dict], window: int, run_dir: Path | None = None) -
     """The engine's run report (loss, σ buckets, throughput, memory) as a ComfyUI IMAGE [1, H, W, 3] in 0..1, with
     the run's decoded previews below it as a grid (a row per preview step, a column per prompt) when it has any."""
     image = render_report(events, size=(1000, 620), smoothing=ema_weight(window))
-    grid = preview_grid(run_dir) if run_dir is not None else None
+    grid = preview_grid(run_dir, max_rows=GRID_ROWS) if run_dir is not None else None
     if grid is not None:
         combined = Image.new("RGB", (max(image.width, grid.width), image.height + grid.height), (255, 255, 255))
         combined.paste(image.convert("RGB"), (0, 0))
@@ -90,4 +92,6 @@ class TrainingReport:
             name = paths.check_name(values["run_name"], "run_name")
             run_dir = paths.confine(name, paths.run_roots(), "run_name", must_exist=True)
         events = read_events(run_dir)
-        return (report_image(events, values["smoothing"], run_dir), summarize_run(run_dir, events))
+        problems = preview_jobs.decode_missing(run_dir, GRID_ROWS)  # a background run no node or panel decoded
+        image = report_image(events, values["smoothing"], run_dir)
+        return (image, "\n".join([summarize_run(run_dir, events), *problems]))

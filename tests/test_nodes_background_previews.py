@@ -246,3 +246,23 @@ def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
         source = preview_vae.VaeSource(vae_name=None, dtype="float32", digest=f"{seed:064x}")
         decoding.remember(source, lambda latents: latents)
     assert len(decoding._decoders) == preview_jobs.MAX_DECODERS
+
+
+def test_training_report_decodes_the_previews_no_one_watched_and_says_which_it_could_not(comfy):
+    report_node = pack_module("nodes.report_node")
+    write_vae(comfy)
+    run_dir, latents = sampled_run(comfy)
+    chart, summary = report_node.TrainingReport().report(run_name="bg", smoothing=20)
+    assert "not decoded" not in summary and chart.shape[1] > report_node.report_image([], 20).shape[1]
+    decoded = png(run_dir / "previews" / "step_0000000_p000.png")
+    assert preview_jobs.decoding().decode_next() is False, "decoded in the report's own thread"
+    shape = flux_vae.FluxEncoderShape.from_file(
+        {k: v.shape for k, v in FakeFluxVAE().first_stage_model.state_dict().items()}, "ae"
+    )
+    decoder = flux_vae.FluxVAE(shape, FakeFluxVAE().first_stage_model.state_dict())
+    assert np.array_equal(decoded, np.asarray(images.to_image(decoder.decode(latents[0][:1])[0])))
+
+    other, _ = sampled_run(comfy, name="other", steps=(0,))
+    (other / "preview_vae.json").write_text("{}")
+    chart, summary = report_node.TrainingReport().report(run_name="other", smoothing=20)
+    assert "previews of step 0 not decoded" in summary and chart.shape[1] == report_node.report_image([], 20).shape[1]
