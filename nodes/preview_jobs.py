@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 ROUTE = "/whetstone/jobs/previews"
 IMAGE_ROUTE = "/whetstone/jobs/preview_image"
-MAX_EVENTS_BYTES = 1 << 20  # the newest preview events only
+MAX_EVENTS_BYTES = 1 << 20  # the newest preview events only (a line is a few hundred bytes)
+CARD_EVENTS_BYTES = 16 << 10  # the jobs list reads this much of every run's events, every poll
 MAX_IMAGE_BYTES = 64 << 20
 MAX_PENDING = 64
 MAX_DECODERS = 2
@@ -236,11 +237,12 @@ def latents_time(run_dir: Path, event: dict) -> float:
         return 0.0
 
 
-def read_events(run_dir: Path) -> list[dict]:
-    """The run's newest preview events (validated: a step, a step_NNNNNNN file, 1..MAX_PROMPTS prompt texts)."""
-    data = read_plain(run_dir / PREVIEW_EVENTS, MAX_EVENTS_BYTES, tail=True) or b""
+def read_events(run_dir: Path, limit: int = MAX_EVENTS_BYTES) -> list[dict]:
+    """The run's newest preview events, from the last ``limit`` bytes (validated: a step, a step_NNNNNNN file,
+    1..MAX_PROMPTS prompt texts)."""
+    data = read_plain(run_dir / PREVIEW_EVENTS, limit, tail=True) or b""
     text = data.decode("utf-8", errors="replace")
-    if len(data) == MAX_EVENTS_BYTES:
+    if len(data) == limit:
         text = text.partition("\n")[2]  # the first line was cut by the tail
     return [event for event in parse_preview_events(text) if prompts_of(event) is not None]
 
@@ -272,7 +274,7 @@ def step_entry(run_dir: Path, event: dict) -> dict:
 
 def card(run_dir: Path) -> dict | None:
     """The latest preview step of a run for its jobs-panel card (queued for decoding if it is not), or None."""
-    events = read_events(run_dir)
+    events = read_events(run_dir, CARD_EVENTS_BYTES)
     return step_entry(run_dir, events[-1]) if events else None
 
 

@@ -15,7 +15,7 @@ from ..training.engine.variant_setup import run_variant
 from ..training.hardware.dataset_fit import check_plan_against_dataset
 from ..training.run.events import EVENTS_FILE, EventTail, read_summary
 from ..training.run.launch import CONFIG_FILE, RunProcess, TrainingFailed, failure_message, outcome, train_command
-from . import background, comfy_bridge, multinode, paths, previews, variant_inputs
+from . import background, comfy_bridge, multinode, paths, preview_jobs, previews, variant_inputs
 from .validation import Choice, Float, Int, Text, Toggle, check_all
 from .values import DATASET_TYPE, MACHINES_TYPE, PLAN_TYPE, RUN_TYPE, RunRef
 
@@ -293,6 +293,7 @@ class Train:
         watcher = None
         if preview_settings is not None:
             watcher = previews.PreviewWatcher(files.run_dir, files.run_name, unique_id, preview_settings.decode)
+            preview_jobs.remember(preview_settings.vae, preview_settings.decode)  # the jobs panel decodes with it too
         interrupted = follow(process, progress, watcher=watcher)
         result = outcome(files.run_dir, process.wait(STOP_TIMEOUT_SECONDS))
         return finished_output(result, files, progress, machines, interrupted=interrupted)

@@ -231,6 +231,11 @@ def test_hostile_run_folders_write_nothing_outside_and_read_nothing_unbounded(co
     (run_dir / "previews.jsonl").unlink()
     (run_dir / "previews.jsonl").write_text('{"step": 1, "file": "../../x.safetensors", "prompts": ["a"]}\n' * 3)
     assert preview_jobs.card(run_dir) is None, "an event naming another file is no preview"
+    with open(huge / "previews.jsonl", "r+", encoding="utf-8") as handle:  # megabytes of junk before the event
+        line = handle.read()
+        handle.seek(0)
+        handle.write("x" * (4 << 20) + "\n" + line)
+    assert preview_jobs.card(huge)["step"] == 0, "the list reads the tail of the events only"
 
 
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
