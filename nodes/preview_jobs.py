@@ -115,7 +115,7 @@ class PreviewDecoding:
             if not self._pending:
                 return False
             key, event = self._pending.popitem(last=False)
-            if key in self._busy:
+            if key in self._busy or is_decoded(key[0], event):
                 return True
             self._busy.add(key)
         run_dir, step = key

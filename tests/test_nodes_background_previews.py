@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -271,3 +273,35 @@ def test_training_report_decodes_the_previews_no_one_watched_and_says_which_it_c
     (other / "preview_vae.json").write_text("{}")
     chart, summary = report_node.TrainingReport().report(run_name="other", smoothing=20)
     assert "previews of step 0 not decoded" in summary and chart.shape[1] == report_node.report_image([], 20).shape[1]
+
+
+def test_the_worker_and_a_node_never_decode_one_step_twice(comfy, monkeypatch, tmp_path):
+    monkeypatch.setattr(preview_jobs, "_decoding", preview_jobs.PreviewDecoding())  # its own worker thread
+    monkeypatch.setattr(pack_module("nodes.comfy_bridge"), "temp_directory", lambda: tmp_path / "temp")
+    made = request()
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def held_decode(latents):  # the worker's decoder: holds the step until released
+        calls.append("worker")
+        entered.set()
+        assert release.wait(30)
+        return made.decode(latents)
+
+    def node_decode(latents):
+        calls.append("node")
+        return made.decode(latents)
+
+    run_dir, _ = sampled_run(comfy, steps=(0,), source=made.vae)
+    preview_jobs.remember(made.vae, held_decode)
+    assert preview_jobs.card(run_dir)["state"] in ("queued", "decoding")
+    assert entered.wait(30), "the worker took the step"
+    watcher = previews.PreviewWatcher(run_dir, "bg", "7", node_decode)  # Wait for Run polls meanwhile
+    polling = threading.Thread(target=watcher.poll)
+    polling.start()
+    time.sleep(0.5)
+    assert calls == ["worker"] and polling.is_alive(), "the node waits for the worker's decoding, not a second one"
+    release.set()
+    polling.join(30)
+    assert calls == ["worker", "worker"] and not polling.is_alive()
+    assert [data["step"] for event, data in comfy.events if event == previews.PREVIEW_EVENT] == [0]
+    assert preview_jobs.card(run_dir)["state"] == "decoded"
