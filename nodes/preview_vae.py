@@ -96,9 +96,10 @@ def loaded_vae_name(prompt, unique_id) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def wired_source(state: dict[str, torch.Tensor], prompt, unique_id) -> VaeSource:
-    """The VaeSource of the VAE wired to Preview Settings (its name when a VAELoader gave it), logged with why."""
-    dtype = held_dtype(state)
+def wired_source(held: dict[str, torch.Tensor], decoder: dict[str, torch.Tensor], prompt, unique_id) -> VaeSource:
+    """The VaeSource of the VAE wired to Preview Settings (its name when a VAELoader gave it), logged with why.
+    ``held``: the weights as ComfyUI holds them; ``decoder``: their `decoder_state`."""
+    dtype = held_dtype(held)
     name = loaded_vae_name(prompt, unique_id) if dtype is not None else None
     if name is not None:
         logger.info("previews: the VAE is %s (VAELoader, weights in %s), recorded for background decoding", name, dtype)
@@ -107,7 +108,7 @@ def wired_source(state: dict[str, torch.Tensor], prompt, unique_id) -> VaeSource
             "previews: the VAE is not a VAELoader file (or its weights are of mixed dtypes): a background run's "
             "previews decode while this ComfyUI holds Preview Settings' decoder, not after a restart"
         )
-    return VaeSource(vae_name=name, dtype=dtype or "float32", digest=decoder_digest(decoder_state(state)))
+    return VaeSource(vae_name=name, dtype=dtype or "float32", digest=decoder_digest(decoder))
 
 
 def write_source(run_dir: Path, source: VaeSource) -> None:

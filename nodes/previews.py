@@ -108,9 +108,10 @@ def vae_decoder(vae, prompt=None, unique_id=None):
     shape = FluxEncoderShape.from_file({name: tuple(t.shape) for name, t in held.items()}, "the VAE connected to Train")
     if "decoder.conv_in.weight" not in held:
         raise SettingRefused("the VAE connected to Train has no decoder; connect Load VAE with ae.safetensors")
-    source = preview_vae.wired_source(held, prompt, unique_id)
+    decoder = preview_vae.decoder_state(held)
+    source = preview_vae.wired_source(held, decoder, prompt, unique_id)
     logger.info("previews decode on the CPU with the connected VAE (the training process keeps the GPU)")
-    return preview_vae.decoder_from_state(shape, preview_vae.decoder_state(held)), source
+    return preview_vae.decoder_from_state(shape, decoder), source
 
 
 class PreviewWatcher:
