@@ -34,7 +34,6 @@ class OurConfig:
     cudagraphs: bool = False  # an experiment (issue 12): inductor's CUDA graphs over every compiled block
     adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES (lora modes)
     nf4_in_graph: bool = True  # qlora + compile; False: bitsandbytes' Linear4bit (before issue 12's lever)
-    lookahead: bool = True  # False: each step's metrics read back before the next step (before issue 12's lever)
 
 
 _BASE = OurConfig(batch=4, resolution=512)
@@ -47,9 +46,6 @@ OUR_CONFIGS = {
     "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
     "qlora-512-bnb": dataclasses.replace(_BASE, mode="qlora", nf4_in_graph=False),
     "fp8-512": dataclasses.replace(_BASE, fp8=True),
-    "lora-512-settled": dataclasses.replace(_BASE, lookahead=False),
-    "fp8-512-settled": dataclasses.replace(_BASE, fp8=True, lookahead=False),
-    "qlora-512-settled": dataclasses.replace(_BASE, mode="qlora", lookahead=False),
     "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
     "lora-512+cg": dataclasses.replace(_BASE, cudagraphs=True),
     "fp8-512+cg": dataclasses.replace(_BASE, fp8=True, cudagraphs=True),
@@ -84,18 +80,6 @@ def train_config(conf: OurConfig, output_dir: str, steps: int, *, grad_accum: in
     )
 
 
-def _settle_at(warmup: int, *, lookahead: bool) -> None:
-    """The timed window starts at a step read back before the next is queued, so its first event's wall-clock time
-    is when the device finished that step (with lookahead, a step's event can be written up to a step late; the last
-    step is always read back at once). ``lookahead=False``: every step so (the A/B of the lever)."""
-    from training.engine import trainer
-
-    if not lookahead:
-        trainer.step_lookahead = lambda device, world_size: (False, "bench: the lever off")
-    boundary = trainer.Trainer._boundary
-    trainer.Trainer._boundary = lambda self, save_every: boundary(self, save_every) or self.step == warmup
-
-
 def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
     """Train warmup + steps steps; report the wall-clock rate of the last ``steps`` (compilation stays out).
 
@@ -109,7 +93,6 @@ def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
         from training.engine import parallelize
 
         parallelize.apply_nf4_in_graph = lambda model: None
-    _settle_at(warmup, lookahead=conf.lookahead)
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
         code = run_training(train_config(conf, run_dir, warmup + steps))

@@ -22,15 +22,15 @@ STOP_AT = """
 import os, runpy, sys
 from training.engine.trainer import Trainer
 
-original = Trainer.dispatch_step
+original = Trainer.train_step
 stop_after = int(os.environ["STOP_AFTER_STEP"])
 
 
-def dispatch_step(self, *, stop_requested=False):  # rank 0 asks to stop during step `stop_after`
+def train_step(self, *, stop_requested=False):  # rank 0 asks to stop during step `stop_after`
     return original(self, stop_requested=stop_requested or (self.dist_info.rank == 0 and self.step + 1 == stop_after))
 
 
-Trainer.dispatch_step = dispatch_step
+Trainer.train_step = train_step
 sys.argv = ["training", "train", "--config", sys.argv[1]]
 runpy.run_module("training", run_name="__main__")
 """
@@ -66,13 +66,13 @@ def scheduled(run_dir, shards, *, world: int = 1, steps: int = 6, schedule: str 
 
 
 def stopped_then_resumed_in_process(config: dict, stop_after: int, monkeypatch) -> list[dict]:
-    original = Trainer.dispatch_step
+    original = Trainer.train_step
 
     def stopping(self, *, stop_requested=False):
         return original(self, stop_requested=stop_requested or self.step + 1 == stop_after)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "dispatch_step", stopping)
+        patch.setattr(Trainer, "train_step", stopping)
         assert run_training(TrainConfig.from_dict(copy.deepcopy(config))) == 0
     assert read_status(config["run"]["output_dir"])["state"] == "stopped"
     assert [e["step"] for e in read_events(config["run"]["output_dir"])] == list(range(1, stop_after + 1))

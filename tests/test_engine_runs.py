@@ -187,14 +187,14 @@ ONE_RANK_STOPS = """
 import runpy, sys
 from training.engine.trainer import Trainer
 
-original = Trainer.dispatch_step
+original = Trainer.train_step
 
 
-def dispatch_step(self, *, stop_requested=False):  # rank 1 alone asks to stop during its second step
+def train_step(self, *, stop_requested=False):  # rank 1 alone asks to stop during its second step
     return original(self, stop_requested=stop_requested or (self.dist_info.rank == 1 and self.step == 1))
 
 
-Trainer.dispatch_step = dispatch_step
+Trainer.train_step = train_step
 sys.argv = ["training", "train", "--config", sys.argv[1]]
 runpy.run_module("training", run_name="__main__")
 """

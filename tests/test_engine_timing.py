@@ -96,10 +96,10 @@ def test_engine_step_time_counts_device_work_finished_after_dispatch(tmp_path: P
     """A whole run whose 'device' finishes each step DEVICE_TAIL_S after the host: every step_s includes it, and
     the events' wall-clock gaps agree with the step times (what the benches check)."""
 
-    def slow_device_clock(device):
-        return StepClock(lambda: time.sleep(DEVICE_TAIL_S))
+    def slow_device_waiter(device):
+        return lambda: time.sleep(DEVICE_TAIL_S)
 
-    monkeypatch.setattr(trainer_module, "step_clock", slow_device_clock)
+    monkeypatch.setattr(trainer_module, "device_waiter", slow_device_waiter)
     config = TrainConfig.from_dict(
         {
             "mode": "lora",

@@ -35,26 +35,12 @@ from .progress import Progress
 from .results import save_full_model
 from .shapes import FixedShape, ResolutionStreams, shape_metrics, step_shapes
 from .signals import GracefulStop
-from .step_clock import EventStepClock, StepClock, step_clock, step_lookahead
+from .step_clock import StepClock, device_waiter
 from .summary import peak_memory_gb, run_summary
 from .synthetic import global_sample_indices
 from .variant_setup import lora_metadata, prepare_variant
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True, frozen=True)
-class DispatchedStep:
-    """A step queued on the device whose metrics are not read back yet (device tensors, host values, its clock mark)."""
-
-    number: int  # 1-based
-    shape: object  # the step's StepShape
-    sizes: list
-    stats: torch.Tensor  # float64 [4 + 2 × σ buckets], all-reduced: loss sum, samples, data wait, buckets, stop
-    grad_norm: torch.Tensor
-    lr: float
-    stop_requested: bool  # this rank's request, sent in ``stats`` (every rank's comes back from the all-reduce)
-    end: object  # the clock's mark at the end of its dispatch
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,7 +62,7 @@ class Trainer:
     lora: LoraSettings | None
     checkpointer: Checkpointer
     log: RunLog
-    clock: StepClock | EventStepClock
+    clock: StepClock
     shapes: FixedShape | ResolutionStreams | None = None  # each step's resolution, micro-batch and stream
     progress: Progress | None = None  # the terminal's progress line (rank 0)
     variant: str = "base"  # the Z-Image variant the LoRA is for (training.model.variants)
@@ -85,8 +71,6 @@ class Trainer:
     step: int = 0  # optimizer steps done
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
-    lookahead: bool = False  # queue step n+1 before reading step n back (`step_lookahead`)
-    stop_agreed: bool = False  # a rank asked to stop, read back from a step's all-reduce
 
     @classmethod
     def build(
@@ -111,8 +95,6 @@ class Trainer:
         loader, empty_caption = build_loader(config, dist_info, model)
         objective = flow_objective(config)
         shapes = step_shapes(loader, run, objective, lambda stream: limited_batches(stream, captions, config))
-        lookahead, why = step_lookahead(dist_info.device, dist_info.world_size)
-        logger.info("step lookahead %s: %s", "on" if lookahead else "off", why)
         trainer = cls(
             config=config,
             dist_info=dist_info,
@@ -128,8 +110,7 @@ class Trainer:
             variant=variant,
             checkpointer=Checkpointer(run.output_dir, rank=dist_info.rank, world_size=dist_info.world_size),
             log=log,
-            clock=step_clock(dist_info.device),
-            lookahead=lookahead,
+            clock=StepClock(device_waiter(dist_info.device)),
             shapes=shapes,
             progress=progress,
             ema=WeightAverage.create(model, config.ema, device=dist_info.device),
@@ -171,23 +152,20 @@ class Trainer:
             self.progress.phase("compiling (first step)" if run.compile else "first step")
         if self.step == 0:
             self._preview()
-        pending: DispatchedStep | None = None  # dispatched, its metrics not yet read back (lookahead)
         while self.step < run.steps:
-            with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank) as profiler:
-                dispatched = self.dispatch_step(stop_requested=stop.requested)
-                if self.ema is not None:
-                    self.ema.update(self.step)  # queued after the step's optimizer update, like the step itself
-                if profiler is not None:  # the profile holds the step's device work
-                    pending = self._settle(pending, dispatched)
-                    dispatched = None
-            if dispatched is not None:
-                settle = not self.lookahead or dispatched.stop_requested or self._boundary(save_every)
-                pending = self._settle(pending, dispatched) if settle else self._finish_pending(pending, dispatched)
-            if pending is not None:
-                continue
-            stopping = self.stop_agreed
-            final = stopping or self.step == run.steps
+            with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
+                metrics = self.train_step(stop_requested=stop.requested)
+            stopping = metrics.pop("stop_requested")  # any rank's request, agreed through the step's one collective
+            self._check_finite(metrics, step=self.step + 1)
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
+            self.history.append(metrics)
+            self.log.step({"step": self.step, **metrics})
+            if self.progress is not None:
+                self.progress.step(self.step, metrics)
             self._preview()
+            final = stopping or self.step == run.steps
             if final or (save_every and self.step % save_every == 0):
                 if self.progress is not None:
                     self.progress.phase("saving")
@@ -197,39 +175,6 @@ class Trainer:
                 break
         self.checkpointer.wait()
         return "stopped" if self.step < run.steps else "completed"
-
-    def _boundary(self, save_every: int) -> bool:
-        """After ``self.step`` steps, whether the next step must wait for this one's metrics: the model is saved or
-        sampled now (the next step must not have changed it) or this is the last step."""
-        due_preview = self.previewer is not None and self.previewer.schedule.due(self.step)
-        return self.step == self.config.run.steps or due_preview or bool(save_every and self.step % save_every == 0)
-
-    def _finish_pending(self, pending: DispatchedStep | None, dispatched: DispatchedStep) -> DispatchedStep | None:
-        """Lookahead: read back ``pending`` now that ``dispatched`` is queued behind it; ``dispatched`` waits. When
-        ``pending``'s ranks agreed to stop, ``dispatched`` is read back too, and the run stops after it."""
-        if pending is not None:
-            self._log_step(pending)
-        if self.stop_agreed:
-            self._log_step(dispatched)
-            return None
-        return dispatched
-
-    def _settle(self, pending: DispatchedStep | None, dispatched: DispatchedStep) -> None:
-        """Read back ``pending`` (if any) and ``dispatched``: nothing is left in flight."""
-        if pending is not None:
-            self._log_step(pending)
-        self._log_step(dispatched)
-        return None
-
-    def _log_step(self, dispatched: DispatchedStep) -> None:
-        """Wait for the step, check it, and log it (the only place a step's device values reach the host)."""
-        metrics = self.step_metrics(dispatched)
-        self.stop_agreed = self.stop_agreed or metrics.pop("stop_requested")  # any rank's, through the all-reduce
-        self._check_finite(metrics, step=dispatched.number)
-        self.history.append(metrics)
-        self.log.step({"step": dispatched.number, **metrics})
-        if self.progress is not None:
-            self.progress.step(dispatched.number, metrics)
 
     def _preview(self) -> None:
         """Previews after ``self.step`` steps when due; the step clock restarts after them (their time is theirs)."""
@@ -258,12 +203,8 @@ class Trainer:
         )
 
     def train_step(self, *, stop_requested: bool = False) -> dict:
-        """One optimizer step, dispatched and read back (the result's ``stop_requested``: any rank asked)."""
-        return self.step_metrics(self.dispatch_step(stop_requested=stop_requested))
-
-    def dispatch_step(self, *, stop_requested: bool = False) -> DispatchedStep:
-        """Queue one optimizer step on the device, with no host sync; ``self.step`` counts it. Its metrics and every
-        rank's stop request travel in one all-reduce per step, read back by `step_metrics`."""
+        """One optimizer step. Its metrics and every rank's stop request travel in one all-reduce per step; the
+        result's ``stop_requested`` is True on every rank when any rank asked to stop."""
         run = self.config.run
         self.clock.start()
         torch.manual_seed(run.seed + 1_000_003 * self.step + self.dist_info.rank)  # LoRA dropout, per step
@@ -285,29 +226,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         all_reduce_sum(stats)
-        self.step += 1
-        return DispatchedStep(
-            number=self.step,
-            shape=shape,
-            sizes=sizes,
-            stats=stats,
-            grad_norm=grad_norm,
-            lr=lr,
-            stop_requested=stop_requested,
-            end=self.clock.mark(),
-        )
-
-    def step_metrics(self, dispatched: DispatchedStep) -> dict:
-        """Wait until the device has finished ``dispatched`` (and everything before it), then its metrics."""
-        elapsed = self.clock.lap(dispatched.end)
-        stats, n_buckets = dispatched.stats, self.objective.n_buckets
+        elapsed = self.clock.lap()  # after the device has finished the step (and the all-reduce)
         values = stats.tolist()
         loss_sum, samples, waited = values[:3]
-        return shape_metrics(dispatched.shape, dispatched.sizes, loss_sum / samples) | {
+        return shape_metrics(shape, sizes, loss_sum / samples) | {
             "loss": loss_sum / samples,
             "loss_sigma": self.objective.bucket_means(stats[3 : 3 + 2 * n_buckets].view(2, -1)),
-            "grad_norm": float(dispatched.grad_norm),
-            "lr": dispatched.lr,
+            "grad_norm": float(grad_norm),
+            "lr": lr,
             "img_per_s": samples / elapsed,
             "data_wait": waited / self.dist_info.world_size / elapsed,
             "step_s": elapsed,
