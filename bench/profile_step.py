@@ -4,12 +4,13 @@
     python bench/profile_step.py --config lora-1024 --top 30
 
 Prints the share of CUDA time per group (matmul, attention, fused elementwise, optimizer, copies, ...) and the
-top kernels; writes a Chrome trace when --trace is given.
+top kernels; writes a Chrome trace when --trace is given; --gaps adds where the GPU idles and who made it wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import trace_gaps  # noqa: E402
 from bench_ours import OUR_CONFIGS, train_config  # noqa: E402
 
 from training.engine.distributed import init_distributed, shutdown_distributed  # noqa: E402
@@ -97,10 +99,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", type=Path, default=None)
+    parser.add_argument("--gaps", action="store_true", help="also where the GPU idles (bench/trace_gaps.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    prof, metrics = profile(args.config, args.warmup, args.steps, args.trace)
-    print(report(prof, metrics, args.steps, args.top))
+    with tempfile.TemporaryDirectory(prefix="whetstone-trace-") as folder:
+        trace = args.trace or (Path(folder) / "trace.json" if args.gaps else None)
+        prof, metrics = profile(args.config, args.warmup, args.steps, trace)
+        print(report(prof, metrics, args.steps, args.top))
+        if args.gaps:
+            events = json.loads(trace.read_text())["traceEvents"]
+            print("\n" + trace_gaps.report(trace_gaps.find_gaps(events), steps=args.steps, top=args.top))
     return 0
 
 
