@@ -4,6 +4,8 @@ compiled."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -71,6 +73,18 @@ def test_forward_and_input_gradient_are_the_dequantised_weights_products():
     grad = torch.randn_like(out)
     out.backward(grad)
     torch.testing.assert_close(x.grad, grad @ weight, rtol=1e-6, atol=1e-6)
+
+
+def test_the_triton_kernel_is_chosen_only_for_bf16_weights_on_cuda():
+    frozen = FrozenNF4Linear(nf4_layer(96, 80, torch.bfloat16))
+    assert frozen.layout.kernel is False  # CPU: the PyTorch ops (bench/check_nf4_cuda.py checks the kernel on a GPU)
+    from training.engine import nf4_kernel
+
+    packed = frozen.packed
+    assert not nf4_kernel.usable(packed, torch.bfloat16)
+    if torch.cuda.is_available():
+        assert nf4_kernel.usable(packed.cuda(), torch.bfloat16) == (importlib.util.find_spec("triton") is not None)
+        assert not nf4_kernel.usable(packed.cuda(), torch.float32)
 
 
 def test_a_layer_that_is_not_nf4_with_double_quantisation_is_refused():
@@ -158,3 +172,25 @@ def test_compiled_blocks_recompute_the_weight_for_the_backward_instead_of_keepin
         step(model)
     kept = [w.shape for w in weights if any(t.shape == w.shape and torch.equal(t, w) for t in saved)]
     assert saved and not kept
+
+
+def test_the_kernel_is_used_only_after_its_self_check_matches_the_pytorch_ops(monkeypatch, caplog):
+    """A kernel whose weights differ from the PyTorch ops' in one value is refused, saying so; an equal one is used."""
+    from training.engine import nf4_kernel
+    from training.engine.nf4_frozen import BUFFER_NAMES, NF4Layout, dequantize_nf4
+
+    def pytorch_ops(offby: float):
+        def dequantize(*args):
+            tensors, (rows, cols, blocksize, nested) = dict(zip(BUFFER_NAMES, args[:6])), args[6:]
+            layout = NF4Layout(shape=(rows, cols), dtype=torch.bfloat16, blocksize=blocksize, nested_blocksize=nested)
+            weight = dequantize_nf4(tensors, layout).clone()
+            weight.view(-1)[5] += offby
+            return weight
+
+        return lambda: (dequantize, None)
+
+    monkeypatch.setattr(nf4_kernel, "operators", pytorch_ops(0.0))
+    assert nf4_kernel.self_check.__wrapped__(CPU) is True
+    monkeypatch.setattr(nf4_kernel, "operators", pytorch_ops(1.0))
+    assert nf4_kernel.self_check.__wrapped__(CPU) is False
+    assert "differs from the PyTorch ops in 1 of 30720 weights; using the PyTorch ops" in caplog.text

@@ -1,4 +1,5 @@
-"""QLoRA's NF4 base as plain tensors, dequantised in PyTorch ops that ``torch.compile`` fuses into one kernel.
+"""QLoRA's NF4 base as plain tensors, dequantised inside the compiled blocks (a Triton kernel on CUDA, `nf4_kernel`;
+PyTorch ops elsewhere, which ``torch.compile`` fuses into one kernel).
 
 bitsandbytes' ``Linear4bit`` dequantises through its own custom ops, each a Python function that calls the CUDA
 library through ctypes: two per linear and direction (the nested absmax, then the weight), ~680 per step for Z-Image.
@@ -18,6 +19,8 @@ import logging
 import torch
 from torch import nn
 
+from . import nf4_kernel
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,6 +32,7 @@ class NF4Layout:
     dtype: torch.dtype
     blocksize: int
     nested_blocksize: int
+    kernel: bool = False  # dequantise with `nf4_kernel`'s Triton kernel (its operators are registered)
 
     def __post_init__(self) -> None:
         numel = self.shape[0] * self.shape[1]
@@ -56,16 +60,29 @@ def dequantize_nf4(buffers: dict[str, torch.Tensor], layout: NF4Layout, *, for_b
 BUFFER_NAMES = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code")
 
 
+def _layout_args(layout: NF4Layout) -> tuple[int, int, int, int]:
+    return (*layout.shape, layout.blocksize, layout.nested_blocksize)
+
+
 class _NF4Matmul(torch.autograd.Function):
+    """``x @ W.t()`` for the NF4 weight W, dequantised in the forward and again for the input gradient (on CUDA by
+    `nf4_kernel`'s Triton kernel, elsewhere by `dequantize_nf4`)."""
+
     @staticmethod
     def forward(ctx, x, layout, *tensors):
         ctx.layout = layout
         ctx.save_for_backward(*tensors)
+        if layout.kernel:
+            return x @ torch.ops.whetstone.nf4_dequantize(*tensors, *_layout_args(layout)).to(x.dtype).t()
         return x @ dequantize_nf4(dict(zip(BUFFER_NAMES, tensors)), layout).to(x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight = dequantize_nf4(dict(zip(BUFFER_NAMES, ctx.saved_tensors)), ctx.layout, for_backward=True)
+        tensors, layout = ctx.saved_tensors, ctx.layout
+        if layout.kernel:
+            grad_in = torch.ops.whetstone.nf4_grad_input(grad_out, *tensors, *_layout_args(layout))
+            return (grad_in, None, *([None] * len(BUFFER_NAMES)))
+        weight = dequantize_nf4(dict(zip(BUFFER_NAMES, tensors)), layout, for_backward=True)
         return (grad_out @ weight.to(grad_out.dtype), None, *([None] * len(BUFFER_NAMES)))
 
 
@@ -82,7 +99,10 @@ class FrozenNF4Linear(nn.Module):
             dtype=state.dtype,
             blocksize=state.blocksize,
             nested_blocksize=state.state2.blocksize,
+            kernel=nf4_kernel.usable(layer.weight.data, state.dtype),
         )
+        if self.layout.kernel:
+            nf4_kernel.operators()  # registers torch.ops.whetstone.nf4_dequantize / nf4_grad_input
         self.out_features, self.in_features = self.layout.shape
         self.compute_dtype = layer.compute_dtype or state.dtype  # what Linear4bit casts its input to
         tensors = {

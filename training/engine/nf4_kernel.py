@@ -1,0 +1,145 @@
+"""The NF4 dequantisation as one Triton kernel on CUDA (`nf4_frozen` uses it when Triton is there, else PyTorch ops).
+
+Inductor's own kernel for `nf4_frozen.dequantize_nf4` recomputes the nested absmax and indexes the code tables per
+output element, and reaches 1.2 TB/s on the H200; this kernel takes one packed byte per lane, computes its block's
+scale once and writes the two weights side by side (2.5 TB/s at 10240×3840, bit-identical to bitsandbytes' CUDA
+kernel: `bench/bench_nf4_dequant.py`). Two operators wrap it:
+
+- ``whetstone::nf4_dequantize`` (a `torch.library.triton_op`): the forward's weight; compiled, Inductor launches the
+  kernel from its own generated code, with the matmul beside it.
+- ``whetstone::nf4_grad_input`` (an opaque `torch.library.custom_op`): the input gradient, dequantising again. It is
+  opaque on purpose: a traceable dequantisation in the backward depends on the frozen buffers alone, and the
+  partitioner, which never recomputes a kernel it cannot see into, would compute it in the forward and keep every
+  dequantised weight for the backward (what QLoRA exists to avoid).
+
+Both take the packed tensors in `nf4_frozen.BUFFER_NAMES` order. Triton is imported only when a CUDA tensor asks for
+it; the CPU build of torch has none.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BYTES_PER_PROGRAM = 1024
+
+
+def usable(packed: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel serves these packed tensors: CUDA, a bf16 weight, Triton installed, and the kernel
+    passed `self_check` on this device."""
+    if not (packed.is_cuda and dtype == torch.bfloat16 and importlib.util.find_spec("triton") is not None):
+        return False
+    return self_check(packed.device)
+
+
+@functools.cache
+def self_check(device: torch.device) -> bool:
+    """Once per device: the kernel's weights against `nf4_frozen.dequantize_nf4`'s, bit for bit, on random packed
+    tensors of a few blocks (a Triton or driver that rounds differently falls back to the PyTorch ops, saying so)."""
+    from .nf4_frozen import BUFFER_NAMES, NF4Layout, dequantize_nf4
+
+    generator = torch.Generator().manual_seed(0)
+    layout = NF4Layout(shape=(48, 640), dtype=torch.bfloat16, blocksize=64, nested_blocksize=256)
+    blocks = 48 * 640 // 64
+    tensors = {
+        "packed": torch.randint(0, 256, (48 * 640 // 2,), dtype=torch.uint8, generator=generator),
+        "absmax": torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=generator),
+        "nested_absmax": torch.rand(-(-blocks // 256), generator=generator) + 0.5,
+        "nested_code": torch.linspace(-1, 1, 256) + torch.rand(256, generator=generator) * 1e-3,
+        "offset": torch.tensor(0.0371),
+        "code": torch.linspace(-1, 1, 16) * 0.97,
+    }
+    tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+    dequantize, _ = operators()
+    weight = dequantize(*(tensors[name] for name in BUFFER_NAMES), *layout.shape, 64, 256)
+    expected = dequantize_nf4(tensors, layout)
+    if torch.equal(weight, expected):
+        logger.info("NF4 dequantisation on %s: the Triton kernel (its self-check matched the PyTorch ops)", device)
+        return True
+    differing = (weight != expected).sum().item()
+    logger.warning(
+        "NF4 dequantisation on %s: the Triton kernel differs from the PyTorch ops in %d of %d weights; using the "
+        "PyTorch ops (slower, the same numbers as bitsandbytes)",
+        device,
+        differing,
+        weight.numel(),
+    )
+    return False
+
+
+@functools.cache
+def operators() -> tuple:
+    """The two operators, defined on first use (they register in torch.library once per process)."""
+    import triton
+    import triton.language as tl
+    from torch.library import custom_op, triton_op, wrap_triton
+
+    @triton.jit
+    def nf4_kernel(packed, absmax, nested_absmax, nested_code, code, offset, out, n_bytes,
+                   HALF_BLOCK: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr):  # fmt: skip
+        start = tl.program_id(0) * BYTES
+        index = start + tl.arange(0, BYTES)
+        mask = index < n_bytes
+        byte = tl.load(packed + index, mask=mask, other=0).to(tl.int32)
+        block = index // HALF_BLOCK
+        quantised = tl.load(absmax + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax + block // NESTED, mask=mask, other=0.0)
+        scale = tl.load(nested_code + quantised, mask=mask, other=0.0) * nested + tl.load(offset)
+        high = tl.load(code + (byte >> 4), mask=mask, other=0.0) * scale
+        low = tl.load(code + (byte & 15), mask=mask, other=0.0) * scale
+        where = 2 * start + tl.arange(0, 2 * BYTES)
+        tl.store(out + where, tl.interleave(high, low).to(tl.bfloat16), mask=where < 2 * n_bytes)
+
+    def launch(launcher, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols, blocksize, nested):
+        out = torch.empty((rows, cols), dtype=torch.bfloat16, device=packed.device)
+        n_bytes = packed.numel()
+        launcher(nf4_kernel)[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](
+            packed, absmax, nested_absmax, nested_code, code, offset, out, n_bytes,
+            HALF_BLOCK=blocksize // 2, NESTED=nested, BYTES=BYTES_PER_PROGRAM,
+        )  # fmt: skip
+        return out
+
+    @triton_op("whetstone::nf4_dequantize", mutates_args=())
+    def nf4_dequantize(
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor,
+        nested_code: torch.Tensor,
+        offset: torch.Tensor,
+        code: torch.Tensor,
+        rows: int,
+        cols: int,
+        blocksize: int,
+        nested_blocksize: int,
+    ) -> torch.Tensor:
+        return launch(wrap_triton, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols, blocksize,
+                      nested_blocksize)  # fmt: skip
+
+    @custom_op("whetstone::nf4_grad_input", mutates_args=())
+    def nf4_grad_input(
+        grad: torch.Tensor,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor,
+        nested_code: torch.Tensor,
+        offset: torch.Tensor,
+        code: torch.Tensor,
+        rows: int,
+        cols: int,
+        blocksize: int,
+        nested_blocksize: int,
+    ) -> torch.Tensor:
+        weight = launch(lambda kernel: kernel, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols,
+                        blocksize, nested_blocksize)  # fmt: skip
+        return grad @ weight.to(grad.dtype)
+
+    @nf4_grad_input.register_fake
+    def _(grad, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols, blocksize, nested_blocksize):
+        return grad.new_empty((grad.shape[0], cols))
+
+    return nf4_dequantize, nf4_grad_input
