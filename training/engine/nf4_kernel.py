@@ -73,11 +73,10 @@ def self_check(device: torch.device) -> bool:
 
 
 @functools.cache
-def operators() -> tuple:
-    """The two operators, defined on first use (they register in torch.library once per process)."""
+def _kernel():
+    """The Triton kernel: one packed byte per lane, its block's scale once, both weights written side by side."""
     import triton
     import triton.language as tl
-    from torch.library import custom_op, triton_op, wrap_triton
 
     @triton.jit
     def nf4_kernel(packed, absmax, nested_absmax, nested_code, code, offset, out, n_bytes,
@@ -95,14 +94,26 @@ def operators() -> tuple:
         where = 2 * start + tl.arange(0, 2 * BYTES)
         tl.store(out + where, tl.interleave(high, low).to(tl.bfloat16), mask=where < 2 * n_bytes)
 
-    def launch(launcher, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols, blocksize, nested):
-        out = torch.empty((rows, cols), dtype=torch.bfloat16, device=packed.device)
-        n_bytes = packed.numel()
-        launcher(nf4_kernel)[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](
-            packed, absmax, nested_absmax, nested_code, code, offset, out, n_bytes,
-            HALF_BLOCK=blocksize // 2, NESTED=nested, BYTES=BYTES_PER_PROGRAM,
-        )  # fmt: skip
-        return out
+    return nf4_kernel
+
+
+def _launch(launcher, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols, blocksize, nested):
+    """The weight [rows, cols] in bf16; ``launcher`` is `wrap_triton` inside a traceable operator, else identity."""
+    out = torch.empty((rows, cols), dtype=torch.bfloat16, device=packed.device)
+    n_bytes = packed.numel()
+    if n_bytes >= 2**31:
+        raise ValueError(f"NF4 weight of {2 * n_bytes} values is over the kernel's int32 indexing")
+    launcher(_kernel())[(-(-n_bytes // BYTES_PER_PROGRAM),)](
+        packed, absmax, nested_absmax, nested_code, code, offset, out, n_bytes,
+        HALF_BLOCK=blocksize // 2, NESTED=nested, BYTES=BYTES_PER_PROGRAM,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def operators() -> tuple:
+    """The two operators, defined on first use (they register in torch.library once per process)."""
+    from torch.library import custom_op, triton_op, wrap_triton
 
     @triton_op("whetstone::nf4_dequantize", mutates_args=())
     def nf4_dequantize(
@@ -117,7 +128,7 @@ def operators() -> tuple:
         blocksize: int,
         nested_blocksize: int,
     ) -> torch.Tensor:
-        return launch(wrap_triton, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols, blocksize,
+        return _launch(wrap_triton, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols, blocksize,
                       nested_blocksize)  # fmt: skip
 
     @custom_op("whetstone::nf4_grad_input", mutates_args=())
@@ -134,7 +145,7 @@ def operators() -> tuple:
         blocksize: int,
         nested_blocksize: int,
     ) -> torch.Tensor:
-        weight = launch(lambda kernel: kernel, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols,
+        weight = _launch(lambda kernel: kernel, packed, absmax, nested_absmax, nested_code, offset, code, rows, cols,
                         blocksize, nested_blocksize)  # fmt: skip
         return grad @ weight.to(grad.dtype)
 
