@@ -4,6 +4,7 @@ compiled."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -75,16 +76,17 @@ def test_forward_and_input_gradient_are_the_dequantised_weights_products():
     torch.testing.assert_close(x.grad, grad @ weight, rtol=1e-6, atol=1e-6)
 
 
-def test_the_triton_kernel_is_chosen_only_for_bf16_weights_on_cuda():
-    frozen = FrozenNF4Linear(nf4_layer(96, 80, torch.bfloat16))
-    assert frozen.layout.kernel is False  # CPU: the PyTorch ops (bench/check_nf4_cuda.py checks the kernel on a GPU)
+def test_the_triton_kernel_is_chosen_only_for_bf16_weights_with_a_gpu_and_triton():
     from training.engine import nf4_kernel
 
-    packed = frozen.packed
-    assert not nf4_kernel.usable(packed, torch.bfloat16)
-    if torch.cuda.is_available():
-        assert nf4_kernel.usable(packed.cuda(), torch.bfloat16) == (importlib.util.find_spec("triton") is not None)
-        assert not nf4_kernel.usable(packed.cuda(), torch.float32)
+    frozen = FrozenNF4Linear(nf4_layer(96, 80, torch.bfloat16))
+    gpu_and_triton = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    assert frozen.layout.kernel is (gpu_and_triton and nf4_kernel.self_check(torch.device("cuda", 0)))
+    assert not nf4_kernel.available(torch.float32)
+    x = torch.randn(3, 80, dtype=torch.bfloat16)
+    with_kernel = FrozenNF4Linear(nf4_layer(96, 80, torch.bfloat16))
+    with_kernel.layout = dataclasses.replace(with_kernel.layout, kernel=True)
+    assert torch.equal(with_kernel(x), frozen(x))  # CPU tensors take the PyTorch ops even where the kernel is chosen
 
 
 def test_a_layer_that_is_not_nf4_with_double_quantisation_is_refused():

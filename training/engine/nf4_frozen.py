@@ -32,7 +32,7 @@ class NF4Layout:
     dtype: torch.dtype
     blocksize: int
     nested_blocksize: int
-    kernel: bool = False  # dequantise with `nf4_kernel`'s Triton kernel (its operators are registered)
+    kernel: bool = False  # CUDA tensors take `nf4_kernel`'s Triton kernel (its operators are registered)
 
     def __post_init__(self) -> None:
         numel = self.shape[0] * self.shape[1]
@@ -72,14 +72,14 @@ class _NF4Matmul(torch.autograd.Function):
     def forward(ctx, x, layout, *tensors):
         ctx.layout = layout
         ctx.save_for_backward(*tensors)
-        if layout.kernel:
+        if layout.kernel and tensors[0].is_cuda:
             return x @ torch.ops.whetstone.nf4_dequantize(*tensors, *_layout_args(layout)).to(x.dtype).t()
         return x @ dequantize_nf4(dict(zip(BUFFER_NAMES, tensors)), layout).to(x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
         tensors, layout = ctx.saved_tensors, ctx.layout
-        if layout.kernel:
+        if layout.kernel and tensors[0].is_cuda:
             grad_in = torch.ops.whetstone.nf4_grad_input(grad_out, *tensors, *_layout_args(layout))
             return (grad_in, None, *([None] * len(BUFFER_NAMES)))
         weight = dequantize_nf4(dict(zip(BUFFER_NAMES, tensors)), layout, for_backward=True)
@@ -99,7 +99,7 @@ class FrozenNF4Linear(nn.Module):
             dtype=state.dtype,
             blocksize=state.blocksize,
             nested_blocksize=state.state2.blocksize,
-            kernel=nf4_kernel.usable(layer.weight.data, state.dtype),
+            kernel=nf4_kernel.available(state.dtype),
         )
         if self.layout.kernel:
             nf4_kernel.operators()  # registers torch.ops.whetstone.nf4_dequantize / nf4_grad_input

@@ -29,12 +29,13 @@ logger = logging.getLogger(__name__)
 BYTES_PER_PROGRAM = 1024
 
 
-def usable(packed: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernel serves these packed tensors: CUDA, a bf16 weight, Triton installed, and the kernel
-    passed `self_check` on this device."""
-    if not (packed.is_cuda and dtype == torch.bfloat16 and importlib.util.find_spec("triton") is not None):
+def available(dtype: torch.dtype) -> bool:
+    """Whether CUDA tensors of a ``dtype`` NF4 weight get the Triton kernel: bf16, a GPU, Triton installed, and the
+    kernel passed `self_check` on the current GPU. Decided once per layer, whatever device its tensors are on now (a
+    model built on the host reaches the GPU later); CPU tensors always take the PyTorch ops."""
+    if not (dtype == torch.bfloat16 and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None):
         return False
-    return self_check(packed.device)
+    return self_check(torch.device("cuda", torch.cuda.current_device()))
 
 
 @functools.cache
