@@ -15,7 +15,7 @@ decoders are held, least recently used first out. The decoder is the one the for
 VAE's weights in `FluxVAE.decode`): the one Preview Settings made while this ComfyUI holds it (`remember`), else the
 run's recorded VAE file, checked against its digest (`nodes.preview_vae`). The PNGs go into the run folder as the
 nodes' do (Training Report draws them), so a step is decoded once; a failure is remembered per step (until its latents
-are written again), so a poll does not retry it. Everything read from the run folder is untrusted (see jobs_api).
+are written again), so a poll does not retry it. Everything read from the run folder is untrusted (`nodes.run_files`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from urllib.parse import urlencode
 from ..training.engine.preview import MAX_LATENT_SIDE, MAX_PROMPTS, PREVIEW_DIR, PREVIEW_EVENTS, parse_preview_events
 from ..training.engine.preview_images import decode_preview, event_images, is_decoded
 from . import preview_vae
-from .jobs_api import RequestRefused, read_plain, run_folder
+from .run_files import RequestRefused, read_plain, run_folder
 
 logger = logging.getLogger(__name__)
 
