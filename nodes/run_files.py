@@ -6,14 +6,13 @@ the browser.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import stat
 from pathlib import Path
 
-from ..training.run.events import EVENTS_FILE
+from ..training.run.events import EVENTS_FILE, load_json
 from ..training.run.jobs import check_run_name
 from . import paths
 
@@ -80,9 +79,9 @@ def read_object(path: Path) -> dict:
     if data is None:
         return {}
     try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        logger.warning("%s is not JSON: ignored", path)
+        value = load_json(data.decode("utf-8"))
+    except ValueError as error:  # not UTF-8 or JSON, an integer too long to convert, nesting too deep
+        logger.warning("%s is not JSON (%s): ignored", path, str(error)[:200])
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -92,8 +91,8 @@ def recent_events(run_dir: Path) -> list[dict]:
     events = []
     for line in data.decode("utf-8", errors="replace").split("\n")[1 if len(data) == EVENTS_TAIL_BYTES else 0 :]:
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
+            event = load_json(line)
+        except ValueError:  # the line cut by the tail or being written; an integer too long, nesting too deep
             continue
         if isinstance(event, dict) and whole(event.get("step")) is not None:
             events.append(event)

@@ -207,6 +207,19 @@ def test_preview_events_of_a_resumed_run_replace_the_lost_ones(tmp_path):
         read_preview(tmp_path, {"file": "../../etc/passwd"})
 
 
+def test_preview_events_python_refuses_to_convert_are_skipped(tmp_path):
+    """Training Report and Wait for Run read previews.jsonl with read_preview_events: a line with a 5000-digit integer
+    or nesting too deep is skipped like any line that is not JSON (it raised ValueError / RecursionError)."""
+    lines = [
+        json.dumps({"step": 0, "file": "step_0000000.safetensors", "prompts": ["a"]}),
+        '{"step": ' + "9" * 5000 + ', "file": "step_0000001.safetensors", "prompts": ["a"]}',
+        "[" * 100_000,
+        json.dumps({"step": 2, "file": "step_0000002.safetensors", "prompts": ["a"]}),
+    ]
+    (tmp_path / "previews.jsonl").write_text("\n".join(lines) + "\n")
+    assert [event["step"] for event in read_preview_events(tmp_path)] == [0, 2]
+
+
 @pytest.mark.parametrize(
     ("variant", "expected"),
     [("base", SamplerSettings(steps=20, cfg=4.0, shift=3.0)), ("turbo", SamplerSettings(steps=8, cfg=1.0, shift=3.0))],

@@ -240,6 +240,21 @@ def test_hostile_run_folders_write_nothing_outside_and_read_nothing_unbounded(co
     assert preview_jobs.card(huge)["step"] == 0, "the list reads the tail of the events only"
 
 
+def test_a_preview_event_python_refuses_to_convert_is_skipped_not_raised(comfy):
+    """A previews.jsonl line with a 5000-digit integer or nesting too deep is no preview event: the card, the previews
+    route and the jobs list still answer (json.loads raised ValueError / RecursionError out of all three)."""
+    write_vae(comfy)
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    with open(run_dir / "previews.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"step": ' + "9" * 5000 + ', "file": "step_0000001.safetensors", "prompts": ["a"]}\n')
+        handle.write("[" * 5000 + "\n")  # fits the card's 16 KiB tail with the good line
+    assert preview_jobs.card(run_dir)["step"] == 0
+    status, body = preview_jobs.respond("previews", {"run": "bg"}, None)
+    assert status == 200 and [entry["step"] for entry in body["steps"]] == [0]
+    status, body = jobs_api.respond("list", {}, None)
+    assert status == 200 and [job["previews"]["step"] for job in body["jobs"]] == [0]
+
+
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     monkeypatch.setattr(preview_jobs, "MAX_PENDING", 2)
     write_vae(comfy)

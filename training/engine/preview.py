@@ -33,6 +33,7 @@ from torch import nn
 from ..model.safetensors_io import write_safetensors
 from ..model.sampling import SamplerSettings, sample_zimage
 from ..model.variants import variant_settings
+from ..run.events import load_json
 
 logger = logging.getLogger(__name__)
 
@@ -212,9 +213,9 @@ def parse_preview_events(text: str) -> list[dict]:
     events = []
     for line in text.splitlines():
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by a killed writer
+            event = load_json(line)
+        except ValueError:  # a line cut off by a killed writer; an integer too long to convert, nesting too deep
+            continue
         if (
             isinstance(event, dict)
             and isinstance(event.get("step"), int)
