@@ -29,7 +29,14 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlencode
 
-from ..training.engine.preview import MAX_LATENT_SIDE, MAX_PROMPTS, PREVIEW_DIR, PREVIEW_EVENTS, parse_preview_events
+from ..training.engine.preview import (
+    MAX_LATENT_SIDE,
+    MAX_PREVIEW_STEP,
+    MAX_PROMPTS,
+    PREVIEW_DIR,
+    PREVIEW_EVENTS,
+    parse_preview_events,
+)
 from ..training.engine.preview_images import decode_preview, event_images, is_decoded
 from . import preview_vae
 from .run_files import RequestRefused, read_plain, run_folder
@@ -298,7 +305,7 @@ def whole(query: dict, name: str, below: int) -> int:
 
 def image(query: dict) -> bytes:
     run_dir = run_folder(query.get("run", ""))
-    step, prompt = whole(query, "step", 10**7), whole(query, "prompt", MAX_PROMPTS)
+    step, prompt = whole(query, "step", MAX_PREVIEW_STEP), whole(query, "prompt", MAX_PROMPTS)
     check_previews_folder(run_dir)
     path = event_images(run_dir, {"step": step, "prompts": [""] * (prompt + 1)})[prompt]
     data = read_plain(path, MAX_IMAGE_BYTES)
