@@ -98,6 +98,7 @@ class PreviewDecoding:
     def decode_here(self, run_dir: Path, event: dict, decode, *, max_side: int = MAX_LATENT_SIDE) -> None:
         """Decode one step in the calling thread (Train, Wait for Run: their own decoder) unless it is decoded; waits
         while another thread decodes it, so no step is decoded twice at once. Errors are raised to the caller."""
+        check_previews_folder(run_dir)  # the PNGs are never written through a link, whoever decodes
         key = step_key(run_dir, event)
         with self._changed:
             while key in self._busy:
@@ -113,7 +114,6 @@ class PreviewDecoding:
 
     def decode_recorded(self, run_dir: Path, event: dict) -> None:
         """Decode one step here with the run's recorded decoder (Training Report); errors are raised."""
-        check_previews_folder(run_dir)
         self.decode_here(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE)
 
     def decode_next(self) -> bool:

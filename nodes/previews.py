@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from ..training.atomic import write_bytes_atomic
-from ..training.engine.preview import MAX_PROMPTS, read_preview_events, save_prompt_features
+from ..training.engine.preview import MAX_PROMPTS, PreviewError, read_preview_events, save_prompt_features
 from ..training.engine.preview_images import event_images
 from ..training.model.flux_vae import FluxEncoderShape
 from . import comfy_bridge, preview_jobs, preview_vae
 from .encoders import ComfyTextEncoder
+from .run_files import read_plain
 from .validation import Float, Int, SettingRefused, Text, check_all, declare
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,10 @@ class PreviewWatcher:
         folder = comfy_bridge.temp_directory() / TEMP_SUBFOLDER / self.run_name
         images = []
         for path in paths:
-            write_bytes_atomic(folder / path.name, path.read_bytes(), fsync=False)
+            data = read_plain(path, preview_jobs.MAX_IMAGE_BYTES)  # not through a link, not unbounded
+            if data is None:
+                raise PreviewError(f"{path} is not a plain PNG file of at most {preview_jobs.MAX_IMAGE_BYTES} bytes")
+            write_bytes_atomic(folder / path.name, data, fsync=False)
             images.append({"filename": path.name, "subfolder": subfolder, "type": "temp"})
         comfy_bridge.send_event(
             PREVIEW_EVENT,

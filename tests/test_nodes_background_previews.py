@@ -255,6 +255,35 @@ def test_a_preview_event_python_refuses_to_convert_is_skipped_not_raised(comfy):
     assert status == 200 and [job["previews"]["step"] for job in body["jobs"]] == [0]
 
 
+def test_wait_for_runs_watcher_never_writes_or_reads_through_a_link(comfy, tmp_path, monkeypatch):
+    """Wait for Run (and Train) decode a step in their own thread (`decode_here`): a previews folder that is a link
+    out of the run is refused as the worker refuses it (the watcher wrote its PNGs through it), and a PNG that is a
+    link is not read into ComfyUI's temp folder (it was read whole, through the link)."""
+    monkeypatch.setattr(pack_module("nodes.comfy_bridge"), "temp_directory", lambda: tmp_path / "temp")
+    made = request()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_dir, _ = sampled_run(comfy, steps=(0,), source=made.vae)
+    (run_dir / "previews").rename(outside / "previews")
+    os.symlink(outside / "previews", run_dir / "previews")
+    before = snapshot_files(outside)
+    watcher = previews.PreviewWatcher(run_dir, "bg", "7", made.decode)
+    with pytest.raises(ValueError, match="links are not followed"):
+        watcher.poll()
+    assert snapshot_files(outside) == before and not comfy.events
+
+    other, _ = sampled_run(comfy, name="other", steps=(0,), source=made.vae)
+    (outside / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\nsecret")
+    watcher = previews.PreviewWatcher(other, "other", "7", made.decode)
+    watcher.poll()  # decoded and sent
+    png_path = other / "previews" / "step_0000000_p000.png"
+    png_path.unlink()
+    os.symlink(outside / "secret.png", png_path)
+    with pytest.raises(ValueError, match="not a plain PNG"):
+        watcher.send({"step": 0, "prompts": PROMPTS}, images.event_images(other, {"step": 0, "prompts": PROMPTS}))
+    assert b"secret" not in b"".join(p.read_bytes() for p in (tmp_path / "temp").rglob("*.png"))
+
+
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     monkeypatch.setattr(preview_jobs, "MAX_PENDING", 2)
     write_vae(comfy)
