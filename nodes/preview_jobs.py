@@ -15,7 +15,7 @@ decoders are held, least recently used first out. The decoder is the one the for
 VAE's weights in `FluxVAE.decode`): the one Preview Settings made while this ComfyUI holds it (`remember`), else the
 run's recorded VAE file, checked against its digest (`nodes.preview_vae`). The PNGs go into the run folder as the
 nodes' do (Training Report draws them), so a step is decoded once; a failure is remembered per step (until its latents
-are written again), so a poll does not retry it. Everything read from the run folder is untrusted (`nodes.run_files`).
+are written again, a decoder is remembered, or FAILURE_RETRY_S pass), so a poll does not retry it. Everything read from the run folder is untrusted (`nodes.run_files`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlencode
@@ -51,6 +52,7 @@ MAX_IMAGE_BYTES = 64 << 20
 MAX_PENDING = 64
 MAX_DECODERS = 2
 MAX_FAILURES = 256
+FAILURE_RETRY_S = 300.0  # a failed step is asked again after this (a VAE put back, a disk no longer full)
 MAX_SIDE = 2048 // 8  # Preview Settings' largest width and height, in latent pixels
 MAX_STEPS_LISTED = 200  # js/whetstone.js MAX_PREVIEW_STEPS
 MAX_PROMPT_CHARS = 200
@@ -66,15 +68,17 @@ class PreviewDecoding:
         self._changed = threading.Condition()
         self._pending: OrderedDict[tuple[Path, int], dict] = OrderedDict()
         self._busy: set[tuple[Path, int]] = set()  # being decoded (by the worker, or a node's own thread)
-        self._failed: OrderedDict[tuple[Path, int], tuple[float, str]] = OrderedDict()
+        self._failed: OrderedDict[tuple[Path, int], tuple[float, float, str]] = OrderedDict()  # latents time, when
         self._decoders: OrderedDict[str, object] = OrderedDict()
         self._threaded = threaded
         self._thread: threading.Thread | None = None
 
     def remember(self, source: preview_vae.VaeSource, decode) -> None:
-        """Keep a decoder this process made (Preview Settings'), for the runs whose record has its digest."""
+        """Keep a decoder this process made (Preview Settings'), for the runs whose record has its digest; the steps
+        that failed are asked again (a missing decoder may be this one)."""
         with self._changed:
             self._keep_decoder(source.digest, decode)
+            self._failed.clear()
 
     def status(self, run_dir: Path, event: dict) -> tuple[str, str]:
         """(decoded | queued | decoding | failed | busy, message) of one step; queues it when it needs decoding."""
@@ -84,7 +88,9 @@ class PreviewDecoding:
         with self._changed:
             failed = self._failed.get(key)
             if failed is not None and failed[0] == latents_time(run_dir, event):
-                return "failed", failed[1]
+                if _now() - failed[1] < FAILURE_RETRY_S:
+                    return "failed", failed[2]
+                del self._failed[key]  # asked again: what made it fail may be gone
             if key in self._busy:
                 return "decoding", ""
             if key not in self._pending:
@@ -166,7 +172,7 @@ class PreviewDecoding:
     def _fail(self, run_dir: Path, event: dict, message: str) -> None:
         logger.warning("previews of %s step %d not decoded: %s", run_dir.name, event["step"], message)
         with self._changed:
-            self._failed[step_key(run_dir, event)] = (latents_time(run_dir, event), message)
+            self._failed[step_key(run_dir, event)] = (latents_time(run_dir, event), _now(), message)
             while len(self._failed) > MAX_FAILURES:
                 self._failed.popitem(last=False)
 
@@ -181,6 +187,10 @@ class PreviewDecoding:
                 while not self._pending:
                     self._changed.wait()
             self.decode_next()
+
+
+def _now() -> float:
+    return time.monotonic()
 
 
 _decoding: PreviewDecoding | None = None

@@ -152,6 +152,36 @@ def test_the_decoder_this_process_holds_decodes_a_vae_that_no_file_names(comfy):
     assert np.array_equal(png(run_dir / "previews" / "step_0000000_p001.png"), expected)
 
 
+def test_a_failed_step_is_decoded_once_its_decoder_is_remembered_with_no_new_latents(comfy):
+    """A step that failed for want of a decoder is decoded when Preview Settings' decoder is remembered later (a new
+    prompt with the same VAE) without its latents being written again: it stayed failed until ComfyUI restarted."""
+    made = request(prompt=None)
+    run_dir, _ = sampled_run(comfy, steps=(0,), source=made.vae)
+    preview_jobs.card(run_dir)
+    drain()
+    assert preview_jobs.card(run_dir)["state"] == "failed"
+    preview_jobs.remember(made.vae, made.decode)
+    assert preview_jobs.card(run_dir)["state"] == "queued" and drain() == 1
+    assert preview_jobs.card(run_dir)["state"] == "decoded"
+
+
+def test_a_failed_step_is_asked_again_after_a_while(comfy, monkeypatch):
+    """A failure is not retried every poll, but not forever either: the VAE put back into ComfyUI's vae folder (or a
+    disk no longer full) decodes the step once FAILURE_RETRY_S have passed (it stayed failed until a restart)."""
+    now = [1000.0]
+    monkeypatch.setattr(preview_jobs, "_now", lambda: now[0])
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    preview_jobs.card(run_dir)
+    drain()
+    assert "not in ComfyUI's vae folder" in preview_jobs.card(run_dir)["message"]
+    write_vae(comfy)  # put back
+    now[0] += preview_jobs.FAILURE_RETRY_S - 1
+    assert preview_jobs.card(run_dir)["state"] == "failed" and drain() == 0
+    now[0] += 2
+    assert preview_jobs.card(run_dir)["state"] == "queued" and drain() == 1
+    assert preview_jobs.card(run_dir)["state"] == "decoded"
+
+
 def test_a_vae_file_changed_since_the_run_started_is_refused_not_decoded(comfy):
     write_vae(comfy, seed=1)  # other weights under the recorded name
     run_dir, _ = sampled_run(comfy, steps=(0,))
