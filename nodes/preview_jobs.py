@@ -20,6 +20,7 @@ are written again, a decoder is remembered, or FAILURE_RETRY_S pass), so a poll 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -50,6 +51,7 @@ MAX_EVENTS_BYTES = 1 << 20  # the newest preview events only (a line is a few hu
 CARD_EVENTS_BYTES = 16 << 10  # the jobs list reads this much of every run's events, every poll
 MAX_IMAGE_BYTES = 64 << 20
 MAX_PENDING = 64
+CLOSE_TIMEOUT_S = 10.0
 MAX_DECODERS = 2
 MAX_FAILURES = 256
 FAILURE_RETRY_S = 300.0  # a failed step is asked again after this (a VAE put back, a disk no longer full)
@@ -58,6 +60,10 @@ MAX_STEPS_LISTED = 200  # js/whetstone.js MAX_PREVIEW_STEPS
 MAX_PROMPT_CHARS = 200
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _WHOLE = re.compile(r"^\d{1,9}$")
+
+
+class DecodingStopped(Exception):
+    """`PreviewDecoding.close` was called while the worker decoded a step (its images written so far are whole)."""
 
 
 class PreviewDecoding:
@@ -72,6 +78,7 @@ class PreviewDecoding:
         self._decoders: OrderedDict[str, object] = OrderedDict()
         self._threaded = threaded
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def remember(self, source: preview_vae.VaeSource, decode) -> None:
         """Keep a decoder this process made (Preview Settings'), for the runs whose record has its digest; the steps
@@ -94,6 +101,8 @@ class PreviewDecoding:
             if key in self._busy:
                 return "decoding", ""
             if key not in self._pending:
+                if self._closed:
+                    return "busy", "preview decoding has stopped (ComfyUI is shutting down)"
                 if len(self._pending) >= MAX_PENDING:
                     return "busy", f"{MAX_PENDING} preview steps wait to be decoded; this one is asked again later"
                 self._pending[key] = event
@@ -134,6 +143,8 @@ class PreviewDecoding:
         run_dir, step = key
         try:
             self._decode(run_dir, event)
+        except DecodingStopped:
+            logger.info("previews of %s step %d: decoding stopped (ComfyUI is shutting down)", run_dir.name, step)
         except (ValueError, OSError) as error:  # the run's files or its VAE: the message says which and why
             self._fail(run_dir, event, str(error))
         except Exception as error:  # the worker must outlive one bad step: logged with its traceback
@@ -150,7 +161,14 @@ class PreviewDecoding:
 
     def _decode(self, run_dir: Path, event: dict) -> None:
         check_previews_folder(run_dir)
-        decode_preview(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE)
+        decoder = self._decoder(recorded_source(run_dir))
+
+        def decode(latents):  # one latent at a time: `close` waits for one image, not for the whole step
+            if self._closed:
+                raise DecodingStopped("preview decoding has stopped")
+            return decoder(latents)
+
+        decode_preview(run_dir, event, decode, max_side=MAX_SIDE)
 
     def _decoder(self, source: preview_vae.VaeSource):
         with self._changed:
@@ -176,16 +194,33 @@ class PreviewDecoding:
             while len(self._failed) > MAX_FAILURES:
                 self._failed.popitem(last=False)
 
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Stop the worker (at exit): the waiting steps are dropped, the step being decoded is finished, so no PNG is
+        left half-written; nothing is queued after. True when the thread has ended within ``timeout`` seconds."""
+        with self._changed:
+            self._closed = True
+            self._pending.clear()
+            self._changed.notify_all()
+            thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("the preview decoding thread did not stop within %.0f s", timeout)
+        return not thread.is_alive()
+
     def _start_thread(self) -> None:
-        if self._threaded and (self._thread is None or not self._thread.is_alive()):
+        if self._threaded and not self._closed and (self._thread is None or not self._thread.is_alive()):
             self._thread = threading.Thread(target=self._work, name="whetstone-previews", daemon=True)
             self._thread.start()
 
     def _work(self) -> None:
         while True:
             with self._changed:
-                while not self._pending:
+                while not self._pending and not self._closed:
                     self._changed.wait()
+                if self._closed:
+                    return
             self.decode_next()
 
 
@@ -203,6 +238,7 @@ def decoding() -> PreviewDecoding:
     with _decoding_mutex:
         if _decoding is None:
             _decoding = PreviewDecoding()
+            atexit.register(_decoding.close)  # before the interpreter kills the daemon thread mid-write
         return _decoding
 
 

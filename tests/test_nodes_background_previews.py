@@ -329,6 +329,41 @@ def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     assert len(decoding._decoders) == preview_jobs.MAX_DECODERS
 
 
+def test_the_worker_thread_stops_on_close_after_the_image_it_decodes(comfy):
+    """The worker (a daemon thread that waited forever) stops on `close`, which the process registers at exit: the
+    image being decoded is finished and written whole, the step's other images are not started, nothing is queued
+    after, and no thread is started again."""
+    decoding = preview_jobs.PreviewDecoding()
+    made = request()
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def held_decode(latents):
+        calls.append(1)
+        entered.set()
+        assert release.wait(30)
+        return made.decode(latents)
+
+    decoding.remember(made.vae, held_decode)
+    run_dir, _ = sampled_run(comfy, steps=(0, 2), source=made.vae)
+    events = preview_jobs.read_events(run_dir)
+    assert decoding.status(run_dir, events[0]) == ("queued", "")
+    assert decoding.status(run_dir, events[1]) == ("queued", "")
+    assert entered.wait(30)
+    thread = decoding._thread
+    closing = threading.Thread(target=decoding.close)
+    closing.start()
+    time.sleep(0.3)
+    release.set()
+    closing.join(30)
+    assert not closing.is_alive() and not thread.is_alive(), "the worker ended"
+    assert calls == [1], "the step's second image and the second step were not started"
+    first = run_dir / "previews" / "step_0000000_p000.png"
+    assert first.is_file() and png(first).shape == (48, 48, 3), "the image it was decoding is whole"
+    assert not [p for p in (run_dir / "previews").iterdir() if p.name.startswith(".")], "no temporary file left"
+    state, message = decoding.status(run_dir, events[1])
+    assert state == "busy" and "stopped" in message and decoding._thread is thread and decoding.close()
+
+
 def test_training_report_decodes_the_previews_no_one_watched_and_says_which_it_could_not(comfy):
     report_node = pack_module("nodes.report_node")
     write_vae(comfy)
@@ -379,3 +414,4 @@ def test_the_worker_and_a_node_never_decode_one_step_twice(comfy, monkeypatch, t
     assert calls == ["worker", "worker"] and not polling.is_alive()
     assert [data["step"] for event, data in comfy.events if event == previews.PREVIEW_EVENT] == [0]
     assert preview_jobs.card(run_dir)["state"] == "decoded"
+    assert preview_jobs.decoding().close(), "its worker thread ends"
