@@ -272,9 +272,12 @@ def decode_missing(run_dir: Path, newest: int) -> list[str]:
             continue
         try:
             decoding().decode_recorded(run_dir, event)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError) as error:  # the run's files or its VAE: the message says which and why
             logger.warning("previews of %s step %d not decoded: %s", run_dir.name, event["step"], error)
             problems.append(f"previews of step {event['step']} not decoded: {error}")
+        except Exception as error:  # the decoder itself (out of memory...): the report is still drawn, logged in full
+            logger.exception("decoding the previews of %s step %d failed", run_dir.name, event["step"])
+            problems.append(f"previews of step {event['step']} not decoded: {type(error).__name__}: {error}")
     return problems
 
 

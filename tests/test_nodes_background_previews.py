@@ -384,6 +384,23 @@ def test_training_report_decodes_the_previews_no_one_watched_and_says_which_it_c
     assert "previews of step 0 not decoded" in summary and chart.shape[1] == report_node.report_image([], 20).shape[1]
 
 
+def test_training_report_is_drawn_when_the_decoder_itself_fails(comfy, caplog):
+    """A decoder that raises something other than ValueError/OSError (out of memory, a torch error) on one step is
+    one line of the report's summary, logged with its traceback; the report raised it and drew nothing."""
+    report_node = pack_module("nodes.report_node")
+    made = request(prompt=None)
+
+    def failing(latents):
+        raise RuntimeError("not enough memory: you tried to allocate 4 GB")
+
+    preview_jobs.remember(made.vae, failing)
+    sampled_run(comfy, steps=(0, 2), source=made.vae)
+    chart, summary = report_node.TrainingReport().report(run_name="bg", smoothing=20)
+    assert "previews of step 0 not decoded: RuntimeError: not enough memory" in summary
+    assert "previews of step 2 not decoded: RuntimeError" in summary and chart.ndim == 4
+    assert "Traceback" in caplog.text
+
+
 def test_the_worker_and_a_node_never_decode_one_step_twice(comfy, monkeypatch, tmp_path):
     monkeypatch.setattr(preview_jobs, "_decoding", preview_jobs.PreviewDecoding())  # its own worker thread
     monkeypatch.setattr(pack_module("nodes.comfy_bridge"), "temp_directory", lambda: tmp_path / "temp")
