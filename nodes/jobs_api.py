@@ -34,6 +34,7 @@ from .run_files import (  # noqa: F401 (re-exported: the routes' readers of a ru
     EVENTS_TAIL_BYTES,
     MAX_JSON_BYTES,
     RequestRefused,
+    internal_error,
     number,
     read_object,
     read_plain,
@@ -217,22 +218,32 @@ def list_jobs() -> dict:
     root = runs_root()
     records = JobStore(root).read() if root.is_dir() else []
     queued = [r.run for r in records]
-    others = []
-    if root.is_dir():
-        for entry in os.scandir(root):
-            if entry.name not in queued and not entry.is_symlink() and entry.is_dir(follow_symlinks=False):
-                others.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-    names = queued + [name for _, name in sorted(others, reverse=True)]
+    names = queued + [name for name in run_names(root) if name not in queued]
     listed = []
     for name in names[:MAX_LISTED]:
         try:
-            run_dir = run_folder(name)
+            job = describe_job(run_folder(name), find(records, name))
         except RequestRefused:
             continue
-        job = describe_job(run_dir, find(records, name))
+        except Exception:  # one run folder (removed while listed, or hostile) must not take the list down: logged
+            logger.exception("run %s left out of the jobs list", name)
+            continue
         if job is not None:
             listed.append(job)
     return {"root": str(root), "jobs": listed}
+
+
+def run_names(root: Path) -> list[str]:
+    """The runs root's folders (not links), newest first; one removed while listed is left out."""
+    folders = []
+    if root.is_dir():
+        for entry in os.scandir(root):
+            try:
+                if not entry.is_symlink() and entry.is_dir(follow_symlinks=False):
+                    folders.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+            except OSError:
+                continue
+    return [name for _, name in sorted(folders, reverse=True)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,4 +319,6 @@ def respond(action: str, query: dict[str, str], body: bytes | None) -> tuple[int
         return error.status, {"error": str(error)}
     except ValueError as error:  # FolderBusy and the scheduler's refusals: the message says what to do
         return 409, {"error": str(error)}
+    except Exception as error:  # a bug or the disk: the browser gets one line, the log the traceback
+        return internal_error(f"jobs {action}", error)
     return 404, {"error": f"unknown jobs action {action!r}"}

@@ -41,7 +41,7 @@ from ..training.engine.preview import (
 )
 from ..training.engine.preview_images import decode_preview, event_images, is_decoded
 from . import preview_vae
-from .run_files import RequestRefused, read_plain, run_folder
+from .run_files import RequestRefused, internal_error, read_plain, run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -312,19 +312,30 @@ def prompts_of(event: dict) -> list[str] | None:
     return [p[:MAX_PROMPT_CHARS] for p in prompts]
 
 
-def image_urls(run_dir: Path, event: dict) -> list[str]:
-    """The decoded images' URLs (``v``: the file's time, so a step decoded again is fetched again)."""
+def image_urls(run_dir: Path, event: dict) -> list[str] | None:
+    """The decoded images' URLs (``v``: the file's time, so a step decoded again is fetched again); None when one
+    is gone (removed since it was found decoded)."""
     urls = []
     for index, path in enumerate(event_images(run_dir, event)):
-        query = {"run": run_dir.name, "step": event["step"], "prompt": index, "v": path.stat().st_mtime_ns}
+        try:
+            version = os.stat(path, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            return None
+        query = {"run": run_dir.name, "step": event["step"], "prompt": index, "v": version}
         urls.append(f"{IMAGE_ROUTE}?{urlencode(query)}")
     return urls
 
 
 def step_entry(run_dir: Path, event: dict) -> dict:
     state, message = decoding().status(run_dir, event)
+    urls = image_urls(run_dir, event) if state == "decoded" else []
+    if urls is None:  # an image removed since it was found decoded: asked again (queued)
+        state, message = decoding().status(run_dir, event)
+        urls = image_urls(run_dir, event) if state == "decoded" else []
+    if urls is None:
+        state, message, urls = "busy", "its images changed while listed; asked again by the next poll", []
     entry = {"step": event["step"], "prompts": prompts_of(event), "state": state, "message": message[:300]}
-    entry["images"] = image_urls(run_dir, event) if state == "decoded" else []
+    entry["images"] = urls
     return entry
 
 
@@ -374,4 +385,6 @@ def respond(action: str, query: dict[str, str], body: bytes | None) -> tuple[int
         return error.status, {"error": str(error)}
     except (ValueError, OSError) as error:  # a previews folder that is a link, or missing
         return 404, {"error": str(error)}
+    except Exception as error:  # a bug: the browser gets one line, the log the traceback
+        return internal_error(f"previews {action}", error)
     return 404, {"error": f"unknown previews action {action!r}"}

@@ -32,6 +32,12 @@ class RequestRefused(ValueError):
         self.status = status
 
 
+def internal_error(what: str, error: Exception) -> tuple[int, dict]:
+    """(500, a one-line JSON message) for a route's unexpected error, logged with its traceback (never sent)."""
+    logger.error("%s failed", what, exc_info=error)
+    return 500, {"error": f"{what} failed: {type(error).__name__}: {str(error)[:200]} (see ComfyUI's log)"}
+
+
 def runs_root() -> Path:
     roots = paths.run_roots()
     if not roots.roots:

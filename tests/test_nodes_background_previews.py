@@ -314,6 +314,58 @@ def test_wait_for_runs_watcher_never_writes_or_reads_through_a_link(comfy, tmp_p
     assert b"secret" not in b"".join(p.read_bytes() for p in (tmp_path / "temp").rglob("*.png"))
 
 
+def test_an_image_removed_while_the_list_is_made_does_not_break_the_list(comfy, monkeypatch):
+    """A decoded step whose PNGs are removed between the decoded check and the URLs (the run folder cleaned up while
+    the jobs list is made) is asked again; the list and the previews route answered 500 (FileNotFoundError)."""
+    write_vae(comfy)
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    preview_jobs.card(run_dir)
+    drain()
+    decoding = preview_jobs.decoding()
+    real_status = decoding.status
+    removed = []
+
+    def status_then_removed(run_dir, event):
+        answer = real_status(run_dir, event)
+        if not removed:
+            removed.extend(images.event_images(run_dir, event))
+            for path in removed:
+                path.unlink()
+        return answer
+
+    monkeypatch.setattr(decoding, "status", status_then_removed)
+    status, body = jobs_api.respond("list", {}, None)
+    assert status == 200 and body["jobs"][0]["previews"]["state"] == "queued", body
+    assert body["jobs"][0]["previews"]["images"] == [] and drain() == 1
+    assert jobs_api.respond("list", {}, None)[1]["jobs"][0]["previews"]["state"] == "decoded"
+
+
+def test_an_unexpected_error_is_a_one_line_500_logged_with_its_traceback(comfy, monkeypatch, caplog):
+    """A bug behind a route is a 500 with one line of JSON (the traceback in the log, not in the answer); in the
+    jobs list it leaves out only the run it happened on."""
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    sampled_run(comfy, steps=(0,))
+    plain = comfy.folders["whetstone_runs"] / "plain"
+    plain.mkdir()
+    write_status(plain, "completed", "done")
+    real_card = preview_jobs.card
+    monkeypatch.setattr(preview_jobs, "card", lambda run_dir: broken() if run_dir.name == "bg" else real_card(run_dir))
+    status, body = jobs_api.respond("list", {}, None)
+    assert status == 200 and [job["run"] for job in body["jobs"]] == ["plain"]
+    assert "run bg left out of the jobs list" in caplog.text and "Traceback" in caplog.text
+    monkeypatch.setattr(preview_jobs, "steps", broken)
+    status, body = preview_jobs.respond("previews", {"run": "bg"}, None)
+    assert status == 500 and body == {"error": "previews previews failed: RuntimeError: a bug (see ComfyUI's log)"}
+    monkeypatch.setattr(jobs_api, "list_jobs", broken)
+    assert jobs_api.respond("list", {}, None) == (
+        500,
+        {"error": "jobs list failed: RuntimeError: a bug (see ComfyUI's log)"},
+    )
+
+
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     monkeypatch.setattr(preview_jobs, "MAX_PENDING", 2)
     write_vae(comfy)
