@@ -37,6 +37,7 @@ from ..training.engine.preview import (
     MAX_PROMPTS,
     PREVIEW_DIR,
     PREVIEW_EVENTS,
+    PreviewError,
     parse_preview_events,
 )
 from ..training.engine.preview_images import decode_preview, event_images, is_decoded
@@ -59,7 +60,7 @@ MAX_SIDE = 2048 // 8  # Preview Settings' largest width and height, in latent pi
 MAX_STEPS_LISTED = 200  # js/whetstone.js MAX_PREVIEW_STEPS
 MAX_PROMPT_CHARS = 200
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_WHOLE = re.compile(r"^\d{1,9}$")
+_WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only, the whole value (fullmatch)
 
 
 class DecodingStopped(Exception):
@@ -253,9 +254,14 @@ def remember(source: preview_vae.VaeSource, decode) -> None:
 def check_previews_folder(run_dir: Path) -> None:
     """The run's previews folder is a real folder inside it (PNGs are never written through a link)."""
     folder = run_dir / PREVIEW_DIR
-    info = os.lstat(folder)
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        raise PreviewError(f"run {run_dir.name!r} has no {PREVIEW_DIR} folder") from None
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or folder.resolve().parent != run_dir.resolve():
-        raise ValueError(f"{folder} is not a folder inside the run folder (links are not followed)")
+        raise PreviewError(
+            f"{run_dir.name}/{PREVIEW_DIR} is not a folder inside the run folder (links are not followed)"
+        )
 
 
 def recorded_source(run_dir: Path) -> preview_vae.VaeSource:
@@ -358,7 +364,7 @@ def steps(run_dir: Path) -> dict:
 
 def whole(query: dict, name: str, below: int) -> int:
     value = query.get(name, "")
-    if not _WHOLE.match(value) or int(value) >= below:
+    if not _WHOLE.fullmatch(value) or int(value) >= below:
         raise RequestRefused(f"{name} must be a whole number below {below}, got {value[:20]!r}")
     return int(value)
 

@@ -366,6 +366,26 @@ def test_an_unexpected_error_is_a_one_line_500_logged_with_its_traceback(comfy, 
     )
 
 
+@pytest.mark.parametrize("step", ["\u0661", "0\n", "\uff10", " 0", "0 "])
+def test_the_image_route_takes_ascii_digits_only(comfy, step):
+    """`re.match(r"^\\d{1,9}$")` took Arabic-Indic and full-width digits and a trailing newline (int() reads them)."""
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    (run_dir / "previews" / "step_0000000_p000.png").write_bytes(preview_jobs.PNG_SIGNATURE + b"a PNG")
+    assert preview_jobs.respond("preview_image", {"run": "bg", "step": "0", "prompt": "0"}, None)[0] == 200
+    status, body = preview_jobs.respond("preview_image", {"run": "bg", "step": step, "prompt": "0"}, None)
+    assert status == 400 and "whole number" in body["error"]
+    status, body = preview_jobs.respond("preview_image", {"run": "bg", "step": "0", "prompt": step}, None)
+    assert status == 400 and "whole number" in body["error"]
+
+
+def test_a_run_without_previews_is_a_404_that_names_no_server_path(comfy):
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    (run_dir / "previews" / "step_0000000.safetensors").unlink()
+    (run_dir / "previews").rmdir()
+    status, body = preview_jobs.respond("preview_image", {"run": "bg", "step": "0", "prompt": "0"}, None)
+    assert (status, body) == (404, {"error": "run 'bg' has no previews folder"})
+
+
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     monkeypatch.setattr(preview_jobs, "MAX_PENDING", 2)
     write_vae(comfy)
