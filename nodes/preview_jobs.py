@@ -42,7 +42,7 @@ from ..training.engine.preview import (
 )
 from ..training.engine.preview_images import decode_preview, event_images, is_decoded
 from . import preview_vae
-from .run_files import RequestRefused, internal_error, read_plain, run_folder
+from .run_files import RequestRefused, internal_error, read_plain, read_tail_text, run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +302,7 @@ def latents_time(run_dir: Path, event: dict) -> float:
 def read_events(run_dir: Path, limit: int = MAX_EVENTS_BYTES) -> list[dict]:
     """The run's newest preview events, from the last ``limit`` bytes (validated: a step, a step_NNNNNNN file,
     1..MAX_PROMPTS prompt texts)."""
-    data = read_plain(run_dir / PREVIEW_EVENTS, limit, tail=True) or b""
-    text = data.decode("utf-8", errors="replace")
-    if len(data) == limit:
-        text = text.partition("\n")[2]  # the first line was cut by the tail
+    text = read_tail_text(run_dir / PREVIEW_EVENTS, limit)
     return [event for event in parse_preview_events(text) if prompts_of(event) is not None]
 
 

@@ -92,10 +92,19 @@ def read_object(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def read_tail_text(path: Path, limit: int) -> str:
+    """The lines of a plain file that lie whole within its last ``limit`` bytes ('' for none, a link, no file): the
+    line the window cuts is left out, and only that one (a window starting on a line is kept whole)."""
+    data = read_plain(path, limit + 1, tail=True) or b""
+    if len(data) > limit:  # the file is longer: data[0] is the byte before the window
+        start = data.find(b"\n")
+        data = data[start + 1 :] if start >= 0 else b""
+    return data.decode("utf-8", errors="replace")
+
+
 def recent_events(run_dir: Path) -> list[dict]:
-    data = read_plain(run_dir / EVENTS_FILE, EVENTS_TAIL_BYTES, tail=True) or b""
     events = []
-    for line in data.decode("utf-8", errors="replace").split("\n")[1 if len(data) == EVENTS_TAIL_BYTES else 0 :]:
+    for line in read_tail_text(run_dir / EVENTS_FILE, EVENTS_TAIL_BYTES).split("\n"):
         try:
             event = load_json(line)
         except ValueError:  # the line cut by the tail or being written; an integer too long, nesting too deep

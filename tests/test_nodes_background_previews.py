@@ -386,6 +386,25 @@ def test_a_run_without_previews_is_a_404_that_names_no_server_path(comfy):
     assert (status, body) == (404, {"error": "run 'bg' has no previews folder"})
 
 
+@pytest.mark.parametrize("extra", [0, 1, 2])
+def test_the_tail_keeps_a_line_that_starts_where_the_window_starts(comfy, extra):
+    """The jobs list reads the last CARD_EVENTS_BYTES of previews.jsonl (and EVENTS_TAIL_BYTES of events.jsonl) and
+    drops the line the window cuts. A file of exactly that size was taken as cut: its first, whole line was dropped
+    (a run's only preview step, or a run's only step, was not shown)."""
+    run_dir, _ = sampled_run(comfy, steps=(0,))
+    line = (run_dir / "previews.jsonl").read_text().rstrip("\n")
+    size = preview_jobs.CARD_EVENTS_BYTES
+    (run_dir / "previews.jsonl").write_text("x" * extra + "\n" * bool(extra) + line.ljust(size - 1) + "\n")
+    assert (run_dir / "previews.jsonl").stat().st_size == size + extra + bool(extra)
+    assert preview_jobs.card(run_dir)["step"] == 0
+    step = json.dumps({"step": 7, "loss": 0.5})
+    events = "x" * extra + "\n" * bool(extra) + step.ljust(jobs_api.EVENTS_TAIL_BYTES - 1) + "\n"
+    (run_dir / "events.jsonl").write_text(events)
+    assert [event["step"] for event in jobs_api.recent_events(run_dir)] == [7]
+    (run_dir / "events.jsonl").write_text("y" + events[extra + bool(extra) :])  # the step's line is cut now
+    assert jobs_api.recent_events(run_dir) == []
+
+
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     monkeypatch.setattr(preview_jobs, "MAX_PENDING", 2)
     write_vae(comfy)
