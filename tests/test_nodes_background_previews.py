@@ -25,6 +25,7 @@ from training.model.flux_vae import FLUX_SCALE, FLUX_SHIFT
 from training.model.safetensors_io import write_safetensors
 
 preview_jobs = pack_module("nodes.preview_jobs")
+preview_queue = pack_module("nodes.preview_queue")
 preview_vae = pack_module("nodes.preview_vae")
 previews = pack_module("nodes.previews")
 jobs_api = pack_module("nodes.jobs_api")
@@ -169,7 +170,7 @@ def test_a_failed_step_is_asked_again_after_a_while(comfy, monkeypatch):
     """A failure is not retried every poll, but not forever either: the VAE put back into ComfyUI's vae folder (or a
     disk no longer full) decodes the step once FAILURE_RETRY_S have passed (it stayed failed until a restart)."""
     now = [1000.0]
-    monkeypatch.setattr(preview_jobs, "_now", lambda: now[0])
+    monkeypatch.setattr(preview_queue, "_now", lambda: now[0])
     run_dir, _ = sampled_run(comfy, steps=(0,))
     preview_jobs.card(run_dir)
     drain()
@@ -406,7 +407,7 @@ def test_the_tail_keeps_a_line_that_starts_where_the_window_starts(comfy, extra)
 
 
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
-    monkeypatch.setattr(preview_jobs, "MAX_PENDING", 2)
+    monkeypatch.setattr(preview_queue, "MAX_PENDING", 2)  # the queue reads its own module's bound
     write_vae(comfy)
     run_dir, _ = sampled_run(comfy, steps=(0, 1, 2))
     states = [entry["state"] for entry in preview_jobs.steps(run_dir)["steps"]]
