@@ -25,6 +25,7 @@ CLOSE_TIMEOUT_S = 10.0
 MAX_DECODERS = 2
 MAX_FAILURES = 256
 FAILURE_RETRY_S = 300.0  # a failed step is asked again after this (a VAE put back, a disk no longer full)
+WAIT_FOR_OTHER_S = 5.0  # how long a node waits for another thread's decoding of a step, per poll
 MAX_SIDE = 2048 // 8  # Preview Settings' largest width and height, in latent pixels
 
 
@@ -76,26 +77,34 @@ class PreviewDecoding:
                 self._changed.notify_all()
             return "queued", ""
 
-    def decode_here(self, run_dir: Path, event: dict, decode, *, max_side: int = MAX_LATENT_SIDE) -> None:
+    def decode_here(self, run_dir: Path, event: dict, decode, *, max_side: int = MAX_LATENT_SIDE) -> bool:
         """Decode one step in the calling thread (Train, Wait for Run: their own decoder) unless it is decoded; waits
-        while another thread decodes it, so no step is decoded twice at once. Errors are raised to the caller."""
+        up to WAIT_FOR_OTHER_S while another thread decodes it, so no step is decoded twice at once. True: the step
+        is decoded; False: the other thread still decodes it (ask again later: the caller's loop stays responsive,
+        to ComfyUI's Cancel too). Errors are raised to the caller."""
         check_previews_folder(run_dir)  # the PNGs are never written through a link, whoever decodes
         key = step_key(run_dir, event)
+        deadline = time.monotonic() + WAIT_FOR_OTHER_S
         with self._changed:
             while key in self._busy:
-                self._changed.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
             if is_decoded(run_dir, event):
-                return
+                return True
             self._busy.add(key)
             self._pending.pop(key, None)
         try:
             decode_preview(run_dir, event, decode, max_side=max_side)
         finally:
             self._done(key)
+        return True
 
     def decode_recorded(self, run_dir: Path, event: dict) -> None:
         """Decode one step here with the run's recorded decoder (Training Report); errors are raised."""
-        self.decode_here(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE)
+        if not self.decode_here(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE):
+            raise PreviewError("it is being decoded for the jobs panel; run the report again to see it")
 
     def decode_next(self) -> bool:
         """Decode the oldest waiting step (one no other thread decodes); False when none waits."""

@@ -123,12 +123,18 @@ class PreviewWatcher:
         self.run_dir, self.run_name, self.node_id, self.decode = run_dir, run_name, node_id, decode
         self.sent: set[tuple[int, float]] = set()  # (step, its latents' time)
 
-    def poll(self) -> None:
+    def poll(self, *, final: bool = False) -> None:
+        """Decode and send the steps not sent yet. A step another thread decodes is left to a later poll, so the
+        node's loop never waits long; the ``final`` poll (the run has ended) waits for it."""
         for event in read_preview_events(self.run_dir):
             key = (event["step"], preview_jobs.latents_time(self.run_dir, event))
             if key in self.sent:
                 continue
-            preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+            decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+            while final and not decoded:
+                decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+            if not decoded:
+                continue  # the jobs panel's worker still decodes it: sent by a later poll
             self.send(event, event_images(self.run_dir, event))
             self.sent.add(key)
 

@@ -406,6 +406,43 @@ def test_the_tail_keeps_a_line_that_starts_where_the_window_starts(comfy, extra)
     assert jobs_api.recent_events(run_dir) == []
 
 
+def test_a_nodes_poll_does_not_wait_for_the_workers_long_decoding(comfy, monkeypatch, tmp_path):
+    """While the worker decodes a step (minutes for 64 prompts at 2048 px), Wait for Run's poll waits at most
+    WAIT_FOR_OTHER_S and goes on (its loop checks ComfyUI's Cancel between polls; it waited for the whole decode);
+    a later poll sends the step, once, decoded once; the final poll waits for it."""
+    monkeypatch.setattr(preview_jobs, "_decoding", preview_jobs.PreviewDecoding())
+    monkeypatch.setattr(preview_queue, "WAIT_FOR_OTHER_S", 0.3, raising=False)  # (the old code had none)
+    monkeypatch.setattr(pack_module("nodes.comfy_bridge"), "temp_directory", lambda: tmp_path / "temp")
+    made = request()
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def held_decode(latents):
+        calls.append("worker")
+        entered.set()
+        assert release.wait(30)
+        return made.decode(latents)
+
+    run_dir, _ = sampled_run(comfy, steps=(0,), source=made.vae)
+    preview_jobs.remember(made.vae, held_decode)
+    preview_jobs.card(run_dir)
+    assert entered.wait(30)
+    watcher = previews.PreviewWatcher(run_dir, "bg", "7", lambda latents: calls.append("node") or made.decode(latents))
+    polling = threading.Thread(target=watcher.poll)
+    polling.start()
+    polling.join(5)
+    sent = [data["step"] for event, data in comfy.events if event == previews.PREVIEW_EVENT]
+    alive = polling.is_alive()
+    release.set()
+    polling.join(30)
+    assert not alive and sent == [] and calls == ["worker"], "the poll went on without the step"
+    final = threading.Thread(target=watcher.poll, kwargs={"final": True})
+    final.start()
+    final.join(30)
+    assert calls == ["worker", "worker"], "decoded once, by the worker"
+    assert [data["step"] for event, data in comfy.events if event == previews.PREVIEW_EVENT] == [0]
+    assert preview_jobs.decoding().close()
+
+
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     monkeypatch.setattr(preview_queue, "MAX_PENDING", 2)  # the queue reads its own module's bound
     write_vae(comfy)
