@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..training.atomic import write_bytes_atomic
-from ..training.engine.preview import MAX_PROMPTS, PreviewError, read_preview_events, save_prompt_features
+from ..training.engine.preview import MAX_PROMPTS, PreviewError, save_prompt_features
 from ..training.engine.preview_images import event_images
 from ..training.model.flux_vae import FluxEncoderShape
 from . import comfy_bridge, preview_jobs, preview_vae
@@ -34,6 +34,7 @@ PREVIEW_EVENT = "whetstone.preview"
 PREVIEWS_TYPE = "WHETSTONE_PREVIEWS"
 FEATURES_FILE = "preview_prompts.safetensors"
 TEMP_SUBFOLDER = "whetstone_previews"
+STEPS_PER_POLL = 2  # preview steps a node decodes per poll of its loop (the final poll: all)
 
 WIDGETS = {
     "validation_prompts": Text(
@@ -124,12 +125,19 @@ class PreviewWatcher:
         self.sent: set[tuple[int, float]] = set()  # (step, its latents' time)
 
     def poll(self, *, final: bool = False) -> None:
-        """Decode and send the steps not sent yet. A step another thread decodes is left to a later poll, so the
-        node's loop never waits long; the ``final`` poll (the run has ended) waits for it."""
-        for event in read_preview_events(self.run_dir):
+        """Decode and send the steps not sent yet, of the newest MAX_STEPS_LISTED (what the node's strip keeps),
+        read from the tail of previews.jsonl; at most STEPS_PER_POLL of them, oldest first, so the node's loop soon
+        checks ComfyUI's Cancel again. A step another thread decodes is left to a later poll. The ``final`` poll (the
+        run has ended) does every step, waiting for one being decoded elsewhere."""
+        budget = None if final else STEPS_PER_POLL
+        for event in preview_jobs.read_events(self.run_dir)[-preview_jobs.MAX_STEPS_LISTED :]:
             key = (event["step"], preview_jobs.latents_time(self.run_dir, event))
             if key in self.sent:
                 continue
+            if budget is not None:
+                if budget == 0:
+                    return
+                budget -= 1
             decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
             while final and not decoded:
                 decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)

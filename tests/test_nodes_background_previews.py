@@ -443,6 +443,28 @@ def test_a_nodes_poll_does_not_wait_for_the_workers_long_decoding(comfy, monkeyp
     assert preview_jobs.decoding().close()
 
 
+def test_a_nodes_poll_decodes_a_bounded_number_of_steps(comfy, monkeypatch, tmp_path):
+    """Wait for Run attached to a long run found every step undecoded and decoded them all in one poll (no Cancel
+    checked meanwhile), after reading the whole previews.jsonl: now STEPS_PER_POLL steps a poll, oldest first, from
+    the file's tail; the final poll does the rest."""
+    monkeypatch.setattr(pack_module("nodes.comfy_bridge"), "temp_directory", lambda: tmp_path / "temp")
+    made = request()
+    run_dir, _ = sampled_run(comfy, steps=(0, 1, 2, 3, 4), source=made.vae)
+    watcher = previews.PreviewWatcher(run_dir, "bg", "7", made.decode)
+
+    def sent():
+        return [data["step"] for event, data in comfy.events if event == previews.PREVIEW_EVENT]
+
+    watcher.poll()
+    assert sent() == [0, 1], "STEPS_PER_POLL (2) steps"
+    watcher.poll()
+    assert sent() == [0, 1, 2, 3]
+    watcher.poll(final=True)
+    assert sent() == [0, 1, 2, 3, 4]
+    watcher.poll(final=True)
+    assert sent() == [0, 1, 2, 3, 4], "each step is sent once"
+
+
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
     monkeypatch.setattr(preview_queue, "MAX_PENDING", 2)  # the queue reads its own module's bound
     write_vae(comfy)
