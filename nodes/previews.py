@@ -118,11 +118,13 @@ def vae_decoder(vae, prompt=None, unique_id=None):
 
 class PreviewWatcher:
     """Decodes the run's new previews and sends them to the node; ``poll`` is called from the node's follow loop. A
-    step the jobs panel's decoding got to first is sent as it is (`preview_jobs.PreviewDecoding.decode_here`)."""
+    step the jobs panel's decoding got to first is sent as it is (`preview_jobs.PreviewDecoding.decode_here`). A step
+    that cannot be decoded or sent is logged and skipped: Train's loop stops the training run on any exception, and a
+    preview is not worth a run."""
 
     def __init__(self, run_dir: Path, run_name: str, node_id, decode) -> None:
         self.run_dir, self.run_name, self.node_id, self.decode = run_dir, run_name, node_id, decode
-        self.sent: set[tuple[int, float]] = set()  # (step, its latents' time)
+        self.sent: set[tuple[int, float]] = set()  # (step, its latents' time), shown or failed
 
     def poll(self, *, final: bool = False) -> None:
         """Decode and send the steps not sent yet, of the newest MAX_STEPS_LISTED (what the node's strip keeps),
@@ -138,13 +140,27 @@ class PreviewWatcher:
                 if budget == 0:
                     return
                 budget -= 1
+            try:
+                if not self.show(event, final=final):
+                    continue  # the jobs panel's worker still decodes it: sent by a later poll
+            except Exception as error:  # one step's files, the disk, the decoder: the run trains on without it
+                logger.warning(
+                    "run %s: the previews of step %d are not shown: %s",
+                    self.run_name,
+                    event["step"],
+                    error,
+                    exc_info=not isinstance(error, ValueError | OSError),
+                )
+            self.sent.add(key)  # shown, or failed: not tried again (until its latents are written again)
+
+    def show(self, event: dict, *, final: bool) -> bool:
+        """Decode one step (unless decoded) and send it; False while another thread decodes it (``final``: waits)."""
+        decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+        while final and not decoded:
             decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
-            while final and not decoded:
-                decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
-            if not decoded:
-                continue  # the jobs panel's worker still decodes it: sent by a later poll
+        if decoded:
             self.send(event, event_images(self.run_dir, event))
-            self.sent.add(key)
+        return decoded
 
     def send(self, event: dict, paths: list[Path]) -> None:
         subfolder = f"{TEMP_SUBFOLDER}/{self.run_name}"

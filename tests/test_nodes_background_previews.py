@@ -286,7 +286,7 @@ def test_a_preview_event_python_refuses_to_convert_is_skipped_not_raised(comfy):
     assert status == 200 and [job["previews"]["step"] for job in body["jobs"]] == [0]
 
 
-def test_wait_for_runs_watcher_never_writes_or_reads_through_a_link(comfy, tmp_path, monkeypatch):
+def test_wait_for_runs_watcher_never_writes_or_reads_through_a_link(comfy, tmp_path, monkeypatch, caplog):
     """Wait for Run (and Train) decode a step in their own thread (`decode_here`): a previews folder that is a link
     out of the run is refused as the worker refuses it (the watcher wrote its PNGs through it), and a PNG that is a
     link is not read into ComfyUI's temp folder (it was read whole, through the link)."""
@@ -299,8 +299,8 @@ def test_wait_for_runs_watcher_never_writes_or_reads_through_a_link(comfy, tmp_p
     os.symlink(outside / "previews", run_dir / "previews")
     before = snapshot_files(outside)
     watcher = previews.PreviewWatcher(run_dir, "bg", "7", made.decode)
-    with pytest.raises(ValueError, match="links are not followed"):
-        watcher.poll()
+    watcher.poll()  # refused, logged, and the node goes on
+    assert "links are not followed" in caplog.text
     assert snapshot_files(outside) == before and not comfy.events
 
     other, _ = sampled_run(comfy, name="other", steps=(0,), source=made.vae)
@@ -463,6 +463,30 @@ def test_a_nodes_poll_decodes_a_bounded_number_of_steps(comfy, monkeypatch, tmp_
     assert sent() == [0, 1, 2, 3, 4]
     watcher.poll(final=True)
     assert sent() == [0, 1, 2, 3, 4], "each step is sent once"
+
+
+def test_a_step_the_node_cannot_decode_is_logged_and_skipped_not_raised(comfy, monkeypatch, tmp_path, caplog):
+    """Train's follow loop stops the training run on any exception from its preview watcher: one preview step that
+    fails to decode (a torch error, a full disk, a latents file refused) stopped a run that trained fine. Now the
+    step is logged and skipped (not retried every poll), and the others are shown."""
+    monkeypatch.setattr(pack_module("nodes.comfy_bridge"), "temp_directory", lambda: tmp_path / "temp")
+    made = request()
+    run_dir, latents = sampled_run(comfy, steps=(0, 2), source=made.vae)
+    calls = []
+
+    def decode(batch):
+        calls.append(1)
+        if torch.equal(batch[0], latents[0][0]):
+            raise RuntimeError("out of memory")
+        return made.decode(batch)
+
+    watcher = previews.PreviewWatcher(run_dir, "bg", "7", decode)
+    watcher.poll()
+    assert [data["step"] for event, data in comfy.events if event == previews.PREVIEW_EVENT] == [2]
+    assert "the previews of step 0 are not shown: out of memory" in caplog.text and "Traceback" in caplog.text
+    tried = len(calls)
+    watcher.poll(final=True)
+    assert len(calls) == tried, "not tried again every poll"
 
 
 def test_the_queue_and_the_decoders_held_are_bounded(comfy, monkeypatch):
