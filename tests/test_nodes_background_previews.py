@@ -203,6 +203,14 @@ def test_a_vae_file_changed_since_the_run_started_is_refused_not_decoded(comfy):
     [
         (b"{not json", "not JSON"),
         (b'{"format": 2, "vae_name": "ae.safetensors", "dtype": "float32", "digest": "0"}', "format-1"),
+        (
+            b'{"format": true, "vae_name": "ae.safetensors", "dtype": "float32", "digest": "' + b"0" * 64 + b'"}',
+            "format-1",
+        ),
+        (
+            b'{"format": 1.0, "vae_name": "ae.safetensors", "dtype": "float32", "digest": "' + b"0" * 64 + b'"}',
+            "format-1",
+        ),
         (b'{"format": 1, "vae_name": "ae.safetensors", "dtype": "float32"}', "exactly format"),
         (b'{"format": 1, "vae_name": "ae.safetensors", "dtype": "int8", "digest": "' + b"0" * 64 + b'"}', "dtype"),
         (b'{"format": 1, "vae_name": "ae.safetensors", "dtype": "float32", "digest": "../x"}', "digest"),
