@@ -274,6 +274,21 @@ def test_json_that_python_refuses_to_convert_does_not_break_the_list(comfy):
     assert call("report", {"run": "hostile"})[0] == 200
 
 
+@pytest.mark.parametrize("queue", ['{"jobs": [{"run": "a", "gpu_count": ' + HUGE_INT + "}]}", DEEP])
+def test_a_queue_file_python_refuses_to_convert_is_an_empty_queue(comfy, queue, caplog):
+    """The job queue (runs/.whetstone-jobs/jobs.json) with a 5000-digit integer or nesting too deep is logged and
+    read as empty, as any queue file that is not JSON (the jobs list answered 409 with Python's digit-limit message)."""
+    store = JobStore(runs(comfy))
+    store.folder.mkdir(parents=True)
+    store.path.write_text(queue)
+    done = runs(comfy) / "done"
+    done.mkdir()
+    write_status(done, "completed", "done")
+    status, body = call("list")
+    assert status == 200 and [job["run"] for job in body["jobs"]] == ["done"]
+    assert "not valid JSON" in caplog.text
+
+
 def test_stop_of_a_run_that_is_no_background_job_says_so(comfy):
     run_dir = runs(comfy) / "foreground"
     run_dir.mkdir()
