@@ -4,6 +4,7 @@
 // Uses only documented hooks: beforeRegisterNodeDef (for our own node types), nodeCreated, api events.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { decodedSteps } from "./whetstone_job_previews.js";
 
 const TEXT_NODES = new Set([
   "WhetstonePackDataset",
@@ -269,8 +270,6 @@ function showBackground(node, follow, history) {
 // background job, the steps GET /whetstone/jobs/previews lists as decoded): a strip of the prompts' images at one
 // preview step, the latest by default, and a slider over the steps seen so far.
 const MAX_PREVIEW_STEPS = 200;
-const PREVIEW_IMAGE_ROUTE = "/whetstone/jobs/preview_image?";
-const STILL_DECODING = new Set(["queued", "decoding", "busy"]);
 
 // The background job's preview steps (nodes/preview_jobs.py; asking queues the ones not decoded yet), or undefined.
 async function fetchPreviews(run) {
@@ -288,17 +287,13 @@ function showBackgroundPreviews(node, run, body) {
   const previews = node.whetstonePreviews;
   if (!previews || !Array.isArray(body?.steps)) return false;
   if (previews.run !== run) resetPreviews(previews, run);
-  const known = new Set(previews.steps.map((entry) => entry.step));
-  const added = body.steps.filter((s) => s.state === "decoded" && Array.isArray(s.images) && !known.has(s.step));
-  for (const s of added) {
-    const images = s.images.filter((url) => typeof url === "string" && url.startsWith(PREVIEW_IMAGE_ROUTE));
-    previews.steps.push({ step: s.step, prompts: s.prompts, images: images.map((url) => ({ url })) });
-  }
+  const { added, decoding } = decodedSteps(body, new Set(previews.steps.map((entry) => entry.step)));
   if (added.length) {
+    previews.steps.push(...added);
     previews.steps.sort((a, b) => a.step - b.step);
     showNewPreviews(node);
   }
-  return body.steps.some((s) => STILL_DECODING.has(s.state));
+  return decoding;
 }
 
 function resetPreviews(previews, run) {

@@ -136,7 +136,7 @@ function jobCard(job, panel) {
   if (job.eta_s != null) facts.push(`ETA ${formatDuration(job.eta_s)}`);
   card.append(element("div", { fontSize: "11px", fontFamily: "monospace", margin: "3px 0" }, facts.join(" · ")));
   if (job.sparkline?.length) card.append(sparkline(job.sparkline));
-  if (job.previews) card.append(previewStrip(job.previews));
+  if (job.previews && typeof job.previews === "object") card.append(previewStrip(job.previews));
   // A running job's status message is where it started ("step 0 of N"): the facts line has its step.
   if (job.message && !ACTIVE.has(job.state)) card.append(element("div", { fontSize: "10px", opacity: "0.75", overflowWrap: "anywhere" }, job.message));
   const actions = element("div", { marginTop: "4px" });

@@ -8,9 +8,8 @@ Routes (registered by `nodes.register_with_comfyui` through `comfy_bridge`):
 * ``POST /whetstone/jobs/stop``   ``{"run": "<name>"}``: save and stop (the engine's polite stop);
 * ``POST /whetstone/jobs/resume`` ``{"run": "<name>"}``: queue an ended run again, continuing from its checkpoint.
 
-Only stop and resume write anything. Every run folder is untrusted: names are checked, the folder must be a real
-folder directly inside the runs root (a link is not followed), its files must be plain files (not links), sizes are
-capped, and only numbers and short strings go back to the browser.
+Only stop and resume write anything. Every run folder is untrusted (read with `nodes.run_files`); only numbers and
+short strings go back to the browser.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
-import stat
 import threading
 from pathlib import Path
 
@@ -28,36 +25,38 @@ from ..training.engine.config import TrainConfig
 from ..training.engine.ema import ema_path
 from ..training.engine.report import render_report
 from ..training.hardware.discovery import discover
-from ..training.run.events import EVENTS_FILE, STATUS_FILE, SUMMARY_FILE
-from ..training.run.jobs import JobRecord, JobStore, check_run_name, find, job_state, parse_gpu_ids
+from ..training.run.events import STATUS_FILE, SUMMARY_FILE
+from ..training.run.jobs import JobRecord, JobStore, find, job_state, parse_gpu_ids
 from ..training.run.launch import CONFIG_FILE
 from ..training.run.scheduler import Scheduler
-from . import comfy_bridge, paths
+from . import comfy_bridge, paths, preview_jobs
+from .run_files import (  # noqa: F401 (re-exported: the routes' readers of a run folder)
+    EVENTS_TAIL_BYTES,
+    MAX_JSON_BYTES,
+    RequestRefused,
+    internal_error,
+    number,
+    read_object,
+    read_plain,
+    recent_events,
+    run_folder,
+    runs_root,
+    text,
+    whole,
+)
 
 logger = logging.getLogger(__name__)
 
 ROUTE = "/whetstone/jobs"
 MAX_BODY_BYTES = 4096
-MAX_JSON_BYTES = 1 << 20  # config.json, status.json: far more than a real one
-EVENTS_TAIL_BYTES = 256 << 10  # the newest events only: a long run's file is tens of MB
 SPARK_POINTS = 64
-MAX_TEXT_CHARS = 300
 MAX_LISTED = 200
-MAX_EXACT_INT = 2**53
 MODEL_SAVED_STATES = ("completed", "stopped")  # a full fine-tune writes its model as it ends, and only then
 GPUS_ENV = "WHETSTONE_JOB_GPUS"  # "0,1": the GPUs this ComfyUI's jobs may use (default: every visible GPU)
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
 _schedulers: dict[Path, Scheduler] = {}
 _schedulers_mutex = threading.Lock()
-
-
-class RequestRefused(ValueError):
-    """A route's input is malformed (bad JSON, unknown run, path outside the runs folder): HTTP 400/404."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,13 +73,6 @@ def machine_gpus() -> list[int]:
     count = discover().gpu_count
     logger.info("jobs may use GPUs %s (every GPU this ComfyUI sees)", list(range(count)))
     return list(range(count))
-
-
-def runs_root() -> Path:
-    roots = paths.run_roots()
-    if not roots.roots:
-        raise RequestRefused(f"no {roots.label} folder is configured")
-    return roots.roots[0].resolve()
 
 
 def scheduler() -> Scheduler:
@@ -100,87 +92,6 @@ def resume_scheduling() -> None:
     if JobStore(root).path.is_file():
         logger.info("found the job queue of %s: scheduling its jobs", root)
         scheduler()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading a run folder (untrusted)
-
-
-def run_folder(name: object) -> Path:
-    """``<runs>/<name>``: a checked name, a real folder (not a link) directly inside the runs root."""
-    try:
-        check_run_name(name)
-    except ValueError as error:
-        raise RequestRefused(str(error)) from None
-    root = runs_root()
-    path = root / name
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        raise RequestRefused(f"no run {name!r} in {root}", 404) from None
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or path.resolve().parent != root:
-        raise RequestRefused(f"run {name!r} is not a folder inside {root} (links are not followed)")
-    return path
-
-
-def read_plain(path: Path, limit: int, *, tail: bool = False) -> bytes | None:
-    """A plain file's bytes (its last ``limit`` with ``tail``, else None above ``limit``); None for a link or none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        if info.st_size > limit:
-            if not tail:
-                logger.warning("%s is %d bytes, over %d: not read", path, info.st_size, limit)
-                return None
-            handle.seek(info.st_size - limit)
-        return handle.read(limit)
-
-
-def read_object(path: Path) -> dict:
-    data = read_plain(path, MAX_JSON_BYTES)
-    if data is None:
-        return {}
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        logger.warning("%s is not JSON: ignored", path)
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def recent_events(run_dir: Path) -> list[dict]:
-    data = read_plain(run_dir / EVENTS_FILE, EVENTS_TAIL_BYTES, tail=True) or b""
-    events = []
-    for line in data.decode("utf-8", errors="replace").split("\n")[1 if len(data) == EVENTS_TAIL_BYTES else 0 :]:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and whole(event.get("step")) is not None:
-            events.append(event)
-    return events
-
-
-def whole(value) -> int | None:
-    """A step count as the browser can hold it exactly (a JSON number below 2**53), else None."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_EXACT_INT:
-        return None
-    return value
-
-
-def number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def text(value) -> str:
-    return value[:MAX_TEXT_CHARS] if isinstance(value, str) else ""
 
 
 def sparkline(events: list[dict]) -> list[float]:
@@ -298,14 +209,8 @@ def describe_job(run_dir: Path, record: JobRecord | None) -> dict | None:
         "queued_at": number(record.queued_at) if record else None,
         "has_report": bool(events),
         "summary": {k: number(v) for k, v in read_object(run_dir / SUMMARY_FILE).items() if number(v) is not None},
-        "previews": preview_card(run_dir),
+        "previews": preview_jobs.card(run_dir),
     }
-
-
-def preview_card(run_dir: Path) -> dict | None:
-    from .preview_jobs import card  # it reads the run folder with this module's readers
-
-    return card(run_dir)
 
 
 def list_jobs() -> dict:
@@ -313,22 +218,32 @@ def list_jobs() -> dict:
     root = runs_root()
     records = JobStore(root).read() if root.is_dir() else []
     queued = [r.run for r in records]
-    others = []
-    if root.is_dir():
-        for entry in os.scandir(root):
-            if entry.name not in queued and not entry.is_symlink() and entry.is_dir(follow_symlinks=False):
-                others.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-    names = queued + [name for _, name in sorted(others, reverse=True)]
+    names = queued + [name for name in run_names(root) if name not in queued]
     listed = []
     for name in names[:MAX_LISTED]:
         try:
-            run_dir = run_folder(name)
+            job = describe_job(run_folder(name), find(records, name))
         except RequestRefused:
             continue
-        job = describe_job(run_dir, find(records, name))
+        except Exception:  # one run folder (removed while listed, or hostile) must not take the list down: logged
+            logger.exception("run %s left out of the jobs list", name)
+            continue
         if job is not None:
             listed.append(job)
     return {"root": str(root), "jobs": listed}
+
+
+def run_names(root: Path) -> list[str]:
+    """The runs root's folders (not links), newest first; one removed while listed is left out."""
+    folders = []
+    if root.is_dir():
+        for entry in os.scandir(root):
+            try:
+                if not entry.is_symlink() and entry.is_dir(follow_symlinks=False):
+                    folders.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+            except OSError:
+                continue
+    return [name for _, name in sorted(folders, reverse=True)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -404,4 +319,6 @@ def respond(action: str, query: dict[str, str], body: bytes | None) -> tuple[int
         return error.status, {"error": str(error)}
     except ValueError as error:  # FolderBusy and the scheduler's refusals: the message says what to do
         return 409, {"error": str(error)}
+    except Exception as error:  # a bug or the disk: the browser gets one line, the log the traceback
+        return internal_error(f"jobs {action}", error)
     return 404, {"error": f"unknown jobs action {action!r}"}

@@ -15,24 +15,42 @@ decoders are held, least recently used first out. The decoder is the one the for
 VAE's weights in `FluxVAE.decode`): the one Preview Settings made while this ComfyUI holds it (`remember`), else the
 run's recorded VAE file, checked against its digest (`nodes.preview_vae`). The PNGs go into the run folder as the
 nodes' do (Training Report draws them), so a step is decoded once; a failure is remembered per step (until its latents
-are written again), so a poll does not retry it. Everything read from the run folder is untrusted (see jobs_api).
+are written again, a decoder is remembered, or FAILURE_RETRY_S pass), so a poll does not retry it. The queue is
+`nodes.preview_queue`; everything read from the run folder is untrusted (`nodes.run_files`).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
-import stat
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlencode
 
-from ..training.engine.preview import MAX_LATENT_SIDE, MAX_PROMPTS, PREVIEW_DIR, PREVIEW_EVENTS, parse_preview_events
-from ..training.engine.preview_images import decode_preview, event_images, is_decoded
+from ..training.engine.preview import (
+    MAX_PREVIEW_STEP,
+    MAX_PROMPTS,
+    PREVIEW_EVENTS,
+    parse_preview_events,
+)
+from ..training.engine.preview_images import event_images, is_decoded
 from . import preview_vae
-from .jobs_api import RequestRefused, read_plain, run_folder
+from .preview_queue import (  # noqa: F401 (re-exported: the queue's pieces, as the nodes and tests name them)
+    FAILURE_RETRY_S,
+    MAX_DECODERS,
+    MAX_FAILURES,
+    MAX_PENDING,
+    MAX_SIDE,
+    DecodingStopped,
+    PreviewDecoding,
+    check_previews_folder,
+    latents_time,
+    recorded_source,
+    step_key,
+)
+from .run_files import RequestRefused, internal_error, read_plain, read_tail_text, run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -41,139 +59,10 @@ IMAGE_ROUTE = "/whetstone/jobs/preview_image"
 MAX_EVENTS_BYTES = 1 << 20  # the newest preview events only (a line is a few hundred bytes)
 CARD_EVENTS_BYTES = 16 << 10  # the jobs list reads this much of every run's events, every poll
 MAX_IMAGE_BYTES = 64 << 20
-MAX_PENDING = 64
-MAX_DECODERS = 2
-MAX_FAILURES = 256
-MAX_SIDE = 2048 // 8  # Preview Settings' largest width and height, in latent pixels
 MAX_STEPS_LISTED = 200  # js/whetstone.js MAX_PREVIEW_STEPS
 MAX_PROMPT_CHARS = 200
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_WHOLE = re.compile(r"^\d{1,9}$")
-
-
-class PreviewDecoding:
-    """The queue of preview steps to decode, the decoders and the worker thread (``threaded``: started on the first
-    request; tests drive `decode_next` themselves)."""
-
-    def __init__(self, *, threaded: bool = True) -> None:
-        self._changed = threading.Condition()
-        self._pending: OrderedDict[tuple[Path, int], dict] = OrderedDict()
-        self._busy: set[tuple[Path, int]] = set()  # being decoded (by the worker, or a node's own thread)
-        self._failed: OrderedDict[tuple[Path, int], tuple[float, str]] = OrderedDict()
-        self._decoders: OrderedDict[str, object] = OrderedDict()
-        self._threaded = threaded
-        self._thread: threading.Thread | None = None
-
-    def remember(self, source: preview_vae.VaeSource, decode) -> None:
-        """Keep a decoder this process made (Preview Settings'), for the runs whose record has its digest."""
-        with self._changed:
-            self._keep_decoder(source.digest, decode)
-
-    def status(self, run_dir: Path, event: dict) -> tuple[str, str]:
-        """(decoded | queued | decoding | failed | busy, message) of one step; queues it when it needs decoding."""
-        if is_decoded(run_dir, event):
-            return "decoded", ""
-        key = step_key(run_dir, event)
-        with self._changed:
-            failed = self._failed.get(key)
-            if failed is not None and failed[0] == latents_time(run_dir, event):
-                return "failed", failed[1]
-            if key in self._busy:
-                return "decoding", ""
-            if key not in self._pending:
-                if len(self._pending) >= MAX_PENDING:
-                    return "busy", f"{MAX_PENDING} preview steps wait to be decoded; this one is asked again later"
-                self._pending[key] = event
-                self._start_thread()
-                self._changed.notify_all()
-            return "queued", ""
-
-    def decode_here(self, run_dir: Path, event: dict, decode, *, max_side: int = MAX_LATENT_SIDE) -> None:
-        """Decode one step in the calling thread (Train, Wait for Run: their own decoder) unless it is decoded; waits
-        while another thread decodes it, so no step is decoded twice at once. Errors are raised to the caller."""
-        key = step_key(run_dir, event)
-        with self._changed:
-            while key in self._busy:
-                self._changed.wait()
-            if is_decoded(run_dir, event):
-                return
-            self._busy.add(key)
-            self._pending.pop(key, None)
-        try:
-            decode_preview(run_dir, event, decode, max_side=max_side)
-        finally:
-            self._done(key)
-
-    def decode_recorded(self, run_dir: Path, event: dict) -> None:
-        """Decode one step here with the run's recorded decoder (Training Report); errors are raised."""
-        check_previews_folder(run_dir)
-        self.decode_here(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE)
-
-    def decode_next(self) -> bool:
-        """Decode the oldest waiting step (one no other thread decodes); False when none waits."""
-        with self._changed:
-            if not self._pending:
-                return False
-            key, event = self._pending.popitem(last=False)
-            if key in self._busy or is_decoded(key[0], event):
-                return True
-            self._busy.add(key)
-        run_dir, step = key
-        try:
-            self._decode(run_dir, event)
-        except (ValueError, OSError) as error:  # the run's files or its VAE: the message says which and why
-            self._fail(run_dir, event, str(error))
-        except Exception as error:  # the worker must outlive one bad step: logged with its traceback
-            logger.exception("decoding the previews of %s step %d failed", run_dir.name, step)
-            self._fail(run_dir, event, f"{type(error).__name__}: {error}")
-        finally:
-            self._done(key)
-        return True
-
-    def _done(self, key: tuple[Path, int]) -> None:
-        with self._changed:
-            self._busy.discard(key)
-            self._changed.notify_all()
-
-    def _decode(self, run_dir: Path, event: dict) -> None:
-        check_previews_folder(run_dir)
-        decode_preview(run_dir, event, self._decoder(recorded_source(run_dir)), max_side=MAX_SIDE)
-
-    def _decoder(self, source: preview_vae.VaeSource):
-        with self._changed:
-            decode = self._decoders.get(source.digest)
-            if decode is not None:
-                self._decoders.move_to_end(source.digest)
-                return decode
-        decode = preview_vae.load_decoder(source)  # outside the lock: seconds of reading
-        with self._changed:
-            self._keep_decoder(source.digest, decode)
-        return decode
-
-    def _keep_decoder(self, digest: str, decode) -> None:
-        self._decoders[digest] = decode
-        self._decoders.move_to_end(digest)
-        while len(self._decoders) > MAX_DECODERS:
-            self._decoders.popitem(last=False)
-
-    def _fail(self, run_dir: Path, event: dict, message: str) -> None:
-        logger.warning("previews of %s step %d not decoded: %s", run_dir.name, event["step"], message)
-        with self._changed:
-            self._failed[step_key(run_dir, event)] = (latents_time(run_dir, event), message)
-            while len(self._failed) > MAX_FAILURES:
-                self._failed.popitem(last=False)
-
-    def _start_thread(self) -> None:
-        if self._threaded and (self._thread is None or not self._thread.is_alive()):
-            self._thread = threading.Thread(target=self._work, name="whetstone-previews", daemon=True)
-            self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            with self._changed:
-                while not self._pending:
-                    self._changed.wait()
-            self.decode_next()
+_WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only, the whole value (fullmatch)
 
 
 _decoding: PreviewDecoding | None = None
@@ -186,6 +75,7 @@ def decoding() -> PreviewDecoding:
     with _decoding_mutex:
         if _decoding is None:
             _decoding = PreviewDecoding()
+            atexit.register(_decoding.close)  # before the interpreter kills the daemon thread mid-write
         return _decoding
 
 
@@ -197,19 +87,6 @@ def remember(source: preview_vae.VaeSource, decode) -> None:
 # Reading the run folder (untrusted)
 
 
-def check_previews_folder(run_dir: Path) -> None:
-    """The run's previews folder is a real folder inside it (PNGs are never written through a link)."""
-    folder = run_dir / PREVIEW_DIR
-    info = os.lstat(folder)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or folder.resolve().parent != run_dir.resolve():
-        raise ValueError(f"{folder} is not a folder inside the run folder (links are not followed)")
-
-
-def recorded_source(run_dir: Path) -> preview_vae.VaeSource:
-    data = read_plain(run_dir / preview_vae.SOURCE_FILE, preview_vae.MAX_SOURCE_BYTES)
-    return preview_vae.parse_source(data, run_dir.name)
-
-
 def decode_missing(run_dir: Path, newest: int) -> list[str]:
     """Decode here the newest ``newest`` preview steps not decoded yet (Training Report of a background run that no
     one watched); returns why a step could not be (the report draws the others)."""
@@ -219,31 +96,19 @@ def decode_missing(run_dir: Path, newest: int) -> list[str]:
             continue
         try:
             decoding().decode_recorded(run_dir, event)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError) as error:  # the run's files or its VAE: the message says which and why
             logger.warning("previews of %s step %d not decoded: %s", run_dir.name, event["step"], error)
             problems.append(f"previews of step {event['step']} not decoded: {error}")
+        except Exception as error:  # the decoder itself (out of memory...): the report is still drawn, logged in full
+            logger.exception("decoding the previews of %s step %d failed", run_dir.name, event["step"])
+            problems.append(f"previews of step {event['step']} not decoded: {type(error).__name__}: {error}")
     return problems
-
-
-def step_key(run_dir: Path, event: dict) -> tuple[Path, int]:
-    """One key per preview step, however the caller spelled its run folder."""
-    return run_dir.resolve(), event["step"]
-
-
-def latents_time(run_dir: Path, event: dict) -> float:
-    try:
-        return (run_dir / PREVIEW_DIR / event["file"]).stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def read_events(run_dir: Path, limit: int = MAX_EVENTS_BYTES) -> list[dict]:
     """The run's newest preview events, from the last ``limit`` bytes (validated: a step, a step_NNNNNNN file,
     1..MAX_PROMPTS prompt texts)."""
-    data = read_plain(run_dir / PREVIEW_EVENTS, limit, tail=True) or b""
-    text = data.decode("utf-8", errors="replace")
-    if len(data) == limit:
-        text = text.partition("\n")[2]  # the first line was cut by the tail
+    text = read_tail_text(run_dir / PREVIEW_EVENTS, limit)
     return [event for event in parse_preview_events(text) if prompts_of(event) is not None]
 
 
@@ -256,19 +121,30 @@ def prompts_of(event: dict) -> list[str] | None:
     return [p[:MAX_PROMPT_CHARS] for p in prompts]
 
 
-def image_urls(run_dir: Path, event: dict) -> list[str]:
-    """The decoded images' URLs (``v``: the file's time, so a step decoded again is fetched again)."""
+def image_urls(run_dir: Path, event: dict) -> list[str] | None:
+    """The decoded images' URLs (``v``: the file's time, so a step decoded again is fetched again); None when one
+    is gone (removed since it was found decoded)."""
     urls = []
     for index, path in enumerate(event_images(run_dir, event)):
-        query = {"run": run_dir.name, "step": event["step"], "prompt": index, "v": path.stat().st_mtime_ns}
+        try:
+            version = os.stat(path, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            return None
+        query = {"run": run_dir.name, "step": event["step"], "prompt": index, "v": version}
         urls.append(f"{IMAGE_ROUTE}?{urlencode(query)}")
     return urls
 
 
 def step_entry(run_dir: Path, event: dict) -> dict:
     state, message = decoding().status(run_dir, event)
+    urls = image_urls(run_dir, event) if state == "decoded" else []
+    if urls is None:  # an image removed since it was found decoded: asked again (queued)
+        state, message = decoding().status(run_dir, event)
+        urls = image_urls(run_dir, event) if state == "decoded" else []
+    if urls is None:
+        state, message, urls = "busy", "its images changed while listed; asked again by the next poll", []
     entry = {"step": event["step"], "prompts": prompts_of(event), "state": state, "message": message[:300]}
-    entry["images"] = image_urls(run_dir, event) if state == "decoded" else []
+    entry["images"] = urls
     return entry
 
 
@@ -291,14 +167,14 @@ def steps(run_dir: Path) -> dict:
 
 def whole(query: dict, name: str, below: int) -> int:
     value = query.get(name, "")
-    if not _WHOLE.match(value) or int(value) >= below:
+    if not _WHOLE.fullmatch(value) or int(value) >= below:
         raise RequestRefused(f"{name} must be a whole number below {below}, got {value[:20]!r}")
     return int(value)
 
 
 def image(query: dict) -> bytes:
     run_dir = run_folder(query.get("run", ""))
-    step, prompt = whole(query, "step", 10**7), whole(query, "prompt", MAX_PROMPTS)
+    step, prompt = whole(query, "step", MAX_PREVIEW_STEP), whole(query, "prompt", MAX_PROMPTS)
     check_previews_folder(run_dir)
     path = event_images(run_dir, {"step": step, "prompts": [""] * (prompt + 1)})[prompt]
     data = read_plain(path, MAX_IMAGE_BYTES)
@@ -318,4 +194,6 @@ def respond(action: str, query: dict[str, str], body: bytes | None) -> tuple[int
         return error.status, {"error": str(error)}
     except (ValueError, OSError) as error:  # a previews folder that is a link, or missing
         return 404, {"error": str(error)}
+    except Exception as error:  # a bug: the browser gets one line, the log the traceback
+        return internal_error(f"previews {action}", error)
     return 404, {"error": f"unknown previews action {action!r}"}

@@ -14,7 +14,6 @@ decode while this ComfyUI still holds the decoder Preview Settings made (`nodes.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 
 from ..training.atomic import write_json_atomic
 from ..training.model.flux_vae import FluxEncoderShape, FluxVAE
+from ..training.run.events import load_json
 from . import comfy_bridge
 
 logger = logging.getLogger(__name__)
@@ -124,10 +124,10 @@ def parse_source(data: bytes | None, where: str) -> VaeSource:
             "CLI): queue Wait for Run with the run's Preview Settings to decode its previews"
         )
     try:
-        record = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = load_json(data.decode("utf-8"))
+    except ValueError:  # not UTF-8 or JSON (the file is at most MAX_SOURCE_BYTES: no integer too long to convert)
         raise SourceRefused(f"{where}/{SOURCE_FILE} is not JSON") from None
-    if not isinstance(record, dict) or record.get("format") != SOURCE_FORMAT:
+    if not isinstance(record, dict) or type(record.get("format")) is not int or record["format"] != SOURCE_FORMAT:
         raise SourceRefused(f"{where}/{SOURCE_FILE} is not a format-{SOURCE_FORMAT} VAE record")
     if set(record) != {"format", "vae_name", "dtype", "digest"}:
         raise SourceRefused(f"{where}/{SOURCE_FILE} must hold exactly format, vae_name, dtype and digest")

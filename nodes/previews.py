@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from ..training.atomic import write_bytes_atomic
-from ..training.engine.preview import MAX_PROMPTS, read_preview_events, save_prompt_features
+from ..training.engine.preview import MAX_PROMPTS, PreviewError, save_prompt_features
 from ..training.engine.preview_images import event_images
 from ..training.model.flux_vae import FluxEncoderShape
 from . import comfy_bridge, preview_jobs, preview_vae
 from .encoders import ComfyTextEncoder
+from .run_files import read_plain
 from .validation import Float, Int, SettingRefused, Text, check_all, declare
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ PREVIEW_EVENT = "whetstone.preview"
 PREVIEWS_TYPE = "WHETSTONE_PREVIEWS"
 FEATURES_FILE = "preview_prompts.safetensors"
 TEMP_SUBFOLDER = "whetstone_previews"
+STEPS_PER_POLL = 2  # preview steps a node decodes per poll of its loop (the final poll: all)
 
 WIDGETS = {
     "validation_prompts": Text(
@@ -116,27 +118,59 @@ def vae_decoder(vae, prompt=None, unique_id=None):
 
 class PreviewWatcher:
     """Decodes the run's new previews and sends them to the node; ``poll`` is called from the node's follow loop. A
-    step the jobs panel's decoding got to first is sent as it is (`preview_jobs.PreviewDecoding.decode_here`)."""
+    step the jobs panel's decoding got to first is sent as it is (`preview_jobs.PreviewDecoding.decode_here`). A step
+    that cannot be decoded or sent is logged and skipped: Train's loop stops the training run on any exception, and a
+    preview is not worth a run."""
 
     def __init__(self, run_dir: Path, run_name: str, node_id, decode) -> None:
         self.run_dir, self.run_name, self.node_id, self.decode = run_dir, run_name, node_id, decode
-        self.sent: set[tuple[int, float]] = set()  # (step, its latents' time)
+        self.sent: set[tuple[int, float]] = set()  # (step, its latents' time), shown or failed
 
-    def poll(self) -> None:
-        for event in read_preview_events(self.run_dir):
+    def poll(self, *, final: bool = False) -> None:
+        """Decode and send the steps not sent yet, of the newest MAX_STEPS_LISTED (what the node's strip keeps),
+        read from the tail of previews.jsonl; at most STEPS_PER_POLL of them, oldest first, so the node's loop soon
+        checks ComfyUI's Cancel again. A step another thread decodes is left to a later poll. The ``final`` poll (the
+        run has ended) does every step, waiting for one being decoded elsewhere."""
+        budget = None if final else STEPS_PER_POLL
+        for event in preview_jobs.read_events(self.run_dir)[-preview_jobs.MAX_STEPS_LISTED :]:
             key = (event["step"], preview_jobs.latents_time(self.run_dir, event))
             if key in self.sent:
                 continue
-            preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+            if budget is not None:
+                if budget == 0:
+                    return
+                budget -= 1
+            try:
+                if not self.show(event, final=final):
+                    continue  # the jobs panel's worker still decodes it: sent by a later poll
+            except Exception as error:  # one step's files, the disk, the decoder: the run trains on without it
+                logger.warning(
+                    "run %s: the previews of step %d are not shown: %s",
+                    self.run_name,
+                    event["step"],
+                    error,
+                    exc_info=not isinstance(error, ValueError | OSError),
+                )
+            self.sent.add(key)  # shown, or failed: not tried again (until its latents are written again)
+
+    def show(self, event: dict, *, final: bool) -> bool:
+        """Decode one step (unless decoded) and send it; False while another thread decodes it (``final``: waits)."""
+        decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+        while final and not decoded:
+            decoded = preview_jobs.decoding().decode_here(self.run_dir, event, self.decode)
+        if decoded:
             self.send(event, event_images(self.run_dir, event))
-            self.sent.add(key)
+        return decoded
 
     def send(self, event: dict, paths: list[Path]) -> None:
         subfolder = f"{TEMP_SUBFOLDER}/{self.run_name}"
         folder = comfy_bridge.temp_directory() / TEMP_SUBFOLDER / self.run_name
         images = []
         for path in paths:
-            write_bytes_atomic(folder / path.name, path.read_bytes(), fsync=False)
+            data = read_plain(path, preview_jobs.MAX_IMAGE_BYTES)  # not through a link, not unbounded
+            if data is None:
+                raise PreviewError(f"{path} is not a plain PNG file of at most {preview_jobs.MAX_IMAGE_BYTES} bytes")
+            write_bytes_atomic(folder / path.name, data, fsync=False)
             images.append({"filename": path.name, "subfolder": subfolder, "type": "temp"})
         comfy_bridge.send_event(
             PREVIEW_EVENT,

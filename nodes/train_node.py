@@ -197,7 +197,7 @@ def follow(process: RunProcess, progress: Progress, poll_seconds: float = POLL_S
         if events:
             progress.update(events)
         if watcher is not None:
-            watcher.poll()
+            watcher.poll(final=True)  # every preview of the ended run, waiting for one being decoded elsewhere
         return False
     except BaseException:
         process.request_stop()  # a no-op once the child has exited; the wait settles its status and frees the folder

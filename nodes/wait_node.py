@@ -114,6 +114,8 @@ class WaitForRun:
                     min(job["step"] or 0, job["total_steps"]), job["total_steps"]
                 )  # also a Cancel point
             time.sleep(POLL_SECONDS)
+        if watcher is not None:
+            watcher.poll(final=True)  # the ended run's last previews, waiting for one being decoded elsewhere
         if state == "failed":
             raise RuntimeError(f"run {run_dir.name} failed: {message}\nRun folder: {run_dir}")
         if not fresh(result.path, since):

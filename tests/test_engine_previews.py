@@ -207,6 +207,35 @@ def test_preview_events_of_a_resumed_run_replace_the_lost_ones(tmp_path):
         read_preview(tmp_path, {"file": "../../etc/passwd"})
 
 
+def test_preview_events_python_refuses_to_convert_are_skipped(tmp_path):
+    """Training Report and Wait for Run read previews.jsonl with read_preview_events: a line with a 5000-digit integer
+    or nesting too deep is skipped like any line that is not JSON (it raised ValueError / RecursionError)."""
+    lines = [
+        json.dumps({"step": 0, "file": "step_0000000.safetensors", "prompts": ["a"]}),
+        '{"step": ' + "9" * 5000 + ', "file": "step_0000001.safetensors", "prompts": ["a"]}',
+        "[" * 100_000,
+        json.dumps({"step": 2, "file": "step_0000002.safetensors", "prompts": ["a"]}),
+    ]
+    (tmp_path / "previews.jsonl").write_text("\n".join(lines) + "\n")
+    assert [event["step"] for event in read_preview_events(tmp_path)] == [0, 2]
+
+
+def test_a_preview_event_whose_file_is_not_its_steps_is_skipped(tmp_path):
+    """An event names its step's own latents (step_NNNNNNN, seven digits): one that names another step's file would
+    show that step's images under its own number (its PNGs are named by the step), and a step of 10**7 and more
+    (up to a 4300-digit one) has no file name, no image route and no exact JavaScript number."""
+    good = {"step": 5, "file": "step_0000005.safetensors", "prompts": ["a"]}
+    hostile = [
+        {"step": 3, "file": "step_0000001.safetensors", "prompts": ["a"]},
+        {"step": 10**7, "file": "step_0000000.safetensors", "prompts": ["a"]},
+        {"step": 10**7, "file": "step_10000000.safetensors", "prompts": ["a"]},
+        {"step": -1, "file": "step_-000001.safetensors", "prompts": ["a"]},
+        {"step": 10**4000, "file": "step_0000009.safetensors", "prompts": ["a"]},
+    ]
+    (tmp_path / "previews.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [good, *hostile]))
+    assert read_preview_events(tmp_path) == [good]
+
+
 @pytest.mark.parametrize(
     ("variant", "expected"),
     [("base", SamplerSettings(steps=20, cfg=4.0, shift=3.0)), ("turbo", SamplerSettings(steps=8, cfg=1.0, shift=3.0))],

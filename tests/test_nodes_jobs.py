@@ -248,6 +248,47 @@ def test_a_hostile_queue_file_and_huge_values_do_not_break_the_list(comfy):
     assert call("list")[1]["jobs"][0]["step"] is None
 
 
+HUGE_INT = "9" * 5000  # json.loads raises ValueError (Python's 4300-digit limit), not JSONDecodeError
+DEEP = "[" * 100_000  # json.loads raises RecursionError
+
+
+def test_json_that_python_refuses_to_convert_does_not_break_the_list(comfy):
+    """A run's events, config or summary with a 5000-digit integer or nesting too deep is one run's bad file: the
+    list still answers 200 with every run (it answered 409 with Python's digit-limit message)."""
+    good = runs(comfy) / "good"
+    good.mkdir()
+    write_status(good, "completed", "done")
+    (good / "events.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    hostile = runs(comfy) / "hostile"
+    hostile.mkdir()
+    write_status(hostile, "completed", "done")
+    lines = ['{"step": 1, "loss": ' + HUGE_INT + "}", DEEP, json.dumps({"step": 2, "loss": 0.25})]
+    (hostile / "events.jsonl").write_text("\n".join(lines) + "\n")
+    (hostile / "config.json").write_text('{"run": {"steps": ' + HUGE_INT + "}}")
+    (hostile / "summary.json").write_text(DEEP)
+    status, body = call("list")
+    assert status == 200, body
+    jobs = {job["run"]: job for job in body["jobs"]}
+    assert set(jobs) == {"good", "hostile"} and jobs["hostile"]["step"] == 2 and jobs["hostile"]["total_steps"] is None
+    assert jobs["hostile"]["summary"] == {}
+    assert call("report", {"run": "hostile"})[0] == 200
+
+
+@pytest.mark.parametrize("queue", ['{"jobs": [{"run": "a", "gpu_count": ' + HUGE_INT + "}]}", DEEP])
+def test_a_queue_file_python_refuses_to_convert_is_an_empty_queue(comfy, queue, caplog):
+    """The job queue (runs/.whetstone-jobs/jobs.json) with a 5000-digit integer or nesting too deep is logged and
+    read as empty, as any queue file that is not JSON (the jobs list answered 409 with Python's digit-limit message)."""
+    store = JobStore(runs(comfy))
+    store.folder.mkdir(parents=True)
+    store.path.write_text(queue)
+    done = runs(comfy) / "done"
+    done.mkdir()
+    write_status(done, "completed", "done")
+    status, body = call("list")
+    assert status == 200 and [job["run"] for job in body["jobs"]] == ["done"]
+    assert "not valid JSON" in caplog.text
+
+
 def test_stop_of_a_run_that_is_no_background_job_says_so(comfy):
     run_dir = runs(comfy) / "foreground"
     run_dir.mkdir()

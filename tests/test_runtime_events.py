@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from training.engine.signals import GracefulStop
-from training.run.events import RunLog, maybe_profile, read_events, read_status
+from training.run.events import EventTail, RunLog, maybe_profile, read_events, read_status, read_summary
+
+HUGE_INT = "9" * 5000  # over Python's 4300-digit limit: json.loads raises ValueError, not JSONDecodeError
+DEEP = "[" * 100_000  # deeper than the parser's recursion limit: RecursionError
 
 
 def test_step_lines_are_readable_live(tmp_path):
@@ -42,6 +45,35 @@ def test_tolerates_half_line_and_resume(tmp_path, caplog):
     assert [(e["step"], e["loss"]) for e in read_events(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
     assert len(read_events(tmp_path, resumed_history=False)) == 4
     assert "skipped 1 line" in caplog.text
+
+
+def test_hostile_lines_are_skipped_not_raised(tmp_path, caplog):
+    """A run folder is untrusted: a step line whose number has more than 4300 digits, or nested deeper than the
+    parser can, is skipped as a line that is not JSON (both used to raise out of read_events and EventTail)."""
+    with RunLog(tmp_path, rank=0, tensorboard=False) as log:
+        log.step({"step": 1, "loss": 1.0})
+    with open(tmp_path / "events.jsonl", "a") as handle:
+        handle.write('{"step": 2, "loss": ' + HUGE_INT + "}\n" + DEEP + "\n" + '{"step": ' + HUGE_INT + "}\n")
+        handle.write('{"step": 3, "loss": 0.5}\n')
+    assert [e["step"] for e in read_events(tmp_path)] == [1, 3]
+    assert "skipped 3 line" in caplog.text
+    tail = EventTail(tmp_path / "events.jsonl")
+    assert [e["step"] for e in tail.read_new()] == [1, 3] and tail.bad_lines == 3
+
+
+@pytest.mark.parametrize(
+    "data", [b'{"state": "running", "step": ' + HUGE_INT.encode() + b"}", DEEP.encode(), b"\xff{}"]
+)
+def test_a_hostile_status_or_summary_is_ignored_with_a_warning(tmp_path, caplog, data):
+    (tmp_path / "status.json").write_bytes(data)
+    (tmp_path / "summary.json").write_bytes(data)
+    assert read_status(tmp_path) is None and read_summary(tmp_path) is None
+    assert "not valid JSON" in caplog.text
+
+
+def test_an_oversized_status_is_not_read_whole(tmp_path, caplog):
+    (tmp_path / "status.json").write_text('{"state": "running"}' + " " * (2 << 20))  # valid JSON, megabytes
+    assert read_status(tmp_path) is None and "over" in caplog.text
 
 
 def test_other_ranks_write_nothing(tmp_path):

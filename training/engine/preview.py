@@ -33,6 +33,7 @@ from torch import nn
 from ..model.safetensors_io import write_safetensors
 from ..model.sampling import SamplerSettings, sample_zimage
 from ..model.variants import variant_settings
+from ..run.events import load_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ MAX_PROMPTS = 64
 MAX_PROMPT_TOKENS = 8192
 MAX_LATENT_SIDE = 4096 // 8  # preview.width/height are at most 4096 pixels
 _PROMPT_KEY = re.compile(r"^prompt\.(\d{3})$")
+MAX_PREVIEW_STEP = 10**7  # step_NNNNNNN: seven digits
 _PREVIEW_FILE = re.compile(r"^step_(\d{7})\.safetensors$")
 
 
@@ -207,20 +209,21 @@ def read_preview_events(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def parse_preview_events(text: str) -> list[dict]:
-    """The preview events of a ``previews.jsonl`` text (lines that are not preview events are skipped). After a
+    """The preview events of a ``previews.jsonl`` text (lines that are not preview events are skipped: an event is a
+    step 0..9999999 whose file is that step's ``step_NNNNNNN.safetensors``, as `Previewer.sample` writes it). After a
     resume from an earlier checkpoint the steps sampled again replace the lost run's (as `read_events` does)."""
     events = []
     for line in text.splitlines():
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by a killed writer
+            event = load_json(line)
+        except ValueError:  # a line cut off by a killed writer; an integer too long to convert, nesting too deep
+            continue
         if (
             isinstance(event, dict)
             and isinstance(event.get("step"), int)
             and not isinstance(event["step"], bool)
-            and event["step"] >= 0
-            and _PREVIEW_FILE.match(str(event.get("file")))
+            and 0 <= event["step"] < MAX_PREVIEW_STEP
+            and event.get("file") == preview_path("", event["step"]).name  # the step's own latents
         ):
             while events and events[-1]["step"] >= event["step"]:  # a resumed run sampled these steps again
                 events.pop()

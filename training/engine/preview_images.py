@@ -27,6 +27,8 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 GRID_CELL = 192  # pixels per preview in the grid (longest side)
 LABEL_WIDTH = 70
 HEADER_HEIGHT = 22
+MAX_GRID_SIDE = 4096  # pixels: Preview Settings makes at most 2048
+MAX_GRID_PIXELS = 2048 * 2048
 
 
 def image_path(run_dir: str | os.PathLike, step: int, prompt: int) -> Path:
@@ -82,28 +84,51 @@ def decode_new_previews(run_dir: str | os.PathLike, decode: Decoder) -> list[tup
 
 def preview_grid(run_dir: str | os.PathLike, *, max_rows: int = 8) -> Image.Image | None:
     """The decoded previews as one image: a row per preview step (the latest ``max_rows``), a column per prompt.
-    None when no preview has been decoded yet."""
+    None when no preview has been decoded yet. The run folder is untrusted: the events' width and height are used
+    only when they are whole numbers of pixels (else the cells are square), and a PNG that is not one, or larger than
+    MAX_GRID_PIXELS, leaves its cell blank (logged) rather than failing the report or filling the memory."""
     rows = []
     for event in read_preview_events(run_dir):
-        paths = [image_path(run_dir, event["step"], i) for i in range(len(event.get("prompts", [])))]
+        paths = event_images(run_dir, event)
         if paths and all(p.is_file() and not p.is_symlink() for p in paths):
             rows.append((event, paths))
     if not rows:
         return None
     rows = rows[-max_rows:]
     columns = max(len(paths) for _, paths in rows)
-    width, height = rows[0][0].get("width", 1), rows[0][0].get("height", 1)
+    width, height = _side(rows[0][0].get("width")), _side(rows[0][0].get("height"))
+    if width is None or height is None:
+        width = height = 1
     scale = GRID_CELL / max(width, height)
     cell = (max(1, round(width * scale)), max(1, round(height * scale)))
     grid = Image.new("RGB", (LABEL_WIDTH + columns * cell[0], HEADER_HEIGHT + len(rows) * cell[1]), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
-    for column, prompt in enumerate(rows[-1][0].get("prompts", [])):
+    for column, prompt in enumerate(rows[-1][0].get("prompts", [])[:columns]):
         draw.text((LABEL_WIDTH + column * cell[0] + 4, 4), str(prompt)[:28], fill=(40, 40, 40), font=font)
     for row, (event, paths) in enumerate(rows):
         top = HEADER_HEIGHT + row * cell[1]
         draw.text((4, top + cell[1] // 2 - 6), f"step {event['step']}", fill=(40, 40, 40), font=font)
         for column, path in enumerate(paths):
-            with Image.open(path) as image:
-                grid.paste(image.convert("RGB").resize(cell), (LABEL_WIDTH + column * cell[0], top))
+            image = _cell_image(path, cell)
+            if image is not None:
+                grid.paste(image, (LABEL_WIDTH + column * cell[0], top))
     return grid
+
+
+def _side(value) -> int | None:
+    """A preview's width or height in pixels as the event records it, when it is one (1..MAX_GRID_SIDE)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_GRID_SIDE else None
+
+
+def _cell_image(path: Path, cell: tuple[int, int]) -> Image.Image | None:
+    """One PNG resized to its grid cell; None (logged) for a file that is not an image or is too large to load."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_GRID_PIXELS:
+                logger.warning("%s is %dx%d pixels, over %d: left out of the grid", path, *image.size, MAX_GRID_PIXELS)
+                return None
+            return image.convert("RGB").resize(cell)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL raises all of these
+        logger.warning("%s is not a preview image (%s): left out of the grid", path, error)
+        return None

@@ -33,6 +33,17 @@ STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 STATES = ("starting", "running", "completed", "stopped", "failed")
 TERMINAL_STATES = ("completed", "stopped", "failed")
+MAX_OBJECT_BYTES = 1 << 20  # status.json, summary.json: a real one is a few hundred bytes
+
+
+def load_json(text: str | bytes) -> Any:
+    """``json.loads`` of text from a run folder (untrusted): every way it fails is a ValueError, with its reason. Not
+    only JSONDecodeError: an integer of more digits than ``sys.get_int_max_str_digits()`` (4300) raises a plain
+    ValueError, nesting deeper than the parser's recursion limit a RecursionError (re-raised here as ValueError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------- status
@@ -82,10 +93,16 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def _read_json_object(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_OBJECT_BYTES + 1)
     except FileNotFoundError:
         return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    if len(raw) > MAX_OBJECT_BYTES:
+        logger.warning("%s is over %d bytes, not a run's status or summary; ignoring it", path, MAX_OBJECT_BYTES)
+        return None
+    try:
+        data = load_json(raw.decode("utf-8"))
+    except ValueError as error:  # not UTF-8, not JSON, an integer too long to convert, nesting too deep
         logger.warning("%s is not valid JSON (%s); ignoring it", path, error)
         return None
     if not isinstance(data, dict):
@@ -119,8 +136,8 @@ class EventTail:
             if not line.strip():
                 continue
             try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
+                event = load_json(line)
+            except ValueError:  # not JSON, an integer too long to convert, nesting too deep
                 self.bad_lines += 1
                 logger.warning("%s: skipping a line that is not JSON: %.80s", self.path, line)
                 continue
@@ -148,8 +165,8 @@ def read_events(run_dir: str | os.PathLike, *, resumed_history: bool = True) -> 
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
+            event = load_json(line)
+        except ValueError:  # not JSON (or a line being written), an integer too long to convert, nesting too deep
             if number < len(lines):  # a complete (newline-terminated) line that is not JSON
                 bad += 1
             continue

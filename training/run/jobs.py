@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 from ..atomic import write_json_atomic
 from ..hardware.discovery import HardwareProfile
 from ..lock import LOCK_FILE, FolderBusy, FolderLock, folder_locked
-from .events import TERMINAL_STATES, read_status
+from .events import TERMINAL_STATES, load_json, read_status
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +147,10 @@ class JobStore:
             if self.path.is_symlink() or self.folder.is_symlink():
                 logger.warning("%s is a link; the job queue is never read through a link", self.path)
                 return []
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = load_json(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return []
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:  # not UTF-8 or JSON, an integer too long to convert, nesting too deep
             logger.warning("%s is not valid JSON (%s): treating the queue as empty", self.path, error)
             return []
         if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
