@@ -6,6 +6,7 @@ the browser.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -66,7 +67,9 @@ def read_plain(path: Path, limit: int, *, tail: bool = False) -> bytes | None:
     """A plain file's bytes (its last ``limit`` with ``tail``, else None above ``limit``); None for a link or none."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # none there, or a link: nothing to say
+            logger.warning("%s could not be opened (%s): not read", path, error.strerror or error)
         return None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
