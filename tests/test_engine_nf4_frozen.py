@@ -177,7 +177,8 @@ def test_compiled_blocks_recompute_the_weight_for_the_backward_instead_of_keepin
 
 
 def test_the_kernel_is_used_only_after_its_self_check_matches_the_pytorch_ops(monkeypatch, caplog):
-    """A kernel whose weights differ from the PyTorch ops' in one value is refused, saying so; an equal one is used."""
+    """A kernel whose weights differ from the PyTorch ops' in one value, or that fails, is refused, saying so; an
+    equal one is used."""
     from training.engine import nf4_kernel
     from training.engine.nf4_frozen import BUFFER_NAMES, NF4Layout, dequantize_nf4
 
@@ -189,10 +190,17 @@ def test_the_kernel_is_used_only_after_its_self_check_matches_the_pytorch_ops(mo
             weight.view(-1)[5] += offby
             return weight
 
-        return lambda: (dequantize, None)
+        return lambda: (dequantize, lambda grad, *args: grad @ dequantize(*args))
 
     monkeypatch.setattr(nf4_kernel, "operators", pytorch_ops(0.0))
     assert nf4_kernel.self_check.__wrapped__(CPU) is True
     monkeypatch.setattr(nf4_kernel, "operators", pytorch_ops(1.0))
     assert nf4_kernel.self_check.__wrapped__(CPU) is False
     assert "differs from the PyTorch ops in 1 of 30720 weights; using the PyTorch ops" in caplog.text
+
+    def no_triton():
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(nf4_kernel, "operators", no_triton)
+    assert nf4_kernel.self_check.__wrapped__(CPU) is False
+    assert "the Triton kernel failed; using the PyTorch ops" in caplog.text and "no kernel image" in caplog.text

@@ -12,8 +12,9 @@ kernel: `bench/bench_nf4_dequant.py`). Two operators wrap it:
   partitioner, which never recomputes a kernel it cannot see into, would compute it in the forward and keep every
   dequantised weight for the backward (what QLoRA exists to avoid).
 
-Both take the packed tensors in `nf4_frozen.BUFFER_NAMES` order. Triton is imported only when a CUDA tensor asks for
-it; the CPU build of torch has none.
+Both take the packed tensors in `nf4_frozen.BUFFER_NAMES` order. Triton is imported only on a machine with a GPU,
+when a QLoRA layer is converted; the CPU build of torch has none. Before its first use on a GPU the kernel is checked
+against the PyTorch ops (`self_check`); a difference or a failure falls back to them, saying so.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def available(dtype: torch.dtype) -> bool:
 def self_check(device: torch.device) -> bool:
     """Once per device: the kernel's weights against `nf4_frozen.dequantize_nf4`'s, bit for bit, on random packed
     tensors of a few blocks (a Triton or driver that rounds differently falls back to the PyTorch ops, saying so)."""
-    from .nf4_frozen import BUFFER_NAMES, NF4Layout, dequantize_nf4
+    from .nf4_frozen import NF4Layout, dequantize_nf4
 
     generator = torch.Generator().manual_seed(0)
     layout = NF4Layout(shape=(48, 640), dtype=torch.bfloat16, blocksize=64, nested_blocksize=256)
@@ -56,21 +57,36 @@ def self_check(device: torch.device) -> bool:
         "code": torch.linspace(-1, 1, 16) * 0.97,
     }
     tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-    dequantize, _ = operators()
-    weight = dequantize(*(tensors[name] for name in BUFFER_NAMES), *layout.shape, 64, 256)
+    try:
+        weight, grad_in, grad = _run_both(tensors, layout)
+    except Exception:  # a Triton that cannot build or launch the kernel here: the PyTorch ops do the work
+        logger.warning(
+            "NF4 dequantisation on %s: the Triton kernel failed; using the PyTorch ops", device, exc_info=True
+        )
+        return False
     expected = dequantize_nf4(tensors, layout)
-    if torch.equal(weight, expected):
+    if torch.equal(weight, expected) and torch.equal(grad_in, grad @ expected):
         logger.info("NF4 dequantisation on %s: the Triton kernel (its self-check matched the PyTorch ops)", device)
         return True
-    differing = (weight != expected).sum().item()
     logger.warning(
         "NF4 dequantisation on %s: the Triton kernel differs from the PyTorch ops in %d of %d weights; using the "
         "PyTorch ops (slower, the same numbers as bitsandbytes)",
         device,
-        differing,
+        (weight != expected).sum().item(),
         weight.numel(),
     )
     return False
+
+
+def _run_both(tensors: dict, layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two operators on the self-check's tensors: the weight, and the input gradient of a random output gradient."""
+    from .nf4_frozen import BUFFER_NAMES
+
+    dequantize, grad_input = operators()
+    args = (*(tensors[name] for name in BUFFER_NAMES), *layout.shape, layout.blocksize, layout.nested_blocksize)
+    grad = torch.randn(8, layout.shape[0], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    grad = grad.to(tensors["packed"].device)
+    return dequantize(*args), grad_input(grad, *args), grad
 
 
 @functools.cache
