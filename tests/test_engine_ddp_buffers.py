@@ -47,7 +47,7 @@ def _worker(rank: int, port: int, results) -> None:
 
 
 def test_ddp_averages_gradients_and_leaves_each_ranks_buffers_alone():
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # a forked manager can abort on torch state it inherits
         results = manager.dict()
         mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
         results = dict(results)

@@ -348,7 +348,7 @@ def _ddp_worker(rank: int, port: int, run_dir: str, results) -> None:
 
 
 def test_two_ranks_gloo_async_resume(tmp_path):
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # a forked manager can abort on torch state it inherits
         results = manager.dict()
         mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
         results = dict(results)

@@ -353,7 +353,7 @@ def _one_rank_damaged_worker(rank: int, port: int, run_dir: str, results) -> Non
 
 
 def test_ranks_agree_to_fall_back_when_one_ranks_part_is_damaged(tmp_path):
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # a forked manager can abort on torch state it inherits
         results = manager.dict()
         mp.spawn(_one_rank_damaged_worker, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
         results = dict(results)
