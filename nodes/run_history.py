@@ -8,11 +8,11 @@ back to the browser.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from ..training.run.events import EVENTS_FILE, STATUS_FILE, read_events, read_status
 from . import paths
+from .run_files import number
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +24,6 @@ MAX_TEXT_CHARS = 500
 def _inside(run_dir: Path, name: str) -> bool:
     path = run_dir / name
     return path.is_file() and path.resolve().parent == run_dir
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _text(value) -> str:
@@ -47,7 +41,7 @@ def run_history(run_name: str) -> dict:
         return history
     if _inside(run_dir, EVENTS_FILE):
         events = read_events(run_dir)[-MAX_POINTS:]
-        history["points"] = [[event["step"], _number(event.get("loss"))] for event in events]
+        history["points"] = [[event["step"], number(event.get("loss"))] for event in events]
         history["step"] = events[-1]["step"] if events else None
     if _inside(run_dir, STATUS_FILE):
         try:
@@ -57,7 +51,7 @@ def run_history(run_name: str) -> dict:
             status = {}
         if isinstance(status, dict):
             history["state"], history["message"] = _text(status.get("state")), _text(status.get("message"))
-            history["updated"] = _number(status.get("time"))
+            history["updated"] = number(status.get("time"))
     return history
 
 

@@ -99,10 +99,8 @@ class FrozenNF4Linear(nn.Module):
             dtype=state.dtype,
             blocksize=state.blocksize,
             nested_blocksize=state.state2.blocksize,
-            kernel=nf4_kernel.available(state.dtype),
+            kernel=nf4_kernel.available(state.dtype),  # its self-check registered the two operators
         )
-        if self.layout.kernel:
-            nf4_kernel.operators()  # registers torch.ops.whetstone.nf4_dequantize / nf4_grad_input
         self.out_features, self.in_features = self.layout.shape
         self.compute_dtype = layer.compute_dtype or state.dtype  # what Linear4bit casts its input to
         tensors = {
