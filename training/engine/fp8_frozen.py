@@ -16,6 +16,8 @@ import logging
 import torch
 from torch import nn
 
+from . import fp8_kernel
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -30,24 +32,25 @@ def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def _scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype):
-    """``a @ b.T`` for a [M, K] activation and b given as e4m3 rows [N, K] with scales [1, N] (contiguous)."""
-    a_fp8, a_scale = quantize_rows(a)
+def _scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype, kernel: bool):
+    """``a @ b.T`` for a [M, K] activation and b given as e4m3 rows [N, K] with scales [1, N] (contiguous); ``a`` is
+    quantised by `fp8_kernel`'s Triton kernel where the layer has it (``kernel``) and ``a`` fits it."""
+    a_fp8, a_scale = fp8_kernel.quantize_rows_op()(a) if kernel and fp8_kernel.fits(a) else quantize_rows(a)
     return torch._scaled_mm(a_fp8, b_rows.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
 
 
 class _FrozenFP8Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight_fp8, weight_scale, weight_t_fp8, weight_t_scale):
+    def forward(ctx, x, weight_fp8, weight_scale, weight_t_fp8, weight_t_scale, kernel):
         ctx.save_for_backward(weight_t_fp8, weight_t_scale)
-        ctx.out_dtype = x.dtype
-        return _scaled_matmul(x, weight_fp8, weight_scale, x.dtype)
+        ctx.out_dtype, ctx.kernel = x.dtype, kernel
+        return _scaled_matmul(x, weight_fp8, weight_scale, x.dtype, kernel)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight_t_fp8, weight_t_scale = ctx.saved_tensors
-        grad_in = _scaled_matmul(grad_out.contiguous(), weight_t_fp8, weight_t_scale, ctx.out_dtype)
-        return grad_in, None, None, None, None
+        grad_in = _scaled_matmul(grad_out.contiguous(), weight_t_fp8, weight_t_scale, ctx.out_dtype, ctx.kernel)
+        return grad_in, None, None, None, None, None
 
 
 class FrozenFP8Linear(nn.Module):
@@ -59,6 +62,7 @@ class FrozenFP8Linear(nn.Module):
             raise ValueError("FrozenFP8Linear is for frozen weights; this layer's weight requires grad")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
+        self.kernel = fp8_kernel.available(compute_dtype)  # activations quantised by the Triton kernel on CUDA
         weight = linear.weight.detach()
         weight_fp8, weight_scale = quantize_rows(weight)
         weight_t_fp8, weight_t_scale = quantize_rows(weight.t().contiguous())
@@ -79,13 +83,16 @@ class FrozenFP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).to(self.compute_dtype)
-        out = _FrozenFP8Matmul.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
+        out = _FrozenFP8Matmul.apply(
+            rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale, self.kernel
+        )
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise, frozen"
+        quantiser = "Triton" if self.kernel else "PyTorch"
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise ({quantiser}), frozen"
 
 
 def fp8_eligible(linear: nn.Module) -> bool:
