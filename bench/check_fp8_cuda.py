@@ -68,6 +68,7 @@ def check_layer(compiled: bool) -> bool:
 
 
 def main() -> int:
+    fp8_kernel.ENABLED = True
     available = fp8_kernel.available(torch.bfloat16)
     print(f"kernel available (self-check passed): {available}")
     ok = available and all([check_shape(*shape) for shape in SHAPES])
