@@ -35,7 +35,10 @@ def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype, kernel: bool):
     """``a @ b.T`` for a [M, K] activation and b given as e4m3 rows [N, K] with scales [1, N] (contiguous); ``a`` is
     quantised by `fp8_kernel`'s Triton kernel where the layer has it (``kernel``) and ``a`` fits it."""
-    a_fp8, a_scale = fp8_kernel.quantize_rows_op()(a) if kernel and fp8_kernel.fits(a) else quantize_rows(a)
+    if kernel and fp8_kernel.fits(a):  # registered by the self-check that set ``kernel``; traceable as torch.ops
+        a_fp8, a_scale = torch.ops.whetstone.fp8_quantize_rows(a)
+    else:
+        a_fp8, a_scale = quantize_rows(a)
     return torch._scaled_mm(a_fp8, b_rows.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
 
 
