@@ -15,23 +15,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_nf4_dequant import timed  # noqa: E402
 
 from training.engine import fp8_kernel  # noqa: E402
 from training.engine.fp8_frozen import FrozenFP8Linear, quantize_rows  # noqa: E402
 
 SHAPES = ((4608, 3840), (4608, 10240), (4608, 11520), (512, 3840))  # block input, FFN hidden, qkv grad, captions
-
-
-def milliseconds(function, repeats: int = 50) -> float:
-    for _ in range(3):
-        function()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def check_shape(rows: int, columns: int) -> bool:
@@ -41,10 +32,10 @@ def check_shape(rows: int, columns: int) -> bool:
     (values, scales), (expected, expected_scales) = kernel(x), quantize_rows(x)
     exact = torch.equal(values.view(torch.uint8), expected.view(torch.uint8)) and torch.equal(scales, expected_scales)
     compiled = torch.compile(quantize_rows)
-    times = {"eager": milliseconds(lambda: quantize_rows(x)), "compiled": milliseconds(lambda: compiled(x)),
-             "kernel": milliseconds(lambda: kernel(x))}  # fmt: skip
+    times = {"eager": timed(lambda: quantize_rows(x)), "compiled": timed(lambda: compiled(x)),
+             "kernel": timed(lambda: kernel(x))}  # fmt: skip
     moved = x.numel() * 3 + rows * 4  # bf16 read, e4m3 written, one float32 scale per row
-    rates = ", ".join(f"{name} {ms * 1e3:.1f} µs ({moved / ms / 1e9:.2f} TB/s)" for name, ms in times.items())
+    rates = ", ".join(f"{name} {s * 1e6:.1f} µs ({moved / s / 1e12:.2f} TB/s)" for name, s in times.items())
     print(f"{rows}x{columns}: identical {exact}; {rates}")
     return exact
 
