@@ -34,7 +34,6 @@ class OurConfig:
     cudagraphs: bool = False  # an experiment (issue 12): inductor's CUDA graphs over every compiled block
     adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES (lora modes)
     nf4_in_graph: bool = True  # qlora + compile; False: bitsandbytes' Linear4bit (before issue 12's lever)
-    fp8_quant_kernel: bool = False  # fp8; True: activations quantised by fp8_kernel's Triton kernel (issue 12's lever)
 
 
 _BASE = OurConfig(batch=4, resolution=512)
@@ -47,7 +46,6 @@ OUR_CONFIGS = {
     "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
     "qlora-512-bnb": dataclasses.replace(_BASE, mode="qlora", nf4_in_graph=False),
     "fp8-512": dataclasses.replace(_BASE, fp8=True),
-    "fp8-512-quantkernel": dataclasses.replace(_BASE, fp8=True, fp8_quant_kernel=True),
     "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
     "lora-512+cg": dataclasses.replace(_BASE, cudagraphs=True),
     "fp8-512+cg": dataclasses.replace(_BASE, fp8=True, cudagraphs=True),
@@ -95,10 +93,6 @@ def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
         from training.engine import parallelize
 
         parallelize.apply_nf4_in_graph = lambda model: None
-    if conf.fp8_quant_kernel:  # the A/B of the lever: each item runs in its own process
-        from training.engine import fp8_kernel
-
-        fp8_kernel.ENABLED = True
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
         code = run_training(train_config(conf, run_dir, warmup + steps))

@@ -16,8 +16,6 @@ import logging
 import torch
 from torch import nn
 
-from . import fp8_kernel
-
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -28,32 +26,28 @@ _EPS = 1e-12
 def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 tensor, float32 scale per row [rows, 1]) with ``tensor ≈ fp8.float() * scale``."""
     amax = tensor.abs().amax(dim=-1, keepdim=True).float().clamp(min=_EPS)
-    scale = amax * (1 / FP8_MAX)  # what CUDA computes for ``amax / FP8_MAX`` anyway; the CPU and fp8_kernel the same
+    scale = amax * (1 / FP8_MAX)  # what CUDA computes for ``amax / FP8_MAX`` anyway; the CPU the same
     return (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def _scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype, kernel: bool):
-    """``a @ b.T`` for a [M, K] activation and b given as e4m3 rows [N, K] with scales [1, N] (contiguous); ``a`` is
-    quantised by `fp8_kernel`'s Triton kernel where the layer has it (``kernel``) and ``a`` fits it."""
-    if kernel and fp8_kernel.fits(a):  # registered by the self-check that set ``kernel``; traceable as torch.ops
-        a_fp8, a_scale = torch.ops.whetstone.fp8_quantize_rows(a)
-    else:
-        a_fp8, a_scale = quantize_rows(a)
+def _scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype):
+    """``a @ b.T`` for a [M, K] activation and b given as e4m3 rows [N, K] with scales [1, N] (contiguous)."""
+    a_fp8, a_scale = quantize_rows(a)  # Inductor fuses this into the kernel that produces ``a``
     return torch._scaled_mm(a_fp8, b_rows.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
 
 
 class _FrozenFP8Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight_fp8, weight_scale, weight_t_fp8, weight_t_scale, kernel):
+    def forward(ctx, x, weight_fp8, weight_scale, weight_t_fp8, weight_t_scale):
         ctx.save_for_backward(weight_t_fp8, weight_t_scale)
-        ctx.out_dtype, ctx.kernel = x.dtype, kernel
-        return _scaled_matmul(x, weight_fp8, weight_scale, x.dtype, kernel)
+        ctx.out_dtype = x.dtype
+        return _scaled_matmul(x, weight_fp8, weight_scale, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight_t_fp8, weight_t_scale = ctx.saved_tensors
-        grad_in = _scaled_matmul(grad_out.contiguous(), weight_t_fp8, weight_t_scale, ctx.out_dtype, ctx.kernel)
-        return grad_in, None, None, None, None, None
+        grad_in = _scaled_matmul(grad_out.contiguous(), weight_t_fp8, weight_t_scale, ctx.out_dtype)
+        return grad_in, None, None, None, None
 
 
 class FrozenFP8Linear(nn.Module):
@@ -65,7 +59,6 @@ class FrozenFP8Linear(nn.Module):
             raise ValueError("FrozenFP8Linear is for frozen weights; this layer's weight requires grad")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
-        self.kernel = fp8_kernel.available(compute_dtype)  # activations quantised by the Triton kernel on CUDA
         weight = linear.weight.detach()
         weight_fp8, weight_scale = quantize_rows(weight)
         weight_t_fp8, weight_t_scale = quantize_rows(weight.t().contiguous())
@@ -87,15 +80,14 @@ class FrozenFP8Linear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).to(self.compute_dtype)
         out = _FrozenFP8Matmul.apply(
-            rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale, self.kernel
+            rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale
         )
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        quantiser = "Triton" if self.kernel else "PyTorch"
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise ({quantiser}), frozen"
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise, frozen"
 
 
 def fp8_eligible(linear: nn.Module) -> bool:
