@@ -34,6 +34,7 @@ class OurConfig:
     cudagraphs: bool = False  # an experiment (issue 12): inductor's CUDA graphs over every compiled block
     adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES (lora modes)
     nf4_in_graph: bool = True  # qlora + compile; False: bitsandbytes' Linear4bit (before issue 12's lever)
+    lora_concat: bool = True  # lora + compile on one GPU; False: peft's separate adapter GEMMs (before the lever)
 
 
 _BASE = OurConfig(batch=4, resolution=512)
@@ -41,7 +42,9 @@ OUR_CONFIGS = {
     "lora-512": _BASE,
     "lora-512-eager": dataclasses.replace(_BASE, compile=False),
     "lora-512-bs8": dataclasses.replace(_BASE, batch=8),
+    "lora-512-peft": dataclasses.replace(_BASE, lora_concat=False),
     "lora-1024": dataclasses.replace(_BASE, batch=1, resolution=1024),
+    "lora-1024-peft": dataclasses.replace(_BASE, batch=1, resolution=1024, lora_concat=False),
     "lora-1024-bs2": dataclasses.replace(_BASE, batch=2, resolution=1024),
     "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
     "qlora-512-bnb": dataclasses.replace(_BASE, mode="qlora", nf4_in_graph=False),
@@ -80,19 +83,26 @@ def train_config(conf: OurConfig, output_dir: str, steps: int, *, grad_accum: in
     )
 
 
+def apply_levers(conf: OurConfig) -> None:
+    """Set this process up for ``conf``'s experiments (issue 12's A/Bs); each item runs in its own process."""
+    from training.engine import parallelize
+
+    if conf.cudagraphs:  # what torch.compile(mode="reduce-overhead") turns on
+        from torch._inductor import config as inductor_config
+
+        inductor_config.triton.cudagraphs = True
+    if not conf.nf4_in_graph:
+        parallelize.apply_nf4_in_graph = lambda model: None
+    if not conf.lora_concat:
+        parallelize.apply_lora_concat_gemms = lambda model: None
+
+
 def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:
     """Train warmup + steps steps; report the wall-clock rate of the last ``steps`` (compilation stays out).
 
     The rate is images over the wall time of the window (checked against the engine's device-finished step times:
     `training.engine.timing.window_rate` raises when they differ by more than 3%)."""
-    if conf.cudagraphs:  # what torch.compile(mode="reduce-overhead") turns on; each item runs in its own process
-        from torch._inductor import config as inductor_config
-
-        inductor_config.triton.cudagraphs = True
-    if not conf.nf4_in_graph:  # the A/B of the lever: each item runs in its own process
-        from training.engine import parallelize
-
-        parallelize.apply_nf4_in_graph = lambda model: None
+    apply_levers(conf)
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as run_dir:
         torch.cuda.reset_peak_memory_stats()
         code = run_training(train_config(conf, run_dir, warmup + steps))

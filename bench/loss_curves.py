@@ -31,6 +31,7 @@ from training.run.events import read_events  # noqa: E402
 VARIANTS = {
     "plain": dataclasses.replace(OUR_CONFIGS["lora-512"], compile=False),
     "compiled": OUR_CONFIGS["lora-512"],
+    "compiled-peft": OUR_CONFIGS["lora-512-peft"],  # peft's separate adapter GEMMs (before lora_concat)
     "fp8": OUR_CONFIGS["fp8-512"],
     "qlora": OUR_CONFIGS["qlora-512"],
 }
@@ -41,7 +42,7 @@ def train(variant: str, steps: int, root: Path, timeout: int) -> list[dict]:
     run_dir = root / variant
     config_path = root / f"{variant}.json"
     train_config(VARIANTS[variant], str(run_dir), steps).save(config_path)
-    command = [sys.executable, "-m", "training", "--log-level", "WARNING", "train", "--config", str(config_path)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--train-variant", variant, str(config_path)]
     subprocess.run(command, check=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
     return [e for e in read_events(run_dir) if "loss" in e]
 
@@ -59,7 +60,19 @@ def compare(reference: list[float], other: list[float]) -> dict:
     }
 
 
+def train_variant(variant: str, config_path: str) -> int:
+    """The training process of one variant: its levers set (`bench_ours.apply_levers`), then ``training train``."""
+    from bench_ours import apply_levers
+
+    from training.__main__ import main as training_main
+
+    apply_levers(VARIANTS[variant])
+    return training_main(["--log-level", "WARNING", "train", "--config", config_path])
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--train-variant"]:
+        return train_variant(*sys.argv[2:4])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--variants", default="plain,compiled,fp8", help=f"from {sorted(VARIANTS)}; first = reference")

@@ -79,9 +79,7 @@ class FrozenFP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).to(self.compute_dtype)
-        out = _FrozenFP8Matmul.apply(
-            rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale
-        )
+        out = _FrozenFP8Matmul.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)

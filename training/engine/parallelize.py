@@ -122,6 +122,25 @@ def apply_nf4_in_graph(model: nn.Module) -> None:
     )
 
 
+def lora_concat_applies(*, mode: str, compile: bool, plain_base: bool, device: torch.device, strategy: str) -> bool:
+    """Where `lora_concat` was measured to pay (issue 12): compiled LoRA on a bf16 base, one CUDA process. Eager
+    would copy each input into the concatenation that Inductor fuses; DDP and FSDP2 are not measured yet."""
+    return mode == "lora" and compile and plain_base and device.type == "cuda" and strategy == "none"
+
+
+def apply_lora_concat_gemms(model: nn.Module) -> None:
+    """LoRA under compile on one CUDA process: each adapter's up-projection computed in its base's GEMM
+    (`lora_concat`), which writes the output once instead of twice."""
+    from .lora_concat import apply_lora_concat
+
+    converted = apply_lora_concat(model)
+    logger.info(
+        "LoRA: %d layers compute x·Wᵀ + s·(x·Aᵀ)·Bᵀ as one GEMM over [x | s·x·Aᵀ] (one output write instead of the "
+        "adapter's separate [M, N] product and add, issue 12)",
+        converted,
+    )
+
+
 def apply_ddp(model: nn.Module, dist_info: DistInfo, *, bf16_grads: bool = False) -> nn.Module:
     """DDP over the model; only the (LoRA) parameters that require grad are all-reduced.
 
@@ -230,6 +249,7 @@ def parallelize(
         convert_to_fp8_storage(model.blocks(), compute_dtype=param_dtype, device=dist_info.device)
     if mode == "qlora" and compile:
         apply_nf4_in_graph(model)
+    strategy = resolve_strategy(strategy, mode=mode, world_size=dist_info.world_size)
     if checkpoint_depth:
         apply_activation_checkpointing(model, checkpoint_depth)
     if swap_blocks:
@@ -238,9 +258,16 @@ def parallelize(
         apply_block_swap(model, swap_blocks, dist_info.device, measure=measure_swap)
     else:
         place_on_device(model, dist_info.device)
+    if lora_concat_applies(
+        mode=mode,
+        compile=compile,
+        plain_base=not (fp8 or fp8_base or swap_blocks),
+        device=dist_info.device,
+        strategy=strategy,
+    ):
+        apply_lora_concat_gemms(model)  # after placement: the base weight becomes a view of the combined buffer
     if compile:
         apply_compile(model, image_shapes=image_shapes)
-    strategy = resolve_strategy(strategy, mode=mode, world_size=dist_info.world_size)
     if strategy == "fsdp2":
         apply_fsdp(model, dist_info, param_dtype=param_dtype, cpu_offload=cpu_offload)
         return model

@@ -1,0 +1,174 @@
+"""LoRA's up-projection concatenated into the base GEMM (training/engine/lora_concat.py): the same forward and
+gradients as peft's path, eager and compiled, after optimizer steps (the mirrored B rows), with the base stored
+once, and peft's path kept where the layer is not eligible."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_helpers import randomize, relative_error
+from torch import nn
+
+from training.engine.lora_concat import apply_lora_concat, concat_eligible
+from training.model.config import PRESETS
+from training.model.lora import LoraSettings, attach_lora, lora_layers, lora_state_dict, merge_lora
+from training.model.zimage import ZImageTransformer
+
+TOLERANCE = 1e-10  # float64: the same sums in another order (float32 drifts to ~2e-5 over steps of a deep net)
+
+
+SETTINGS = LoraSettings(rank=4, alpha=8.0, targets="attention+ffn")  # scale 2: the scale must land in A's and B's grads
+
+
+def lora_model(settings: LoraSettings = SETTINGS):
+    model = ZImageTransformer(PRESETS["tiny"]).double()
+    randomize(model, seed=0)
+    attach_lora(model, settings)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # peft starts B at zero, which would hide B's rows and A's gradient
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
+def inputs(seed: int = 1, dtype: torch.dtype = torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    cfg = PRESETS["tiny"]
+    latents = torch.randn(2, cfg.in_channels, 8, 6, generator=generator, dtype=dtype)
+    captions = [torch.randn(n, cfg.cap_feat_dim, generator=generator, dtype=dtype) for n in (9, 16)]
+    return latents, torch.tensor([0.3, 0.8], dtype=dtype), captions
+
+
+def loss_and_grads(model: nn.Module, seed: int = 1, dtype=torch.float64) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(*inputs(seed, dtype)).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training(reference: nn.Module, concat: nn.Module, steps: int = 3, tolerance=TOLERANCE) -> None:
+    """Equal loss and LoRA gradients over a few SGD steps of ``concat``: B changes every step and the mirrored rows
+    must follow it; ``reference`` is given the same parameters before each step (the trajectories would otherwise
+    drift apart from rounding alone)."""
+    trained = {n: p for n, p in concat.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(trained.values(), lr=0.5)
+    for step in range(steps):
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                if param.requires_grad:
+                    param.copy_(trained[name])
+        (loss_ref, grads_ref), (loss_cat, grads_cat) = loss_and_grads(reference, step), loss_and_grads(concat, step)
+        assert relative_error(loss_cat, loss_ref) < tolerance, step
+        assert grads_ref.keys() == grads_cat.keys()
+        for name, grad in grads_ref.items():
+            assert relative_error(grads_cat[name], grad) < tolerance, (step, name)
+        optimizer.step()
+
+
+def test_training_equals_peft_eager():
+    reference = lora_model()
+    concat = copy.deepcopy(reference)
+    assert apply_lora_concat(concat) == len(lora_layers(reference)) > 0
+    assert_same_training(reference, concat)
+
+
+def test_training_equals_peft_compiled_blocks():
+    """Compiled in one graph per block (no graph break around the custom function); the blocks' RMSNorms compute in
+    float32, which Inductor fuses and rounds in another order than eager, hence the float32-sized tolerance."""
+    torch._dynamo.reset()
+    reference = lora_model()
+    concat = copy.deepcopy(reference)
+    apply_lora_concat(concat)
+    for model in (reference, concat):
+        for block in [*model.noise_refiner, *model.context_refiner, *model.layers]:
+            block.compile(backend="inductor", fullgraph=True)
+    assert_same_training(reference, concat, steps=2, tolerance=1e-6)
+
+
+def test_base_is_stored_once_and_files_are_unchanged():
+    reference = lora_model()
+    concat = copy.deepcopy(reference)
+    apply_lora_concat(concat)
+    for name, layer in lora_layers(concat).items():
+        weight, combined = layer.get_base_layer().weight, layer.combined_t
+        assert weight.untyped_storage().data_ptr() == combined.untyped_storage().data_ptr(), name
+        assert torch.equal(weight, lora_layers(reference)[name].get_base_layer().weight)
+    for key, value in lora_state_dict(reference).items():
+        assert torch.equal(lora_state_dict(concat)[key], value), key
+    merged_ref, merged_cat = merge_lora(copy.deepcopy(reference)), merge_lora(copy.deepcopy(concat))
+    for (name, a), (_, b) in zip(merged_ref.state_dict().items(), merged_cat.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_disabled_adapters_take_peft_path():
+    model = lora_model()
+    apply_lora_concat(model)
+    layer = next(iter(lora_layers(model).values()))
+    x = torch.randn(5, layer.in_features, dtype=torch.float64)
+    with_adapter = layer(x)
+    layer.enable_adapters(False)
+    assert torch.allclose(layer(x), x @ layer.get_base_layer().weight.t())
+    assert not torch.allclose(with_adapter, layer(x))
+
+
+def test_bf16_base_float32_adapter_under_autocast():
+    """The engine's LoRA precision: bf16 base, float32 adapters, bf16 autocast; gradients come back float32."""
+    reference = lora_model().float()
+    for module in reference.modules():
+        if type(module) is nn.Linear and not module.weight.requires_grad:
+            module.to(torch.bfloat16)
+    concat = copy.deepcopy(reference)
+    apply_lora_concat(concat)
+    assert all(layer.combined_t.dtype == torch.bfloat16 for layer in lora_layers(concat).values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_ref, grads_ref = loss_and_grads(reference, dtype=torch.float32)
+        loss_cat, grads_cat = loss_and_grads(concat, dtype=torch.float32)
+    assert relative_error(loss_cat, loss_ref) < 2e-2
+    for name, grad in grads_ref.items():
+        assert grads_cat[name].dtype == torch.float32
+        assert relative_error(grads_cat[name], grad) < 5e-2, name
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        (LoraSettings(rank=4, targets="attention", dropout=0.1), "dropout"),
+        (LoraSettings(rank=4, targets="attention", adapter="dora"), "DoRA"),
+        (LoraSettings(rank=4, targets="attention", adapter="loha"), "plain LoRA"),
+    ],
+)
+def test_ineligible_layers_keep_peft(settings, reason):
+    model = lora_model(settings)
+    for layer in lora_layers(model).values():
+        assert reason in concat_eligible(layer)
+    torch.manual_seed(0)  # the dropout's mask
+    before = loss_and_grads(model)[0]
+    assert apply_lora_concat(model) == 0
+    torch.manual_seed(0)
+    assert torch.equal(loss_and_grads(model)[0], before)
+
+
+def test_engine_run_equals_peft(tmp_path, monkeypatch, caplog):
+    """The whole engine (grad accumulation, checkpointing, AdamW, the LoRA file) with the path forced on the CPU:
+    the loss curve and the saved adapter equal peft's (the mirror hook runs before every forward)."""
+    from safetensors.torch import load_file
+    from test_engine_runs import STEPS, tiny_config, train_in_process
+
+    from training.engine import parallelize
+
+    reference = train_in_process(tiny_config(tmp_path / "peft"))
+    monkeypatch.setattr(parallelize, "lora_concat_applies", lambda **conditions: True)
+    with caplog.at_level("INFO", logger="training.engine.parallelize"):
+        concat = train_in_process(tiny_config(tmp_path / "concat"))
+    assert "LoRA: 10 layers compute" in caplog.text  # the tiny model: 2 main blocks × qkv, out, w1, w2, w3
+    assert len(concat) == STEPS
+    for got, want in zip(concat, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["step"]
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), got["step"]
+    files = [load_file(tmp_path / run / "lora.safetensors") for run in ("peft", "concat")]
+    assert files[0].keys() == files[1].keys()
+    for key, value in files[0].items():
+        torch.testing.assert_close(files[1][key], value, rtol=1e-4, atol=1e-6, msg=key)

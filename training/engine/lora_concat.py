@@ -1,0 +1,138 @@
+"""LoRA's up-projection computed in the base's GEMM: ``y = [x | s·h] @ [W | B]ᵀ`` with ``h = x Aᵀ``.
+
+peft computes ``y = x Wᵀ + s·(x Aᵀ) Bᵀ`` as separate products: the adapter's output, as large as the base's [M, N],
+is written by one GEMM and read back to be added, and the backward reads the output gradient once more for
+``grad_y B``. Concatenated along the reduction dimension the two products are one GEMM whose output is written once,
+and the backward's ``grad_y [W | B]`` gives the base's input gradient and ``grad_y B`` in one pass over ``grad_y``
+(issue 12: ~1.1 GB less memory traffic a main block at 512² batch 4; +4% a step, measured). The sum is accumulated
+in float32 inside the GEMM and rounded once, where peft rounds the base output, the adapter output and their sum to
+bf16 each. Inductor fuses the concatenation into the kernel that produces x.
+
+The layout makes the concatenated weight free: each layer keeps one buffer ``combined_t`` [K + r, N] whose first K
+rows are Wᵀ (the base weight becomes a transposed view of them, no copy of the 6 B-parameter base) and whose last r
+rows mirror Bᵀ in the base's dtype. The float32 B stays peft's trainable parameter; a forward pre-hook on the model
+copies every B into its rows before each forward (one ``_foreach_copy_``; 1.7 ms a step for r128 on every block
+linear, measured), so the optimizer, checkpoints, EMA and the adapter files see peft's layers unchanged. Plain LoRA
+without dropout only; DoRA, the other adapter types, FP8 and NF4 bases keep peft's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "default"
+
+
+class _ConcatLoraMatmul(torch.autograd.Function):
+    """``[x | s·(x Aᵀ)] @ combined_t`` for x [M, K]; gradients for x, A and B (given for its gradient only: its
+    values are read from ``combined_t``'s last r rows)."""
+
+    @staticmethod
+    def forward(ctx, x, combined_t, lora_a, lora_b, scale):
+        dtype = combined_t.dtype
+        x = x.to(dtype)
+        a = lora_a.to(dtype)
+        down = (x @ a.t()) * scale  # [M, r]
+        out = torch.cat((x, down), dim=1) @ combined_t
+        ctx.save_for_backward(x, down, a, combined_t)
+        ctx.scale, ctx.dtypes = scale, (lora_a.dtype, lora_b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, down, a, combined_t = ctx.saved_tensors
+        in_features = x.shape[1]
+        grad_out = grad_out.to(combined_t.dtype)
+        both = grad_out @ combined_t.t()  # [M, K + r]: grad_out @ W beside grad_out @ B
+        grad_down = both[:, in_features:] * ctx.scale
+        grad_x = both[:, :in_features] + grad_down @ a  # Inductor fuses the add into the consumer (addmm would copy)
+        grad_a = (grad_down.t() @ x).to(ctx.dtypes[0])
+        grad_b = (grad_out.t() @ down).to(ctx.dtypes[1])
+        return grad_x, None, grad_a, grad_b, None
+
+
+def _concat_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The peft layer's forward through `_ConcatLoraMatmul` while its one adapter is active and unmerged; peft's
+    own forward otherwise (adapters disabled for a base-model preview, merged, or other adapters added)."""
+    if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER]:
+        return type(self).forward(self, x, *args, **kwargs)
+    shape = x.shape
+    with torch.autocast(x.device.type, enabled=False):  # the dtypes are explicit: the base's, as autocast would pick
+        out = _ConcatLoraMatmul.apply(
+            x.reshape(-1, shape[-1]),
+            self.combined_t,
+            self.lora_A[ADAPTER].weight,
+            self.lora_B[ADAPTER].weight,
+            self.scaling[ADAPTER],
+        )
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def concat_eligible(layer: nn.Module) -> str | None:
+    """None when ``layer`` can take the concatenated path, else why not."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear:
+        return f"{type(layer).__name__} is not peft's plain LoRA Linear"
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+        return "the base is not a frozen bias-free nn.Linear"
+    if list(layer.lora_A) != [ADAPTER] or layer.use_dora.get(ADAPTER, False) or layer.merged:
+        return "the layer holds other adapters, DoRA or a merged adapter"
+    if not isinstance(layer.lora_dropout[ADAPTER], nn.Identity):
+        return "LoRA dropout is on"
+    return None
+
+
+def _combine(layer: nn.Module) -> None:
+    base = layer.get_base_layer()
+    weight = base.weight.detach()
+    lora_b = layer.lora_B[ADAPTER].weight
+    combined_t = torch.empty(
+        weight.shape[1] + lora_b.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device
+    )
+    with torch.no_grad():
+        combined_t[: weight.shape[1]].copy_(weight.t())
+        combined_t[weight.shape[1] :].copy_(lora_b.t())
+    layer.register_buffer("combined_t", combined_t, persistent=False)
+    base.weight = nn.Parameter(combined_t[: weight.shape[1]].t(), requires_grad=False)  # a view: W stored once
+    layer.forward = types.MethodType(_concat_forward, layer)
+
+
+class _MirrorB:
+    """Forward pre-hook: copy every layer's trainable B into its ``combined_t`` rows (read at call time, so a
+    loaded, averaged or reassigned parameter is what runs)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+
+    def __call__(self, module: nn.Module, args) -> None:
+        with torch.no_grad():
+            rows = [layer.combined_t[layer.get_base_layer().in_features :] for layer in self.layers]
+            torch._foreach_copy_(rows, [layer.lora_B[ADAPTER].weight.t() for layer in self.layers])
+
+
+def apply_lora_concat(model: nn.Module) -> int:
+    """Put every eligible LoRA layer of ``model`` on the concatenated path; returns how many. Layers that are not
+    eligible keep peft's forward (the first reason is logged)."""
+    from ..model.lora import lora_layers
+
+    layers, skipped = [], {}
+    for name, layer in lora_layers(model).items():
+        reason = concat_eligible(layer)
+        if reason is None:
+            _combine(layer)
+            layers.append(layer)
+        else:
+            skipped.setdefault(reason, name)
+    for reason, name in skipped.items():
+        logger.info("LoRA concatenated GEMMs: %s keeps peft's path (%s)", name, reason)
+    if layers:
+        model.register_forward_pre_hook(_MirrorB(layers))
+    return len(layers)
