@@ -91,8 +91,8 @@ def main() -> int:
             row |= compare(curves[names[0]], curves[name])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "curves": curves}) + "\n")
+            if args.out:  # after every variant: a call that runs out of time keeps the variants it finished
+                args.out.write_text(json.dumps({"rows": rows, "curves": curves}) + "\n")
     print(
         f"| variant | steps | wall s/step | smoothed max rel Δ | smoothed mean rel Δ | raw mean rel Δ | vs {names[0]} |"
     )

@@ -11,17 +11,19 @@ bf16 each. Inductor fuses the concatenation into the kernel that produces x.
 The layout makes the concatenated weight free: each layer keeps one buffer ``combined_t`` [K + r, N] whose first K
 rows are Wᵀ (the base weight becomes a transposed view of them, no copy of the 6 B-parameter base) and whose last r
 rows mirror Bᵀ in the base's dtype. The float32 B stays peft's trainable parameter; a forward pre-hook on the model
-copies every B into its rows before each forward (one ``_foreach_copy_``; 1.7 ms a step for r128 on every block
-linear, measured), so the optimizer, checkpoints, EMA and the adapter files see peft's layers unchanged. Plain LoRA
-without dropout only; DoRA, the other adapter types, FP8 and NF4 bases keep peft's path.
+copies each B that changed since its last copy into its rows before a forward (~1.7 ms a step for r128 on every
+block linear, measured), so the optimizer, checkpoints, EMA and the adapter files see peft's layers unchanged. The
+rows are current for forwards through the model (every engine path); a block called on its own after B changed
+would see the previous B. Plain LoRA without dropout, bias or peft variants only; DoRA, the other adapter types, FP8
+and NF4 bases keep peft's path. The shared storage is set up on the device: move the model before applying it.
 """
 
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -49,42 +51,51 @@ class _ConcatLoraMatmul(torch.autograd.Function):
         x, down, a, combined_t = ctx.saved_tensors
         in_features = x.shape[1]
         grad_out = grad_out.to(combined_t.dtype)
-        both = grad_out @ combined_t.t()  # [M, K + r]: grad_out @ W beside grad_out @ B
-        grad_down = both[:, in_features:] * ctx.scale
-        grad_x = both[:, :in_features] + grad_down @ a  # Inductor fuses the add into the consumer (addmm would copy)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            both = grad_out @ combined_t.t()  # [M, K + r]: grad_out @ W beside grad_out @ B
+            grad_down = both[:, in_features:] * ctx.scale
+            grad_x = both[:, :in_features] + grad_down @ a  # Inductor fuses the add into the consumer
+        else:  # the first adapted layer after frozen blocks: no base-sized product for an unused gradient
+            grad_down = (grad_out @ combined_t[in_features:].t()) * ctx.scale
         grad_a = (grad_down.t() @ x).to(ctx.dtypes[0])
         grad_b = (grad_out.t() @ down).to(ctx.dtypes[1])
         return grad_x, None, grad_a, grad_b, None
 
 
-def _concat_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The peft layer's forward through `_ConcatLoraMatmul` while its one adapter is active and unmerged; peft's
-    own forward otherwise (adapters disabled for a base-model preview, merged, or other adapters added)."""
-    if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER]:
-        return type(self).forward(self, x, *args, **kwargs)
-    shape = x.shape
-    with torch.autocast(x.device.type, enabled=False):  # the dtypes are explicit: the base's, as autocast would pick
-        out = _ConcatLoraMatmul.apply(
-            x.reshape(-1, shape[-1]),
-            self.combined_t,
-            self.lora_A[ADAPTER].weight,
-            self.lora_B[ADAPTER].weight,
-            self.scaling[ADAPTER],
-        )
-    return out.reshape(*shape[:-1], out.shape[-1])
+class ConcatLoraLinear(LoraLinear):
+    """peft's LoRA ``Linear`` (its class is switched in place by `apply_lora_concat`) computing through
+    `_ConcatLoraMatmul` while its one adapter is active and unmerged; peft's own forward otherwise (adapters disabled
+    for a base-model preview, merged, other adapters or per-call arguments)."""
+
+    combined_t: torch.Tensor
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER]:
+            return super().forward(x, *args, **kwargs)
+        shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):  # explicit dtypes: the base's, as autocast would pick
+            out = _ConcatLoraMatmul.apply(
+                x.reshape(-1, shape[-1]),
+                self.combined_t,
+                self.lora_A[ADAPTER].weight,
+                self.lora_B[ADAPTER].weight,
+                self.scaling[ADAPTER],
+            )
+        return out.reshape(*shape[:-1], out.shape[-1])
 
 
 def concat_eligible(layer: nn.Module) -> str | None:
     """None when ``layer`` can take the concatenated path, else why not."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     if type(layer) is not LoraLinear:
         return f"{type(layer).__name__} is not peft's plain LoRA Linear"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad or layer.fan_in_fan_out:
         return "the base is not a frozen bias-free nn.Linear"
     if list(layer.lora_A) != [ADAPTER] or layer.use_dora.get(ADAPTER, False) or layer.merged:
         return "the layer holds other adapters, DoRA or a merged adapter"
+    if layer.lora_variant or layer.lora_bias.get(ADAPTER, False) or layer.lora_B[ADAPTER].bias is not None:
+        return "the adapter is a peft variant or has a bias"
     if not isinstance(layer.lora_dropout[ADAPTER], nn.Identity):
         return "LoRA dropout is on"
     return None
@@ -102,25 +113,35 @@ def _combine(layer: nn.Module) -> None:
         combined_t[weight.shape[1] :].copy_(lora_b.t())
     layer.register_buffer("combined_t", combined_t, persistent=False)
     base.weight = nn.Parameter(combined_t[: weight.shape[1]].t(), requires_grad=False)  # a view: W stored once
-    layer.forward = types.MethodType(_concat_forward, layer)
+    layer.__class__ = ConcatLoraLinear
 
 
 class _MirrorB:
-    """Forward pre-hook: copy every layer's trainable B into its ``combined_t`` rows (read at call time, so a
-    loaded, averaged or reassigned parameter is what runs)."""
+    """Forward pre-hook: copy each layer's trainable B into its ``combined_t`` rows when B changed since the last
+    copy (its storage or its version: optimizer steps, loads, ``.data`` swaps). Unchanged rows are not rewritten, so
+    a second forward before a backward leaves the saved buffer as it was, as peft's path would."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
+        self.copied: dict[int, tuple[int, int]] = {}
 
     def __call__(self, module: nn.Module, args) -> None:
-        with torch.no_grad():
-            rows = [layer.combined_t[layer.get_base_layer().in_features :] for layer in self.layers]
-            torch._foreach_copy_(rows, [layer.lora_B[ADAPTER].weight.t() for layer in self.layers])
+        rows, sources = [], []
+        for index, layer in enumerate(self.layers):
+            lora_b = layer.lora_B[ADAPTER].weight
+            key = (lora_b.data_ptr(), lora_b._version)
+            if self.copied.get(index) != key:
+                rows.append(layer.combined_t[layer.get_base_layer().in_features :])
+                sources.append(lora_b.t())
+                self.copied[index] = key
+        if rows:
+            with torch.no_grad():
+                torch._foreach_copy_(rows, sources)
 
 
 def apply_lora_concat(model: nn.Module) -> int:
     """Put every eligible LoRA layer of ``model`` on the concatenated path; returns how many. Layers that are not
-    eligible keep peft's forward (the first reason is logged)."""
+    eligible (or already converted) keep their forward (the first reason is logged)."""
     from ..model.lora import lora_layers
 
     layers, skipped = [], {}
@@ -134,5 +155,9 @@ def apply_lora_concat(model: nn.Module) -> int:
     for reason, name in skipped.items():
         logger.info("LoRA concatenated GEMMs: %s keeps peft's path (%s)", name, reason)
     if layers:
-        model.register_forward_pre_hook(_MirrorB(layers))
+        mirror = _MirrorB(layers)
+        for index, layer in enumerate(layers):  # _combine copied B: current until B changes
+            lora_b = layer.lora_B[ADAPTER].weight
+            mirror.copied[index] = (lora_b.data_ptr(), lora_b._version)
+        model.register_forward_pre_hook(mirror)
     return len(layers)

@@ -122,10 +122,13 @@ def apply_nf4_in_graph(model: nn.Module) -> None:
     )
 
 
-def lora_concat_applies(*, mode: str, compile: bool, plain_base: bool, device: torch.device, strategy: str) -> bool:
-    """Where `lora_concat` was measured to pay (issue 12): compiled LoRA on a bf16 base, one CUDA process. Eager
-    would copy each input into the concatenation that Inductor fuses; DDP and FSDP2 are not measured yet."""
-    return mode == "lora" and compile and plain_base and device.type == "cuda" and strategy == "none"
+def lora_concat_applies(
+    *, mode: str, compile: bool, plain_base: bool, dtype: torch.dtype, device: torch.device, strategy: str
+) -> bool:
+    """Where `lora_concat` was measured to pay (issue 12): compiled LoRA on a plain bf16 base, one CUDA process.
+    Eager would copy each input into the concatenation that Inductor fuses; DDP and FSDP2 are not measured yet."""
+    bf16_base = plain_base and dtype == torch.bfloat16
+    return mode == "lora" and compile and bf16_base and device.type == "cuda" and strategy == "none"
 
 
 def apply_lora_concat_gemms(model: nn.Module) -> None:
@@ -258,13 +261,9 @@ def parallelize(
         apply_block_swap(model, swap_blocks, dist_info.device, measure=measure_swap)
     else:
         place_on_device(model, dist_info.device)
-    if lora_concat_applies(
-        mode=mode,
-        compile=compile,
-        plain_base=not (fp8 or fp8_base or swap_blocks),
-        device=dist_info.device,
-        strategy=strategy,
-    ):
+    plain_base = not (fp8 or fp8_base or swap_blocks)
+    where = dict(mode=mode, compile=compile, plain_base=plain_base, dtype=param_dtype, device=dist_info.device)
+    if lora_concat_applies(**where, strategy=strategy):
         apply_lora_concat_gemms(model)  # after placement: the base weight becomes a view of the combined buffer
     if compile:
         apply_compile(model, image_shapes=image_shapes)
