@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
@@ -104,14 +103,14 @@ def test_graceful_stop_with_real_signal():
     before = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:
         assert not stop.should_stop()
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # in this thread, before the next line
         assert stop.requested and stop.signal_name == "SIGTERM" and stop.should_stop()
     assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_second_sigint_interrupts_at_once():
     with GracefulStop() as stop, pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # in this thread, before the next line
         assert stop.requested
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # in this thread, before the next line
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
