@@ -109,8 +109,26 @@ def test_graceful_stop_with_real_signal():
 
 
 def test_second_sigint_interrupts_at_once():
-    with GracefulStop() as stop, pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)  # in this thread, before the next line
-        assert stop.requested
-        signal.raise_signal(signal.SIGINT)  # in this thread, before the next line
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    """Under Python's own SIGINT handler (set here: an earlier test in the same process may leave another one)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with GracefulStop() as stop, pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # in this thread, before the next line
+            assert stop.requested
+            signal.raise_signal(signal.SIGINT)  # in this thread, before the next line
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_second_signal_under_an_ignoring_handler_does_not_raise():
+    """GracefulStop hands the second signal to the disposition it found; an ignored SIGINT stays ignored."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with GracefulStop() as stop:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
