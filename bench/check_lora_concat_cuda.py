@@ -8,6 +8,7 @@ reference, and the forward + backward time of each (CUDA events, after warm-up).
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_nf4_dequant import timed  # noqa: E402
 
 from training.engine.lora_concat import apply_lora_concat  # noqa: E402
 
@@ -66,19 +70,6 @@ def error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.detach().double() - want.detach().double()).norm() / want.detach().double().norm())
 
 
-def timed(fn, *args) -> float:
-    for _ in range(3):
-        fn(*args)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(REPEATS):
-        fn(*args)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / REPEATS
-
-
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
     for in_features, out_features in SHAPES:
@@ -88,7 +79,7 @@ def main() -> None:
         torch._dynamo.reset()
         peft_step, concat_step = torch.compile(step, dynamic=False), torch.compile(step, dynamic=False)
         pairs = (("peft", peft_step, peft_layer), ("concat", concat_step, concat_layer))
-        times = {name: timed(fn, model, x, grad) for name, fn, model in pairs}
+        times = {name: 1000 * timed(functools.partial(fn, model, x, grad), REPEATS) for name, fn, model in pairs}
         print(
             f"{in_features}->{out_features}: peft {times['peft']:.3f} ms, concat {times['concat']:.3f} ms "
             f"({times['peft'] - times['concat']:+.3f} ms a forward + backward)"

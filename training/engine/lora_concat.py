@@ -26,9 +26,9 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from ..model.adapters import ADAPTER
 
-ADAPTER = "default"
+logger = logging.getLogger(__name__)
 
 
 class _ConcatLoraMatmul(torch.autograd.Function):
@@ -116,24 +116,29 @@ def _combine(layer: nn.Module) -> None:
     layer.__class__ = ConcatLoraLinear
 
 
+def _b_version(layer: nn.Module) -> tuple[int, int]:
+    """What changes when B does: its storage (``.data`` swaps, loads) and its version (in-place updates)."""
+    lora_b = layer.lora_B[ADAPTER].weight
+    return lora_b.data_ptr(), lora_b._version
+
+
 class _MirrorB:
     """Forward pre-hook: copy each layer's trainable B into its ``combined_t`` rows when B changed since the last
-    copy (its storage or its version: optimizer steps, loads, ``.data`` swaps). Unchanged rows are not rewritten, so
-    a second forward before a backward leaves the saved buffer as it was, as peft's path would."""
+    copy (`_b_version`). Unchanged rows are not rewritten, so a second forward before a backward leaves the saved
+    buffer as it was, as peft's path would. Built right after `_combine` copied every B."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
-        self.copied: dict[int, tuple[int, int]] = {}
+        self.copied = [_b_version(layer) for layer in layers]
 
     def __call__(self, module: nn.Module, args) -> None:
         rows, sources = [], []
         for index, layer in enumerate(self.layers):
-            lora_b = layer.lora_B[ADAPTER].weight
-            key = (lora_b.data_ptr(), lora_b._version)
-            if self.copied.get(index) != key:
+            version = _b_version(layer)
+            if self.copied[index] != version:
                 rows.append(layer.combined_t[layer.get_base_layer().in_features :])
-                sources.append(lora_b.t())
-                self.copied[index] = key
+                sources.append(layer.lora_B[ADAPTER].weight.t())
+                self.copied[index] = version
         if rows:
             with torch.no_grad():
                 torch._foreach_copy_(rows, sources)
@@ -155,9 +160,5 @@ def apply_lora_concat(model: nn.Module) -> int:
     for reason, name in skipped.items():
         logger.info("LoRA concatenated GEMMs: %s keeps peft's path (%s)", name, reason)
     if layers:
-        mirror = _MirrorB(layers)
-        for index, layer in enumerate(layers):  # _combine copied B: current until B changes
-            lora_b = layer.lora_B[ADAPTER].weight
-            mirror.copied[index] = (lora_b.data_ptr(), lora_b._version)
-        model.register_forward_pre_hook(mirror)
+        model.register_forward_pre_hook(_MirrorB(layers))
     return len(layers)

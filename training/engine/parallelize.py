@@ -122,13 +122,24 @@ def apply_nf4_in_graph(model: nn.Module) -> None:
     )
 
 
-def lora_concat_applies(
+def lora_concat_blocker(
     *, mode: str, compile: bool, plain_base: bool, dtype: torch.dtype, device: torch.device, strategy: str
-) -> bool:
-    """Where `lora_concat` was measured to pay (issue 12): compiled LoRA on a plain bf16 base, one CUDA process.
-    Eager would copy each input into the concatenation that Inductor fuses; DDP and FSDP2 are not measured yet."""
-    bf16_base = plain_base and dtype == torch.bfloat16
-    return mode == "lora" and compile and bf16_base and device.type == "cuda" and strategy == "none"
+) -> str | None:
+    """Why `lora_concat` stays off, or None where it was measured to pay (issue 12): compiled LoRA on a plain bf16
+    base, one CUDA process. Eager would copy each input into the concatenation that Inductor fuses."""
+    reasons = (
+        (mode != "lora", f"mode {mode!r}"),
+        (not compile, "run.compile is off (eager would copy every input into the concatenation)"),
+        (not plain_base, "the base is FP8 or block-swapped"),
+        (dtype != torch.bfloat16, f"the base computes in {dtype}, not bf16"),
+        (device.type != "cuda", f"it runs on {device.type}"),
+        (strategy != "none", f"parallel strategy {strategy!r} is not measured with it yet"),
+    )
+    return next((reason for blocked, reason in reasons if blocked), None)
+
+
+def lora_concat_applies(**where) -> bool:
+    return lora_concat_blocker(**where) is None
 
 
 def apply_lora_concat_gemms(model: nn.Module) -> None:
@@ -265,6 +276,8 @@ def parallelize(
     where = dict(mode=mode, compile=compile, plain_base=plain_base, dtype=param_dtype, device=dist_info.device)
     if lora_concat_applies(**where, strategy=strategy):
         apply_lora_concat_gemms(model)  # after placement: the base weight becomes a view of the combined buffer
+    elif mode == "lora":
+        logger.info("LoRA: peft's separate adapter GEMMs (%s)", lora_concat_blocker(**where, strategy=strategy))
     if compile:
         apply_compile(model, image_shapes=image_shapes)
     if strategy == "fsdp2":
