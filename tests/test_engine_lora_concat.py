@@ -49,12 +49,14 @@ def loss_and_grads(model: nn.Module, seed: int = 1, dtype=torch.float64) -> tupl
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_same_training(reference: nn.Module, concat: nn.Module, steps: int = 3, tolerance=TOLERANCE) -> None:
-    """Equal loss and LoRA gradients over a few SGD steps of ``concat``: B changes every step and the mirrored rows
-    must follow it; ``reference`` is given the same parameters before each step (the trajectories would otherwise
-    drift apart from rounding alone)."""
+def assert_same_training(
+    reference: nn.Module, concat: nn.Module, steps: int = 3, tolerance=TOLERANCE, optimizer_class=None
+) -> None:
+    """Equal loss and LoRA gradients over a few optimizer steps of ``concat`` (SGD unless given): B changes every
+    step and the mirrored rows must follow it; ``reference`` is given the same parameters before each step (the
+    trajectories would otherwise drift apart from rounding alone)."""
     trained = {n: p for n, p in concat.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD(trained.values(), lr=0.5)
+    optimizer = (optimizer_class or (lambda params: torch.optim.SGD(params, lr=0.5)))(trained.values())
     for step in range(steps):
         with torch.no_grad():
             for name, param in reference.named_parameters():
@@ -73,6 +75,35 @@ def test_training_equals_peft_eager():
     concat = copy.deepcopy(reference)
     assert apply_lora_concat(concat) == len(lora_layers(reference)) > 0
     assert_same_training(reference, concat)
+
+
+def test_training_equals_peft_under_fused_adamw():
+    """Regression (2026-12-03): the fused AdamW, the engine's default on CUDA, updates B without bumping its version
+    counter; a mirror that copied only when B's version changed trained with the first B forever (the 200-step loss
+    curve stayed flat). The CPU has the same fused kernel, with the same untouched version."""
+    reference = lora_model()
+    concat = copy.deepcopy(reference)
+    apply_lora_concat(concat)
+    probe = nn.Parameter(torch.zeros(3))
+    probe.grad = torch.ones(3)
+    torch.optim.AdamW([probe], fused=True).step()
+    assert probe._version == 0 and probe.abs().sum() > 0  # what made the version-gated mirror stale
+    assert_same_training(
+        reference, concat, optimizer_class=lambda params: torch.optim.AdamW(params, lr=0.1, fused=True)
+    )
+
+
+def test_b_written_through_data_is_mirrored():
+    """Any change of B reaches the next forward, whichever way it was written (``.data`` keeps the version too)."""
+    reference = lora_model()
+    concat = copy.deepcopy(reference)
+    apply_lora_concat(concat)
+    concat(*inputs(1))
+    for model in (reference, concat):
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.mul_(-2.0)
+    assert relative_error(concat(*inputs(2)), reference(*inputs(2))) < TOLERANCE
 
 
 def test_training_equals_peft_compiled_blocks():

@@ -11,7 +11,7 @@ bf16 each. Inductor fuses the concatenation into the kernel that produces x.
 The layout makes the concatenated weight free: each layer keeps one buffer ``combined_t`` [K + r, N] whose first K
 rows are Wᵀ (the base weight becomes a transposed view of them, no copy of the 6 B-parameter base) and whose last r
 rows mirror Bᵀ in the base's dtype. The float32 B stays peft's trainable parameter; a forward pre-hook on the model
-copies each B that changed since its last copy into its rows before a forward (~1.7 ms a step for r128 on every
+copies every B into its rows before each forward (`_MirrorB`; 170 cast-copies, ~1.7 ms a step for r128 on every
 block linear, measured), so the optimizer, checkpoints, EMA and the adapter files see peft's layers unchanged. The
 rows are current for forwards through the model (every engine path); a block called on its own after B changed
 would see the previous B. Plain LoRA without dropout, bias or peft variants only; DoRA, the other adapter types, FP8
@@ -116,32 +116,23 @@ def _combine(layer: nn.Module) -> None:
     layer.__class__ = ConcatLoraLinear
 
 
-def _b_version(layer: nn.Module) -> tuple[int, int]:
-    """What changes when B does: its storage (``.data`` swaps, loads) and its version (in-place updates)."""
-    lora_b = layer.lora_B[ADAPTER].weight
-    return lora_b.data_ptr(), lora_b._version
-
-
 class _MirrorB:
-    """Forward pre-hook: copy each layer's trainable B into its ``combined_t`` rows when B changed since the last
-    copy (`_b_version`). Unchanged rows are not rewritten, so a second forward before a backward leaves the saved
-    buffer as it was, as peft's path would. Built right after `_combine` copied every B."""
+    """Forward pre-hook: copy every layer's trainable B into its ``combined_t`` rows before each forward through the
+    model. Every forward, not only when B's version changed: the fused AdamW (the engine's default on CUDA) updates B
+    without bumping its version counter, and a version-gated copy trained with the first B forever (found by the
+    200-step loss curve, 2026-12-03). The rows are written through ``.data``, which leaves ``combined_t``'s version
+    as it was: a second forward before a backward rewrites the rows with the values they hold and the pending
+    backward stays valid, as on peft's path. (Changing B between a forward and its backward, which peft refuses,
+    would go unnoticed here.)"""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
-        self.copied = [_b_version(layer) for layer in layers]
+        self.rows = [layer.combined_t.data[layer.get_base_layer().in_features :] for layer in layers]
 
     def __call__(self, module: nn.Module, args) -> None:
-        rows, sources = [], []
-        for index, layer in enumerate(self.layers):
-            version = _b_version(layer)
-            if self.copied[index] != version:
-                rows.append(layer.combined_t[layer.get_base_layer().in_features :])
-                sources.append(layer.lora_B[ADAPTER].weight.t())
-                self.copied[index] = version
-        if rows:
-            with torch.no_grad():
-                torch._foreach_copy_(rows, sources)
+        sources = [layer.lora_B[ADAPTER].weight.detach().t() for layer in self.layers]
+        with torch.no_grad():
+            torch._foreach_copy_(self.rows, sources)
 
 
 def apply_lora_concat(model: nn.Module) -> int:
