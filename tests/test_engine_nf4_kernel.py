@@ -1,5 +1,6 @@
 """The NF4 Triton kernel's operators (training/engine/nf4_kernel.py) on the CPU, through Triton's interpreter: they
-take the packed tensors in `BUFFER_NAMES` order and compute the PyTorch path's float32 values. Runs where Triton is
+take the packed tensors in `BUFFER_NAMES` order and compute the PyTorch path's float32 values (the beside pair: the same
+weight with LoRA's B in the columns after it). Runs where Triton is
 installed (a GPU machine's torch has it; the CPU build has not, so CI skips it); `bench/check_nf4_cuda.py` checks the
 kernel bit for bit against bitsandbytes on a GPU."""
 
@@ -28,6 +29,7 @@ CHECK = textwrap.dedent(
     from training.engine.quantize import to_nf4
 
     dequantize, grad_input = nf4_kernel.operators()
+    dequantize_beside, grad_beside = nf4_kernel.beside_operators()
     for out_features, in_features in ((96, 80), (256, 512), (48, 64)):  # nested blocks partial in two
         torch.manual_seed(out_features)
         linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16).requires_grad_(False)
@@ -42,6 +44,12 @@ CHECK = textwrap.dedent(
         grad = torch.randn(7, out_features, dtype=torch.bfloat16)
         got = grad_input(grad, *tensors, *layout.shape, layout.blocksize, layout.nested_blocksize)
         assert torch.equal(got, grad @ weight), (out_features, in_features)
+        beside = torch.randn(out_features, 8, dtype=torch.bfloat16)  # LoRA's B, written beside W's rows
+        combined = dequantize_beside(beside, *tensors, *layout.shape, layout.blocksize, layout.nested_blocksize)
+        assert combined.shape == (out_features, in_features + 8)
+        assert torch.equal(combined[:, :in_features], weight) and torch.equal(combined[:, in_features:], beside)
+        got = grad_beside(grad, beside, *tensors, *layout.shape, layout.blocksize, layout.nested_blocksize)
+        assert torch.equal(got, grad @ combined), (out_features, in_features)
     print("ok")
     """
 )

@@ -14,8 +14,12 @@ rows mirror Bᵀ in the base's dtype. The float32 B stays peft's trainable param
 copies every B into its rows before each forward (`_MirrorB`; 170 cast-copies, ~1.7 ms a step for r128 on every
 block linear, measured), so the optimizer, checkpoints, EMA and the adapter files see peft's layers unchanged. The
 rows are current for forwards through the model (every engine path); a block called on its own after B changed
-would see the previous B. Plain LoRA without dropout, bias or peft variants only; DoRA, the other adapter types, FP8
-and NF4 bases keep peft's path. The shared storage is set up on the device: move the model before applying it.
+would see the previous B. Plain LoRA without dropout, bias or peft variants only; DoRA, the other adapter types and
+FP8 bases keep peft's path. The shared storage is set up on the device: move the model before applying it.
+
+QLoRA's NF4 base (`nf4_frozen.FrozenNF4Linear`) is dequantised for every product anyway, so there is nothing to
+mirror: the dequantisation writes W's rows beside B's (`nf4_frozen.weight_beside`, one Triton kernel on CUDA) and
+the same GEMM follows; the backward dequantises [W | B] again, as QLoRA's own path does for W.
 """
 
 from __future__ import annotations
@@ -27,8 +31,26 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from ..model.adapters import ADAPTER
+from . import nf4_kernel
+from .nf4_frozen import BUFFER_NAMES, FrozenNF4Linear, grad_beside, weight_beside
 
 logger = logging.getLogger(__name__)
+
+
+def _concat_backward(ctx, grad_out, x, down, a, times_combined, times_b):
+    """x's, A's and B's gradients of ``[x | s·(x Aᵀ)] @ [W | B]ᵀ``; ``times_combined(g)`` is ``g @ [W | B]``,
+    ``times_b(g)`` is ``g @ B``."""
+    in_features = x.shape[1]
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        both = times_combined(grad_out)  # [M, K + r]: grad_out @ W beside grad_out @ B
+        grad_down = both[:, in_features:] * ctx.scale
+        grad_x = both[:, :in_features] + grad_down @ a  # Inductor fuses the add into the consumer
+    else:  # the first adapted layer after frozen blocks: no base-sized product for an unused gradient
+        grad_down = times_b(grad_out) * ctx.scale
+    grad_a = (grad_down.t() @ x).to(ctx.dtypes[0])
+    grad_b = (grad_out.t() @ down).to(ctx.dtypes[1])
+    return grad_x, grad_a, grad_b
 
 
 class _ConcatLoraMatmul(torch.autograd.Function):
@@ -49,18 +71,41 @@ class _ConcatLoraMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, down, a, combined_t = ctx.saved_tensors
-        in_features = x.shape[1]
-        grad_out = grad_out.to(combined_t.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            both = grad_out @ combined_t.t()  # [M, K + r]: grad_out @ W beside grad_out @ B
-            grad_down = both[:, in_features:] * ctx.scale
-            grad_x = both[:, :in_features] + grad_down @ a  # Inductor fuses the add into the consumer
-        else:  # the first adapted layer after frozen blocks: no base-sized product for an unused gradient
-            grad_down = (grad_out @ combined_t[in_features:].t()) * ctx.scale
-        grad_a = (grad_down.t() @ x).to(ctx.dtypes[0])
-        grad_b = (grad_out.t() @ down).to(ctx.dtypes[1])
+        b_rows = combined_t[x.shape[1] :]
+        grad_x, grad_a, grad_b = _concat_backward(
+            ctx, grad_out.to(combined_t.dtype), x, down, a, lambda g: g @ combined_t.t(), lambda g: g @ b_rows.t()
+        )
         return grad_x, None, grad_a, grad_b, None
+
+
+class _ConcatNF4LoraMatmul(torch.autograd.Function):
+    """``[x | s·(x Aᵀ)] @ [W | B]ᵀ`` for QLoRA's NF4 base W: ``[W | B]`` is dequantised in the forward with B written
+    beside W's rows (`nf4_frozen.weight_beside`), and again for the input gradient; nothing base-sized is saved."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scale, layout, kernel, *tensors):
+        dtype = layout.dtype
+        x, a, b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        down = (x @ a.t()) * scale  # [M, r]
+        out = torch.cat((x, down), dim=1) @ weight_beside(tensors, layout, b, kernel=kernel).t()
+        ctx.save_for_backward(x, down, a, b, *tensors)
+        ctx.scale, ctx.dtypes, ctx.layout, ctx.kernel = scale, (lora_a.dtype, lora_b.dtype), layout, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, down, a, b, *tensors = ctx.saved_tensors
+        layout = ctx.layout
+        grad_x, grad_a, grad_b = _concat_backward(
+            ctx,
+            grad_out.to(layout.dtype),
+            x,
+            down,
+            a,
+            lambda g: grad_beside(g, tuple(tensors), layout, b, kernel=ctx.kernel),
+            lambda g: g @ b,
+        )
+        return grad_x, grad_a, grad_b, None, None, None, *([None] * len(tensors))
 
 
 class ConcatLoraLinear(LoraLinear):
@@ -75,14 +120,26 @@ class ConcatLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):  # explicit dtypes: the base's, as autocast would pick
-            out = _ConcatLoraMatmul.apply(
-                x.reshape(-1, shape[-1]),
-                self.combined_t,
-                self.lora_A[ADAPTER].weight,
-                self.lora_B[ADAPTER].weight,
-                self.scaling[ADAPTER],
-            )
+            out = self._concat_product(x.reshape(-1, shape[-1]))
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _concat_product(self, rows: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
+        return _ConcatLoraMatmul.apply(rows, self.combined_t, lora_a, lora_b, self.scaling[ADAPTER])
+
+
+class ConcatNF4LoraLinear(ConcatLoraLinear):
+    """The same over QLoRA's `FrozenNF4Linear` base (`_ConcatNF4LoraMatmul`): B is read where it is, no mirror."""
+
+    nf4_kernel_beside: bool
+
+    def _concat_product(self, rows: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        tensors = (getattr(base, name) for name in BUFFER_NAMES)
+        lora_a, lora_b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
+        return _ConcatNF4LoraMatmul.apply(
+            rows, lora_a, lora_b, self.scaling[ADAPTER], base.layout, self.nf4_kernel_beside, *tensors
+        )
 
 
 def concat_eligible(layer: nn.Module) -> str | None:
@@ -90,8 +147,13 @@ def concat_eligible(layer: nn.Module) -> str | None:
     if type(layer) is not LoraLinear:
         return f"{type(layer).__name__} is not peft's plain LoRA Linear"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad or layer.fan_in_fan_out:
-        return "the base is not a frozen bias-free nn.Linear"
+    if type(base) is FrozenNF4Linear:
+        if base.bias is not None or base.compute_dtype != base.layout.dtype:
+            return "the NF4 base has a bias or computes in another dtype than its weight's"
+        if base.layout.kernel and not nf4_kernel.available(base.layout.dtype, beside=True):
+            return "the NF4 kernel writing beside B failed its self-check (the plain kernel beats the PyTorch ops)"
+    elif type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad or layer.fan_in_fan_out:
+        return "the base is not a frozen bias-free nn.Linear or NF4 linear"
     if list(layer.lora_A) != [ADAPTER] or layer.use_dora.get(ADAPTER, False) or layer.merged:
         return "the layer holds other adapters, DoRA or a merged adapter"
     if layer.lora_variant or layer.lora_bias.get(ADAPTER, False) or layer.lora_B[ADAPTER].bias is not None:
@@ -103,6 +165,10 @@ def concat_eligible(layer: nn.Module) -> str | None:
 
 def _combine(layer: nn.Module) -> None:
     base = layer.get_base_layer()
+    if type(base) is FrozenNF4Linear:
+        layer.nf4_kernel_beside = base.layout.kernel  # `concat_eligible` checked the kernel's beside pair
+        layer.__class__ = ConcatNF4LoraLinear
+        return
     weight = base.weight.detach()
     lora_b = layer.lora_B[ADAPTER].weight
     combined_t = torch.empty(
@@ -150,6 +216,7 @@ def apply_lora_concat(model: nn.Module) -> int:
             skipped.setdefault(reason, name)
     for reason, name in skipped.items():
         logger.info("LoRA concatenated GEMMs: %s keeps peft's path (%s)", name, reason)
-    if layers:
-        model.register_forward_pre_hook(_MirrorB(layers))
+    mirrored = [layer for layer in layers if type(layer) is ConcatLoraLinear]
+    if mirrored:
+        model.register_forward_pre_hook(_MirrorB(mirrored))
     return len(layers)

@@ -86,6 +86,23 @@ class _NF4Matmul(torch.autograd.Function):
         return (grad_out @ weight.to(grad_out.dtype), None, *([None] * len(BUFFER_NAMES)))
 
 
+def weight_beside(tensors: tuple, layout: NF4Layout, beside: torch.Tensor, *, kernel: bool) -> torch.Tensor:
+    """``[W | beside]`` [out, in + r] in ``layout.dtype`` from the packed tensors (``BUFFER_NAMES`` order); ``kernel``:
+    CUDA tensors take `nf4_kernel.beside_operators`, which write W's rows beside ``beside`` without a copy."""
+    if kernel and tensors[0].is_cuda:
+        return torch.ops.whetstone.nf4_dequantize_beside(beside, *tensors, *_layout_args(layout))
+    weight = dequantize_nf4(dict(zip(BUFFER_NAMES, tensors)), layout)
+    return torch.cat((weight, beside.to(layout.dtype)), dim=1)
+
+
+def grad_beside(grad: torch.Tensor, tensors: tuple, layout: NF4Layout, beside: torch.Tensor, *, kernel: bool):
+    """``grad @ [W | beside]`` [M, in + r], W dequantised again (see `dequantize_nf4`'s ``for_backward``)."""
+    if kernel and tensors[0].is_cuda:
+        return torch.ops.whetstone.nf4_grad_input_beside(grad, beside, *tensors, *_layout_args(layout))
+    weight = dequantize_nf4(dict(zip(BUFFER_NAMES, tensors)), layout, for_backward=True)
+    return grad @ torch.cat((weight, beside.to(layout.dtype)), dim=1).to(grad.dtype)
+
+
 class FrozenNF4Linear(nn.Module):
     """A bitsandbytes NF4 ``Linear4bit`` (double quantisation) as plain buffers; see the module docstring."""
 

@@ -126,8 +126,10 @@ def lora_concat_blocker(
     *, mode: str, compile: bool, plain_base: bool, dtype: torch.dtype, device: torch.device, strategy: str
 ) -> str | None:
     """Why `lora_concat` stays off, or None where it was measured to pay (issue 12): compiled LoRA on a plain bf16
-    base, one CUDA process. Eager would copy each input into the concatenation that Inductor fuses."""
+    base, one CUDA process. Eager would copy each input into the concatenation that Inductor fuses. Over QLoRA's NF4
+    base it is built and tested on the CPU, and held off until a GPU measures it (bench item ``qlora-512-concat``)."""
     reasons = (
+        (mode == "qlora", "over the NF4 base it awaits its GPU measurement (bench item qlora-512-concat)"),
         (mode != "lora", f"mode {mode!r}"),
         (not compile, "run.compile is off (eager would copy every input into the concatenation)"),
         (not plain_base, "the base is FP8 or block-swapped"),
@@ -276,7 +278,7 @@ def parallelize(
     where = dict(mode=mode, compile=compile, plain_base=plain_base, dtype=param_dtype, device=dist_info.device)
     if lora_concat_applies(**where, strategy=strategy):
         apply_lora_concat_gemms(model)  # after placement: the base weight becomes a view of the combined buffer
-    elif mode == "lora":
+    elif mode in ("lora", "qlora"):
         logger.info("LoRA: peft's separate adapter GEMMs (%s)", lora_concat_blocker(**where, strategy=strategy))
     if compile:
         apply_compile(model, image_shapes=image_shapes)
