@@ -36,6 +36,7 @@ class OurConfig:
     nf4_in_graph: bool = True  # qlora + compile; False: bitsandbytes' Linear4bit (before issue 12's lever)
     lora_concat: bool = True  # lora + compile on one GPU; False: peft's separate adapter GEMMs (before the lever)
     nf4_concat: bool = False  # qlora: the lever over the NF4 base, held off by the gate until measured (issue 12)
+    max_autotune: bool = False  # an experiment (issue 12): Triton GEMM templates with elementwise work fused in
 
 
 _BASE = OurConfig(batch=4, resolution=512)
@@ -53,6 +54,7 @@ OUR_CONFIGS = {
     "fp8-512": dataclasses.replace(_BASE, fp8=True),
     "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
     "lora-512+cg": dataclasses.replace(_BASE, cudagraphs=True),
+    "lora-512+autotune": dataclasses.replace(_BASE, max_autotune=True),
     "fp8-512+cg": dataclasses.replace(_BASE, fp8=True, cudagraphs=True),
     # issue 17: each adapter type against LoRA at 512² bs4 r32, eager (bench/bench_adapters.py runs these four)
     **{
@@ -93,6 +95,12 @@ def apply_levers(conf: OurConfig) -> None:
         from torch._inductor import config as inductor_config
 
         inductor_config.triton.cudagraphs = True
+    if conf.max_autotune:  # what torch.compile(mode="max-autotune-no-cudagraphs") turns on for GEMMs, plus Hopper's
+        from torch._inductor import config as inductor_config  # persistent TMA templates
+
+        inductor_config.max_autotune_gemm = True
+        inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+        inductor_config.triton.enable_persistent_tma_matmul = True
     if not conf.nf4_in_graph:
         parallelize.apply_nf4_in_graph = lambda model: None
     if not conf.lora_concat:
