@@ -79,8 +79,16 @@ def main() -> int:
     parser.add_argument("--variants", default="plain,compiled,fp8", help=f"from {sorted(VARIANTS)}; first = reference")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per variant")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="FILE:VARIANT",
+        help="compare against VARIANT's curve in an earlier --out FILE (the runs are deterministic) instead of the "
+        "first variant trained here: a device call then trains only the variants under test",
+    )
     args = parser.parse_args()
     names = args.variants.split(",")
+    reference = load_reference(args.reference, args.steps) if args.reference else None
     curves, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="whetstone-curves-") as root:
         for name in names:
@@ -89,14 +97,26 @@ def main() -> int:
             window = window_rate(events, warmup=3)  # raises when the step timer disagrees with the wall clock
             step_s = window.wall_s / window.steps
             row = {"variant": name, "steps": len(events), "wall_step_s": round(step_s, 4)}
-            row |= compare(curves[names[0]], curves[name])
+            row |= compare(reference or curves[names[0]], curves[name])
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.out:  # after every variant: a call that runs out of time keeps the variants it finished
                 args.out.write_text(json.dumps({"rows": rows, "curves": curves}) + "\n")
-    print(
-        f"| variant | steps | wall s/step | smoothed max rel Δ | smoothed mean rel Δ | raw mean rel Δ | vs {names[0]} |"
-    )
+    print_table(rows, args.reference or names[0])
+    return 0
+
+
+def load_reference(spec: str, steps: int) -> list[float]:
+    path, _, variant = spec.rpartition(":")
+    curves = json.loads(Path(path).read_text())["curves"]
+    if variant not in curves or len(curves[variant]) != steps:
+        raise SystemExit(f"--reference {spec}: {path} has no {steps}-step curve {variant!r} (it has {sorted(curves)})")
+    return curves[variant]
+
+
+def print_table(rows: list[dict], reference: str) -> None:
+    print(f"Δ: relative to the curve of {reference}; speed: against the first row")
+    print("| variant | steps | wall s/step | smoothed max rel Δ | smoothed mean rel Δ | raw mean rel Δ | speed |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         speed = rows[0]["wall_step_s"] / row["wall_step_s"]
@@ -104,7 +124,6 @@ def main() -> int:
             f"| {row['variant']} | {row['steps']} | {row['wall_step_s']:.3f} | {row['smoothed_max_rel']:.4f} "
             f"| {row['smoothed_mean_rel']:.4f} | {row['raw_mean_rel']:.4f} | {speed:.2f}x |"
         )
-    return 0
 
 
 if __name__ == "__main__":

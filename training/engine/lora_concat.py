@@ -193,12 +193,12 @@ class _MirrorB:
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
-        self.rows = [layer.combined_t.data[layer.get_base_layer().in_features :] for layer in layers]
 
     def __call__(self, module: nn.Module, args) -> None:
-        sources = [layer.lora_B[ADAPTER].weight.detach().t() for layer in self.layers]
+        rows = [layer.combined_t.data[layer.get_base_layer().in_features :] for layer in self.layers]  # looked up
+        sources = [layer.lora_B[ADAPTER].weight.detach().t() for layer in self.layers]  # each time: never stale
         with torch.no_grad():
-            torch._foreach_copy_(self.rows, sources)
+            torch._foreach_copy_(rows, sources)
 
 
 def apply_lora_concat(model: nn.Module) -> int:
