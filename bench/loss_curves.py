@@ -2,8 +2,9 @@
 
 Every variant trains the same full-size random-init model from the same seed on the same synthetic cached inputs
 (each sample's data, σ and noise are functions of the seed and its index), through ``python -m training train``.
-Printed per variant: the wall-clock step time (checked against the engine's timer), the largest and the mean relative difference of the smoothed loss curve
-from the plain curve, and the same for the raw per-step losses.
+Printed per variant: the wall-clock step time (checked against the engine's timer), the largest and the mean relative
+difference of the smoothed loss curve from the reference curve (the first variant's, or ``--reference``'s), and the
+same for the raw per-step losses.
 
     python bench/loss_curves.py --steps 200 --variants plain,compiled,fp8
 """

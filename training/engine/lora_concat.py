@@ -4,9 +4,9 @@ peft computes ``y = x Wᵀ + s·(x Aᵀ) Bᵀ`` as separate products: the adapte
 is written by one GEMM and read back to be added, and the backward reads the output gradient once more for
 ``grad_y B``. Concatenated along the reduction dimension the two products are one GEMM whose output is written once,
 and the backward's ``grad_y [W | B]`` gives the base's input gradient and ``grad_y B`` in one pass over ``grad_y``
-(issue 12: ~1.1 GB less memory traffic a main block at 512² batch 4; +4% a step, measured). The sum is accumulated
-in float32 inside the GEMM and rounded once, where peft rounds the base output, the adapter output and their sum to
-bf16 each. Inductor fuses the concatenation into the kernel that produces x.
+(issue 12: ~1.1 GB less memory traffic a main block at 512² batch 4; +2–4% a step at 512², +2% at 1024²,
+measured). The sum is accumulated in float32 inside the GEMM and rounded once, where peft rounds the base output,
+the adapter output and their sum to bf16 each. Inductor fuses the concatenation into the kernel that produces x.
 
 The layout makes the concatenated weight free: each layer keeps one buffer ``combined_t`` [K + r, N] whose first K
 rows are Wᵀ (the base weight becomes a transposed view of them, no copy of the 6 B-parameter base) and whose last r
@@ -19,7 +19,8 @@ FP8 bases keep peft's path. The shared storage is set up on the device: move the
 
 QLoRA's NF4 base (`nf4_frozen.FrozenNF4Linear`) is dequantised for every product anyway, so there is nothing to
 mirror: the dequantisation writes W's rows beside B's (`nf4_frozen.weight_beside`, one Triton kernel on CUDA) and
-the same GEMM follows; the backward dequantises [W | B] again, as QLoRA's own path does for W.
+the same GEMM follows; the backward dequantises [W | B] again, as QLoRA's own path does for W. Built and tested on
+the CPU; the engine's gate (`parallelize.lora_concat_blocker`) holds it off until a GPU has measured it.
 """
 
 from __future__ import annotations
