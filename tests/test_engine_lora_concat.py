@@ -204,14 +204,25 @@ def test_ineligible_layers_keep_peft(settings, reason):
     assert torch.equal(loss_and_grads(model)[0], before)
 
 
-def test_engine_run_equals_peft(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach-adamw", "fused-adamw"])
+def test_engine_run_equals_peft(tmp_path, monkeypatch, caplog, fused):
     """The whole engine (grad accumulation, checkpointing, AdamW, the LoRA file) with the path forced on the CPU:
-    the loss curve and the saved adapter equal peft's (the mirror hook runs before every forward)."""
+    the loss curve and the saved adapter equal peft's (the mirror hook runs before every forward). Also with the
+    fused AdamW the engine takes on CUDA (forced here), which changes B without a version bump (regression)."""
     from safetensors.torch import load_file
     from test_engine_runs import STEPS, tiny_config, train_in_process
 
-    from training.engine import parallelize
+    from training.engine import optim, parallelize
 
+    if fused:
+        plain = optim._adamw
+
+        def fused_adamw(params, section, device):
+            plain(params, section, device)  # its log line; the optimizer it builds is replaced
+            kwargs = dict(lr=section.lr, betas=section.betas, eps=section.eps, weight_decay=section.weight_decay)
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+
+        monkeypatch.setattr(optim, "_adamw", fused_adamw)
     reference = train_in_process(tiny_config(tmp_path / "peft"))
     monkeypatch.setattr(parallelize, "lora_concat_applies", lambda **conditions: True)
     with caplog.at_level("INFO", logger="training.engine.parallelize"):
