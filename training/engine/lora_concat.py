@@ -138,9 +138,10 @@ class ConcatNF4LoraLinear(ConcatLoraLinear):
         base = self.get_base_layer()
         tensors = (getattr(base, name) for name in BUFFER_NAMES)
         lora_a, lora_b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
-        return _ConcatNF4LoraMatmul.apply(
+        out = _ConcatNF4LoraMatmul.apply(
             rows, lora_a, lora_b, self.scaling[ADAPTER], base.layout, self.nf4_kernel_beside, *tensors
         )
+        return out.to(rows.dtype)  # peft's QLoRA path returns its input's dtype (`FrozenNF4Linear` casts back)
 
 
 def concat_eligible(layer: nn.Module) -> str | None:

@@ -63,7 +63,7 @@ def self_check(device: torch.device, beside: bool = False) -> bool:
         "code": torch.linspace(-1, 1, 16) * 0.97,
     }
     tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-    extra = (torch.randn(48, 8, generator=generator) * 0.1).to(torch.bfloat16).to(device) if beside else None
+    extra = (torch.randn(48, 24, generator=generator) * 0.1).to(torch.bfloat16).to(device) if beside else None  # 1,152 values: two programs, R not a power of 2
     try:
         weight, grad_in, grad = _run_both(tensors, layout, extra)
     except Exception:  # a Triton that cannot build or launch the kernel here: the PyTorch ops do the work
@@ -153,6 +153,8 @@ def _launch(launcher, packed, absmax, nested_absmax, nested_code, offset, code, 
     """The weight [rows, cols] in bf16 (``beside`` [rows, r]: [rows, cols + r], ``beside`` in the last r columns);
     ``launcher`` is `wrap_triton` inside a traceable operator, else identity."""
     extra = 0 if beside is None else beside.shape[1]
+    if extra and (beside.dtype != torch.bfloat16 or not beside.is_contiguous() or beside.shape[0] != rows):
+        raise ValueError(f"beside must be a contiguous bf16 [{rows}, r] tensor, not {beside.dtype} {beside.shape}")
     out = torch.empty((rows, cols + extra), dtype=torch.bfloat16, device=packed.device)
     n_bytes = packed.numel()
     if out.numel() >= 2**31:
@@ -163,8 +165,6 @@ def _launch(launcher, packed, absmax, nested_absmax, nested_code, offset, code, 
         HALF_BLOCK=blocksize // 2, NESTED=nested, BYTES=BYTES_PER_PROGRAM, **strides,
     )  # fmt: skip
     if extra:
-        if beside.dtype != torch.bfloat16 or not beside.is_contiguous() or beside.shape[0] != rows:
-            raise ValueError(f"beside must be a contiguous bf16 [{rows}, r] tensor, not {beside.dtype} {beside.shape}")
         launcher(_beside_kernel())[(-(-beside.numel() // BYTES_PER_PROGRAM),)](
             beside, out, beside.numel(), R=extra, COLS=cols, ROW_STRIDE=cols + extra, BLOCK=BYTES_PER_PROGRAM
         )
