@@ -63,7 +63,9 @@ def self_check(device: torch.device, beside: bool = False) -> bool:
         "code": torch.linspace(-1, 1, 16) * 0.97,
     }
     tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-    extra = (torch.randn(48, 24, generator=generator) * 0.1).to(torch.bfloat16).to(device) if beside else None  # 1,152 values: two programs, R not a power of 2
+    extra = (
+        (torch.randn(48, 24, generator=generator) * 0.1).to(torch.bfloat16).to(device) if beside else None
+    )  # 1,152 values: two programs, R not a power of 2
     try:
         weight, grad_in, grad = _run_both(tensors, layout, extra)
     except Exception:  # a Triton that cannot build or launch the kernel here: the PyTorch ops do the work
