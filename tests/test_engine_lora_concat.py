@@ -235,7 +235,12 @@ def test_engine_run_equals_peft(tmp_path, monkeypatch, caplog, fused):
     files = [load_file(tmp_path / run / "lora.safetensors") for run in ("peft", "concat")]
     assert files[0].keys() == files[1].keys()
     for key, value in files[0].items():
-        torch.testing.assert_close(files[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        # the file holds bf16: float32 weights equal to 1e-5 may round one bf16 step apart (seen on an AMD EPYC CPU:
+        # 1 of 680 values, 2⁻⁸ relative); more than one in a hundred values apart is a real difference
+        torch.testing.assert_close(
+            files[1][key], value, rtol=2**-7, atol=1e-6, msg=lambda detail, key=key: f"{key}: {detail}"
+        )
+        assert (files[1][key] != value).float().mean() <= 0.01, key
 
 
 def test_gate_is_compiled_bf16_lora_on_one_cuda_process():
