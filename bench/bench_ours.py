@@ -34,8 +34,7 @@ class OurConfig:
     cudagraphs: bool = False  # an experiment (issue 12): inductor's CUDA graphs over every compiled block
     adapter: str = "lora"  # training.vocabulary.ADAPTER_TYPES (lora modes)
     nf4_in_graph: bool = True  # qlora + compile; False: bitsandbytes' Linear4bit (before issue 12's lever)
-    lora_concat: bool = True  # lora + compile on one GPU; False: peft's separate adapter GEMMs (before the lever)
-    nf4_concat: bool = False  # qlora: the lever over the NF4 base, held off by the gate until measured (issue 12)
+    lora_concat: bool = True  # (q)lora + compile on one GPU; False: peft's separate adapter GEMMs (before the lever)
     max_autotune: bool = False  # an experiment (issue 12): Triton GEMM templates with elementwise work fused in
 
 
@@ -50,7 +49,7 @@ OUR_CONFIGS = {
     "lora-1024-bs2": dataclasses.replace(_BASE, batch=2, resolution=1024),
     "qlora-512": dataclasses.replace(_BASE, mode="qlora"),
     "qlora-512-bnb": dataclasses.replace(_BASE, mode="qlora", nf4_in_graph=False),
-    "qlora-512-concat": dataclasses.replace(_BASE, mode="qlora", nf4_concat=True),
+    "qlora-512-peft": dataclasses.replace(_BASE, mode="qlora", lora_concat=False),
     "fp8-512": dataclasses.replace(_BASE, fp8=True),
     "fp8-1024": dataclasses.replace(_BASE, batch=1, resolution=1024, fp8=True),
     "lora-512+cg": dataclasses.replace(_BASE, cudagraphs=True),
@@ -105,9 +104,6 @@ def apply_levers(conf: OurConfig) -> None:
         parallelize.apply_nf4_in_graph = lambda model: None
     if not conf.lora_concat:
         parallelize.apply_lora_concat_gemms = lambda model: None
-    if conf.nf4_concat:  # the gate as it stands for LoRA, without QLoRA's hold
-        gate = parallelize.lora_concat_blocker
-        parallelize.lora_concat_blocker = lambda **where: gate(**(where | {"mode": "lora"}))
 
 
 def run_ours(conf: OurConfig, steps: int = 8, warmup: int = 3) -> dict:

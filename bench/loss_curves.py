@@ -35,7 +35,7 @@ VARIANTS = {
     "compiled-peft": OUR_CONFIGS["lora-512-peft"],  # peft's separate adapter GEMMs (before lora_concat)
     "fp8": OUR_CONFIGS["fp8-512"],
     "qlora": OUR_CONFIGS["qlora-512"],
-    "qlora-concat": OUR_CONFIGS["qlora-512-concat"],
+    "qlora-peft": OUR_CONFIGS["qlora-512-peft"],  # peft's separate adapter GEMMs over the NF4 base
 }
 SMOOTHING = 0.9  # EMA factor of the compared curves
 

@@ -181,30 +181,34 @@ def test_the_beside_self_check_compares_w_and_b_side_by_side(monkeypatch, caplog
     assert "NF4 dequantisation beside LoRA's B on cpu: the Triton kernel differs" in caplog.text
 
 
-def test_qlora_is_held_off_by_the_gate_until_the_bench_item_lifts_the_hold(monkeypatch):
-    """Default QLoRA runs keep peft's path (the lever over NF4 is not measured on a GPU yet); the bench item
-    ``qlora-512-concat`` lifts only that hold, the gate's other conditions stay."""
+def test_the_gate_opens_for_compiled_qlora_on_one_cuda_process_and_the_bench_item_closes_it(monkeypatch):
+    """Measured on the H200 (2026-12-04, +2.6%), compiled QLoRA on one CUDA process takes the lever by default;
+    its other conditions stay, and the bench item ``qlora-512-peft`` (the A/B's reference) keeps peft's path."""
     import sys
     from pathlib import Path
 
     from training.engine import parallelize
 
     where = dict(mode="qlora", compile=True, plain_base=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
-    assert "awaits its GPU measurement" in parallelize.lora_concat_blocker(**where, strategy="none")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    monkeypatch.setattr(parallelize, "lora_concat_blocker", parallelize.lora_concat_blocker)  # restored after
-    from bench_ours import OUR_CONFIGS, apply_levers
-
-    apply_levers(OUR_CONFIGS["qlora-512-concat"])
     assert parallelize.lora_concat_applies(**where, strategy="none")
     assert not parallelize.lora_concat_applies(**where, strategy="ddp")
     assert not parallelize.lora_concat_applies(**(where | {"compile": False}), strategy="none")
+    assert not parallelize.lora_concat_applies(**(where | {"device": CPU}), strategy="none")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.setattr(parallelize, "apply_lora_concat_gemms", parallelize.apply_lora_concat_gemms)  # restored
+    from bench_ours import OUR_CONFIGS, apply_levers
+
+    lever = parallelize.apply_lora_concat_gemms
+    apply_levers(OUR_CONFIGS["qlora-512"])
+    assert parallelize.apply_lora_concat_gemms is lever
+    apply_levers(OUR_CONFIGS["qlora-512-peft"])
+    assert parallelize.apply_lora_concat_gemms is not lever
     sys.modules.pop("bench_ours", None)
 
 
-def test_a_compiled_qlora_engine_run_with_the_hold_lifted_equals_peft(tmp_path, monkeypatch, caplog):
+def test_a_compiled_qlora_engine_run_through_the_open_gate_equals_peft(tmp_path, monkeypatch, caplog):
     """The whole engine on the CPU (compiled blocks over the plain NF4 tensors, grad accumulation, checkpointing,
-    AdamW, the LoRA file) with the gate forced open: the loss curve and the adapter file equal peft's QLoRA run."""
+    AdamW, the LoRA file) with the gate forced open (the CPU closes it): the loss curve and the adapter file equal peft's QLoRA run."""
     from safetensors.torch import load_file
     from test_engine_runs import STEPS, tiny_config, train_in_process
 

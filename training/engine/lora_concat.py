@@ -19,8 +19,9 @@ FP8 bases keep peft's path. The shared storage is set up on the device: move the
 
 QLoRA's NF4 base (`nf4_frozen.FrozenNF4Linear`) is dequantised for every product anyway, so there is nothing to
 mirror: the dequantisation writes W's rows beside B's (`nf4_frozen.weight_beside`, one Triton kernel on CUDA) and
-the same GEMM follows; the backward dequantises [W | B] again, as QLoRA's own path does for W. Built and tested on
-the CPU; the engine's gate (`parallelize.lora_concat_blocker`) holds it off until a GPU has measured it.
+the same GEMM follows; the backward dequantises [W | B] again, as QLoRA's own path does for W (H200, 2026-12-04:
++2.6% at 512² bs4, the 200-step loss curve within 0.16% of peft's QLoRA path). Where the beside kernel's self-check
+fails on a device, QLoRA keeps peft's path.
 """
 
 from __future__ import annotations
