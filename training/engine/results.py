@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model.safetensors_io import host_copy
 from .distributed import DistInfo
 from .parallelize import clean_name
 
@@ -51,7 +52,7 @@ def save_full_state(
                 )
             tensor = tensor.full_tensor()
         if dist_info.is_main:
-            state[name] = tensor.detach().to("cpu", dtype)
+            state[name] = host_copy(tensor, dtype)
     if dist_info.is_main:
         save_weights(state, path, layout="comfy", metadata={"format": "whetstone.zimage-full", **(metadata or {})})
         logger.info("saved the fine-tuned transformer (%s) to %s", dtype, path)

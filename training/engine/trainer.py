@@ -17,10 +17,11 @@ from torch import nn
 from ..data.batches import Batch
 from ..model.config import preset
 from ..model.lora import LoraSettings, adapter_file_state, set_lora_input_cast
-from ..model.lora_file import save_lora_file
+from ..model.lora_file import stage_lora_file
 from ..run.events import RunLog, maybe_profile
 from ..run.failure import plan_for_messages, record
 from ..run.session import run_session
+from .background_writes import BackgroundWrites
 from .build import apply_mode, build_model, flow_objective, parallelized, precision_summary, uses_autocast
 from .checkpoint import Checkpointer
 from .config import TrainConfig
@@ -71,6 +72,7 @@ class Trainer:
     step: int = 0  # optimizer steps done
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
+    result_writes: BackgroundWrites = field(default_factory=BackgroundWrites)  # the LoRA saves during the run
 
     @classmethod
     def build(
@@ -173,6 +175,7 @@ class Trainer:
             if stopping:
                 logger.warning("stopped at step %d on request (%s)", self.step, stop.signal_name or "another rank")
                 break
+        self.result_writes.wait()
         self.checkpointer.wait()
         return "stopped" if self.step < run.steps else "completed"
 
@@ -270,8 +273,9 @@ class Trainer:
         return stack
 
     def save(self, *, final: bool = False) -> None:
-        """The ComfyUI-ready LoRA (rank 0, atomic) and the full resumable state (every rank; in the background
-        unless ``final``: the process exits right after a final save, so it gains nothing from async)."""
+        """The ComfyUI-ready LoRA (rank 0, atomic) and the full resumable state (every rank), both written in the
+        background unless ``final``: the process exits right after a final save, so it gains nothing from async."""
+        self.result_writes.wait()  # the previous save's files first: its failure is raised here, one copy held at a time
         model = unwrap(self.model)
         with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
             self._save_result(model, final=final)
@@ -306,7 +310,11 @@ class Trainer:
             state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
             metadata.update(lora_metadata(self.variant, self.config))
             path = ema_path(run.lora_file) if ema else run.lora_file
-            save_lora_file(path, state, self.lora, metadata=metadata)
+            staged = stage_lora_file(state, self.lora, metadata=metadata)  # a CPU copy, taken inside the swaps
+            if final:
+                staged.write(path)
+            else:
+                self.result_writes.submit(str(path), functools.partial(staged.write, path))
         if self.lora is None and final:
             path = ema_path(run.model_file) if ema else run.model_file
             save_full_model(model, path, dist_info=self.dist_info, metadata=metadata)
@@ -361,6 +369,7 @@ def _train(config: TrainConfig, dist_info: DistInfo) -> int:
     finally:
         progress.close()
         if trainer is not None:  # a background save must end before its process group goes (errors: train's wait)
+            trainer.result_writes.close(raise_error=False)
             trainer.checkpointer.close(raise_error=False)
         log.close()
 

@@ -24,6 +24,7 @@ import torch
 
 from .adapters import COMFY_NORM_EPS, DORA_SCALE
 from .layouts import comfy_name, diffusers_names
+from .safetensors_io import host_copy
 
 #: Per type, the file endings (after the module name) and whether each is split by rows on a fused qkv.
 FILE_KINDS: dict[str, dict[str, bool]] = {
@@ -75,7 +76,7 @@ def file_tensors(state: dict[str, torch.Tensor], settings, dtype: torch.dtype, p
                         raise ValueError(f"{adapter} {module}.{kind}: {tensor.shape[0]} rows do not split in q/k/v")
                     tensor = tensor.chunk(len(targets), dim=0)[index]
                 out_dtype = torch.float32 if ending == DORA_SCALE else dtype  # a per-row scale near 1: keep it exact
-                tensors[f"{key}.{ending}"] = tensor.detach().to("cpu", out_dtype).contiguous().clone()
+                tensors[f"{key}.{ending}"] = host_copy(tensor, out_dtype)
             if has_alpha:
                 tensors[f"{key}.{ALPHA}"] = torch.tensor(settings.effective_alpha, dtype=torch.float32)
     return tensors

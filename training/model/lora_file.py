@@ -19,7 +19,7 @@ from safetensors import safe_open
 from . import adapter_file
 from .layouts import comfy_name, diffusers_names
 from .lora import LoraSettings
-from .safetensors_io import write_safetensors
+from .safetensors_io import host_copy, write_safetensors
 from .targets import TARGET_PRESETS, infer_targets
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def _file_tensors(state: dict[str, torch.Tensor], settings: LoraSettings, dtype:
             raise ValueError(f"LoRA {module!r}: B rows {b.shape[0]} do not split into {len(targets)} (q, k, v)")
         for target, b_part in zip(targets, b.chunk(len(targets), dim=0)):
             key = FILE_PREFIX + target
-            tensors[f"{key}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous().clone()
-            tensors[f"{key}.lora_B.weight"] = b_part.detach().to("cpu", dtype).contiguous().clone()
+            tensors[f"{key}.lora_A.weight"] = host_copy(a, dtype)
+            tensors[f"{key}.lora_B.weight"] = host_copy(b_part, dtype)
             tensors[f"{key}.alpha"] = alpha.clone()
     return tensors
 
@@ -129,6 +129,33 @@ def _file_metadata(settings: LoraSettings, dtype: torch.dtype, extra: dict[str, 
     }
 
 
+@dataclass(frozen=True)
+class StagedLoraFile:
+    """An adapter file's bytes-to-be, held in CPU memory (copies: training may change the weights meanwhile)."""
+
+    tensors: dict[str, torch.Tensor]
+    header: dict[str, str]
+
+    def write(self, path: str | os.PathLike) -> None:
+        # our writer keeps key and metadata order, so the same LoRA always gives the same bytes (safetensors' does not)
+        write_safetensors(Path(path), sorted(self.tensors.items()), dict(sorted(self.header.items())))
+        logger.info("saved LoRA (%d tensors, %s) to %s", len(self.tensors), self.header["dtype"], path)
+
+
+def stage_lora_file(
+    state: dict[str, torch.Tensor],
+    settings: LoraSettings,
+    *,
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> StagedLoraFile:
+    """``save_lora_file``'s first half: the file's tensors copied to CPU in ``dtype`` and its header, validated; the
+    write (`StagedLoraFile.write`) may then run in another thread."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"LoRA file dtype must be one of {list(SAVE_DTYPES.values())}, got {dtype}")
+    return StagedLoraFile(_file_tensors(state, settings, dtype), _file_metadata(settings, dtype, metadata))
+
+
 def save_lora_file(
     path: str | os.PathLike,
     state: dict[str, torch.Tensor],
@@ -141,13 +168,7 @@ def save_lora_file(
     (LoRA here; DoRA, LoKr and LoHa in ``adapter_file``'s form, by ``settings.adapter``).
 
     ``metadata`` adds str→str header entries such as ``{"steps": "1200", "dataset_hash": "…"}``."""
-    if dtype not in SAVE_DTYPES:
-        raise ValueError(f"LoRA file dtype must be one of {list(SAVE_DTYPES.values())}, got {dtype}")
-    tensors = _file_tensors(state, settings, dtype)
-    header = _file_metadata(settings, dtype, metadata)
-    # our writer keeps key and metadata order, so the same LoRA always gives the same bytes (safetensors' does not)
-    write_safetensors(Path(path), sorted(tensors.items()), dict(sorted(header.items())))
-    logger.info("saved LoRA (%d tensors, %s) to %s", len(tensors), header["dtype"], path)
+    stage_lora_file(state, settings, metadata=metadata, dtype=dtype).write(path)
 
 
 # ---- reading any ComfyUI-style Z-Image LoRA -------------------------------------------------------------------------

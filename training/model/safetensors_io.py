@@ -84,6 +84,13 @@ def read_into(file, source: TensorSource, target: torch.Tensor) -> None:
         target.copy_(buffer)
 
 
+def host_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU copy of ``tensor`` in ``dtype``, cast on the tensor's own device first: a blocking
+    device-to-host ``.to("cpu", dtype)`` copies the wider values and casts them on the CPU (PyTorch's copy_ does),
+    about 0.9 s of a 0.32 G-parameter LoRA save on an H200 host (issue 12). Never a view of ``tensor``."""
+    return tensor.detach().to(dtype).contiguous().to("cpu", copy=True)
+
+
 def write_safetensors(path: Path, entries: list[tuple[str, torch.Tensor]], metadata, *, hasher=None) -> None:
     """Write atomically; ``hasher`` (a ``hashlib`` object), when given, is fed every byte of the file."""
     header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
