@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from .ema import WeightAverage, ema_path
 from .feed import build_loader, caption_limit, checked, limited_batches
+from .gc_pauses import GcPauses
 from .objective import FlowObjective
 from .optim import averaged_weights, build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import attention_kernels, clean_name, gradient_sync, unwrap
@@ -154,12 +155,26 @@ class Trainer:
             self.progress.phase("compiling (first step)" if run.compile else "first step")
         if self.step == 0:
             self._preview()
-        while self.step < run.steps:
+        with GcPauses() as gc_pauses:
+            stopping = self._train_steps(stop, gc_pauses, save_every)
+        if stopping:
+            logger.warning("stopped at step %d on request (%s)", self.step, stop.signal_name or "another rank")
+        self.result_writes.wait()
+        self.checkpointer.wait()
+        return "stopped" if self.step < run.steps else "completed"
+
+    def _train_steps(self, stop: GracefulStop, gc_pauses: GcPauses, save_every: int) -> bool:
+        """Steps until the configured count or an agreed stop request (returned), each logged, previewed and saved
+        when due."""
+        run = self.config.run
+        stopping = False
+        while self.step < run.steps and not stopping:
             with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
                 metrics = self.train_step(stop_requested=stop.requested)
             stopping = metrics.pop("stop_requested")  # any rank's request, agreed through the step's one collective
             self._check_finite(metrics, step=self.step + 1)
             self.step += 1
+            metrics |= gc_pauses.take(self.step)
             if self.ema is not None:
                 self.ema.update(self.step)
             self.history.append(metrics)
@@ -172,12 +187,7 @@ class Trainer:
                 if self.progress is not None:
                     self.progress.phase("saving")
                 self.save(final=final)
-            if stopping:
-                logger.warning("stopped at step %d on request (%s)", self.step, stop.signal_name or "another rank")
-                break
-        self.result_writes.wait()
-        self.checkpointer.wait()
-        return "stopped" if self.step < run.steps else "completed"
+        return stopping
 
     def _preview(self) -> None:
         """Previews after ``self.step`` steps when due; the step clock restarts after them (their time is theirs)."""

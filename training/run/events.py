@@ -7,7 +7,8 @@ on a full disk, where no new file can be written, a status is rewritten in place
 utilisation, memory and power come from NVML, sampled by a background thread so a step never waits on the driver.
 
 Metric names the loop is expected to use (all optional except ``step``; the report reads them): ``loss``,
-``loss_sigma`` ({bucket label: loss}), ``grad_norm``, ``lr``, ``img_per_s``, ``data_wait``, ``peak_mem_gb``.
+``loss_sigma`` ({bucket label: loss}), ``grad_norm``, ``lr``, ``img_per_s``, ``data_wait``, ``step_s``, ``peak_mem_gb``,
+``gc_s`` and ``gc_generation`` (rank 0's garbage-collector pauses in the step, `training.engine.gc_pauses`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""Each step's event says how long Python's garbage collector paused training (issue 12: an unexplained 0.83 s step)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+
+from test_engine_runs import tiny_config
+
+import training.engine.trainer as trainer_module
+from training.engine.config import TrainConfig
+from training.engine.gc_pauses import GcPauses
+from training.engine.trainer import run_training
+from training.run.events import read_events
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_pauses_are_summed_between_takes_with_the_oldest_generation(caplog):
+    clock = FakeClock()
+    with GcPauses(clock=clock) as pauses:
+        callback = gc.callbacks[-1]
+        for generation, seconds in ((0, 0.01), (2, 0.3), (1, 0.02)):
+            callback("start", {"generation": generation})
+            clock.now += seconds
+            callback("stop", {"generation": generation, "collected": 0, "uncollectable": 0})
+        with caplog.at_level(logging.INFO, logger="training.engine.trainer"):
+            taken = pauses.take(7)
+        assert taken["gc_s"] == 0.01 + 0.3 + 0.02 and taken["gc_generation"] == 2
+        assert "step 7: Python's garbage collector paused training for 0.33 s (generation 2)" in caplog.text
+        assert pauses.take(8) == {"gc_s": 0.0, "gc_generation": None}
+        callback("stop", {"generation": 1})  # a collection already running when entered: not counted
+        assert pauses.take(9)["gc_s"] == 0.0
+    assert callback not in gc.callbacks  # removed on exit
+
+
+def test_a_step_with_a_full_collection_says_so_in_its_event(tmp_path, monkeypatch):
+    original = trainer_module.Trainer._micro_step
+    collected_at = {}
+
+    def micro_step(self, micro, shape):
+        if self.step == 1 and micro == 0:  # the second step
+            gc.collect(2)
+            collected_at["step"] = self.step + 1
+        return original(self, micro, shape)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_micro_step", micro_step)
+    config = tiny_config(tmp_path / "run", steps=3, grad_accum=1, micro_batch=2)
+    assert run_training(TrainConfig.from_dict(copy.deepcopy(config))) == 0
+    events = {event["step"]: event for event in read_events(tmp_path / "run")}
+    assert collected_at == {"step": 2}
+    assert events[2]["gc_generation"] == 2 and 0 < events[2]["gc_s"] < events[2]["step_s"]
+    assert all(isinstance(event["gc_s"], float) for event in events.values())
