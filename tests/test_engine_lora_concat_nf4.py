@@ -230,3 +230,4 @@ def test_a_compiled_qlora_engine_run_through_the_open_gate_equals_peft(tmp_path,
     for key, value in files[0].items():
         # the file holds bf16: float32 weights equal to 1e-5 may round one bf16 step apart (seen: 1 of 680 values)
         torch.testing.assert_close(files[1][key], value, rtol=2**-7, atol=1e-6, msg=key)
+        assert (files[1][key] != value).float().mean() <= 0.01, key

@@ -21,7 +21,7 @@ from ..model.lora_file import stage_lora_file
 from ..run.events import RunLog, maybe_profile
 from ..run.failure import plan_for_messages, record
 from ..run.session import run_session
-from .background_writes import BackgroundWrites
+from .background_writes import BackgroundWriteFailed, BackgroundWrites
 from .build import apply_mode, build_model, flow_objective, parallelized, precision_summary, uses_autocast
 from .checkpoint import Checkpointer
 from .config import TrainConfig
@@ -150,7 +150,9 @@ class Trainer:
         when = f"every {save_every} steps and at the end" if save_every else "at the end only"
         logger.info("LoRA and checkpoint saves: %s (%s)", when, reason)
         if self.step >= run.steps:
-            logger.info("the checkpoint is at step %d of %d: nothing left to train", self.step, run.steps)
+            logger.info("the checkpoint is at step %d of %d: nothing left to train; writing its result", self.step,
+                        run.steps)  # fmt: skip
+            self._save_results(final=True)  # a kill may have left the file of an earlier save beside this checkpoint
         elif self.progress is not None:
             self.progress.phase("compiling (first step)" if run.compile else "first step")
         if self.step == 0:
@@ -181,6 +183,7 @@ class Trainer:
             self.log.step({"step": self.step, **metrics})
             if self.progress is not None:
                 self.progress.step(self.step, metrics)
+            self.result_writes.raise_failed()  # an earlier save's write that failed stops the run now
             self._preview()
             final = stopping or self.step == run.steps
             if final or (save_every and self.step % save_every == 0):
@@ -204,11 +207,15 @@ class Trainer:
         loss, grad_norm = metrics["loss"], metrics["grad_norm"]
         if math.isfinite(loss) and math.isfinite(grad_norm):
             return
-        kept = (
-            f"the LoRA and checkpoint of step {self.saved_step} are kept as they were"
-            if self.saved_step is not None
-            else "nothing was saved yet"
-        )
+        try:
+            self.result_writes.wait()  # the last save's file is on disk before the message says it is kept
+            kept = (
+                f"the LoRA and checkpoint of step {self.saved_step} are kept as they were"
+                if self.saved_step is not None
+                else "nothing was saved yet"
+            )
+        except (BackgroundWriteFailed, TimeoutError) as error:
+            kept = f"the LoRA of step {self.saved_step} was not written ({error}), its checkpoint is kept"
         raise TrainingDiverged(
             f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (learning rate "
             f"{metrics['lr']:.3g}); stopped without saving this step, {kept}. Lower optim.lr, keep optim.grad_clip "
@@ -285,19 +292,13 @@ class Trainer:
     def save(self, *, final: bool = False) -> None:
         """The ComfyUI-ready LoRA (rank 0, atomic) and the full resumable state (every rank), both written in the
         background unless ``final``: the process exits right after a final save, so it gains nothing from async."""
-        self.result_writes.wait()  # the previous save's files first: its failure is raised here, one copy held at a time
-        model = unwrap(self.model)
-        with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
-            self._save_result(model, final=final)
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                self._save_result(model, final=final, ema=True)
+        self._save_results(final=final)
         self.saved_step = self.step
         if not self.config.run.save_state:
             return
         self.checkpointer.save(
             self.step,
-            model=model,
+            model=unwrap(self.model),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             loader_state=self.loader.state_dict(),
@@ -305,6 +306,17 @@ class Trainer:
             async_save=not final,
             ema=self._ema_state(),
         )
+
+    def _save_results(self, *, final: bool) -> None:
+        """The result file and its EMA twin (`_save_result`), after the previous save's writes have finished (their
+        failure is raised here; one save's staged copy is held at a time)."""
+        self.result_writes.wait()
+        model = unwrap(self.model)
+        with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
+            self._save_result(model, final=final)
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                self._save_result(model, final=final, ema=True)
 
     def _ema_state(self) -> dict | None:
         return None if self.ema is None else self.ema.state()
