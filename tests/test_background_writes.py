@@ -73,19 +73,21 @@ def test_a_failure_already_finished_is_raised_by_the_next_submit_before_it_queue
     assert queued == []  # refused before it was queued
 
 
-def test_raise_failed_never_waits_for_a_running_write_and_raises_a_finished_failure():
+def test_failed_never_waits_for_a_running_write_and_tells_a_finished_failure():
     release = threading.Event()
     writes = BackgroundWrites()
     writes.submit("slow.safetensors", lambda: release.wait(10))
     started = time.perf_counter()
-    writes.raise_failed()
+    assert not writes.failed()
     assert time.perf_counter() - started < 1
     release.set()
     writes.wait()
     writes.submit("bad.safetensors", lambda: 1 / 0)
     concurrent.futures.wait([future for _, future in writes._pending])
+    assert writes.failed()
     with pytest.raises(BackgroundWriteFailed, match="writing bad.safetensors failed"):
-        writes.raise_failed()
+        writes.wait()
+    assert not writes.failed()
     writes.close()
 
 
@@ -178,8 +180,8 @@ def test_a_background_write_that_fails_fails_the_run_naming_the_file(tmp_path, m
     assert status["state"] == "failed", status
     assert f"the disk is full (No space left on device): free space on the drive of {lora.parent}" in status["message"]
     assert [steps for _, steps in written] == ["2"]  # nothing staged after the failure
-    # raised by the check after step 3 once the worker has failed (it fails at once), at the latest by the step-4 save
-    assert max(event["step"] for event in read_events(tmp_path / "run")) in (3, 4)
+    # stopped by the step after the failed write (logged up to step 2 or 3), at the latest by the step-4 save
+    assert max(event["step"] for event in read_events(tmp_path / "run")) <= 4
     assert not lora.exists()  # atomic: the failed write left nothing behind
 
 
@@ -238,3 +240,46 @@ def test_an_ema_run_writes_the_lora_and_its_ema_twin_in_the_background(tmp_path,
     for name in ("lora.safetensors", "lora_ema.safetensors"):
         with safe_open(str(tmp_path / "run" / name), "pt") as handle:
             assert handle.metadata()["steps"] == "2"
+
+
+RANK_0_WRITE_FAILS = """
+import runpy, sys
+from training.model.lora_file import StagedLoraFile
+
+
+def write(self, path):  # only rank 0 writes the LoRA
+    raise OSError(5, "Input/output error")
+
+
+StagedLoraFile.write = write
+sys.argv = ["training", "train", "--config", sys.argv[1]]
+runpy.run_module("training", run_name="__main__")
+"""
+
+
+def test_when_rank_0s_background_write_fails_every_rank_stops_at_once(tmp_path):
+    """The failure travels in the step's all-reduce: every rank stops at the same step, rank 1 saying why, and rank
+    0's cause is the run's status. Before, rank 0 alone raised at its next save and rank 1 died in a collective when
+    torchrun tore the group down (its log: a gloo connection error, not the cause)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_engine_runs import REPO, write_config
+
+    config = tiny_config(tmp_path / "run", steps=40, save_every=2, grad_accum=1, micro_batch=2, save_state=False)
+    config["run"]["nccl_timeout_s"] = 600
+    script = tmp_path / "rank_0_write_fails.py"
+    script.write_text(RANK_0_WRITE_FAILS)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [*torchrun, str(script), str(write_config(config))],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode != 0
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "failed", status
+    assert "Input/output error" in status["message"], status
+    assert "stopping with the rank whose background write of the result file failed" in result.stderr
+    assert max(event["step"] for event in read_events(tmp_path / "run")) < 40

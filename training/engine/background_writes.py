@@ -3,8 +3,8 @@ thread 1.75–2.26 s at r128 (0.65 GB; issue 12), and the GPU sat idle for it.
 
 The caller stages the file first (a CPU copy, `lora_file.stage_lora_file`), so training may change the weights as
 soon as `submit` returns; the write itself (atomic: a temporary file, fsync, rename) runs in one worker thread, in
-submission order. A failed write is raised, naming the file, by the next `raise_failed`, `submit` or `wait`: the
-trainer asks after every step, waits before every save and at the end of the run, so a run whose file did not reach
+submission order. A failed write is raised, naming the file, by the next `submit` or `wait`; `failed` tells without
+waiting. The trainer asks after every step (every rank stops with rank 0), waits before every save and at the end of the run, so a run whose file did not reach
 the disk never reports success. `wait` gives up after ``timeout_s`` (a stalled disk), naming the file. The worker is
 not a daemon thread: a process that exits after an error still finishes the last staged file (the cleanup's `close`
 does not wait for a write that already timed out).
@@ -40,16 +40,16 @@ class BackgroundWrites:
     def submit(self, label: str, write: Callable[[], None]) -> None:
         """Run ``write`` (it must touch only data it owns) in the worker; ``label`` names its file in errors.
         Earlier writes that already failed are raised here, before anything new is queued."""
-        self.raise_failed()
+        if self.failed():
+            self.wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-write")
         self._pending.append((label, self._executor.submit(write)))
 
-    def raise_failed(self) -> None:
-        """Raise (as `wait` does) when a finished write failed; returns at once otherwise (the trainer asks each
-        step, so a failure stops the run at the next step, not at the next save)."""
-        if any(future.done() and future.exception() is not None for _, future in self._pending):
-            self.wait()
+    def failed(self) -> bool:
+        """Whether a finished write failed (no wait: the trainer asks each step and every rank learns the answer in
+        the step's all-reduce, so a failure stops the whole run at the next step, not at the next save)."""
+        return any(future.done() and future.exception() is not None for _, future in self._pending)
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until every submitted write has finished (at most ``timeout_s`` in all, default the instance's);

@@ -16,7 +16,7 @@ from torch import nn
 from ..data.shards import EMPTY_CAPTION_KEY, EMPTY_CAPTION_NAME
 from ..model.config import ZImageConfig, preset
 from ..model.layers import RMSNorm
-from ..model.lora import LoraSettings, attach_lora
+from ..model.lora import LoraSettings, attach_lora, set_lora_input_cast
 from ..model.zimage import ZImageTransformer
 from .compile_bounds import image_shape_count
 from .config import TrainConfig
@@ -200,3 +200,10 @@ def flow_objective(config: TrainConfig) -> FlowObjective:
         caption_dropout=config.data.caption_dropout,
         seed=config.run.seed,
     )
+
+
+def keep_lora_inputs_bf16(model: nn.Module, config: TrainConfig, dist_info: DistInfo, lora) -> None:
+    """Under autocast the adapters run in bf16: peft's fp32 cast of their inputs would only add copies."""
+    if lora is not None and uses_autocast(config, dist_info):
+        count = set_lora_input_cast(model, False)
+        logger.info("LoRA inputs stay bf16 in %d layers (autocast runs the adapters in bf16; no fp32 copies)", count)

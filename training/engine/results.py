@@ -1,19 +1,59 @@
-"""Full fine-tuning's result file: the transformer (or its EMA) gathered from FSDP2 shards and written by rank 0 as
-one ComfyUI diffusion-model file."""
+"""A run's result files as the user loads them: the LoRA (rank 0, at every save; written in the background during
+the run) or full fine-tuning's transformer (gathered from FSDP2 shards, written by rank 0 as one ComfyUI
+diffusion-model file at the end), and the EMA twin of either beside it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..model.lora import LoraSettings, adapter_file_state
+from ..model.lora_file import stage_lora_file
 from ..model.safetensors_io import host_copy
+from .background_writes import BackgroundWrites
+from .config import TrainConfig
 from .distributed import DistInfo
+from .ema import ema_path
 from .parallelize import clean_name
+from .variant_setup import lora_metadata
 
 logger = logging.getLogger("training.engine.trainer")
+
+
+def save_result(
+    model: nn.Module,
+    config: TrainConfig,
+    *,
+    lora: LoraSettings | None,
+    variant: str,
+    step: int,
+    dist_info: DistInfo,
+    final: bool,
+    ema: bool,
+    writes: BackgroundWrites,
+) -> None:
+    """The LoRA (rank 0; staged here, written by ``writes`` unless ``final``) or, at the end, the full model (every
+    rank gathers); ``ema``: the EMA twin beside it (``<name>_ema.safetensors``, same format)."""
+    run = config.run
+    metadata = {"steps": str(step), "seed": str(run.seed), "mode": config.mode}
+    if ema:
+        metadata |= {"ema_decay": str(config.ema.decay), "ema_start_step": str(config.ema.start_step)}
+    if lora is not None and dist_info.is_main:
+        state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
+        metadata.update(lora_metadata(variant, config))
+        path = ema_path(run.lora_file) if ema else run.lora_file
+        staged = stage_lora_file(state, lora, metadata=metadata)  # a CPU copy: training may go on at once
+        if final:
+            staged.write(path)
+        else:
+            writes.submit(str(path), functools.partial(staged.write, path))
+    if lora is None and final:
+        path = ema_path(run.model_file) if ema else run.model_file
+        save_full_model(model, path, dist_info=dist_info, metadata=metadata)
 
 
 def save_full_model(

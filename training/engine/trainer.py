@@ -16,31 +16,38 @@ from torch import nn
 
 from ..data.batches import Batch
 from ..model.config import preset
-from ..model.lora import LoraSettings, adapter_file_state, set_lora_input_cast
-from ..model.lora_file import stage_lora_file
+from ..model.lora import LoraSettings
 from ..run.events import RunLog, maybe_profile
-from ..run.failure import plan_for_messages, record
+from ..run.failure import StoppedWithAnotherRank, plan_for_messages, record
 from ..run.session import run_session
 from .background_writes import BackgroundWriteFailed, BackgroundWrites
-from .build import apply_mode, build_model, flow_objective, parallelized, precision_summary, uses_autocast
+from .build import (
+    apply_mode,
+    build_model,
+    flow_objective,
+    keep_lora_inputs_bf16,
+    parallelized,
+    precision_summary,
+    uses_autocast,
+)
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
-from .ema import WeightAverage, ema_path
+from .ema import WeightAverage
 from .feed import build_loader, caption_limit, checked, limited_batches
 from .gc_pauses import GcPauses
 from .objective import FlowObjective
 from .optim import averaged_weights, build_optimizer, build_scheduler, clip_gradients, trainable_parameters
-from .parallelize import attention_kernels, clean_name, gradient_sync, unwrap
+from .parallelize import attention_kernels, gradient_sync, unwrap
 from .preview import Previewer, build_previewer
 from .progress import Progress
-from .results import save_full_model
+from .results import save_result
 from .shapes import FixedShape, ResolutionStreams, shape_metrics, step_shapes
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
 from .summary import peak_memory_gb, run_summary
 from .synthetic import global_sample_indices
-from .variant_setup import lora_metadata, prepare_variant
+from .variant_setup import prepare_variant
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +96,7 @@ class Trainer:
         model = build_model(config, dist_info) if model is None else model
         variant = prepare_variant(model, config)  # Turbo: its de-distillation adapter merges before LoRA/QLoRA
         lora = apply_mode(model, config)
-        _keep_lora_inputs_bf16(model, config, dist_info, lora)
+        keep_lora_inputs_bf16(model, config, dist_info, lora)
         run = config.run
         forward = parallelized(model, config, dist_info)
         params = trainable_parameters(model)
@@ -174,7 +181,9 @@ class Trainer:
             with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
                 metrics = self.train_step(stop_requested=stop.requested)
             stopping = metrics.pop("stop_requested")  # any rank's request, agreed through the step's one collective
-            self._check_finite(metrics, step=self.step + 1)
+            write_failed = metrics.pop("result_write_failed")
+            self._check_finite(metrics, step=self.step + 1)  # first: a diverged step's message tells of the write
+            self._check_result_writes(write_failed)
             self.step += 1
             metrics |= gc_pauses.take(self.step)
             if self.ema is not None:
@@ -183,7 +192,6 @@ class Trainer:
             self.log.step({"step": self.step, **metrics})
             if self.progress is not None:
                 self.progress.step(self.step, metrics)
-            self.result_writes.raise_failed()  # an earlier save's write that failed stops the run now
             self._preview()
             final = stopping or self.step == run.steps
             if final or (save_every and self.step % save_every == 0):
@@ -200,6 +208,17 @@ class Trainer:
             self.progress.phase("previews")
         self.previewer.sample(self.step, unwrap(self.model))
         self.clock.reset()
+
+    def _check_result_writes(self, failed_on_some_rank: bool) -> None:
+        """Every rank stops at the same step when rank 0's background write of the result failed (agreed in the
+        step's all-reduce), the others saying why instead of dying in a collective when rank 0 is gone."""
+        if not failed_on_some_rank:
+            return
+        self.result_writes.wait()  # raises on the rank whose write failed
+        raise StoppedWithAnotherRank(
+            f"rank {self.dist_info.rank}: stopping with the rank whose background write of the result file failed "
+            "(its error is in its log and in the run folder's error.txt)"
+        )
 
     def _check_finite(self, metrics: dict, *, step: int) -> None:
         """Stop on a non-finite loss or gradient norm, before the step is logged or saved. Both are host floats already
@@ -223,14 +242,14 @@ class Trainer:
         )
 
     def train_step(self, *, stop_requested: bool = False) -> dict:
-        """One optimizer step. Its metrics and every rank's stop request travel in one all-reduce per step; the
-        result's ``stop_requested`` is True on every rank when any rank asked to stop."""
+        """One optimizer step. Its metrics, every rank's stop request and whether a background result write failed
+        travel in one all-reduce per step; ``stop_requested`` / ``result_write_failed`` are the same on every rank."""
         run = self.config.run
         self.clock.start()
         torch.manual_seed(run.seed + 1_000_003 * self.step + self.dist_info.rank)  # LoRA dropout, per step
         shape = self.shapes.at(self.step)
         n_buckets = self.objective.n_buckets
-        stats = torch.zeros(4 + 2 * n_buckets, dtype=torch.float64, device=self.dist_info.device)
+        stats = torch.zeros(5 + 2 * n_buckets, dtype=torch.float64, device=self.dist_info.device)
         sizes = []
         for micro in range(shape.grad_accum):
             output, waited, size = self._micro_step(micro, shape)
@@ -239,6 +258,7 @@ class Trainer:
             stats[1] += output.per_sample.numel()
             stats[2] += waited
             stats[3 : 3 + 2 * n_buckets] += self.objective.bucket_stats(output.sigma, output.per_sample).flatten()
+        stats[-2] = float(self.result_writes.failed())
         stats[-1] = float(stop_requested)
         grad_norm = clip_gradients(self.params, self.config.optim.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
@@ -258,6 +278,7 @@ class Trainer:
             "data_wait": waited / self.dist_info.world_size / elapsed,
             "step_s": elapsed,
             "peak_mem_gb": peak_memory_gb(self.dist_info.device),
+            "result_write_failed": values[-2] > 0,
             "stop_requested": values[-1] > 0,
         }
 
@@ -308,45 +329,22 @@ class Trainer:
         )
 
     def _save_results(self, *, final: bool) -> None:
-        """The result file and its EMA twin (`_save_result`), after the previous save's writes have finished (their
-        failure is raised here; one save's staged copy is held at a time)."""
+        """The result file and its EMA twin (`results.save_result`), after the previous save's writes have finished
+        (their failure is raised here; one save's staged copy is held at a time)."""
         self.result_writes.wait()
         model = unwrap(self.model)
+        save = functools.partial(
+            save_result, model, self.config, lora=self.lora, variant=self.variant, step=self.step,
+            dist_info=self.dist_info, final=final, writes=self.result_writes,
+        )  # fmt: skip
         with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
-            self._save_result(model, final=final)
+            save(ema=False)
         if self.ema is not None:
             with self.ema.swapped_in():
-                self._save_result(model, final=final, ema=True)
+                save(ema=True)
 
     def _ema_state(self) -> dict | None:
         return None if self.ema is None else self.ema.state()
-
-    def _save_result(self, model: nn.Module, *, final: bool, ema: bool = False) -> None:
-        """The LoRA (rank 0, at every save) or the full model (every rank gathers, at the end) as the user loads it;
-        ``ema``: the EMA twin beside it (``<name>_ema.safetensors``, same format)."""
-        run = self.config.run
-        metadata = {"steps": str(self.step), "seed": str(run.seed), "mode": self.config.mode}
-        if ema:
-            metadata |= {"ema_decay": str(self.config.ema.decay), "ema_start_step": str(self.config.ema.start_step)}
-        if self.lora is not None and self.dist_info.is_main:
-            state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
-            metadata.update(lora_metadata(self.variant, self.config))
-            path = ema_path(run.lora_file) if ema else run.lora_file
-            staged = stage_lora_file(state, self.lora, metadata=metadata)  # a CPU copy, taken inside the swaps
-            if final:
-                staged.write(path)
-            else:
-                self.result_writes.submit(str(path), functools.partial(staged.write, path))
-        if self.lora is None and final:
-            path = ema_path(run.model_file) if ema else run.model_file
-            save_full_model(model, path, dist_info=self.dist_info, metadata=metadata)
-
-
-def _keep_lora_inputs_bf16(model: nn.Module, config: TrainConfig, dist_info: DistInfo, lora) -> None:
-    """Under autocast the adapters run in bf16: peft's fp32 cast of their inputs would only add copies."""
-    if lora is not None and uses_autocast(config, dist_info):
-        count = set_lora_input_cast(model, False)
-        logger.info("LoRA inputs stay bf16 in %d layers (autocast runs the adapters in bf16; no fp32 copies)", count)
 
 
 @record

@@ -44,6 +44,11 @@ RANK_ERROR_GLOB = "error-rank*.txt"
 PREVIOUS_PREFIX = "previous-"  # an earlier attempt's error files, moved aside by `rotate_errors`
 
 
+class StoppedWithAnotherRank(RuntimeError):
+    """Raised on the ranks that stop because another rank failed (agreed in a collective): that rank writes the run's
+    error.txt and status; these write only their own traceback file."""
+
+
 @dataclasses.dataclass(kw_only=True)
 class RunContext:
     """What `record` needs to know to write a failure: set by the loop once the config is read."""
@@ -107,7 +112,8 @@ def recorded() -> Iterator[None]:
 
 
 def write_failure(context: RunContext, error: BaseException) -> str:
-    """Write this rank's traceback; the first failing rank of the run also writes error.txt and the status.
+    """Write this rank's traceback; the first failing rank of the run also writes error.txt and the status (a rank
+    that only stops with another, `StoppedWithAnotherRank`, never does).
 
     Best effort on a broken disk: a traceback that cannot be written is logged, and the status is still attempted
     (`write_status` falls back to rewriting the file in place when the disk is full)."""
@@ -115,11 +121,11 @@ def write_failure(context: RunContext, error: BaseException) -> str:
     message = f"rank {context.rank}: {failure_message(error, context)}"
     logger.error("%s", message)
     run_dir = context.run_dir
-    first = True
+    first = not isinstance(error, StoppedWithAnotherRank)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / f"error-rank{context.rank}.txt", text)
-        first = _create_exclusive(run_dir / ERROR_FILE, f"{message}\n\n{text}")
+        first = first and _create_exclusive(run_dir / ERROR_FILE, f"{message}\n\n{text}")
     except OSError as write_error:
         logger.error("could not write the traceback to %s (%s); it follows here:\n%s", run_dir, write_error, text)
     if first:
