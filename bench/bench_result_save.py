@@ -1,5 +1,5 @@
 """On a GPU: what one LoRA save costs the training thread. A float32 r128 adapter of Z-Image's shapes on every target
-(30 main blocks and 4 refiner blocks × qkv, out, w1, w2, w3: 0.32 G parameters) is staged for its bf16 file the old
+(30 main blocks and 4 refiner blocks × qkv, out, w1, w2, w3: 0.28 G parameters) is staged for its bf16 file the old
 way (a blocking ``.to("cpu", bf16)``, which PyTorch casts on the CPU, then a clone) and the current way
 (`lora_file.stage_lora_file`: cast on the GPU, one device-to-host copy), then written (atomic, fsynced). Each time is
 taken after ``torch.cuda.synchronize()``; the best of ``--repeats``. Since issue 12 the write runs in a background

@@ -4,8 +4,8 @@ thread 1.75–2.26 s at r128 (0.65 GB; issue 12), and the GPU sat idle for it.
 The caller stages the file first (a CPU copy, `lora_file.stage_lora_file`), so training may change the weights as
 soon as `submit` returns; the write itself (atomic: a temporary file, fsync, rename) runs in one worker thread, in
 submission order. A failed write is raised, naming the file, by the next `submit` or `wait`; `failed` tells without
-waiting. The trainer asks after every step (every rank stops with rank 0), waits before every save and at the end of the run, so a run whose file did not reach
-the disk never reports success. `wait` gives up after ``timeout_s`` (a stalled disk), naming the file. The worker is
+waiting. The trainer asks after every step (every rank stops with rank 0), waits before every save and at the end of
+the run, so a run whose file did not reach the disk never reports success. `wait` gives up after ``timeout_s`` (a stalled disk), naming the file. The worker is
 not a daemon thread: a process that exits after an error still finishes the last staged file (the cleanup's `close`
 does not wait for a write that already timed out).
 """

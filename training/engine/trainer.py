@@ -157,9 +157,8 @@ class Trainer:
         when = f"every {save_every} steps and at the end" if save_every else "at the end only"
         logger.info("LoRA and checkpoint saves: %s (%s)", when, reason)
         if self.step >= run.steps:
-            logger.info("the checkpoint is at step %d of %d: nothing left to train; writing its result", self.step,
-                        run.steps)  # fmt: skip
-            self._save_results(final=True)  # a kill may have left the file of an earlier save beside this checkpoint
+            logger.info("the checkpoint is at step %d of %d: nothing left to train", self.step, run.steps)
+            self._save_results(final=False)  # a kill may have left an older LoRA beside it (full models: final only)
         elif self.progress is not None:
             self.progress.phase("compiling (first step)" if run.compile else "first step")
         if self.step == 0:
@@ -258,8 +257,10 @@ class Trainer:
             stats[1] += output.per_sample.numel()
             stats[2] += waited
             stats[3 : 3 + 2 * n_buckets] += self.objective.bucket_stats(output.sigma, output.per_sample).flatten()
-        stats[-2] = float(self.result_writes.failed())
-        stats[-1] = float(stop_requested)
+        if self.result_writes.failed():  # the flags are zero unless set: no launch on a normal step
+            stats[-2] = 1.0
+        if stop_requested:
+            stats[-1] = 1.0
         grad_norm = clip_gradients(self.params, self.config.optim.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()

@@ -100,9 +100,10 @@ def _file_tensors(state: dict[str, torch.Tensor], settings: LoraSettings, dtype:
         targets = [name.removesuffix(".weight") for name in diffusers_names(f"{module}.weight")]
         if b.shape[0] % len(targets):
             raise ValueError(f"LoRA {module!r}: B rows {b.shape[0]} do not split into {len(targets)} (q, k, v)")
+        a_file = host_copy(a, dtype)  # q, k and v share A: one copy, written under each name
         for target, b_part in zip(targets, b.chunk(len(targets), dim=0)):
             key = FILE_PREFIX + target
-            tensors[f"{key}.lora_A.weight"] = host_copy(a, dtype)
+            tensors[f"{key}.lora_A.weight"] = a_file
             tensors[f"{key}.lora_B.weight"] = host_copy(b_part, dtype)
             tensors[f"{key}.alpha"] = alpha.clone()
     return tensors
