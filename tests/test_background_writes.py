@@ -207,7 +207,7 @@ def test_a_divergence_while_the_last_write_fails_says_the_lora_was_not_written(t
     """The divergence message waits for the last save's write: it never claims a file is kept that is not."""
     from test_engine_diverge import POISONED_STEP, diverging_config, poison_batches
 
-    from training.engine.trainer import TrainingDiverged
+    from training.engine.divergence import TrainingDiverged
 
     _record_writes(monkeypatch, fail_step=str(POISONED_STEP - 1))
     poison_batches(monkeypatch, from_step=POISONED_STEP)

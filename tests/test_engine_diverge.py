@@ -15,6 +15,7 @@ import training.engine.trainer as trainer_module
 from training.__main__ import main
 from training.engine.checkpoint import Checkpointer
 from training.engine.config import TrainConfig
+from training.engine.divergence import TrainingDiverged
 from training.engine.trainer import run_training
 from training.run.events import read_events, read_status
 
@@ -77,7 +78,7 @@ def test_nan_in_the_first_step_saves_nothing(tmp_path, monkeypatch):
     config = TrainConfig.from_dict(diverging_config(tmp_path / "run"))
     try:
         run_training(config)
-    except trainer_module.TrainingDiverged as error:
+    except TrainingDiverged as error:
         assert "at step 1:" in str(error) and "nothing was saved yet" in str(error)
     else:
         raise AssertionError("a NaN first step trained on")

@@ -58,3 +58,20 @@ def test_a_step_with_a_full_collection_says_so_in_its_event(tmp_path, monkeypatc
     assert collected_at == {"step": 2}
     assert events[2]["gc_generation"] == 2 and 0 < events[2]["gc_s"] < events[2]["step_s"]
     assert all(isinstance(event["gc_s"], float) for event in events.values())
+
+
+def test_a_run_freezes_what_survives_its_first_step_once(tmp_path, caplog):
+    config = tiny_config(tmp_path / "run", steps=3, grad_accum=1, micro_batch=2)
+    with caplog.at_level(logging.INFO, logger="training.engine.trainer"):
+        assert run_training(TrainConfig.from_dict(copy.deepcopy(config))) == 0
+    assert caplog.text.count("objects alive after the first step (model, compiled graphs) frozen") == 1
+    assert gc.get_freeze_count() == 0  # unfrozen when the run ended
+
+
+def test_objects_alive_after_the_first_step_are_frozen_until_the_run_ends(caplog):
+    with caplog.at_level(logging.INFO, logger="training.engine.trainer"), GcPauses() as pauses:
+        pauses.freeze_setup()
+        assert gc.get_freeze_count() > 0
+        assert pauses.take(2)["gc_generation"] == 2  # the collection before the freeze is counted like any other
+    assert gc.get_freeze_count() == 0
+    assert "objects alive after the first step (model, compiled graphs) frozen in" in caplog.text

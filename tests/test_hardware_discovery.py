@@ -153,7 +153,7 @@ def test_ram_is_capped_by_the_container_limit(tmp_path, monkeypatch):
     limit.write_text(f"{1 << 62}\n")
     assert discovery.cgroup_memory_limit([str(limit)]) is None
     monkeypatch.setattr(discovery, "cgroup_memory_limit", lambda: 2 * GIB)
-    assert discovery._ram_bytes() == 2 * GIB
+    assert discovery.host_ram_bytes() == 2 * GIB
 
 
 def test_cpu_machine_note_names_no_exception(monkeypatch, tmp_path):

@@ -43,7 +43,8 @@ def train_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         logger.error("%s", error)
         return USER_ERROR
-    from .trainer import TrainingDiverged, run_training  # torch: imported once the config is known to be good
+    from .divergence import TrainingDiverged
+    from .trainer import run_training  # torch: imported once the config is known to be good
 
     try:
         if args.nproc_per_node is not None:

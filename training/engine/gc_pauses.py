@@ -4,6 +4,11 @@ heap of compiled graphs can be long enough to see (issue 12: one 0.83 s step amo
 explained by anything else the run logged). Each step's event carries ``gc_s`` (seconds in collections since the
 previous step's event) and ``gc_generation`` (the oldest generation collected, or null), so such a step names its
 cause.
+
+After the first step, `freeze_setup` moves every object still alive (the model, the compiled graphs and their
+caches, which live as long as the run) into the collector's permanent generation (``gc.freeze``): a later full
+collection walks only what the steps allocated since. Measured on an H200 before it: a 0.36 s generation-2 pause in a
+0.24 s-a-step compiled LoRA run. The objects are unfrozen on exit.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class GcPauses:
         self._started: float | None = None
         self._seconds = 0.0
         self._generation: int | None = None
+        self._froze = False
 
     def __enter__(self) -> GcPauses:
         gc.callbacks.append(self._on_collection)
@@ -33,6 +39,19 @@ class GcPauses:
 
     def __exit__(self, *exc_info) -> None:
         gc.callbacks.remove(self._on_collection)
+        if self._froze:
+            gc.unfreeze()
+
+    def freeze_setup(self) -> None:
+        """One full collection, then every survivor into the permanent generation (see the module docstring)."""
+        started = self._clock()
+        gc.collect()
+        gc.freeze()
+        self._froze = True
+        logger.info(
+            "garbage collector: %d objects alive after the first step (model, compiled graphs) frozen in %.2f s, so "
+            "later full collections skip them", gc.get_freeze_count(), self._clock() - started,
+        )  # fmt: skip
 
     def take(self, step: int) -> dict:
         """``gc_s`` and ``gc_generation`` since the previous call (then zeroed); a notable pause is logged."""

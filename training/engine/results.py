@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from ..model.lora import LoraSettings, adapter_file_state
-from ..model.lora_file import stage_lora_file
+from ..model.lora_file import lora_file_tensors_on_device, stage_lora_file
 from ..model.safetensors_io import host_copy
 from .background_writes import BackgroundWrites
 from .config import TrainConfig
 from .distributed import DistInfo
 from .ema import ema_path
+from .host_staging import HostStaging
 from .parallelize import clean_name
 from .variant_setup import lora_metadata
 
@@ -35,9 +36,12 @@ def save_result(
     final: bool,
     ema: bool,
     writes: BackgroundWrites,
+    staging: HostStaging | None = None,
 ) -> None:
     """The LoRA (rank 0; staged here, written by ``writes`` unless ``final``) or, at the end, the full model (every
-    rank gathers); ``ema``: the EMA twin beside it (``<name>_ema.safetensors``, same format)."""
+    rank gathers); ``ema``: the EMA twin beside it (``<name>_ema.safetensors``, same format). ``staging``: the
+    reusable host buffers this result's LoRA is copied into (one `HostStaging` per result file: the next save
+    reuses them only once ``writes`` has written this one)."""
     run = config.run
     metadata = {"steps": str(step), "seed": str(run.seed), "mode": config.mode}
     if ema:
@@ -46,7 +50,8 @@ def save_result(
         state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
         metadata.update(lora_metadata(variant, config))
         path = ema_path(run.lora_file) if ema else run.lora_file
-        staged = stage_lora_file(state, lora, metadata=metadata)  # a CPU copy: training may go on at once
+        copy_to_host = None if staging is None else staging.copy
+        staged = stage_lora_file(state, lora, metadata=metadata, copy_to_host=copy_to_host)  # training may go on
         if final:
             staged.write(path)
         else:
@@ -54,6 +59,15 @@ def save_result(
     if lora is None and final:
         path = ema_path(run.model_file) if ema else run.model_file
         save_full_model(model, path, dist_info=dist_info, metadata=metadata)
+
+
+def prepare_result_staging(model: nn.Module, lora: LoraSettings, staging: HostStaging) -> None:
+    """Allocate ``staging``'s buffers for this model's LoRA file now, at a step boundary (the trainer: after the first
+    step), so that no save allocates them. DoRA, LoKr and LoHa files are copied the plain way (`stage_lora_file`)."""
+    if lora.adapter != "lora":
+        return
+    state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
+    staging.prepare(lora_file_tensors_on_device(state, lora))
 
 
 def save_full_model(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from ..model.lora import LoraSettings
 from ..run.events import RunLog, maybe_profile
 from ..run.failure import StoppedWithAnotherRank, plan_for_messages, record
 from ..run.session import run_session
-from .background_writes import BackgroundWriteFailed, BackgroundWrites
+from .background_writes import BackgroundWrites
 from .build import (
     apply_mode,
     build_model,
@@ -33,15 +32,17 @@ from .build import (
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from .divergence import check_finite
 from .ema import WeightAverage
 from .feed import build_loader, caption_limit, checked, limited_batches
 from .gc_pauses import GcPauses
+from .host_staging import HostStaging
 from .objective import FlowObjective
 from .optim import averaged_weights, build_optimizer, build_scheduler, clip_gradients, trainable_parameters
 from .parallelize import attention_kernels, gradient_sync, unwrap
 from .preview import Previewer, build_previewer
 from .progress import Progress
-from .results import save_result
+from .results import prepare_result_staging, save_result
 from .shapes import FixedShape, ResolutionStreams, shape_metrics, step_shapes
 from .signals import GracefulStop
 from .step_clock import StepClock, device_waiter
@@ -50,10 +51,6 @@ from .synthetic import global_sample_indices
 from .variant_setup import prepare_variant
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm of a step was not finite: the run stops before that step is saved."""
 
 
 @dataclass(kw_only=True)
@@ -81,6 +78,11 @@ class Trainer:
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
     result_writes: BackgroundWrites = field(default_factory=BackgroundWrites)  # the LoRA saves during the run
+    result_staging: dict[bool, HostStaging] = field(  # their host buffers, for the result and for its EMA twin
+        default_factory=lambda: {
+            ema: HostStaging("EMA LoRA staging" if ema else "LoRA staging") for ema in (False, True)
+        }
+    )
 
     @classmethod
     def build(
@@ -175,13 +177,13 @@ class Trainer:
         """Steps until the configured count or an agreed stop request (returned), each logged, previewed and saved
         when due."""
         run = self.config.run
-        stopping = False
+        stopping, first_step = False, self.step
         while self.step < run.steps and not stopping:
             with maybe_profile(self.step, run.profile_steps, run.output_dir, rank=self.dist_info.rank):
                 metrics = self.train_step(stop_requested=stop.requested)
             stopping = metrics.pop("stop_requested")  # any rank's request, agreed through the step's one collective
             write_failed = metrics.pop("result_write_failed")
-            self._check_finite(metrics, step=self.step + 1)  # first: a diverged step's message tells of the write
+            check_finite(metrics, step=self.step + 1, saved_step=self.saved_step, writes=self.result_writes)
             self._check_result_writes(write_failed)
             self.step += 1
             metrics |= gc_pauses.take(self.step)
@@ -197,7 +199,17 @@ class Trainer:
                 if self.progress is not None:
                     self.progress.phase("saving")
                 self.save(final=final)
+            if self.step == first_step + 1:  # after its event: like a save, its time is the next step's
+                self._after_first_step(gc_pauses)
         return stopping
+
+    def _after_first_step(self, gc_pauses: GcPauses) -> None:
+        """What waits for the first step: the compiled graphs exist (the collector may freeze them), and the LoRA
+        files' host buffers are allocated before the first save needs them."""
+        gc_pauses.freeze_setup()
+        if self.lora is not None and self.dist_info.is_main:
+            for ema in (False, True) if self.ema is not None else (False,):  # the EMA twin has the same shapes
+                prepare_result_staging(unwrap(self.model), self.lora, self.result_staging[ema])
 
     def _preview(self) -> None:
         """Previews after ``self.step`` steps when due; the step clock restarts after them (their time is theirs)."""
@@ -217,27 +229,6 @@ class Trainer:
         raise StoppedWithAnotherRank(
             f"rank {self.dist_info.rank}: stopping with the rank whose background write of the result file failed "
             "(its error is in its log and in the run folder's error.txt)"
-        )
-
-    def _check_finite(self, metrics: dict, *, step: int) -> None:
-        """Stop on a non-finite loss or gradient norm, before the step is logged or saved. Both are host floats already
-        (reduced over ranks, so every rank stops at the same step): the check costs no device sync."""
-        loss, grad_norm = metrics["loss"], metrics["grad_norm"]
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            return
-        try:
-            self.result_writes.wait()  # the last save's file is on disk before the message says it is kept
-            kept = (
-                f"the LoRA and checkpoint of step {self.saved_step} are kept as they were"
-                if self.saved_step is not None
-                else "nothing was saved yet"
-            )
-        except (BackgroundWriteFailed, TimeoutError) as error:
-            kept = f"the LoRA of step {self.saved_step} was not written ({error}), its checkpoint is kept"
-        raise TrainingDiverged(
-            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (learning rate "
-            f"{metrics['lr']:.3g}); stopped without saving this step, {kept}. Lower optim.lr, keep optim.grad_clip "
-            "above 0, or look for broken samples in the data"
         )
 
     def train_step(self, *, stop_requested: bool = False) -> dict:
@@ -339,10 +330,10 @@ class Trainer:
             dist_info=self.dist_info, final=final, writes=self.result_writes,
         )  # fmt: skip
         with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
-            save(ema=False)
+            save(ema=False, staging=self.result_staging[False])
         if self.ema is not None:
             with self.ema.swapped_in():
-                save(ema=True)
+                save(ema=True, staging=self.result_staging[True])
 
     def _ema_state(self) -> dict | None:
         return None if self.ema is None else self.ema.state()

@@ -132,7 +132,7 @@ def discover(output_dir: str | os.PathLike | None = None, free_bytes_override=No
         nvlink_count=nvlink_count,
         p2p=p2p,
         cpu_cores=_cpu_cores(),
-        ram_bytes=_ram_bytes(),
+        ram_bytes=host_ram_bytes(),
         disk_free_bytes=shutil.disk_usage(os.fspath(output_dir or os.getcwd())).free,
         source=source,
         notes=tuple(notes),
@@ -305,7 +305,7 @@ def _cpu_cores() -> int:
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def _ram_bytes() -> int:
+def host_ram_bytes() -> int:
     """Host RAM, or the container's memory limit when it is lower (a 24 GiB container on a 64 GiB host has 24)."""
     try:
         import psutil

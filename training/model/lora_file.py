@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,20 +92,23 @@ def _split_state(state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[t
     return pairs
 
 
-def _file_tensors(state: dict[str, torch.Tensor], settings: LoraSettings, dtype: torch.dtype) -> dict:
+def _file_tensors(state: dict[str, torch.Tensor], settings: LoraSettings, dtype: torch.dtype, *, on_host=True) -> dict:
+    """The file's tensors in ``dtype``: host copies, or (``on_host=False``, LoRA only) cast where they are, for a
+    caller that copies them to the host itself."""
     if settings.adapter != "lora":
         return adapter_file.file_tensors(state, settings, dtype, FILE_PREFIX)
+    convert = host_copy if on_host else lambda tensor, dtype: tensor.detach().to(dtype).contiguous()
     tensors = {}
     alpha = torch.tensor(settings.effective_alpha, dtype=torch.float32)
     for module, (a, b) in _split_state(state, settings.rank).items():
         targets = [name.removesuffix(".weight") for name in diffusers_names(f"{module}.weight")]
         if b.shape[0] % len(targets):
             raise ValueError(f"LoRA {module!r}: B rows {b.shape[0]} do not split into {len(targets)} (q, k, v)")
-        a_file = host_copy(a, dtype)  # q, k and v share A: one copy, written under each name
+        a_file = convert(a, dtype)  # q, k and v share A: one tensor, written under each name
         for target, b_part in zip(targets, b.chunk(len(targets), dim=0)):
             key = FILE_PREFIX + target
             tensors[f"{key}.lora_A.weight"] = a_file
-            tensors[f"{key}.lora_B.weight"] = host_copy(b_part, dtype)
+            tensors[f"{key}.lora_B.weight"] = convert(b_part, dtype)
             tensors[f"{key}.alpha"] = alpha.clone()
     return tensors
 
@@ -132,12 +136,15 @@ def _file_metadata(settings: LoraSettings, dtype: torch.dtype, extra: dict[str, 
 
 @dataclass(frozen=True)
 class StagedLoraFile:
-    """An adapter file's bytes-to-be, held in CPU memory (copies: training may change the weights meanwhile)."""
+    """An adapter file's bytes-to-be, held in CPU memory (copies: training may change the weights meanwhile); final
+    once ``ready`` returns (copies still in flight when the caller's ``copy_to_host`` queued them)."""
 
     tensors: dict[str, torch.Tensor]
     header: dict[str, str]
+    ready: Callable[[], None] = lambda: None
 
     def write(self, path: str | os.PathLike) -> None:
+        self.ready()
         # our writer keeps key and metadata order, so the same LoRA always gives the same bytes (safetensors' does not)
         write_safetensors(Path(path), sorted(self.tensors.items()), dict(sorted(self.header.items())))
         logger.info("saved LoRA (%d tensors, %s) to %s", len(self.tensors), self.header["dtype"], path)
@@ -149,12 +156,26 @@ def stage_lora_file(
     *,
     metadata: dict[str, str] | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    copy_to_host: Callable | None = None,
 ) -> StagedLoraFile:
     """``save_lora_file``'s first half: the file's tensors copied to CPU in ``dtype`` and its header, validated; the
-    write (`StagedLoraFile.write`) may then run in another thread."""
+    write (`StagedLoraFile.write`) may then run in another thread. ``copy_to_host`` (a LoRA's tensors, cast on their
+    device, as (name, tensor) pairs → an object with ``tensors`` and ``wait()``, as ``HostStaging.copy`` gives)
+    replaces the blocking copy of each tensor."""
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"LoRA file dtype must be one of {list(SAVE_DTYPES.values())}, got {dtype}")
-    return StagedLoraFile(_file_tensors(state, settings, dtype), _file_metadata(settings, dtype, metadata))
+    header = _file_metadata(settings, dtype, metadata)
+    if copy_to_host is None or settings.adapter != "lora":
+        return StagedLoraFile(_file_tensors(state, settings, dtype), header)
+    copies = copy_to_host(lora_file_tensors_on_device(state, settings, dtype))
+    return StagedLoraFile(dict(copies.tensors), header, copies.wait)
+
+
+def lora_file_tensors_on_device(state: dict[str, torch.Tensor], settings: LoraSettings, dtype=torch.bfloat16):
+    """(name, tensor) pairs of a LoRA file's tensors as `stage_lora_file` hands them to ``copy_to_host``."""
+    if settings.adapter != "lora":
+        raise ValueError(f"only a LoRA's file tensors are cast in place, not a {settings.adapter}'s")
+    return list(_file_tensors(state, settings, dtype, on_host=False).items())
 
 
 def save_lora_file(
