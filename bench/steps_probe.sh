@@ -16,11 +16,13 @@ config = train_config(VARIANTS['$V'], '$D/run', $N)
 if '$STATE' == 'state':
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, save_state=True))
 config.save('$D/cfg.json')"
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 1000 > $OUT/smi_$V.csv &
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 1000 > $OUT/smi_$V${STATE:+-$STATE}.csv &
 SMI=$!
-python3 bench/loss_curves.py --train-variant $V $D/cfg.json 2>&1 | grep -vi warn | tail -3
+NAME=$V${STATE:+-$STATE}
+python3 bench/loss_curves.py --train-variant $V $D/cfg.json > $OUT/train_$NAME.log 2>&1
 kill $SMI
-cp $D/run/events.jsonl $OUT/events_$V.jsonl
+grep -i "staging\|staged in\|frozen\|garbage" $OUT/train_$NAME.log | cut -c1-220
+cp $D/run/events.jsonl $OUT/events_$NAME.jsonl
 python3 - <<PY
 import json
 ev=[json.loads(l) for l in open('$D/run/events.jsonl') if '"step_s"' in l]
