@@ -75,3 +75,15 @@ def test_objects_alive_after_the_first_step_are_frozen_until_the_run_ends(caplog
         assert pauses.take(2)["gc_generation"] == 2  # the collection before the freeze is counted like any other
     assert gc.get_freeze_count() == 0
     assert "objects alive after the first step (model, compiled graphs) frozen in" in caplog.text
+
+
+def test_objects_frozen_by_someone_else_stay_frozen(caplog):
+    gc.freeze()  # e.g. a server that froze its own objects before forking workers
+    try:
+        frozen = gc.get_freeze_count()
+        with caplog.at_level(logging.INFO, logger="training.engine.trainer"), GcPauses() as pauses:
+            pauses.freeze_setup()
+        assert gc.get_freeze_count() == frozen
+        assert f"garbage collector: {frozen} objects were frozen already; not freezing" in caplog.text
+    finally:
+        gc.unfreeze()

@@ -156,6 +156,17 @@ def test_ram_is_capped_by_the_container_limit(tmp_path, monkeypatch):
     assert discovery.host_ram_bytes() == 2 * GIB
 
 
+def test_available_ram_comes_from_meminfo_without_psutil_and_never_exceeds_the_ram(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil raises ImportError
+    monkeypatch.setattr(discovery, "host_ram_bytes", lambda: 8 * GIB)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    3000000 kB\n")
+    assert discovery.host_available_bytes(str(meminfo)) == 3000000 * 1024
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:   12000000 kB\n")
+    assert discovery.host_available_bytes(str(meminfo)) == 8 * GIB  # a container's limit below the host's RAM
+    assert discovery.host_available_bytes(str(tmp_path / "absent")) == 8 * GIB
+
+
 def test_cpu_machine_note_names_no_exception(monkeypatch, tmp_path):
     """NVML's library missing on a CPU machine is expected: the note says so in words, without a RuntimeError."""
     from training.hardware import discovery

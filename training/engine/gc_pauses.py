@@ -43,7 +43,11 @@ class GcPauses:
             gc.unfreeze()
 
     def freeze_setup(self) -> None:
-        """One full collection, then every survivor into the permanent generation (see the module docstring)."""
+        """One full collection, then every survivor into the permanent generation (see the module docstring). Not
+        when something else in this process froze objects already: unfreezing at the end would release them too."""
+        if gc.get_freeze_count():
+            logger.info("garbage collector: %d objects were frozen already; not freezing", gc.get_freeze_count())
+            return
         started = self._clock()
         gc.collect()
         gc.freeze()

@@ -50,7 +50,7 @@ def save_result(
         state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
         metadata.update(lora_metadata(variant, config))
         path = ema_path(run.lora_file) if ema else run.lora_file
-        copy_to_host = None if staging is None else staging.copy
+        copy_to_host = None if staging is None else functools.partial(staging.copy, slot=result_slot(ema))
         staged = stage_lora_file(state, lora, metadata=metadata, copy_to_host=copy_to_host)  # training may go on
         if final:
             staged.write(path)
@@ -61,13 +61,21 @@ def save_result(
         save_full_model(model, path, dist_info=dist_info, metadata=metadata)
 
 
-def prepare_result_staging(model: nn.Module, lora: LoraSettings, staging: HostStaging) -> None:
-    """Allocate ``staging``'s buffers for this model's LoRA file now, at a step boundary (the trainer: after the first
-    step), so that no save allocates them. DoRA, LoKr and LoHa files are copied the plain way (`stage_lora_file`)."""
+def result_slot(ema: bool) -> str:
+    """The `HostStaging` slot of a result file: its buffers are its own (the LoRA's and its EMA twin's are written
+    side by side)."""
+    return "ema" if ema else "lora"
+
+
+def prepare_result_staging(model: nn.Module, lora: LoraSettings, staging: HostStaging, *, ema: bool) -> None:
+    """Allocate ``staging``'s buffers for this model's LoRA file (and its EMA twin's, of the same shapes) now, at a
+    step boundary (the trainer: after the first step); saves before it copy the plain way. DoRA, LoKr and LoHa files
+    are always copied the plain way (`stage_lora_file`)."""
     if lora.adapter != "lora":
         return
     state = {clean_name(k): v for k, v in adapter_file_state(model).items()}
-    staging.prepare(lora_file_tensors_on_device(state, lora))
+    entries = lora_file_tensors_on_device(state, lora)
+    staging.prepare({result_slot(twin): entries for twin in ((False, True) if ema else (False,))})
 
 
 def save_full_model(

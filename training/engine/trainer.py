@@ -78,11 +78,7 @@ class Trainer:
     saved_step: int | None = None  # the step of the newest LoRA / checkpoint this process wrote or resumed from
     history: deque = field(default_factory=lambda: deque(maxlen=1000))  # this process's latest step metrics
     result_writes: BackgroundWrites = field(default_factory=BackgroundWrites)  # the LoRA saves during the run
-    result_staging: dict[bool, HostStaging] = field(  # their host buffers, for the result and for its EMA twin
-        default_factory=lambda: {
-            ema: HostStaging("EMA LoRA staging" if ema else "LoRA staging") for ema in (False, True)
-        }
-    )
+    result_staging: HostStaging = field(default_factory=lambda: HostStaging("LoRA staging"))  # their host buffers
 
     @classmethod
     def build(
@@ -199,7 +195,7 @@ class Trainer:
                 if self.progress is not None:
                     self.progress.phase("saving")
                 self.save(final=final)
-            if self.step == first_step + 1:  # after its event: like a save, its time is the next step's
+            if self.step == first_step + 1 and not final:  # after its event: like a save's, its time is the next step's
                 self._after_first_step(gc_pauses)
         return stopping
 
@@ -208,8 +204,7 @@ class Trainer:
         files' host buffers are allocated before the first save needs them."""
         gc_pauses.freeze_setup()
         if self.lora is not None and self.dist_info.is_main:
-            for ema in (False, True) if self.ema is not None else (False,):  # the EMA twin has the same shapes
-                prepare_result_staging(unwrap(self.model), self.lora, self.result_staging[ema])
+            prepare_result_staging(unwrap(self.model), self.lora, self.result_staging, ema=self.ema is not None)
 
     def _preview(self) -> None:
         """Previews after ``self.step`` steps when due; the step clock restarts after them (their time is theirs)."""
@@ -330,10 +325,10 @@ class Trainer:
             dist_info=self.dist_info, final=final, writes=self.result_writes,
         )  # fmt: skip
         with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
-            save(ema=False, staging=self.result_staging[False])
+            save(ema=False, staging=self.result_staging)
         if self.ema is not None:
             with self.ema.swapped_in():
-                save(ema=True, staging=self.result_staging[True])
+                save(ema=True, staging=self.result_staging)
 
     def _ema_state(self) -> dict | None:
         return None if self.ema is None else self.ema.state()

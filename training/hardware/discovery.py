@@ -317,6 +317,23 @@ def host_ram_bytes() -> int:
     return min(total, limit) if limit else total
 
 
+def host_available_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """Host RAM available to new allocations now (psutil's ``available``, else /proc/meminfo's MemAvailable, else
+    all of `host_ram_bytes`), at most the RAM itself (a container's limit included)."""
+    total = host_ram_bytes()
+    try:
+        import psutil
+    except ImportError:
+        try:
+            lines = open(meminfo, encoding="ascii").read().splitlines()  # noqa: SIM115 - one short read
+        except OSError:
+            return total
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        kib = fields.get("MemAvailable", "").split()
+        return min(total, int(kib[0]) * 1024) if kib and kib[0].isdigit() else total
+    return min(total, int(psutil.virtual_memory().available))
+
+
 def cgroup_memory_limit(paths: Sequence[str] = CGROUP_MEMORY_LIMITS) -> int | None:
     """The cgroup (v2, else v1) memory limit in bytes, None when unlimited or unreadable."""
     for path in paths:
