@@ -7,8 +7,9 @@ cause.
 
 After the first step, `freeze_setup` moves every object still alive (the model, the compiled graphs and their
 caches, which live as long as the run) into the collector's permanent generation (``gc.freeze``): a later full
-collection walks only what the steps allocated since. Measured on an H200 before it: a 0.36 s generation-2 pause in a
-0.24 s-a-step compiled LoRA run. The objects are unfrozen on exit.
+collection walks only what the steps allocated since. Measured on an H200 (150-step compiled LoRA runs, 0.24 s a
+step): a 0.36 s generation-2 pause before it; none in the 148 steps after it in four runs, for a collection of
+0.55–0.70 s once. The objects are unfrozen on exit.
 """
 
 from __future__ import annotations
