@@ -40,8 +40,8 @@ def save_result(
 ) -> None:
     """The LoRA (rank 0; staged here, written by ``writes`` unless ``final``) or, at the end, the full model (every
     rank gathers); ``ema``: the EMA twin beside it (``<name>_ema.safetensors``, same format). ``staging``: the
-    reusable host buffers this result's LoRA is copied into (one `HostStaging` per result file: the next save
-    reuses them only once ``writes`` has written this one)."""
+    reusable host buffers the LoRA is copied into (its slot, `result_slot`: the next save reuses it only once
+    ``writes`` has written this one)."""
     run = config.run
     metadata = {"steps": str(step), "seed": str(run.seed), "mode": config.mode}
     if ema:

@@ -322,13 +322,13 @@ class Trainer:
         model = unwrap(self.model)
         save = functools.partial(
             save_result, model, self.config, lora=self.lora, variant=self.variant, step=self.step,
-            dist_info=self.dist_info, final=final, writes=self.result_writes,
+            dist_info=self.dist_info, final=final, writes=self.result_writes, staging=self.result_staging,
         )  # fmt: skip
         with averaged_weights(self.optimizer, self.params):  # schedule-free: its eval-mode average is the result
-            save(ema=False, staging=self.result_staging)
+            save(ema=False)
         if self.ema is not None:
             with self.ema.swapped_in():
-                save(ema=True, staging=self.result_staging)
+                save(ema=True)
 
     def _ema_state(self) -> dict | None:
         return None if self.ema is None else self.ema.state()

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from . import adapter_file
 from .layouts import comfy_name, diffusers_names
 from .lora import LoraSettings
-from .safetensors_io import host_copy, write_safetensors
+from .safetensors_io import cast_in_place, host_copy, write_safetensors
 from .targets import TARGET_PRESETS, infer_targets
 
 logger = logging.getLogger(__name__)
@@ -92,12 +92,13 @@ def _split_state(state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[t
     return pairs
 
 
-def _file_tensors(state: dict[str, torch.Tensor], settings: LoraSettings, dtype: torch.dtype, *, on_host=True) -> dict:
-    """The file's tensors in ``dtype``: host copies, or (``on_host=False``, LoRA only) cast where they are, for a
-    caller that copies them to the host itself."""
+def _file_tensors(
+    state: dict[str, torch.Tensor], settings: LoraSettings, dtype: torch.dtype, convert=host_copy
+) -> dict:
+    """The file's tensors in ``dtype``: host copies, or (``convert=cast_in_place``, LoRA only) cast where they are,
+    for a caller that copies them to the host itself."""
     if settings.adapter != "lora":
         return adapter_file.file_tensors(state, settings, dtype, FILE_PREFIX)
-    convert = host_copy if on_host else lambda tensor, dtype: tensor.detach().to(dtype).contiguous()
     tensors = {}
     alpha = torch.tensor(settings.effective_alpha, dtype=torch.float32)
     for module, (a, b) in _split_state(state, settings.rank).items():
@@ -175,7 +176,7 @@ def lora_file_tensors_on_device(state: dict[str, torch.Tensor], settings: LoraSe
     """(name, tensor) pairs of a LoRA file's tensors as `stage_lora_file` hands them to ``copy_to_host``."""
     if settings.adapter != "lora":
         raise ValueError(f"only a LoRA's file tensors are cast in place, not a {settings.adapter}'s")
-    return list(_file_tensors(state, settings, dtype, on_host=False).items())
+    return list(_file_tensors(state, settings, dtype, convert=cast_in_place).items())
 
 
 def save_lora_file(
